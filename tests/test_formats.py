@@ -1,0 +1,153 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from vlm2rec_lab.data.formats import _merge_sequence_lines, read_raw
+from vlm2rec_lab.io import DataFormatError
+
+
+def rows(raw):
+    """(user, item, time) strings in file order."""
+    return [(raw.user_ids[u], raw.item_ids[i], int(t)) for u, i, t in zip(raw.user, raw.item, raw.timestamp)]
+
+
+def write_gz_lines(path, lines):
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_amazon2018_reviews_and_meta(tmp_path):
+    write_gz_lines(tmp_path / "Beauty.json.gz", [
+        json.dumps({"reviewerID": "u1", "asin": "a", "unixReviewTime": 10, "overall": 5.0}),
+        json.dumps({"reviewerID": "u1", "asin": "b", "unixReviewTime": "20"}),
+        json.dumps({"reviewerID": "u2", "asin": "a", "unixReviewTime": 5}),
+    ])
+    write_gz_lines(tmp_path / "meta_Beauty.json.gz", [
+        json.dumps({"asin": "a", "title": "Red &amp; Blue", "imageURLHighRes": ["http://x/a.jpg"],
+                    "imageURL": ["http://x/a_small.jpg"], "category": ["Beauty", "Skin Care", "Face"]}),
+        json.dumps({"asin": "b", "title": "B", "imageURL": ["http://x/b.jpg"], "main_cat": "All Beauty"}),
+    ])
+    raw = read_raw("amazon2018", [str(tmp_path)])
+    assert rows(raw) == [("u1", "a", 10), ("u1", "b", 20), ("u2", "a", 5)]
+    assert raw.meta["a"] == {"title": "Red &amp; Blue", "image_url": "http://x/a.jpg", "category": "Skin Care"}
+    assert raw.meta["b"] == {"title": "B", "image_url": "http://x/b.jpg", "category": "All Beauty"}
+
+
+def test_amazon2014_meta_is_python_literals_and_never_evaluated(tmp_path):
+    (tmp_path / "reviews_Beauty_5.json").write_text(
+        json.dumps({"reviewerID": "u1", "asin": "a", "unixReviewTime": 1}) + "\n"
+        + "{'reviewerID': 'u1', 'asin': 'b', 'unixReviewTime': 2}\n"
+    )
+    (tmp_path / "meta_Beauty.json").write_text(
+        "{'asin': 'a', 'title': 'Cream', 'imUrl': 'http://x/a.jpg', 'categories': [['Beauty', 'Skin Care']]}\n"
+        "{'asin': 'b', 'title': __import__('os').getcwd()}\n"
+    )
+    with pytest.raises(DataFormatError) as e:
+        read_raw("amazon2014", [str(tmp_path)])
+    assert "meta_Beauty.json:2" in str(e.value) and "not a valid record" in str(e.value)
+    raw = read_raw("amazon2014", [str(tmp_path)], skip_bad_lines=True)
+    assert rows(raw) == [("u1", "a", 1), ("u1", "b", 2)]
+    assert raw.meta == {"a": {"title": "Cream", "image_url": "http://x/a.jpg", "category": "Skin Care"}}
+    assert raw.bad_lines[str(tmp_path / "meta_Beauty.json")]["count"] == 1
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"reviewerID": "u", "asin": "a"}', "missing field 'unixReviewTime'"),
+        ('{"asin": "a", "unixReviewTime": 3}', "missing field 'reviewerID'"),
+        ('{"reviewerID": "u", "asin": "a", "unixReviewTime": "soon"}', "unixReviewTime 'soon' is not a number"),
+        ('{"reviewerID": "u", "asin": "a", ', "not a valid record"),
+        ("[1, 2]", "expected an object"),
+    ],
+)
+def test_bad_review_lines_name_file_line_and_field(tmp_path, line, message):
+    p = tmp_path / "reviews.json"
+    p.write_text(json.dumps({"reviewerID": "u", "asin": "a", "unixReviewTime": 1}) + "\n" + line + "\n")
+    with pytest.raises(DataFormatError) as e:
+        read_raw("amazon2018", [str(p)])
+    assert e.value.path == str(p) and e.value.line == 2 and message in e.value.reason
+
+
+def test_skip_bad_lines_counts_them(tmp_path):
+    p = tmp_path / "reviews.json"
+    good = json.dumps({"reviewerID": "u", "asin": "a", "unixReviewTime": 1})
+    p.write_text("\n".join([good, "garbage", good, "{}"]) + "\n")
+    raw = read_raw("amazon2018", [str(p)], skip_bad_lines=True)
+    assert raw.n_rows == 2
+    assert raw.bad_lines[str(p)]["count"] == 2
+    assert raw.bad_lines[str(p)]["examples"][0].startswith("line 2:")
+
+
+def test_ratings_csv_with_and_without_header(tmp_path):
+    (tmp_path / "Beauty.csv").write_text("item,user,rating,timestamp\na,u1,5.0,100\nb,u1,4,90\n")
+    raw = read_raw("ratings-csv", [str(tmp_path / "Beauty.csv")])
+    assert rows(raw) == [("u1", "a", 100), ("u1", "b", 90)]
+    (tmp_path / "bad.csv").write_text("a,u1,5.0,100\na,u1,5.0\n")
+    with pytest.raises(DataFormatError, match=r"bad.csv:2: expected 4 fields"):
+        read_raw("ratings-csv", [str(tmp_path / "bad.csv")])
+    assert read_raw("ratings-csv", [str(tmp_path / "bad.csv")], skip_bad_lines=True).meta is None
+
+
+def test_p5_sequences_use_positions_as_time(tmp_path):
+    p = tmp_path / "user_sequence.txt"
+    p.write_text("u1 a b c\nu2 c a\n")
+    raw = read_raw("p5", [str(p)])
+    assert rows(raw) == [("u1", "a", 0), ("u1", "b", 1), ("u1", "c", 2), ("u2", "c", 0), ("u2", "a", 1)]
+    assert raw.meta is None
+    p.write_text("u1 a b\nlonely\n")
+    with pytest.raises(DataFormatError, match=r"user_sequence.txt:2: expected a user id followed by item ids"):
+        read_raw("p5", [str(p)])
+
+
+def test_atomic_interaction_layout(tmp_path):
+    (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                      "u1\ta\t5\t30\nu1\tb\t5\t10\n")
+    (tmp_path / "x.text").write_text("item_id:token\ttext:token_seq\na\tThe A\nb\tThe B\n")
+    raw = read_raw("atomic", [str(tmp_path)])
+    assert rows(raw) == [("u1", "a", 30), ("u1", "b", 10)]
+    assert raw.meta["b"]["title"] == "The B"
+
+
+def test_atomic_sequence_layout_merges_cut_histories(tmp_path):
+    # one user with 7 items 0..6 (indices), histories cut at 3 items, train has every prefix
+    seq = list(range(7))
+    train = [(seq[max(0, t - 3):t], seq[t]) for t in range(1, 5)]
+    fmt = lambda h, t: f"0\t{' '.join(map(str, h))}\t{t}"  # noqa: E731
+    head = "user_id:token\titem_id_list:token_seq\titem_id:token\n"
+    (tmp_path / "d.train.inter").write_text(head + "\n".join(fmt(h, t) for h, t in reversed(train)) + "\n")
+    (tmp_path / "d.valid.inter").write_text(head + fmt(seq[2:5], 5) + "\n")
+    (tmp_path / "d.test.inter").write_text(head + fmt(seq[3:6], 6) + "\n")
+    (tmp_path / "d.item2index").write_text("".join(f"I{k}\t{k}\n" for k in range(7)))
+    (tmp_path / "d.user2index").write_text("alice\t0\n")
+    raw = read_raw("atomic", [str(tmp_path)])
+    assert rows(raw) == [("alice", f"I{k}", k) for k in range(7)]
+
+
+def test_merge_handles_repeated_items():
+    lines = [(("a",), "a"), (("a", "a"), "b"), (("a", "a", "b"), "a")]
+    assert _merge_sequence_lines(lines) == ["a", "a", "b", "a"]
+
+
+def test_atomic_rejects_unknown_file_and_missing_header(tmp_path):
+    (tmp_path / "notes.csv").write_text("x\n")
+    with pytest.raises(DataFormatError, match="not an atomic file"):
+        read_raw("atomic", [str(tmp_path / "notes.csv")])
+    (tmp_path / "y.inter").write_text("u1\ta\n")
+    with pytest.raises(DataFormatError, match="header must be name:type"):
+        read_raw("atomic", [str(tmp_path / "y.inter")])
+
+
+def test_no_review_file(tmp_path):
+    (tmp_path / "meta_X.json").write_text('{"asin": "a"}\n')
+    with pytest.raises(DataFormatError, match="no review file"):
+        read_raw("amazon2018", [str(tmp_path)])
+
+
+def test_codes_are_int64_arrays(tmp_path):
+    p = tmp_path / "user_sequence.txt"
+    p.write_text("u1 a b c\n")
+    raw = read_raw("p5", [str(p)])
+    assert raw.user.dtype == np.int64 and raw.item.dtype == np.int64

@@ -1,0 +1,109 @@
+"""Typed configs for every job; YAML in and out. Converted once at the edge (CLI, notebooks)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+FORMATS = ("amazon2018", "amazon2014", "ratings-csv", "atomic", "p5")
+TRAIN_EXAMPLES = ("last", "all_prefixes")
+
+
+@dataclass
+class PrepareConfig:
+    """How raw interaction files become a processed dataset (DESIGN §1)."""
+
+    format: str
+    inputs: list[str]
+    images: str | None = None  # local folder of images named by item id; else URLs from the meta
+    image_cache: str | None = None  # where fetched URL images are cached (default ~/.cache/vlm2rec_lab/images)
+    require_images: bool = True
+    require_titles: str = "auto"  # "auto": required when the input carries item text; "yes" / "no"
+    k_core: int = 5
+    max_len: int = 10
+    max_title_tokens: int = 32  # whitespace tokens (ours: no tokenizer exists at prepare time)
+    train_examples: str = "last"
+    num_negatives: int = 100
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    skip_bad_lines: bool = False
+    max_pixels: int = 448 * 448
+    offline: bool = False
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.train_examples not in TRAIN_EXAMPLES:
+            raise ValueError(f"train_examples: {self.train_examples!r} is not one of {TRAIN_EXAMPLES}")
+        if self.require_titles not in ("auto", "yes", "no"):
+            raise ValueError(f"require_titles: {self.require_titles!r} is not auto, yes or no")
+        if self.k_core < 1 or self.max_len < 1 or self.num_negatives < 1 or self.max_title_tokens < 1:
+            raise ValueError("k_core, max_len, num_negatives and max_title_tokens must be >= 1")
+        if not self.inputs:
+            raise ValueError("inputs: at least one input path is needed")
+        self.inputs = [str(p) for p in self.inputs]
+        self.seeds = tuple(int(s) for s in self.seeds)
+
+
+@dataclass
+class SynthConfig:
+    """The planted-modality synthetic domain (DESIGN §1)."""
+
+    users: int = 1000
+    items: int = 500
+    categories: int = 8  # latent shown by the title's words
+    styles: int = 8  # latent shown by the image (colour x shape)
+    text_signal: float = 1.0  # share of items whose title shows their true category
+    image_signal: float = 1.0  # share of items whose image shows their true style
+    stay: float = 0.5  # chance a latent keeps its value from one item to the next
+    noise: float = 0.1  # chance the next item is drawn uniformly, ignoring the latents
+    min_len: int = 5
+    mean_len: float = 9.0
+    image_size: int = 64
+    seed: int = 0
+    name: str = "Synthetic"
+    vocab_seed: int | None = None  # category vocabulary; defaults to seed (new seed => new words)
+
+    def __post_init__(self):
+        for k in ("text_signal", "image_signal", "stay", "noise"):
+            v = getattr(self, k)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{k}: {v} is outside [0, 1]")
+        if self.users < 1 or self.items < 2 or self.categories < 2 or self.styles < 2:
+            raise ValueError("need users >= 1, items >= 2, categories >= 2, styles >= 2")
+        if self.styles > 16:
+            raise ValueError("styles: at most 16 (4 shapes x 4 colours)")
+        if self.min_len < 3:
+            raise ValueError("min_len: at least 3 (leave-one-out needs train, valid and test)")
+
+
+T = TypeVar("T")
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
+    return cls(**data)
+
+
+def save_yaml(cfg, path: str | Path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys")
+    return from_dict(cls, data)
+

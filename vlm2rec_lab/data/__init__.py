@@ -1,0 +1,1 @@
+"""Data: raw readers, the synthetic planted-modality domain, processed datasets and images."""
