@@ -131,3 +131,15 @@ def test_results_table_marks_best_second_and_significance():
     with pytest.raises(KeyError):
         results_table(per_seed, baseline="missing")
     assert t.style() is not None
+
+
+def test_bucket_metrics_split_users_by_value():
+    from vlm2rec_lab.evaluate import bucket_metrics
+
+    ranks = np.array([0, 50, 3, 30, 0])
+    freq = np.array([0, 1, 7, 7, 100])
+    df = bucket_metrics(ranks, freq, edges=(0, 5, 10, np.inf), ks=(10,))
+    assert df["users"].tolist() == [2, 2, 1]
+    assert df["HR@10"].tolist() == [0.5, 0.5, 1.0]
+    assert df.loc["[5, 10)", "NDCG@10"] == pytest.approx(0.5 / math.log2(5))
+    assert df.index.tolist() == ["[0, 5)", "[5, 10)", "[10, inf)"]

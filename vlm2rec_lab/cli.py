@@ -83,6 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--full-ranking", action="store_true", help="also rank over all items, history masked")
     ev.add_argument("--json", action="store_true")
 
+    ds = sub.add_parser("downstream", help="Task 2: SASRec / GRU4Rec with ID or VLM-initialised item embeddings")
+    ds.add_argument("--data", required=True)
+    ds.add_argument("--model", required=True, choices=("sasrec", "gru4rec"))
+    ds.add_argument("--init", default="id", help="id, a run folder (its embeddings/), or FILE.npy (with --item-ids)")
+    ds.add_argument("--item-ids", help="text file, one item id per line, rows of the .npy")
+    ds.add_argument("--modality", choices=("F", "T", "V"), default="F", help="which embeddings of a run folder")
+    ds.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4])
+    ds.add_argument("--max-len", type=int, default=None, help="default: the dataset's max_len")
+    ds.add_argument("--loss", choices=("ce", "bce"), default="ce", help="full-softmax cross-entropy or BCE with one sampled negative")
+    ds.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping on validation NDCG@10")
+    ds.add_argument("--patience", type=int, default=None)
+    ds.add_argument("--batch-size", type=int, default=None)
+    ds.add_argument("--lr", type=float, default=None)
+    ds.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ds.add_argument("--out", default=None, help="folder for per-seed metrics, cold-start buckets and the model")
+    ds.add_argument("--json", action="store_true")
+
     d = sub.add_parser("demo", help="the main job on the embedded default: synthesize, prepare, describe, evaluate")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--users", type=int, default=SynthConfig.users)
@@ -225,13 +242,19 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_downstream(a) -> int:
+    from .downstream import run_cli
+
+    return run_cli(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data.images import ImagesOfflineError
     from .io import DataFormatError
 
     a = _parser().parse_args(argv)
     handler = {"synth": cmd_synth, "prepare": cmd_prepare, "stats": cmd_stats}.get(getattr(a, "data_command", None)) \
-        or {"evaluate": cmd_evaluate, "demo": cmd_demo}[a.command]
+        or {"evaluate": cmd_evaluate, "demo": cmd_demo, "downstream": cmd_downstream}[a.command]
     try:
         return handler(a)
     except (DataFormatError, ImagesOfflineError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:

@@ -284,3 +284,22 @@ def best_method(per_seed: Mapping[str, pd.DataFrame], exclude: Iterable[str] = (
     if not cands:
         raise ValueError("no method left to choose from")
     return max(cands, key=cands.get)
+
+
+def bucket_metrics(
+    ranks, values, edges: Sequence[float], ks: Sequence[int] = (10, 20), label: str = "bucket"
+) -> pd.DataFrame:
+    """Metrics of ``ranks`` grouped by ``values`` into buckets ``[edges[j], edges[j+1])``.
+
+    For cold-start analysis (Fig. 3): ``values`` = the target item's training frequency per user,
+    e.g. ``edges=(0, 5, 10, 20, 50, inf)``. One row per bucket with its user count and metrics.
+    """
+    r, v = _np(ranks), _np(values)
+    if r.shape != v.shape:
+        raise ValueError(f"ranks and values differ in shape: {r.shape} vs {v.shape}")
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (v >= lo) & (v < hi)
+        name = f"[{lo:g}, {hi:g})"
+        rows.append({label: name, "users": int(sel.sum()), **metrics_from_ranks(r[sel], ks)})
+    return pd.DataFrame(rows).set_index(label)
