@@ -1,9 +1,14 @@
 """Shared fixtures: the real data beside the project, and a small synthetic domain built once."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Built tiny backbones are cached across test sessions here (never in the user's home during tests).
+os.environ.setdefault("VLM2REC_CACHE", str(Path(tempfile.gettempdir()) / "vlm2rec_lab_test_cache"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "real"
@@ -45,3 +50,18 @@ def beauty(tmp_path_factory):
     out = tmp_path_factory.mktemp("beauty") / "beauty"
     prepare(PrepareConfig(format="p5", inputs=[str(src)], require_images=False), out, progress=False)
     return Dataset.load(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(synth_ds):
+    from vlm2rec_lab.backbones import build_tiny
+
+    return build_tiny(synth_ds, seed=0, progress=False)
+
+
+@pytest.fixture()
+def tiny(synth_ds, tiny_path):
+    """A freshly loaded tiny backbone (LoRA mutates it, so one per test)."""
+    from vlm2rec_lab.backbones import load_backbone
+
+    return load_backbone("tiny", dataset=synth_ds, device="cpu")

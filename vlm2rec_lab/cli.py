@@ -74,14 +74,47 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("dir")
     st.add_argument("--json", action="store_true")
 
-    ev = sub.add_parser("evaluate", help="Task 1 metrics of a reference scorer on a processed dataset")
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--scorer", required=True, help="random, popularity, cooccurrence, or oracle-{text,image,both,latent} (synthetic data, with --latents)")
+    ev = sub.add_parser("evaluate", help="Task 1 metrics of a run (--run) or of a reference scorer (--data, --scorer)")
+    ev.add_argument("--run", help="a run folder: f2f, t2f, v2f from its embeddings (`vlm2rec-lab embed` first)")
+    ev.add_argument("--data")
+    ev.add_argument("--scorer", help="random, popularity, cooccurrence, or oracle-{text,image,both,latent} (synthetic data, with --latents)")
     ev.add_argument("--latents", help="a synthetic domain's raw folder (or its oracle/latents.json), for the oracle scorers")
     ev.add_argument("--split", choices=("test", "valid"), default="test")
     ev.add_argument("--seeds", type=_seeds, default=None)
     ev.add_argument("--full-ranking", action="store_true", help="also rank over all items, history masked")
     ev.add_argument("--json", action="store_true")
+
+    tr = sub.add_parser("train", help="train a method (LoRA) into a run folder; zero-shot methods just make the folder")
+    tr.add_argument("--data", required=True)
+    tr.add_argument("--backbone", default="tiny", help="tiny, a Hugging Face id, or a local path")
+    tr.add_argument("--method", required=True, help="e.g. vlm2rec, vlm-sft, vlm-vanilla, llm-sft, item-mean")
+    tr.add_argument("--out", required=True, help="the run folder")
+    tr.add_argument("--epochs", type=int, default=None)
+    tr.add_argument("--max-steps", type=int, default=None)
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--batch-size", type=int, default=None)
+    tr.add_argument("--grad-accum", type=int, default=1)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--users-k", type=int, default=None, help="few-shot: train on K sampled users")
+    tr.add_argument("--tau", type=float, default=0.1)
+    tr.add_argument("--tau-crtr", type=float, default=0.1)
+    tr.add_argument("--lam", type=float, default=0.5)
+    tr.add_argument("--alpha", type=float, default=1.0)
+    tr.add_argument("--beta", type=float, default=1.0)
+    tr.add_argument("--fixed-alpha-beta", action="store_true", help="keep alpha and beta fixed instead of learning them")
+    tr.add_argument("--penalty-offset", action="store_true", help="w = 1 + beta (softplus - ln 2): w -> 1 when balanced")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--no-vision-cache", action="store_true")
+    tr.add_argument("--checkpoint-every", type=int, default=50)
+    tr.add_argument("--grad-cos-every", type=int, default=10)
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--config", help="a YAML TrainConfig; flags given explicitly are ignored in favour of it")
+    tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    tr.add_argument("--no-embed", action="store_true", help="skip embedding and evaluation after training")
+
+    em = sub.add_parser("embed", help="item and sequence embeddings per modality (T, V, F) into RUN/embeddings")
+    em.add_argument("run")
+    em.add_argument("--batch-size", type=int, default=32)
 
     ds = sub.add_parser("downstream", help="Task 2: SASRec / GRU4Rec with ID or VLM-initialised item embeddings")
     ds.add_argument("--data", required=True)
@@ -104,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out")
     d.add_argument("--users", type=int, default=SynthConfig.users)
     d.add_argument("--items", type=int, default=SynthConfig.items)
+    d.add_argument("--methods", nargs="*", default=["vlm-vanilla", "vlm-sft", "vlm2rec"],
+                   help="methods to train and evaluate on the tiny backbone (none: reference scorers only)")
     return p
 
 
@@ -202,10 +237,66 @@ def cmd_stats(a) -> int:
     return 0
 
 
+def cmd_train(a) -> int:
+    from .config import TrainConfig, load_yaml
+    from .data.dataset import Dataset
+    from .runs import create_run, embed_run, evaluate_run
+    from .train import Trainer
+
+    ds = Dataset.load(a.data)
+    if a.config:
+        cfg = load_yaml(TrainConfig, a.config)
+    else:
+        cfg = TrainConfig(method=a.method, backbone=a.backbone, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr,
+                          batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed, users_k=a.users_k, tau=a.tau,
+                          tau_crtr=a.tau_crtr, lam=a.lam, alpha=a.alpha, beta=a.beta,
+                          learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
+                          gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
+                          checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device)
+    run = create_run(a.out, cfg, ds, resume=a.resume)
+    from .methods import get_method
+
+    bb = None
+    if get_method(cfg.method).trains:
+        t = Trainer(cfg, ds, run)
+        last = t.train(resume=a.resume)
+        print(f"trained {cfg.method} for {t.step} steps -> {run}; last step: " +
+              ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
+        bb = t.bb
+    if not a.no_embed:
+        embed_run(run, ds, backbone=bb)
+        res = evaluate_run(run, ds)
+        for view, r in res["views"].items():
+            print(f"{view}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["sampled"]["mean"].items()))
+    return 0
+
+
+def cmd_embed(a) -> int:
+    from .runs import embed_run
+
+    out = embed_run(a.run, batch_size=a.batch_size)
+    print(f"wrote {len(out)} arrays to {Path(a.run) / 'embeddings'}: " + ", ".join(sorted(out)))
+    return 0
+
+
 def cmd_evaluate(a) -> int:
     from .data.dataset import Dataset
     from .evaluate import evaluate
 
+    if a.run:
+        from .runs import evaluate_run
+
+        res = evaluate_run(a.run, split=a.split, seeds=a.seeds, full_ranking=a.full_ranking)
+        if a.json:
+            print(json.dumps(res, indent=2))
+        else:
+            for view, r in res["views"].items():
+                for which in ("sampled", "full"):
+                    if which in r:
+                        print(f"{res['method']} {view} ({which}): " + ", ".join(f"{k} {v:.4f}" for k, v in r[which]["mean"].items()))
+        return 0
+    if not a.data or not a.scorer:
+        raise ValueError("evaluate needs --run RUN, or --data DIR with --scorer NAME")
     ds = Dataset.load(a.data)
     sc = _scorer(a.scorer, ds, a.latents)
     ev = evaluate(ds, sc, split=a.split, seeds=a.seeds, full_ranking=a.full_ranking, name=a.scorer)
@@ -214,31 +305,54 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    """Until the trainer and notebooks land: synthesize, prepare, describe, evaluate the references."""
+    """The main job on the embedded default: synthesize and prepare the planted-modality domain,
+    evaluate the reference scorers and oracles, then train and evaluate vanilla, SFT and VLM2Rec on
+    the tiny backbone (Task 1 with the modality-dropout views)."""
+    import pandas as pd
+
+    from .config import TrainConfig
     from .data.dataset import prepare
     from .data.synthetic import OracleScorer, generate
     from .evaluate import evaluate, results_table
+    from .runs import run_method
     from .scorers import SCORERS, make_scorer
 
     t0 = time.perf_counter()
     out = Path(a.out)
     raw, data = out / "raw", out / "data"
     generate(SynthConfig(users=a.users, items=a.items), raw, overwrite=True)
-    print(f"[1/3] synthetic domain -> {raw} ({time.perf_counter() - t0:.1f}s)")
+    print(f"[1/4] synthetic domain -> {raw} ({time.perf_counter() - t0:.0f}s)")
     cfg = PrepareConfig(format="amazon2018", inputs=[str(p) for p in sorted(raw.glob("*.json.gz"))], images=str(raw / "images"))
     ds = prepare(cfg, data, overwrite=True)
-    print(f"[2/3] prepared -> {data} ({time.perf_counter() - t0:.1f}s); dropped {ds.manifest['drops']}")
+    print(f"[2/4] prepared -> {data} ({time.perf_counter() - t0:.0f}s)")
     print(ds.stats_table("synthetic").to_string())
-    per_seed = {}
-    for name in SCORERS:
-        per_seed[name] = evaluate(ds, make_scorer(name, ds), name=name).sampled
+    per_seed = {name: evaluate(ds, make_scorer(name, ds), name=name).sampled for name in SCORERS}
     for m in OracleScorer.MODALITIES:
         per_seed[f"oracle-{m}"] = evaluate(ds, OracleScorer(raw, ds.items["item_id"], m)).sampled
+    print(f"[3/4] reference scorers and oracles evaluated ({time.perf_counter() - t0:.0f}s)")
+    views = {}
+    for method in a.methods:
+        run_dir = out / "runs" / method
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        res = run_method(ds, TrainConfig(method=method), run_dir)
+        per_seed[method] = pd.DataFrame(res["views"]["f2f"]["sampled"]["per_seed"]).T.rename_axis("seed")
+        views[method] = {v: r["sampled"]["mean"] for v, r in res["views"].items()}
+        print(f"      {method} done ({time.perf_counter() - t0:.0f}s)")
     table = results_table(per_seed, baseline="popularity")
-    print(f"[3/3] Task 1 (test split, 100 sampled negatives, mean over seeds {ds.seeds}):")
+    print(f"[4/4] Task 1 (test split, 100 sampled negatives, mean over seeds {ds.seeds}; models trained with seed 0):")
     print(table.to_markdown())
-    (out / "task1.md").write_text(table.to_markdown() + "\n")
-    print(f"done in {time.perf_counter() - t0:.1f}s; table also in {out / 'task1.md'}")
+    lines = [table.to_markdown()]
+    if views:
+        drop = pd.DataFrame({(m, v): {"HR@10": r["HR@10"], "NDCG@10": r["NDCG@10"]} for m, vs in views.items()
+                             for v, r in vs.items()}).T.round(4)
+        print("\nModality dropout (f2f fused history, t2f text-only, v2f image-only; items fused):")
+        print(drop.to_string())
+        lines.append("\nModality dropout:\n```\n" + drop.to_string() + "\n```")
+    (out / "task1.md").write_text("\n".join(lines) + "\n")
+    print(f"done in {time.perf_counter() - t0:.0f}s; tables in {out / 'task1.md'}, runs in {out / 'runs'}")
     return 0
 
 
@@ -251,13 +365,16 @@ def cmd_downstream(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .data.images import ImagesOfflineError
     from .io import DataFormatError
+    from .train import TrainingDiverged
 
     a = _parser().parse_args(argv)
     handler = {"synth": cmd_synth, "prepare": cmd_prepare, "stats": cmd_stats}.get(getattr(a, "data_command", None)) \
-        or {"evaluate": cmd_evaluate, "demo": cmd_demo, "downstream": cmd_downstream}[a.command]
+        or {"evaluate": cmd_evaluate, "demo": cmd_demo, "downstream": cmd_downstream, "train": cmd_train,
+           "embed": cmd_embed}[a.command]
     try:
         return handler(a)
-    except (DataFormatError, ImagesOfflineError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (DataFormatError, ImagesOfflineError, FileNotFoundError, FileExistsError, ValueError, KeyError,
+            TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,69 @@
+"""Benchmark: one training step on the tiny backbone with the vision-feature cache on and off,
+measured side by side in one run, plus the wall time of one epoch of the default demo domain.
+
+Usage: python bench/train_step.py [--steps 12] [--method vlm2rec] [--no-epoch] [--threads N]
+Prints one JSON line per figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--method", default="vlm2rec")
+    ap.add_argument("--data", default=None, help="a prepared dataset (default: the synthetic demo domain)")
+    ap.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    from vlm2rec_lab.config import PrepareConfig, SynthConfig, TrainConfig
+    from vlm2rec_lab.data.dataset import Dataset, prepare
+    from vlm2rec_lab.data.synthetic import generate
+    from vlm2rec_lab.train import Trainer
+
+    work = Path(tempfile.mkdtemp(prefix="vlm2rec-bench-"))
+    if a.data:
+        ds = Dataset.load(a.data)
+    else:
+        raw = generate(SynthConfig(), work / "raw")
+        ds = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), work / "data",
+                     progress=False)
+    Trainer(TrainConfig(method=a.method, max_steps=1), ds, work / "warm", progress=False)  # builds/caches the backbone
+
+    per_step = {}
+    for cache in (True, False):
+        cfg = TrainConfig(method=a.method, cache_vision=cache, max_steps=a.steps, grad_cos_every=0, checkpoint_every=0)
+        tr = Trainer(cfg, ds, work / f"cache_{cache}", progress=False)
+        t0 = time.perf_counter()
+        if cache:
+            tr.encoder.cache_all()
+        fill = time.perf_counter() - t0
+        tr.train()
+        secs = [r["seconds"] for r in tr.log[1:]]  # the first step warms up
+        per_step[cache] = sum(secs) / len(secs)
+        print(json.dumps({"vision_cache": cache, "method": a.method, "batch_size": tr.cfg.batch_size,
+                          "seconds_per_step": round(per_step[cache], 4), "cache_fill_seconds": round(fill, 2) if cache else None,
+                          "steps_timed": len(secs), "threads": torch.get_num_threads()}))
+    print(json.dumps({"cache_speedup": round(per_step[False] / per_step[True], 2)}))
+
+    if not a.no_epoch:
+        cfg = TrainConfig(method=a.method, epochs=1, grad_cos_every=0, checkpoint_every=0)
+        tr = Trainer(cfg, ds, work / "epoch", progress=False)
+        t0 = time.perf_counter()
+        tr.train()
+        print(json.dumps({"epoch_seconds": round(time.perf_counter() - t0, 1), "steps": tr.step,
+                          "examples": len(tr.targets), "method": a.method, "batch_size": tr.cfg.batch_size}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Backbones: any Hugging Face VLM (or text-only LLM) by hub id or local path, and the embedded
+default ``tiny`` — a Qwen2.5-VL-architecture model built locally, saved, and loaded back through the
+very same ``from_pretrained`` path as a real one (DESIGN §2).
+
+No torchvision: images go through the PIL image processor, and the prompt's image placeholders are
+expanded here (the stock Qwen processor insists on a video processor that needs torchvision).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .io import atomic_dir
+from .prompts import IMAGE, prompt_words
+
+log = logging.getLogger(__name__)
+
+
+
+def cache_root() -> Path:
+    """Where built backbones are kept: $VLM2REC_CACHE, else ~/.cache/vlm2rec_lab."""
+    return Path(os.environ.get("VLM2REC_CACHE") or Path.home() / ".cache" / "vlm2rec_lab")
+
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Qwen's chat template for string content (the default system turn included), so that the tiny
+# model's prompts have the same shape as a real Qwen2.5-VL's.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+@dataclass
+class Backbone:
+    """A loaded backbone: the base model (no LM head), its tokenizer and (VLMs) image processor.
+
+    ``forward`` returns the final layer's hidden states (after the final norm) for token ids, with
+    image features either computed from ``pixel_values`` or given precomputed (the vision cache).
+    """
+
+    name: str
+    model: nn.Module  # e.g. Qwen2_5_VLModel; LoRA wraps it in place
+    tokenizer: object
+    image_processor: object | None
+    kind: str  # "vlm" or "llm"
+    chat_template: bool = True
+    image_token: str = "<|image_pad|>"
+    image_markup: str = "<|vision_start|><|image_pad|><|vision_end|>"
+    merge_size: int = 2
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.base_config
+        return int(getattr(getattr(cfg, "text_config", cfg), "hidden_size"))
+
+    @property
+    def base_config(self):
+        m = self.model
+        return getattr(m, "config", None) or m.get_base_model().config
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(self.image_token))
+
+    def render(self, prompt: str) -> str:
+        """Prompt string -> model input string: images as vision markup, the user turn of the chat
+        template with the generation prompt appended (DESIGN §2, ours), unless ``chat_template`` is off."""
+        text = prompt.replace(IMAGE, self.image_markup)
+        if not self.chat_template or getattr(self.tokenizer, "chat_template", None) is None:
+            return text
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def tokens_per_image(self, grid_thw) -> int:
+        t, h, w = (int(x) for x in grid_thw)
+        return t * h * w // (self.merge_size ** 2)
+
+    def preprocess_images(self, images: list) -> tuple[Tensor, Tensor]:
+        """PIL images -> (pixel_values, image_grid_thw) on the model's device."""
+        out = self.image_processor(images=images, return_tensors="pt")
+        return out["pixel_values"].to(self.device, self.dtype), out["image_grid_thw"].to(self.device)
+
+    def image_features(self, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
+        """Vision tower (+ merger) output per image: a list of (tokens_i, hidden) tensors."""
+        base = _unwrap(self.model)
+        return list(base.get_image_features(pixel_values, grid_thw, return_dict=True).pooler_output)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None = None,
+                pixel_values: Tensor | None = None, image_features: list[Tensor] | None = None) -> Tensor:
+        """(B, L) ids -> (B, L, d) final hidden states. Multimodal rotary positions need
+        ``mm_token_type_ids`` in Qwen2.5-VL (else it silently falls back to 1-D positions): built here."""
+        kw: dict = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if self.kind == "vlm" and image_grid_thw is not None and len(image_grid_thw):
+            kw["image_grid_thw"] = image_grid_thw
+            kw["mm_token_type_ids"] = (input_ids == self.image_token_id).int()
+            if image_features is not None:
+                from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+                kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_features))}
+            else:
+                kw["pixel_values"] = pixel_values
+        return self.model(**kw).last_hidden_state
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The base model under a PEFT wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def lora_target_regex(kind: str) -> str:
+    """LoRA targets: the language model's projections only. In Qwen2.5-VL the bare names also match
+    the vision tower's MLPs, hence the ``language_model`` anchor for VLMs (DESIGN §2)."""
+    names = "|".join(LORA_PROJECTIONS)
+    return rf".*language_model.*\.({names})$" if kind == "vlm" else rf".*\.({names})$"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_backbone(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                  chat_template: bool = True, dataset=None, cache_dir: str | Path | None = None,
+                  seed: int = 0, max_pixels: int | None = None) -> Backbone:
+    """Load a backbone by hub id or local path; ``tiny`` builds (once, cached) the embedded default
+    for ``dataset``. bf16 on GPU, fp32 on CPU unless ``dtype`` says otherwise."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    path = str(build_tiny(dataset, seed=seed, cache_dir=cache_dir)) if name_or_path == "tiny" else name_or_path
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if hasattr(config, "vision_config"):
+        full = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model = full.model  # the base model: no language-model head
+        image_processor = _image_processor(path, max_pixels)
+        kind = "vlm"
+        merge = int(getattr(config.vision_config, "spatial_merge_size", 2))
+    else:
+        model = AutoModel.from_pretrained(path, dtype=dtype)
+        image_processor, kind, merge = None, "llm", 1
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Backbone(name=name_or_path, model=model, tokenizer=tokenizer, image_processor=image_processor,
+                    kind=kind, chat_template=chat_template, merge_size=merge,
+                    info={"path": path, "model_type": config.model_type, "dtype": str(dtype)})
+
+
+def _image_processor(path: str, max_pixels: int | None):
+    """The PIL image processor (torchvision is never needed); ``max_pixels`` overrides the size policy."""
+    from transformers import AutoImageProcessor
+
+    try:
+        proc = AutoImageProcessor.from_pretrained(path, backend="pil")
+    except (TypeError, ValueError):
+        proc = AutoImageProcessor.from_pretrained(path)
+    if max_pixels is not None and hasattr(proc, "size") and isinstance(proc.size, dict):
+        proc.size["longest_edge"] = max_pixels
+    return proc
+
+
+# --------------------------------------------------------------------------- the embedded default
+
+
+@dataclass
+class TinyConfig:
+    """Shape of the embedded tiny Qwen2.5-VL and its short generic pretraining."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden: int = 64
+    vision_heads: int = 2
+    vocab_size: int = 1024
+    image_pixels: int = 56 * 56  # 64 px images -> 56 x 56 -> 4 x 4 patches -> 4 visual tokens
+    pretrain_steps: int = 300
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+
+    def mrope_section(self) -> list[int]:
+        half = self.hidden_size // self.heads // 2  # must sum to head_dim / 2
+        a = half // 4
+        return [half - 2 * ((half - a) // 2), (half - a) // 2, (half - a) // 2]
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   chat_template=CHAT_TEMPLATE, padding_side="left")
+
+
+def build_tiny(dataset, seed: int = 0, cache_dir: str | Path | None = None, cfg: TinyConfig | None = None,
+               progress: bool = True) -> Path:
+    """Build (once per dataset fingerprint, seed and config) the embedded tiny Qwen2.5-VL for
+    ``dataset``: a byte-level BPE tokenizer trained on its titles and the prompt words, a small
+    Qwen2.5-VL, an image processor with a small ``max_pixels``, and a short captioning pretraining
+    (image -> title) so that "vanilla" means pretrained-but-not-tuned. Deterministic per seed.
+    Returns the folder it is saved in, which ``from_pretrained`` loads like any model."""
+    if dataset is None:
+        raise ValueError("the tiny backbone is built for a dataset: pass dataset=")
+    cfg = cfg or TinyConfig()
+    key = hashlib.sha1(json.dumps({"cfg": asdict(cfg), "data": dataset.fingerprint, "seed": seed,
+                                   "v": 2}, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir else cache_root() / "backbones"
+    out = root / f"tiny-{key}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(seed)
+    titles = [t for t in dataset.items["title"].tolist() if isinstance(t, str)]
+    tokenizer = _train_tokenizer(titles + prompt_words() + ["Describe this item."], cfg.vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    mcfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                         num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"],
+                         rope_parameters={"rope_type": "default", "mrope_section": cfg.mrope_section(), "rope_theta": 10000.0}),
+        vision_config=dict(depth=cfg.vision_depth, hidden_size=cfg.vision_hidden, intermediate_size=2 * cfg.vision_hidden,
+                           num_heads=cfg.vision_heads, out_hidden_size=cfg.hidden_size, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[cfg.vision_depth - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2_5_VLForConditionalGeneration(mcfg)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.image_pixels, max_pixels=cfg.image_pixels,
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    _pretrain_captioning(model, tokenizer, image_processor, dataset, cfg, seed, progress)
+    _calibrate_vision(model, image_processor, dataset, seed)
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        (tmp / "vlm2rec_tiny.json").write_text(json.dumps({"tiny": asdict(cfg), "seed": seed,
+                                                            "dataset_fingerprint": dataset.fingerprint}, indent=2))
+    return out
+
+
+@torch.no_grad()
+def _calibrate_vision(model, image_processor, dataset, seed: int, n: int = 256) -> None:
+    """Data-dependent init of the vision merger's output layer (ours, in the spirit of LSUV): a
+    small random vision tower outputs nearly the same large vector for every image, which drowns the
+    image content in the language model. Rescale the last linear layer so that, over a sample of
+    the catalogue's images, each output dimension is centred with the spread of the text token
+    embeddings. A real pretrained VLM needs no such step; it is part of building ``tiny`` only."""
+    import numpy as np
+    from PIL import Image
+
+    paths = [p for p in dataset.items["image"].tolist() if isinstance(p, str)] if "image" in dataset.items else []
+    if not paths:
+        return
+    pick = np.random.default_rng(seed).choice(len(paths), size=min(n, len(paths)), replace=False)
+    images = []
+    for k in sorted(pick):
+        with Image.open(paths[k]) as im:
+            images.append(im.convert("RGB"))
+    px = image_processor(images=images, return_tensors="pt")
+    feats = torch.cat(list(model.model.get_image_features(px["pixel_values"], px["image_grid_thw"],
+                                                          return_dict=True).pooler_output))
+    mu, sigma = feats.mean(0), feats.std(0).clamp(min=1e-6)
+    target = model.model.get_input_embeddings().weight.std(0).mean()
+    last = model.model.visual.merger.mlp[-1]
+    scale = target / sigma
+    last.weight.mul_(scale[:, None])
+    last.bias.copy_((last.bias - mu) * scale)
+
+
+def _pretrain_captioning(model, tokenizer, image_processor, dataset, cfg: TinyConfig, seed: int, progress: bool) -> None:
+    """Generic pretraining: next-token loss on the title given the item's image (image -> title
+    captioning), all parameters, a few hundred steps. Items without an image train on the title alone."""
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    items = dataset.items
+    has_img = items["image"].notna().to_numpy() if "image" in items else np.zeros(len(items), bool)
+    usable = np.flatnonzero(items["title"].notna().to_numpy())
+    if usable.size == 0 or cfg.pretrain_steps <= 0:
+        return
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / cfg.pretrain_steps))
+    markup = "<|vision_start|><|image_pad|><|vision_end|>"
+    cache: dict[int, tuple] = {}
+    model.train()
+    bar = tqdm(range(cfg.pretrain_steps), desc="tiny backbone pretraining", disable=not progress or None, leave=False)
+    for _ in bar:
+        batch = rng.choice(usable, size=min(cfg.pretrain_batch, usable.size), replace=False)
+        texts, images = [], []
+        for k in batch:
+            title = items["title"].iat[int(k)]
+            if has_img[k]:
+                if k not in cache:
+                    with Image.open(items["image"].iat[int(k)]) as im:
+                        cache[k] = im.convert("RGB")
+                images.append(cache[k])
+                user = f"{markup} Describe this item."
+            else:
+                user = "Describe this item."
+            texts.append((tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                        add_generation_prompt=True), title + "<|im_end|>"))
+        kw = {}
+        if images:
+            px = image_processor(images=images, return_tensors="pt")
+            n_tok = [int(t.prod()) // 4 for t in px["image_grid_thw"]]
+            it = iter(n_tok)
+            texts = [(p.replace("<|image_pad|>", "<|image_pad|>" * next(it)) if "<|image_pad|>" in p else p, t)
+                     for p, t in texts]
+            kw = {"pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"]}
+        enc = tokenizer([p + t for p, t in texts], return_tensors="pt", padding=True, padding_side="right")
+        labels = enc["input_ids"].clone()
+        for r, (p, _) in enumerate(texts):
+            labels[r, : len(tokenizer(p)["input_ids"])] = -100
+        labels[enc["attention_mask"] == 0] = -100
+        if kw:
+            kw["mm_token_type_ids"] = (enc["input_ids"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()
+        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels, use_cache=False, **kw).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    del g

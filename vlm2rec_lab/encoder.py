@@ -1,0 +1,140 @@
+"""Embeddings from a backbone (DESIGN §2.2): prompts -> last-token final-layer hidden state.
+
+External fusion: z = z^T + z^V, e = e^T + e^V (Eq. 2); internal fusion embeds one interleaved
+prompt. With the vision tower frozen (always: LoRA goes on the language model only), each image's
+vision features are a pure function of the image, so they are computed once and cached; the cached
+path gives the same embeddings as the uncached one (tested).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .backbones import Backbone
+from .data.images import ImageStore
+from .prompts import sequence_prompt
+
+
+def last_token_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B, L, d), (B, L) -> (B, d): the hidden state at each row's last non-padding token,
+    correct for left and right padding alike."""
+    L = attention_mask.shape[1]
+    last = L - 1 - attention_mask.flip(1).long().argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class Encoder:
+    """Embeds items and histories of one dataset with one backbone.
+
+    Args:
+        backbone: a loaded :class:`~vlm2rec_lab.backbones.Backbone`.
+        items: the dataset's items table (``title``, ``image``, ``item_id`` by ``item_idx``).
+        images: image store (size policy); default one with the backbone's processor doing the sizing.
+        cache_vision: reuse per-image vision features (valid while the vision tower is frozen).
+        batch_size: prompts per forward when embedding without gradients.
+    """
+
+    def __init__(self, backbone: Backbone, items, images: ImageStore | None = None, cache_vision: bool = True,
+                 batch_size: int = 32):
+        self.bb = backbone
+        titles = items["title"].tolist()
+        ids = items["item_id"].astype(str).tolist()
+        # items without a title (text-less data) are named by their id in text prompts (ours)
+        self.titles = [t if isinstance(t, str) and t else i for t, i in zip(titles, ids)]
+        paths = items["image"].tolist() if "image" in items else [None] * len(ids)
+        self.image_paths = [p if isinstance(p, str) and p else None for p in paths]
+        self.store = images or ImageStore(max_pixels=10**9)
+        self.cache_vision = cache_vision
+        self.batch_size = batch_size
+        self._features: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @property
+    def n_items(self) -> int:
+        return len(self.titles)
+
+    # ---------------------------------------------------------------- vision
+    def _load_images(self, idx: Sequence[int]) -> list:
+        missing = [i for i in idx if not self.image_paths[i]]
+        if missing:
+            raise ValueError(f"{len(missing)} item(s) have no image (e.g. item_idx {missing[:5]}); "
+                             f"image prompts need a dataset prepared with images")
+        return [self.store.load(self.image_paths[i]) for i in idx]
+
+    def vision_features(self, idx: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+        """Features and grids for items ``idx`` (repeats allowed), through the cache when enabled."""
+        if not self.cache_vision:
+            raise RuntimeError("vision cache is disabled")
+        todo = sorted({int(i) for i in idx} - self._features.keys())
+        for a in range(0, len(todo), 64):
+            chunk = todo[a:a + 64]
+            px, grid = self.bb.preprocess_images(self._load_images(chunk))
+            with torch.no_grad():
+                feats = self.bb.image_features(px, grid)
+            for i, f, g in zip(chunk, feats, grid):
+                self._features[i] = (f.detach().clone(), g.clone())
+        feats = [self._features[int(i)][0] for i in idx]
+        grid = torch.stack([self._features[int(i)][1] for i in idx]) if len(idx) else None
+        return feats, grid
+
+    def cache_all(self) -> None:
+        """Compute the vision features of every item with an image (e.g. before training)."""
+        self.vision_features([i for i in range(self.n_items) if self.image_paths[i]])
+
+    # ---------------------------------------------------------------- prompts
+    def prompts(self, kind: str, item_lists: Sequence[Sequence[int]]) -> list[str]:
+        return [sequence_prompt(kind, [self.titles[i] for i in lst]) for lst in item_lists]
+
+    def embed(self, kind: str, item_lists: Sequence[Sequence[int]]) -> Tensor:
+        """One forward for a batch of item lists (a history, or one item) -> (B, d) embeddings.
+        Gradients flow when enabled by the caller (training); the vision features never need them."""
+        if kind in ("V", "I") and self.bb.kind != "vlm":
+            raise ValueError(f"{self.bb.name} is a text-only model: no {kind!r} prompts")
+        texts = [self.bb.render(p) for p in self.prompts(kind, item_lists)]
+        grid = pixel_values = feats = None
+        if kind in ("V", "I"):
+            flat = [int(i) for lst in item_lists for i in lst]
+            if self.cache_vision:
+                feats, grid = self.vision_features(flat)
+            else:
+                pixel_values, grid = self.bb.preprocess_images(self._load_images(flat))
+            texts = self._expand_image_tokens(texts, grid)
+        tok = self.bb.tokenizer(texts, return_tensors="pt", padding=True)
+        ids = tok["input_ids"].to(self.bb.device)
+        mask = tok["attention_mask"].to(self.bb.device)
+        hidden = self.bb.forward(ids, mask, image_grid_thw=grid, pixel_values=pixel_values, image_features=feats)
+        return last_token_pool(hidden, mask).float()
+
+    def _expand_image_tokens(self, texts: list[str], grid: Tensor) -> list[str]:
+        pad = self.bb.image_token
+        counts = iter(self.bb.tokens_per_image(g) for g in grid.tolist())
+        out = []
+        for t in texts:
+            parts = t.split(pad)
+            out.append(parts[0] + "".join(pad * next(counts) + p for p in parts[1:]))
+        return out
+
+    @torch.no_grad()
+    def embed_many(self, kind: str, item_lists: Sequence[Sequence[int]], batch_size: int | None = None,
+                   progress: bool = False, desc: str | None = None) -> Tensor:
+        """Embed many item lists without gradients, batched by length (longest first), input order kept."""
+        from tqdm.auto import tqdm
+
+        bs = batch_size or self.batch_size
+        order = np.argsort([-len(x) for x in item_lists], kind="stable")
+        out = torch.empty(len(item_lists), self.bb.hidden_size)
+        for a in tqdm(range(0, len(order), bs), desc=desc or f"embed {kind}", disable=not progress or None, leave=False):
+            sel = order[a:a + bs]
+            out[torch.as_tensor(sel)] = self.embed(kind, [item_lists[k] for k in sel]).cpu()
+        return out
+
+    def item_embeddings(self, kind: str, idx: Sequence[int] | None = None, **kw) -> Tensor:
+        """(n, d) embeddings of items through the one-item prompt (the template at index 0)."""
+        idx = range(self.n_items) if idx is None else idx
+        return self.embed_many(kind, [[int(i)] for i in idx], **kw)
+
+    def sequence_embeddings(self, kind: str, histories: np.ndarray, **kw) -> Tensor:
+        """(n, d) embeddings of right-aligned, -1-padded histories."""
+        return self.embed_many(kind, [row[row >= 0].tolist() for row in np.asarray(histories)], **kw)

@@ -1,0 +1,246 @@
+"""Run folders (DESIGN §6): config, manifest, adapter, embeddings per modality, metrics.
+
+    RUN/config.yaml                 the TrainConfig
+    RUN/manifest.json               versions, seeds, git revision, data path and fingerprint
+    RUN/adapter/, alpha_beta.json   LoRA adapter (PEFT format) and the learned α, β
+    RUN/checkpoint/, logs/          resumable state; per-step logs and per-user weak modality
+    RUN/embeddings/                 item_{T,V,F}.npy + item_ids.txt; seq_{split}_{T,V,F}.npy + seq_{split}_histories.npy
+    RUN/metrics/                    task1.json, task1_per_seed.csv (tidy)
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig, load_yaml, save_yaml
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .methods import get_method
+
+VIEWS = {"f2f": "F", "t2f": "T", "v2f": "V"}  # modality dropout (DESIGN §5): history view vs fused items
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("vlm2rec_lab", "torch", "transformers", "peft", "numpy", "pandas"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _git_revision() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                           cwd=Path(__file__).resolve().parent)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = False) -> Path:
+    """Make (or, with ``resume``, reopen) a run folder: config.yaml and manifest.json."""
+    run = Path(run_dir)
+    cfg = cfg.resolved()
+    if (run / "config.yaml").exists():
+        if not resume:
+            raise FileExistsError(f"{run}: a run already exists here (pass --resume to continue it, or another --out)")
+        old = load_run_config(run)
+        if old != cfg:
+            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in vars(cfg) if getattr(old, k) != getattr(cfg, k)}
+            raise ValueError(f"{run}: --resume with a different config: {diff}")
+        return run
+    run.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run / "config.yaml")
+    atomic_write_json(run / "manifest.json", {
+        "method": cfg.method, "seed": cfg.seed, "versions": _versions(), "git_revision": _git_revision(),
+        "data": {"path": str(Path(dataset.path).resolve()) if dataset.path else None, "fingerprint": dataset.fingerprint,
+                 "name": dataset.manifest.get("name")},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    return run
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    return load_yaml(TrainConfig, Path(run_dir) / "config.yaml")
+
+
+def load_manifest(run_dir: str | Path) -> dict:
+    f = Path(run_dir) / "manifest.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no manifest.json)")
+    return json.loads(f.read_text())
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- embedding a run
+
+
+def load_run_backbone(run_dir: str | Path, dataset, device=None):
+    """The run's backbone with its trained adapter (if any) loaded, in eval mode."""
+    from peft import PeftModel
+
+    from .backbones import load_backbone
+
+    cfg = load_run_config(run_dir)
+    bb = load_backbone(cfg.backbone, device=device or cfg.device, dataset=dataset, chat_template=cfg.chat_template)
+    adapter = Path(run_dir) / "adapter"
+    if get_method(cfg.method).trains:
+        if not (adapter / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{run_dir}: method {cfg.method} trains, but no adapter was saved (train it first)")
+        bb.model = PeftModel.from_pretrained(bb.model, adapter).eval()
+    return bb
+
+
+def embed_run(run_dir: str | Path, dataset=None, splits=("test", "valid"), backbone=None, progress: bool = True,
+              batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Item and sequence embeddings per modality (T, V, F) into ``RUN/embeddings``.
+
+    F is T + V for external fusion (and item-mean), the interleaved prompt for internal fusion, T
+    for text-only methods. ``item-mean`` takes the zero-shot fused item embeddings and mean-pools
+    them over each history."""
+    from .data.dataset import Dataset
+    from .encoder import Encoder
+
+    run = Path(run_dir)
+    manifest = load_manifest(run)
+    cfg = load_run_config(run)
+    method = get_method(cfg.method)
+    ds = dataset or Dataset.load(manifest["data"]["path"])
+    if ds.fingerprint != manifest["data"]["fingerprint"]:
+        raise ValueError(f"{run}: dataset fingerprint differs from the one the run was made with")
+    bb = backbone or load_run_backbone(run, ds)
+    bb.model.eval()
+    enc = Encoder(bb, ds.items, cache_vision=cfg.cache_vision, batch_size=batch_size)
+    kinds = {"external": ("T", "V"), "item-mean": ("T", "V"), "internal": ("I",), "text": ("T",)}[method.fusion]
+    out: dict[str, np.ndarray] = {}
+    items = {k: enc.item_embeddings(k, progress=progress, desc=f"items {k}") for k in kinds}
+    if method.fusion in ("external", "item-mean"):
+        items["F"] = items["T"] + items["V"]
+    else:
+        items["F"] = items[kinds[0]]
+        if method.fusion == "internal":
+            del items["I"]
+    folder = run / "embeddings"
+    folder.mkdir(exist_ok=True)
+    atomic_write_text(folder / "item_ids.txt", "\n".join(ds.items["item_id"].astype(str)) + "\n")
+    for k, v in items.items():
+        out[f"item_{k}"] = v.numpy().astype(np.float32)
+    for split in splits:
+        hist = ds.histories(split)
+        out[f"seq_{split}_histories"] = hist
+        if method.fusion == "item-mean":
+            e = F.normalize(items["F"], dim=-1).numpy()
+            mask = hist >= 0
+            pooled = (e[np.where(mask, hist, 0)] * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+            out[f"seq_{split}_F"] = pooled.astype(np.float32)
+            continue
+        seq = {k: enc.sequence_embeddings(k, hist, progress=progress, desc=f"{split} histories {k}") for k in kinds}
+        if method.fusion == "external":
+            seq["F"] = seq["T"] + seq["V"]
+        else:
+            seq["F"] = seq.pop(kinds[0])
+        for k, v in seq.items():
+            out[f"seq_{split}_{k}"] = v.numpy().astype(np.float32)
+    for name, arr in out.items():
+        _save_npy(folder / f"{name}.npy", arr)
+    return out
+
+
+def load_embeddings(run_dir: str | Path, name: str) -> np.ndarray:
+    f = Path(run_dir) / "embeddings" / f"{name}.npy"
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: not found; run `vlm2rec-lab embed {run_dir}` first")
+    return np.load(f)
+
+
+# --------------------------------------------------------------------------- scoring and evaluation
+
+
+class EmbeddingScorer:
+    """Cosine scorer over precomputed embeddings: each history (a row of the split's histories) is
+    looked up to its sequence embedding, candidates to item embeddings."""
+
+    def __init__(self, histories: np.ndarray, seq_emb: np.ndarray, item_emb: np.ndarray, name: str = "embedding"):
+        self.lookup = {row.tobytes(): k for k, row in enumerate(np.ascontiguousarray(histories, dtype=np.int64))}
+        self.seq = F.normalize(torch.as_tensor(seq_emb, dtype=torch.float32), dim=-1).numpy()
+        self.items = F.normalize(torch.as_tensor(item_emb, dtype=torch.float32), dim=-1).numpy()
+        self.name = name
+
+    def __call__(self, histories: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
+        try:
+            rows = [self.lookup[r.tobytes()] for r in np.ascontiguousarray(histories, dtype=np.int64)]
+        except KeyError:
+            raise KeyError("a history has no precomputed embedding (embeddings from another split or dataset?)") from None
+        z = self.seq[rows]
+        if candidates is None:
+            return z @ self.items.T
+        return np.einsum("nd,nmd->nm", z, self.items[candidates])
+
+
+def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=None, full_ranking: bool = False,
+                 progress: bool = False) -> dict:
+    """Task 1 metrics of a run: f2f (the method's own scores) and the modality-dropout views t2f,
+    v2f where the method has separate text and image embeddings. Writes RUN/metrics/."""
+    from .data.dataset import Dataset
+    from .evaluate import evaluate
+
+    run = Path(run_dir)
+    manifest = load_manifest(run)
+    ds = dataset or Dataset.load(manifest["data"]["path"])
+    hist = load_embeddings(run, f"seq_{split}_histories")
+    item_f = load_embeddings(run, "item_F")
+    results, tidy = {}, []
+    for view, m in VIEWS.items():
+        f = run / "embeddings" / f"seq_{split}_{m}.npy"
+        if not f.exists():
+            continue
+        sc = EmbeddingScorer(hist, np.load(f), item_f, name=view)
+        ev = evaluate(ds, sc, split=split, seeds=seeds, full_ranking=full_ranking, name=view, progress=progress)
+        results[view] = ev.to_dict()
+        for which in ("sampled", "full"):
+            df = getattr(ev, which)
+            if df is None:
+                continue
+            for seed, row in df.iterrows():
+                tidy += [{"method": manifest["method"], "view": view, "protocol": which, "split": split, "seed": seed,
+                          "metric": k, "value": v} for k, v in row.items()]
+    out = {"method": manifest["method"], "split": split, "views": results}
+    (run / "metrics").mkdir(exist_ok=True)
+    atomic_write_json(run / "metrics" / f"task1_{split}.json", out)
+    atomic_write_text(run / "metrics" / f"task1_{split}_per_seed.csv", pd.DataFrame(tidy).to_csv(index=False))
+    return out
+
+
+def run_method(dataset, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+               backbone=None, evaluate: bool = True) -> dict:
+    """Train (when the method trains), embed and evaluate one method: the whole of a Task 1 row."""
+    from .train import Trainer
+
+    run = create_run(run_dir, cfg, dataset, resume=resume)
+    bb = backbone
+    if get_method(cfg.method).trains:
+        tr = Trainer(cfg, dataset, run, backbone=backbone, progress=progress)
+        tr.train(resume=resume)
+        bb = tr.bb
+        bb.model.eval()
+    embed_run(run, dataset, backbone=bb, progress=progress)
+    return evaluate_run(run, dataset) if evaluate else {}
+

@@ -1,0 +1,270 @@
+"""The training loop (DESIGN §3, §5): LoRA on the language model, learnable α and β (β ≥ 0),
+gradient accumulation, checkpoints with exact resume, NaN/inf guard, per-step logs, and the
+gradient-cosine probe.
+
+A run killed at any step and resumed ends with the same adapter weights as an uninterrupted one:
+the data order is a pure function of (seed, epoch), and a checkpoint holds the adapter, the
+optimizer, α/β, every RNG state and the position in the data order.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .backbones import Backbone, _unwrap, load_backbone, lora_target_regex
+from .config import TrainConfig
+from .encoder import Encoder
+from .io import atomic_dir
+from .losses import ObjectiveConfig, info_nce, objective
+from .methods import get_method
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN or infinite."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every random source from one place (STYLE 6)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def apply_lora(bb: Backbone, cfg: TrainConfig) -> None:
+    """LoRA (r, alpha, dropout) on the language model's projections only (DESIGN §2), in place."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_target_regex(bb.kind))
+    bb.model = get_peft_model(bb.model, lcfg)
+    if cfg.gradient_checkpointing:
+        _unwrap(bb.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _flat_cos(a: tuple, b: tuple) -> float:
+    dot = na = nb = 0.0
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            continue
+        dot += float((x * y).sum())
+        na += float((x * x).sum())
+        nb += float((y * y).sum())
+    return dot / max(np.sqrt(na * nb), 1e-30)
+
+
+class Trainer:
+    """Trains one method on one dataset into a run folder.
+
+    Args:
+        cfg: the run's :class:`~vlm2rec_lab.config.TrainConfig`.
+        dataset: a loaded :class:`~vlm2rec_lab.data.dataset.Dataset`.
+        run_dir: the run folder (checkpoint, logs, adapter go here).
+        backbone: an already loaded backbone (else loaded from ``cfg.backbone``).
+        on_step: called with the step number after each optimizer step (tests use it to kill a run).
+    """
+
+    def __init__(self, cfg: TrainConfig, dataset, run_dir: str | Path, backbone: Backbone | None = None,
+                 progress: bool = True, on_step: Callable[[int], None] | None = None):
+        cfg = cfg.resolved()
+        self.cfg, self.ds, self.run_dir = cfg, dataset, Path(run_dir)
+        self.method = get_method(cfg.method)
+        if not self.method.trains:
+            raise ValueError(f"method {cfg.method!r} is zero-shot: nothing to train")
+        self.progress, self.on_step = progress, on_step
+        seed_everything(cfg.seed)
+        self.bb = backbone or load_backbone(cfg.backbone, device=cfg.device, dataset=dataset,
+                                            chat_template=cfg.chat_template)
+        apply_lora(self.bb, cfg)
+        self.encoder = Encoder(self.bb, dataset.items, cache_vision=cfg.cache_vision)
+        self.obj = ObjectiveConfig(name=self.method.objective, tau=cfg.tau, tau_crtr=cfg.tau_crtr, lam=cfg.lam,
+                                   penalty_offset=cfg.penalty_offset)
+        dev = self.bb.device
+        learn = cfg.learn_alpha_beta and self.method.objective not in ("sft", "crtr_only", "no_penalty")
+        self.alpha = torch.nn.Parameter(torch.tensor(float(cfg.alpha), device=dev), requires_grad=learn)
+        self.beta = torch.nn.Parameter(torch.tensor(float(cfg.beta), device=dev), requires_grad=learn)
+        self.lora = [p for p in self.bb.model.parameters() if p.requires_grad]
+        groups = [{"params": self.lora, "weight_decay": cfg.weight_decay}]
+        if learn:
+            groups.append({"params": [self.alpha, self.beta], "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr)
+
+        users, hist, targets = dataset.train_examples(cfg.train_examples)
+        if cfg.users_k is not None:
+            pool = np.unique(users)
+            if cfg.users_k > pool.size:
+                raise ValueError(f"users_k={cfg.users_k} but only {pool.size} users have training examples")
+            chosen = np.random.default_rng(cfg.seed).choice(pool, size=cfg.users_k, replace=False)
+            keep = np.isin(users, chosen)
+            users, hist, targets = users[keep], hist[keep], targets[keep]
+        self.users, self.hist, self.targets = users, hist, targets
+        self.micro_per_epoch = len(targets) // cfg.batch_size
+        if self.micro_per_epoch < cfg.grad_accum:
+            raise ValueError(f"{len(targets)} training examples give no full step of {cfg.batch_size} x {cfg.grad_accum}")
+        self.steps_per_epoch = self.micro_per_epoch // cfg.grad_accum
+        total = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.step, self.epoch, self.micro = 0, 0, 0
+        self.log: list[dict] = []
+        self.weak: list[tuple[int, int, str]] = []
+
+    # ---------------------------------------------------------------- one batch
+    def embeddings(self, hist: np.ndarray, targets: np.ndarray) -> dict[str, Tensor]:
+        """The embeddings the objective needs for a batch, by fusion (DESIGN §2)."""
+        lists = [row[row >= 0].tolist() for row in hist]
+        items = [[int(t)] for t in targets]
+        enc, fusion = self.encoder, self.method.fusion
+        if fusion == "external":
+            return {"z_t": enc.embed("T", lists), "z_v": enc.embed("V", lists),
+                    "e_t": enc.embed("T", items), "e_v": enc.embed("V", items)}
+        kind = "I" if fusion == "internal" else "T"
+        return {"z": enc.embed(kind, lists), "e": enc.embed(kind, items)}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.targets))
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoint"
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "lora": {n: p.detach().cpu().clone() for n, p in self.bb.model.named_parameters() if p.requires_grad},
+            "optimizer": self.opt.state_dict(), "alpha": self.alpha.detach().cpu(), "beta": self.beta.detach().cpu(),
+            "rng": _rng_state(), "step": self.step, "epoch": self.epoch, "micro": self.micro,
+        }
+        with atomic_dir(self.ckpt_dir, overwrite=True) as tmp:
+            torch.save(state, tmp / "state.pt")
+            self._write_logs(tmp)
+
+    def load_checkpoint(self) -> bool:
+        f = self.ckpt_dir / "state.pt"
+        if not f.exists():
+            return False
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        named = dict(self.bb.model.named_parameters())
+        with torch.no_grad():
+            for n, v in state["lora"].items():
+                named[n].copy_(v)
+            self.alpha.copy_(state["alpha"])
+            self.beta.copy_(state["beta"])
+        self.opt.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+        if (self.ckpt_dir / "train_log.csv").exists():
+            self.log = pd.read_csv(self.ckpt_dir / "train_log.csv").to_dict("records")
+        if (self.ckpt_dir / "weak_modality.csv").exists():
+            w = pd.read_csv(self.ckpt_dir / "weak_modality.csv")
+            self.weak = list(w.itertuples(index=False, name=None))
+        return True
+
+    def _write_logs(self, folder: Path) -> None:
+        pd.DataFrame(self.log).to_csv(folder / "train_log.csv", index=False)
+        pd.DataFrame(self.weak, columns=["step", "user", "weak"]).to_csv(folder / "weak_modality.csv", index=False)
+
+    # ---------------------------------------------------------------- the loop
+    def train(self, resume: bool = False) -> dict:
+        """Run (or resume) to ``total_steps``; returns the final log row. Writes the adapter,
+        α/β and the logs into the run folder."""
+        from tqdm.auto import tqdm
+
+        if resume:
+            self.load_checkpoint()
+        cfg = self.cfg
+        self.bb.model.train()
+        if cfg.cache_vision and self.method.fusion in ("external", "internal"):
+            self.encoder.cache_all()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress or None)
+        while self.step < self.total_steps:
+            order = self._order(self.epoch)
+            t0 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            stats: dict[str, list] = {}
+            probe = cfg.grad_cos_every and self.method.fusion == "external" and self.step % cfg.grad_cos_every == 0
+            for a in range(cfg.grad_accum):
+                sel = order[(self.micro + a) * cfg.batch_size:(self.micro + a + 1) * cfg.batch_size]
+                labels = torch.as_tensor(self.targets[sel], device=self.bb.device)
+                emb = self.embeddings(self.hist[sel], self.targets[sel])
+                out = objective(self.obj, emb, self.alpha, self.beta, labels=labels)
+                for name, term in out.terms.items():
+                    if not torch.isfinite(term):
+                        self._write_logs(self.run_dir)
+                        raise TrainingDiverged(f"step {self.step + 1}: loss term {name!r} is {term.item()} "
+                                               f"(method {cfg.method}, lr {cfg.lr})")
+                    sums[name] = sums.get(name, 0.0) + term.item() / cfg.grad_accum
+                loss = out.total / cfg.grad_accum
+                if probe and a == 0:
+                    sums.update(self._grad_cosines(emb, out.total, labels))
+                loss.backward()
+                for k, v in out.stats.items():
+                    stats.setdefault(k, []).append(v.cpu())
+                if "margin_t" in out.stats:
+                    weak = np.where((out.stats["margin_v"] < out.stats["margin_t"]).cpu().numpy(), "V", "T")
+                    self.weak.extend((self.step + 1, int(u), str(w)) for u, w in zip(self.users[sel], weak))
+            self.opt.step()
+            with torch.no_grad():
+                self.beta.clamp_(min=0.0)  # keep β ≥ 0 (DESIGN §3)
+            self.step += 1
+            self.micro += cfg.grad_accum
+            if self.micro + cfg.grad_accum > self.micro_per_epoch:
+                self.epoch, self.micro = self.epoch + 1, 0
+            row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),
+                   "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": time.perf_counter() - t0}
+            if stats:
+                cat = {k: torch.cat(v) for k, v in stats.items()}
+                row.update({f"{k}_mean": float(v.float().mean()) for k, v in cat.items()})
+                row["image_weak_share"] = float((cat["margin_v"] < cat["margin_t"]).float().mean())
+            self.log.append(row)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if not k.startswith("cos_")})
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.on_step is not None:
+                self.on_step(self.step)
+        bar.close()
+        self.save_checkpoint()
+        self.save_final()
+        return self.log[-1] if self.log else {}
+
+    def _grad_cosines(self, emb: dict[str, Tensor], total: Tensor, labels: Tensor) -> dict[str, float]:
+        """DESIGN §5: cos(g_total, g_T) and cos(g_total, g_V), g_m = ∇θ InfoNCE(z^m, e^F), θ = LoRA."""
+        e_f = emb["e_t"] + emb["e_v"]
+        grad = lambda loss: torch.autograd.grad(loss, self.lora, retain_graph=True, allow_unused=True)  # noqa: E731
+        g_total = grad(total)
+        g_t = grad(info_nce(emb["z_t"], e_f, self.cfg.tau, labels))
+        g_v = grad(info_nce(emb["z_v"], e_f, self.cfg.tau, labels))
+        return {"cos_total_t": _flat_cos(g_total, g_t), "cos_total_v": _flat_cos(g_total, g_v)}
+
+    def save_final(self) -> None:
+        """The adapter (PEFT format), α/β and the logs, each written atomically."""
+        from .io import atomic_write_json
+
+        with atomic_dir(self.run_dir / "adapter", overwrite=True) as tmp:
+            self.bb.model.save_pretrained(tmp)
+        atomic_write_json(self.run_dir / "alpha_beta.json", {"alpha": self.alpha.item(), "beta": self.beta.item(),
+                                                             "step": self.step})
+        with atomic_dir(self.run_dir / "logs", overwrite=True) as tmp:
+            self._write_logs(tmp)
