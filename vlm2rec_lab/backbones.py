@@ -85,7 +85,8 @@ class Backbone:
 
     @property
     def image_token_id(self) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids(self.image_token))
+        tid = getattr(self.base_config, "image_token_id", None)
+        return int(tid) if tid is not None else int(self.tokenizer.convert_tokens_to_ids(self.image_token))
 
     def render(self, prompt: str) -> str:
         """Prompt string -> model input string: images as vision markup, the user turn of the chat

@@ -62,8 +62,14 @@ def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = Fa
         return run
     run.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run / "config.yaml")
+    backbone_path = None
+    if cfg.backbone == "tiny":  # built for this dataset: other datasets (cross-domain) must reuse it
+        from .backbones import build_tiny
+
+        backbone_path = str(build_tiny(dataset))
     atomic_write_json(run / "manifest.json", {
         "method": cfg.method, "seed": cfg.seed, "versions": _versions(), "git_revision": _git_revision(),
+        "backbone_path": backbone_path,
         "data": {"path": str(Path(dataset.path).resolve()) if dataset.path else None, "fingerprint": dataset.fingerprint,
                  "name": dataset.manifest.get("name")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -100,7 +106,8 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
     from .backbones import load_backbone
 
     cfg = load_run_config(run_dir)
-    bb = load_backbone(cfg.backbone, device=device or cfg.device, dataset=dataset, chat_template=cfg.chat_template)
+    name = load_manifest(run_dir).get("backbone_path") or cfg.backbone
+    bb = load_backbone(name, device=device or cfg.device, dataset=dataset, chat_template=cfg.chat_template)
     adapter = Path(run_dir) / "adapter"
     if get_method(cfg.method).trains:
         if not (adapter / "adapter_config.json").exists():
@@ -110,7 +117,7 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
 
 
 def embed_run(run_dir: str | Path, dataset=None, splits=("test", "valid"), backbone=None, progress: bool = True,
-              batch_size: int = 32) -> dict[str, np.ndarray]:
+              batch_size: int = 32, root: str | Path | None = None) -> dict[str, np.ndarray]:
     """Item and sequence embeddings per modality (T, V, F) into ``RUN/embeddings``.
 
     F is T + V for external fusion (and item-mean), the interleaved prompt for internal fusion, T
@@ -124,8 +131,9 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test", "valid"), backb
     cfg = load_run_config(run)
     method = get_method(cfg.method)
     ds = dataset or Dataset.load(manifest["data"]["path"])
-    if ds.fingerprint != manifest["data"]["fingerprint"]:
-        raise ValueError(f"{run}: dataset fingerprint differs from the one the run was made with")
+    if ds.fingerprint != manifest["data"]["fingerprint"] and root is None:
+        raise ValueError(f"{run}: dataset fingerprint differs from the one the run was made with "
+                         f"(for another domain use cross_domain())")
     bb = backbone or load_run_backbone(run, ds)
     bb.model.eval()
     enc = Encoder(bb, ds.items, cache_vision=cfg.cache_vision, batch_size=batch_size)
@@ -138,8 +146,8 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test", "valid"), backb
         items["F"] = items[kinds[0]]
         if method.fusion == "internal":
             del items["I"]
-    folder = run / "embeddings"
-    folder.mkdir(exist_ok=True)
+    folder = Path(root or run) / "embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "item_ids.txt", "\n".join(ds.items["item_id"].astype(str)) + "\n")
     for k, v in items.items():
         out[f"item_{k}"] = v.numpy().astype(np.float32)
@@ -162,6 +170,14 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test", "valid"), backb
     for name, arr in out.items():
         _save_npy(folder / f"{name}.npy", arr)
     return out
+
+
+def cross_domain(run_dir: str | Path, dataset, name: str | None = None, progress: bool = False) -> dict:
+    """Table 6, zero-shot cross-domain: embed another prepared dataset (its own items) with this run's
+    backbone and adapter, and evaluate it. Written under RUN/cross/<name>/."""
+    root = Path(run_dir) / "cross" / (name or dataset.manifest.get("name") or "other")
+    embed_run(run_dir, dataset, splits=("test",), progress=progress, root=root)
+    return evaluate_run(run_dir, dataset, root=root)
 
 
 def load_embeddings(run_dir: str | Path, name: str) -> np.ndarray:
@@ -196,7 +212,7 @@ class EmbeddingScorer:
 
 
 def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=None, full_ranking: bool = False,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, root: str | Path | None = None) -> dict:
     """Task 1 metrics of a run: f2f (the method's own scores) and the modality-dropout views t2f,
     v2f where the method has separate text and image embeddings. Writes RUN/metrics/."""
     from .data.dataset import Dataset
@@ -205,6 +221,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=N
     run = Path(run_dir)
     manifest = load_manifest(run)
     ds = dataset or Dataset.load(manifest["data"]["path"])
+    run = Path(root or run)
     hist = load_embeddings(run, f"seq_{split}_histories")
     item_f = load_embeddings(run, "item_F")
     results, tidy = {}, []

@@ -1,0 +1,254 @@
+"""GPU benchmark: the plain Hugging Face path against the project's path, side by side in one run,
+for Beauty-shaped item embedding and training steps on a Qwen2.5-VL-3B-shaped model with random
+weights (config from code, no download). Prints one JSON line per figure, with ratios and the
+projected Beauty times (9,311 items; 19,757 users per epoch at batch 8).
+
+    python bench/gpu_bench.py            # on a GPU: the 3B shape, bf16, 224 px images (64 visual tokens)
+    python bench/gpu_bench.py --tiny     # on the CPU: the same script with a tiny config (CI / tests)
+
+Plain path: the full model (LM head included) with pixel values on every call, hidden states via
+``output_hidden_states``, padded batches in data order, LoRA through PEFT, with and without gradient
+checkpointing. Project path: the base model only (no LM head), vision features computed once per
+image and reused (the vision cache), larger batches, no checkpointing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+BEAUTY_ITEMS, BEAUTY_USERS = 9_311, 19_757
+
+
+def model_config(tiny: bool):
+    from transformers import Qwen2_5_VLConfig
+
+    if tiny:
+        text = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, window_size=56,
+                      fullatt_block_indexes=[1])
+    else:  # Qwen2.5-VL-3B
+        text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                    num_key_value_heads=2, max_position_embeddings=128000,
+                    rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6})
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31])
+    ids = dict(image_token_id=text["vocab_size"] - 5, video_token_id=text["vocab_size"] - 4,
+               vision_start_token_id=text["vocab_size"] - 3, vision_end_token_id=text["vocab_size"] - 2)
+    text.update(bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision), **ids)
+
+
+class Shapes:
+    """Beauty-shaped token sequences: ~25-token titles, a chat-template prefix, one image per item."""
+
+    def __init__(self, cfg, n_items: int, image_px: int, gen: torch.Generator, device):
+        self.cfg, self.device = cfg, device
+        v = cfg.text_config.vocab_size
+        self.titles = torch.randint(100, v - 10, (n_items, 25), generator=gen)
+        self.prefix = torch.randint(100, v - 10, (24,), generator=gen).tolist()
+        self.suffix = torch.randint(100, v - 10, (5,), generator=gen).tolist()
+        side = image_px // 14
+        self.grid = torch.tensor([1, side, side])
+        self.n_patches = side * side
+        self.n_tokens = self.n_patches // 4
+        patch_dim = 3 * 2 * 14 * 14
+        self.pixels = torch.randn(n_items, self.n_patches, patch_dim, generator=gen).to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    def prompt(self, kind: str, items: list[int]) -> list[int]:
+        c = self.cfg
+        out = list(self.prefix)
+        for k, i in enumerate(items):
+            out += [10 + k, 20]
+            if kind == "T":
+                out += self.titles[i].tolist()
+            else:
+                out += [c.vision_start_token_id] + [c.image_token_id] * self.n_tokens + [c.vision_end_token_id]
+            out.append(30)
+        return out + self.suffix
+
+    def batch(self, kind: str, item_lists: list[list[int]]) -> dict:
+        seqs = [self.prompt(kind, lst) for lst in item_lists]
+        L = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), L, dtype=torch.long)
+        mask = torch.zeros(len(seqs), L, dtype=torch.long)
+        for r, s in enumerate(seqs):  # left padding
+            ids[r, L - len(s):] = torch.tensor(s)
+            mask[r, L - len(s):] = 1
+        out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if kind == "V":
+            flat = [i for lst in item_lists for i in lst]
+            out["items"] = flat
+            out["image_grid_thw"] = self.grid.repeat(len(flat), 1).to(self.device)
+            out["mm_token_type_ids"] = (out["input_ids"] == self.cfg.image_token_id).int()
+        return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def plain_hidden(model, shapes: Shapes, b: dict):
+    kw = {k: b[k] for k in ("input_ids", "attention_mask")}
+    if "items" in b:
+        kw.update(pixel_values=shapes.pixels[b["items"]].flatten(0, 1), image_grid_thw=b["image_grid_thw"],
+                  mm_token_type_ids=b["mm_token_type_ids"])
+    out = model(**kw, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1][:, -1]
+
+
+def project_hidden(bb, feats: dict, b: dict):
+    from vlm2rec_lab.encoder import last_token_pool
+
+    image_features = [feats[i] for i in b["items"]] if "items" in b else None
+    h = bb.forward(b["input_ids"], b["attention_mask"], image_grid_thw=b.get("image_grid_thw"), image_features=image_features)
+    return last_token_pool(h, b["attention_mask"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (exercises the script)")
+    ap.add_argument("--plain-items", type=int, default=256)
+    ap.add_argument("--project-items", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--embed-batch", type=int, default=128)
+    a = ap.parse_args()
+    if a.tiny:
+        a.plain_items, a.project_items, a.steps, a.embed_batch = min(a.plain_items, 32), min(a.project_items, 64), min(a.steps, 2), 16
+    device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from vlm2rec_lab.backbones import Backbone, lora_target_regex
+    from vlm2rec_lab.losses import ObjectiveConfig, objective
+
+    emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
+    torch.manual_seed(0)
+    cfg = model_config(a.tiny)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype)
+    model.eval().requires_grad_(False)
+    emit(figure="model", params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3), init_s=round(time.perf_counter() - t0, 1))
+    gen = torch.Generator().manual_seed(0)
+    n_items = max(a.plain_items, a.project_items)
+    shapes = Shapes(cfg, n_items, 56 if a.tiny else 224, gen, device)
+    bb = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
+
+    # ---------------------------------------------------------------- item embeddings
+    with torch.inference_mode():
+        for warm in (True, False):  # one warm-up pass of each path on a few items
+            n = 8 if warm else a.plain_items
+            bs = 32
+            sync(device); reset_peak(device); t = time.perf_counter()
+            for s in range(0, n, bs):
+                items = [[i] for i in range(s, min(s + bs, n))]
+                plain_hidden(model, shapes, shapes.batch("V", items))
+                plain_hidden(model, shapes, shapes.batch("T", items))
+            sync(device)
+            plain_rate = n / (time.perf_counter() - t)
+        emit(figure="item_embedding", path="plain", batch=32, items=a.plain_items, items_per_s=round(plain_rate, 1),
+             beauty_s=round(BEAUTY_ITEMS / plain_rate, 1), peak_gib=peak_gib(device))
+        for warm in (True, False):
+            n = 8 if warm else a.project_items
+            sync(device); reset_peak(device); t = time.perf_counter()
+            feats = {}
+            for s in range(0, n, 256):  # the vision cache: each image once, large batches
+                chunk = list(range(s, min(s + 256, n)))
+                out = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
+                feats.update(zip(chunk, out))
+            sync(device)
+            t_vision = time.perf_counter() - t
+            for s in range(0, n, a.embed_batch):
+                items = [[i] for i in range(s, min(s + a.embed_batch, n))]
+                project_hidden(bb, feats, shapes.batch("V", items))
+                project_hidden(bb, feats, shapes.batch("T", items))
+            sync(device)
+            proj_rate = n / (time.perf_counter() - t)
+        emit(figure="item_embedding", path="project", batch=a.embed_batch, items=a.project_items, items_per_s=round(proj_rate, 1),
+             vision_share=round(t_vision * proj_rate / a.project_items, 3), beauty_s=round(BEAUTY_ITEMS / proj_rate, 1),
+             peak_gib=peak_gib(device))
+        emit(figure="item_embedding_ratio", ratio=round(proj_rate / plain_rate, 2))
+        # same numbers from both paths
+        items = [[i] for i in range(4)]
+        d = max((plain_hidden(model, shapes, shapes.batch(k, items)).float() - project_hidden(bb, feats, shapes.batch(k, items)).float()).abs().max().item()
+                / plain_hidden(model, shapes, shapes.batch(k, items)).float().abs().max().item() for k in ("T", "V"))
+        emit(figure="item_embedding_agreement", max_rel_diff=round(d, 5))
+
+    # ---------------------------------------------------------------- training steps
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_target_regex("vlm")))
+    params = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    obj = ObjectiveConfig(name="vlm2rec")
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(a.steps + 1):
+        hist = torch.randint(0, n_items, (8, 7), generator=g).tolist()
+        tgt = torch.randint(0, n_items, (8,), generator=g).tolist()
+        batches.append((hist, [[t] for t in tgt]))
+    n_tokens = sum(shapes.batch(k, lst)["attention_mask"].sum().item() for k in ("T", "V") for lst in batches[0])
+    with torch.no_grad():
+        all_items = sorted({i for h, t in batches for lst in h + t for i in lst})
+        feats = {}
+        for s in range(0, len(all_items), 256):
+            chunk = all_items[s:s + 256]
+            feats.update(zip(chunk, bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))))
+
+    def step(hidden_fn, batch, do_step=True) -> float:
+        hist, tgt = batch
+        emb = {"z_t": hidden_fn("T", hist), "z_v": hidden_fn("V", hist), "e_t": hidden_fn("T", tgt), "e_v": hidden_fn("V", tgt)}
+        loss = objective(obj, {k: v.float() for k, v in emb.items()}).total
+        if do_step:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    plain_fn = lambda k, lst: plain_hidden(peft, shapes, shapes.batch(k, lst))  # noqa: E731
+    proj_fn = lambda k, lst: project_hidden(bb, feats, shapes.batch(k, lst))  # noqa: E731
+    with torch.no_grad():
+        l_plain, l_proj = step(plain_fn, batches[0], False), step(proj_fn, batches[0], False)
+    emit(figure="train_loss_agreement", plain=round(l_plain, 5), project=round(l_proj, 5),
+         rel_diff=round(abs(l_plain - l_proj) / abs(l_plain), 6), tokens_per_step=int(n_tokens))
+    results = {}
+    for name, fn, ckpt in (("plain_ckpt", plain_fn, True), ("plain", plain_fn, False), ("project", proj_fn, False)):
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        peft.train()
+        try:
+            step(fn, batches[0])  # warm-up
+            sync(device); reset_peak(device); t = time.perf_counter()
+            for b in batches[1:]:
+                step(fn, b)
+            sync(device)
+        except torch.OutOfMemoryError:
+            opt.zero_grad(set_to_none=True)
+            emit(figure="train_step", path=name, oom=True, peak_gib=peak_gib(device))
+            torch.cuda.empty_cache()
+            continue
+        s = (time.perf_counter() - t) / a.steps
+        results[name] = s
+        emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
+             peak_gib=peak_gib(device))
+    if "project" in results:
+        emit(figure="train_step_ratio", **{f"vs_{k}": round(v / results["project"], 2) for k, v in results.items() if k != "project"})
+
+
+if __name__ == "__main__":
+    main()

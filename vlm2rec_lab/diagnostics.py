@@ -1,0 +1,152 @@
+"""Modality-collapse diagnostics (DESIGN §5; paper §3, Table 1, Fig. 1, Fig. 3).
+
+Geometry per modality after Wang & Isola (2020), "Understanding Contrastive Representation Learning
+through Alignment and Uniformity on the Hypersphere" (github.com/SsnL/align_uniform), with φ the L2
+normalisation (for F: normalised after summing T and V):
+
+    A_pos = E ‖φ(s) − φ(i+)‖²                 (sequence vs its target)
+    A_neg = E_s E_{i−} ‖φ(s) − φ(i−)‖²        (vs the evaluation negatives)
+    U     = log E exp(−2 ‖φ(s) − φ(i)‖²)      (uniformly drawn sequence–item pairs)
+    S     = A_neg / (A_pos + ε)               (separability: > 1 when targets sit closer than negatives)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+MODALITIES = ("F", "T", "V")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def alignment(seq: np.ndarray, items: np.ndarray) -> float:
+    """Mean squared distance between paired unit vectors (rows of ``seq`` and ``items``)."""
+    return float(((_unit(seq) - _unit(items)) ** 2).sum(-1).mean())
+
+
+def uniformity(seq: np.ndarray, items: np.ndarray, n_pairs: int = 100_000, seed: int = 0, t: float = 2.0) -> float:
+    """log E exp(−t ‖φ(s) − φ(i)‖²) over uniformly drawn (sequence, item) pairs: all pairs exactly
+    when there are at most ``n_pairs`` of them, else ``n_pairs`` drawn with ``seed``."""
+    s, e = _unit(seq), _unit(items)
+    if len(s) * len(e) <= n_pairs:
+        d2 = np.maximum(2.0 - 2.0 * (s @ e.T), 0.0).ravel()
+    else:
+        rng = np.random.default_rng(seed)
+        d2 = ((s[rng.integers(0, len(s), n_pairs)] - e[rng.integers(0, len(e), n_pairs)]) ** 2).sum(-1)
+    m = (-t * d2).max()
+    return float(m + np.log(np.exp(-t * d2 - m).mean()))
+
+
+def geometry(seq: np.ndarray, items: np.ndarray, targets: np.ndarray, negatives: np.ndarray,
+             n_pairs: int = 100_000, seed: int = 0, eps: float = 1e-8) -> dict[str, float]:
+    """A_pos, A_neg, U, S of one modality. ``seq`` (U, d) per user, ``items`` (I, d) per item,
+    ``targets`` (U,) and ``negatives`` (U, n_neg) item indices."""
+    s, e = _unit(seq), _unit(items)
+    a_pos = float(((s - e[targets]) ** 2).sum(-1).mean())
+    a_neg = float(((s[:, None, :] - e[negatives]) ** 2).sum(-1).mean())
+    return {"A_pos": a_pos, "A_neg": a_neg, "U": uniformity(seq, items, n_pairs, seed), "S": a_neg / (a_pos + eps)}
+
+
+def run_embeddings(run_dir: str | Path, modality: str, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """(sequence, item) embeddings of one modality from a run folder (F: T + V when both exist)."""
+    from .runs import load_embeddings
+
+    return load_embeddings(run_dir, f"seq_{split}_{modality}"), load_embeddings(run_dir, f"item_{modality}")
+
+
+def geometry_table(runs: Mapping[str, str | Path], dataset, split: str = "test", seed: int = 0,
+                   modalities: Sequence[str] = MODALITIES) -> pd.DataFrame:
+    """Table 1: one row per (state, modality) — e.g. states Vanilla, SFT, VLM2Rec — with A_pos,
+    A_neg, U, S. Modalities a run lacks (internal fusion has no T/V split) are skipped."""
+    targets, negatives = dataset.targets(split), dataset.negatives(seed)
+    rows = []
+    for state, run in runs.items():
+        for m in modalities:
+            try:
+                seq, items = run_embeddings(run, m, split)
+            except FileNotFoundError:
+                continue
+            rows.append({"state": state, "modality": m, **geometry(seq, items, targets, negatives, seed=seed)})
+    return pd.DataFrame(rows).set_index(["state", "modality"])
+
+
+def modality_dropout_table(runs: Mapping[str, str | Path], split: str = "test",
+                           metrics: Sequence[str] = ("HR@10", "NDCG@10")) -> pd.DataFrame:
+    """Fig. 1a: f2f / t2f / v2f Task 1 metrics (mean over seeds) of each run, from RUN/metrics."""
+    import json
+
+    rows = []
+    for state, run in runs.items():
+        res = json.loads((Path(run) / "metrics" / f"task1_{split}.json").read_text())
+        for view, r in res["views"].items():
+            rows.append({"state": state, "view": view, **{k: r["sampled"]["mean"][k] for k in metrics}})
+    return pd.DataFrame(rows).set_index(["state", "view"])
+
+
+def gradient_cosines(run_dir: str | Path) -> pd.DataFrame:
+    """Fig. 1b: cos(g_total, g_T) and cos(g_total, g_V) at the probed steps of a run."""
+    log = pd.read_csv(Path(run_dir) / "logs" / "train_log.csv")
+    cols = [c for c in ("cos_total_t", "cos_total_v") if c in log.columns]
+    if not cols:
+        raise ValueError(f"{run_dir}: no gradient cosines were logged (external fusion with grad_cos_every > 0)")
+    return log.dropna(subset=cols)[["step", "epoch", *cols]].reset_index(drop=True)
+
+
+def cold_start(ranks: np.ndarray, dataset, split: str = "test",
+               edges: Sequence[float] = (0, 5, 10, 20, 50, np.inf)) -> pd.DataFrame:
+    """Fig. 3: metrics bucketed by the target item's training frequency."""
+    from .evaluate import bucket_metrics
+
+    freq = dataset.train_item_counts()[dataset.targets(split)]
+    return bucket_metrics(ranks, freq, edges, label="target train frequency")
+
+
+def weak_modality(run_dir: str | Path, dataset, length_edges: Sequence[float] = (0, 5, 8, 12, 20, np.inf)) -> dict[str, pd.DataFrame]:
+    """Per-user weak modality (DESIGN §5): ``over_training`` (share of image-weak users per step),
+    ``by_length`` and ``by_category`` (each user's last recorded weak modality against the length of
+    their sequence and the category of their last training item)."""
+    w = pd.read_csv(Path(run_dir) / "logs" / "weak_modality.csv")
+    if w.empty:
+        raise ValueError(f"{run_dir}: no per-user weak modality was logged (external fusion methods only)")
+    over = w.assign(image_weak=w["weak"].eq("V")).groupby("step")["image_weak"].mean().rename("image_weak_share").reset_index()
+    last = w.sort_values("step").groupby("user").tail(1).set_index("user")
+    users = last.index.to_numpy()
+    lengths = dataset.lengths[users]
+    last_item = dataset.seq[dataset.offsets[1:][users] - 3]
+    cat = dataset.items["category"].to_numpy()[last_item] if "category" in dataset.items else np.full(len(users), None)
+    df = pd.DataFrame({"image_weak": last["weak"].eq("V").to_numpy(), "length": lengths, "category": cat})
+    df["length_bucket"] = pd.cut(df["length"], bins=list(length_edges), right=False)
+    by_len = df.groupby("length_bucket", observed=True)["image_weak"].agg(["mean", "size"]).rename(columns={"mean": "image_weak_share", "size": "users"})
+    by_cat = df.groupby("category", dropna=False)["image_weak"].agg(["mean", "size"]).rename(columns={"mean": "image_weak_share", "size": "users"})
+    return {"over_training": over, "by_length": by_len, "by_category": by_cat,
+            "final_image_weak_share": pd.DataFrame({"share": [df["image_weak"].mean()], "users": [len(df)]})}
+
+
+# --------------------------------------------------------------------------- drivers (Table 6, 7; Fig. 5)
+
+
+def sweep(dataset, base, out_root: str | Path, grid: Mapping[str, Sequence], progress: bool = False) -> pd.DataFrame:
+    """Train and evaluate one run per value of each parameter in ``grid`` (one at a time, the others
+    at ``base``): hyperparameter sensitivity (Fig. 5: tau, tau_crtr, lam) and the few-shot curve
+    (Table 7: ``{"users_k": [...]}``). Returns a tidy frame: param, value, view, metrics."""
+    import dataclasses
+
+    from .runs import run_method
+
+    rows = []
+    for param, values in grid.items():
+        for v in values:
+            cfg = dataclasses.replace(base, **{param: v})
+            res = run_method(dataset, cfg, Path(out_root) / f"{param}={v}", progress=progress)
+            for view, r in res["views"].items():
+                rows.append({"param": param, "value": v, "view": view, **r["sampled"]["mean"]})
+    return pd.DataFrame(rows)
+
+
+PAPER_GRID = {"tau": [0.05, 0.1, 0.5, 1.0], "tau_crtr": [0.001, 0.01, 0.1, 1.0], "lam": [0.1, 0.5, 1.0]}
