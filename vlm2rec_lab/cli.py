@@ -133,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", default=None, help="folder for per-seed metrics, cold-start buckets and the model")
     ds.add_argument("--json", action="store_true")
 
+    b = sub.add_parser("batch", help="run the notebooks with papermill per dataset, and write RUNS/index.html")
+    b.add_argument("--datasets", nargs="+", required=True, help="prepared dataset folders")
+    b.add_argument("--notebooks", default="all", help="all, or e.g. 01,02")
+    b.add_argument("--out", required=True)
+    b.add_argument("--quick", action="store_true", help="a few training steps on a few users")
+    b.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE", help="notebook parameter")
+
     d = sub.add_parser("demo", help="the main job on the embedded default: synthesize, prepare, describe, evaluate")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--users", type=int, default=SynthConfig.users)
@@ -314,7 +321,7 @@ def cmd_demo(a) -> int:
     from .data.dataset import prepare
     from .data.synthetic import OracleScorer, generate
     from .evaluate import evaluate, results_table
-    from .runs import run_method
+    from .runs import per_seed_frame, run_method
     from .scorers import SCORERS, make_scorer
 
     t0 = time.perf_counter()
@@ -338,7 +345,7 @@ def cmd_demo(a) -> int:
 
             shutil.rmtree(run_dir)
         res = run_method(ds, TrainConfig(method=method), run_dir)
-        per_seed[method] = pd.DataFrame(res["views"]["f2f"]["sampled"]["per_seed"]).T.rename_axis("seed")
+        per_seed[method] = per_seed_frame(res)
         views[method] = {v: r["sampled"]["mean"] for v, r in res["views"].items()}
         print(f"      {method} done ({time.perf_counter() - t0:.0f}s)")
     table = results_table(per_seed, baseline="popularity")
@@ -356,6 +363,18 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_batch(a) -> int:
+    from .batch import parse_params, run_batch, select_notebooks
+
+    for d in a.datasets:
+        if not (Path(d) / "manifest.json").exists():
+            raise FileNotFoundError(f"{d}: not a prepared dataset (no manifest.json)")
+    results = run_batch(a.datasets, select_notebooks(a.notebooks), a.out, quick=a.quick, params=parse_params(a.params))
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed; index: {Path(a.out) / 'index.html'}")
+    return 1 if failed else 0
+
+
 def cmd_downstream(a) -> int:
     from .downstream import run_cli
 
@@ -370,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     handler = {"synth": cmd_synth, "prepare": cmd_prepare, "stats": cmd_stats}.get(getattr(a, "data_command", None)) \
         or {"evaluate": cmd_evaluate, "demo": cmd_demo, "downstream": cmd_downstream, "train": cmd_train,
-           "embed": cmd_embed}[a.command]
+           "embed": cmd_embed, "batch": cmd_batch}[a.command]
     try:
         return handler(a)
     except (DataFormatError, ImagesOfflineError, FileNotFoundError, FileExistsError, ValueError, KeyError,

@@ -116,7 +116,7 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
     return bb
 
 
-def embed_run(run_dir: str | Path, dataset=None, splits=("test", "valid"), backbone=None, progress: bool = True,
+def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None, progress: bool = True,
               batch_size: int = 32, root: str | Path | None = None) -> dict[str, np.ndarray]:
     """Item and sequence embeddings per modality (T, V, F) into ``RUN/embeddings``.
 
@@ -261,3 +261,25 @@ def run_method(dataset, cfg: TrainConfig, run_dir: str | Path, resume: bool = Fa
     embed_run(run, dataset, backbone=bb, progress=progress)
     return evaluate_run(run, dataset) if evaluate else {}
 
+
+
+def ensure_run(dataset, cfg: TrainConfig, run_dir: str | Path, progress: bool = False) -> dict:
+    """The Task 1 results of a run, reusing a finished run folder with the same config (notebooks
+    share runs this way); otherwise train, embed and evaluate it afresh."""
+    import json
+    import shutil
+
+    run = Path(run_dir)
+    metrics = run / "metrics" / "task1_test.json"
+    if metrics.exists() and (run / "config.yaml").exists() and load_run_config(run) == cfg.resolved():
+        return json.loads(metrics.read_text())
+    if run.exists():
+        shutil.rmtree(run)
+    return run_method(dataset, cfg, run, progress=progress)
+
+
+def per_seed_frame(result: dict, view: str = "f2f", protocol: str = "sampled") -> pd.DataFrame:
+    """Per-seed metrics of one view from a run's Task 1 results, seeds as an int index."""
+    df = pd.DataFrame(result["views"][view][protocol]["per_seed"]).T
+    df.index = df.index.astype(int)
+    return df.rename_axis("seed")

@@ -1,0 +1,48 @@
+"""The embedding explorer, driven headless from Python: the plot data and the selection panel
+follow the controls."""
+import numpy as np
+import pytest
+
+from vlm2rec_lab.config import TrainConfig
+from vlm2rec_lab.runs import run_method
+from vlm2rec_lab.viz import embedding_explorer, reduce_2d
+
+
+@pytest.fixture(scope="module")
+def runs(synth_ds, tiny_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("explorer")
+    run_method(synth_ds, TrainConfig(method="vlm-vanilla"), root / "vanilla", progress=False)
+    run_method(synth_ds, TrainConfig(method="vlm2rec", max_steps=2, users_k=16, batch_size=8), root / "vlm2rec", progress=False)
+    return {"Vanilla": root / "vanilla", "VLM2Rec": root / "vlm2rec"}
+
+
+def test_controls_drive_the_map_and_the_selection(synth_ds, runs):
+    w = embedding_explorer(runs, synth_ds, sample_size=60, reducer="pca")
+    ex = w.explorer
+    assert len(ex.points) == 60 and set(ex.points.columns) >= {"x", "y", "item_idx", "colour"}
+    first = ex.points[["x", "y"]].to_numpy().copy()
+    ex.modality_w.value = "V"
+    assert not np.allclose(first, ex.points[["x", "y"]].to_numpy())  # another modality, another map
+    assert list(ex.selection["neighbours"]) == ["T"]  # neighbours in the other modality's space
+    ex.colour_w.value = "popularity"
+    counts = synth_ds.train_item_counts()[ex.points["item_idx"].to_numpy()]
+    assert np.allclose(ex.points["colour"].astype(float), np.log1p(counts))
+    ex.colour_w.value = "split"
+    assert set(ex.points["colour"]) <= {"test target", "valid target", "train only"}
+    ex.run_w.value = "VLM2Rec"
+    ex.colour_w.value = "weak modality"
+    assert set(ex.points["colour"]) <= {"image weak", "text weak", "no user"}
+    target = ex.item_w.options[7][1]
+    ex.item_w.value = target
+    assert ex.selection["item_idx"] == target
+    assert synth_ds.items["title"].iat[target] in ex.title_w.value
+    assert len(ex.image_w.value) > 0 and "<ol>" in ex.neigh_w.value
+    ex.sample_w.value = 40
+    assert len(ex.points) == 40
+
+
+def test_reduce_2d_pca_keeps_the_main_axis():
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.normal(0, 10, 200), rng.normal(0, 1, (200, 4))]
+    xy = reduce_2d(x, "pca")
+    assert xy.shape == (200, 2) and abs(np.corrcoef(xy[:, 0], x[:, 0])[0, 1]) > 0.99

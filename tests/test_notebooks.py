@@ -1,0 +1,76 @@
+"""Notebooks: stored without outputs, thin, and each one runs under papermill on quick parameters."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from vlm2rec_lab.batch import list_notebooks, parse_params, run_batch, select_notebooks
+from vlm2rec_lab.notebook import read_records
+
+NOTEBOOKS = list_notebooks()
+
+
+def test_notebooks_are_found_by_glob_and_stored_clean():
+    assert [nb.stem[:2] for nb in NOTEBOOKS][:2] == ["00", "01"]
+    for nb in NOTEBOOKS:
+        cells = json.loads(nb.read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), nb.name
+        assert "parameters" in code[0]["metadata"].get("tags", []), nb.name
+        assert "QUICK: bool" in "".join(code[0]["source"]), nb.name
+        assert all(len("".join(c["source"]).splitlines()) <= 30 for c in code), f"{nb.name}: a cell past a screen belongs in the library"
+
+
+def test_select_and_params():
+    assert [p.stem for p in select_notebooks("1,02")] == ["01_data_overview", "02_modality_collapse"]
+    with pytest.raises(ValueError, match="no notebook"):
+        select_notebooks("99")
+    assert parse_params(["EPOCHS=3", "QUICK=true", "NAME=x"]) == {"EPOCHS": 3, "QUICK": True, "NAME": "x"}
+
+
+@pytest.fixture(scope="module")
+def batch(synth_ds, tiny_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch")
+    return out, run_batch([synth_ds.path], NOTEBOOKS, out, quick=True)
+
+
+def test_every_notebook_runs_quick_and_records_finite_numbers(batch):
+    out, results = batch
+    assert [r.notebook for r in results] == [nb.stem for nb in NOTEBOOKS]
+    for r in results:
+        assert r.ok, f"{r.notebook}: {r.error}"
+        assert r.records, r.notebook
+        for k, v in r.records.items():
+            if isinstance(v, float):
+                assert math.isfinite(v), (r.notebook, k)
+    recs = {r.notebook: r.records for r in results}
+    assert recs["01_data_overview"]["users"] > 0
+    assert {"Vanilla_v2f_HR@10", "SFT_f2f_HR@10", "VLM2Rec_F_S"} <= set(recs["02_modality_collapse"])
+    index = (out / "index.html").read_text()
+    assert all(nb.stem in index for nb in NOTEBOOKS) and "VLM2Rec_F_S" in index
+
+
+def test_figures_and_tables_are_saved(batch, synth_ds):
+    out, _ = batch
+    d = out / Path(synth_ds.path).name
+    for f in ("01_data_overview/stats.csv", "01_data_overview/samples.png", "01_data_overview/samples.svg",
+              "02_modality_collapse/fig1a_modality_dropout.png", "02_modality_collapse/table1_geometry.csv",
+              "04_task1/task1.csv", "04_task1/task1.tex"):
+        assert (d / f).exists(), f
+    assert read_records(d / "00_template.ipynb")["users"] == synth_ds.n_users
+
+
+def test_a_failing_notebook_is_kept_and_the_batch_goes_on(synth_ds, tmp_path, capsys):
+    import nbformat as nbf
+
+    bad = nbf.v4.new_notebook(cells=[nbf.v4.new_code_cell("DATA_DIR = ''\nQUICK = False"), nbf.v4.new_code_cell("1 / 0")])
+    bad.cells[0].metadata["tags"] = ["parameters"]
+    bad.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "98_bad.ipynb"
+    nbf.write(bad, path)
+    results = run_batch([synth_ds.path], [path, NOTEBOOKS[0]], tmp_path / "out")
+    assert [r.ok for r in results] == [False, True]
+    assert "ZeroDivisionError" in results[0].error and results[0].path.exists()
+    assert "ZeroDivisionError" in (tmp_path / "out" / "index.html").read_text()
+    assert "FAILED" in capsys.readouterr().out
