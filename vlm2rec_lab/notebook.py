@@ -36,13 +36,12 @@ def _plain(v):
     return v
 
 
-def record(**values) -> dict:
+def record(**values) -> None:
     """Record key numbers in the executed notebook (one display output holding them)."""
     from IPython.display import display
 
     data = {k: _plain(v) for k, v in values.items()}
     display({MIME: data, "text/plain": "recorded: " + ", ".join(f"{k}={v}" for k, v in data.items())}, raw=True)
-    return data
 
 
 def read_records(notebook: str | Path) -> dict:

@@ -225,8 +225,7 @@ class EmbeddingExplorer:
         options = [(f"{str(titles[i])[:40]} ({self.ds.items['item_id'].iat[int(i)]})", int(i)) for i in idx]
         current = self.item_w.value
         self.item_w.options = options
-        if current in idx:
-            self.item_w.value = current
+        self.item_w.value = current if current in idx else int(idx[0])
         self._draw()
         self.select(self.item_w.value if self.item_w.value is not None else int(idx[0]))
 

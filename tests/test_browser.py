@@ -1,0 +1,90 @@
+"""Real browser test of the explorer: JupyterLab on localhost, the executed explorer notebook opened
+in headless Chromium (Debian's package, driven by Playwright), the widget rendered and answering a
+control; a screenshot is saved. A browser that cannot start fails the test with the reason."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from vlm2rec_lab.batch import run_batch, select_notebooks
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture()
+def lab(tmp_path):
+    port, token = _free_port(), "vlm2rec-test"
+    jupyter = Path(sys.executable).with_name("jupyter")
+    log = open(tmp_path / "lab.log", "w")
+    proc = subprocess.Popen([str(jupyter), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+                             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--allow-root"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/api?token={token}", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail(f"JupyterLab did not start: {(tmp_path / 'lab.log').read_text()[-2000:]}")
+    yield url, token, tmp_path
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_explorer_renders_and_answers_a_control_in_chromium(synth_ds, tiny_path, lab):
+    from playwright.sync_api import sync_playwright
+
+    url, token, root = lab
+    nb = select_notebooks("07")[0]
+    res = run_batch([synth_ds.path], [nb], root / "batch", quick=True)
+    assert res[0].ok, res[0].error
+    shutil.copy(res[0].path, root / "explorer.ipynb")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium package (make test does)")
+    with sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        except Exception as e:  # noqa: BLE001 - report why the browser could not start
+            pytest.fail(f"Chromium could not start: {e}")
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(f"{url}/lab/tree/explorer.ipynb?token={token}", timeout=60_000)
+        page.wait_for_selector(".jp-Notebook", timeout=60_000)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-Toolbar", timeout=60_000)
+        time.sleep(2)
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_text("Run All Cells", exact=True).click()
+        toggle = page.locator(".widget-toggle-button", has_text="V").first
+        toggle.wait_for(timeout=180_000)
+        neighbours = page.locator(".widget-html", has_text="nearest in").first
+        neighbours.wait_for(timeout=60_000)
+        assert "nearest in T/V space" in neighbours.inner_text()
+        toggle.click()
+        page.wait_for_function("() => [...document.querySelectorAll('.widget-html')].some(e => e.innerText.includes('nearest in T space'))",
+                               timeout=60_000)
+        shot = root / "explorer.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 10_000
+    keep = os.environ.get("VLM2REC_SCREENSHOTS")  # set it to keep the screenshot for a person to look at
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(shot, Path(keep) / "explorer.png")
