@@ -143,3 +143,46 @@ def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert set(res["views"]) == {"f2f", "t2f", "v2f"} and set(res["views"]["f2f"]["sampled"]["per_seed"]) == {"0", "1"}
     assert main(["evaluate", "--data", str(synth_ds.path)]) == 2
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers(synth_ds, tiny_path, tmp_path):
+    kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=2, grad_cos_every=0, checkpoint_every=0)
+    plain = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
+    plain.train()
+    ckpt = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
+    ckpt.train()
+    assert [r["loss"] for r in plain.log] == pytest.approx([r["loss"] for r in ckpt.log], abs=1e-6)
+    a, b = lora_state(plain), lora_state(ckpt)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_gradient_accumulation_counts_optimizer_steps(synth_ds, tiny_path, tmp_path):
+    tr = Trainer(TrainConfig(method="vlm-sft", users_k=40, batch_size=4, grad_accum=2, epochs=1, grad_cos_every=0,
+                             checkpoint_every=0), synth_ds, tmp_path, progress=False)
+    tr.train()
+    assert tr.steps_per_epoch == 5 and tr.step == 5  # 40 examples / (4 x 2)
+
+
+def test_a_text_only_llm_by_local_path(synth_ds, tiny_path, tmp_path):
+    """Any HF LLM by path: a small Qwen2 saved here loads as kind 'llm' and trains llm-sft."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.encoder import Encoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id))
+    path = tmp_path / "llm"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    bb = load_backbone(str(path), device="cpu")
+    assert bb.kind == "llm" and bb.image_processor is None and bb.hidden_size == 64
+    assert Encoder(bb, synth_ds.items).item_embeddings("T", [0, 1]).shape == (2, 64)
+    res = run_method(synth_ds, TrainConfig(method="llm-sft", backbone=str(path), max_steps=2, users_k=16, batch_size=8),
+                     tmp_path / "run", progress=False)
+    assert set(res["views"]) == {"f2f"}
+    with pytest.raises(ValueError, match="fusion"):
+        run_method(synth_ds, TrainConfig(method="vlm-sft", backbone=str(path), max_steps=1, users_k=8, batch_size=4),
+                   tmp_path / "bad", progress=False)

@@ -70,8 +70,9 @@ class Encoder:
         todo = sorted({int(i) for i in idx} - self._features.keys())
         for a in range(0, len(todo), 64):
             chunk = todo[a:a + 64]
-            px, grid = self.bb.preprocess_images(self._load_images(chunk))
-            with torch.no_grad():
+            # ordinary (not inference-mode) tensors: training forwards reuse the cache
+            with torch.inference_mode(False), torch.no_grad():
+                px, grid = self.bb.preprocess_images(self._load_images(chunk))
                 feats = self.bb.image_features(px, grid)
             for i, f, g in zip(chunk, feats, grid):
                 self._features[i] = (f.detach().clone(), g.clone())
@@ -116,7 +117,7 @@ class Encoder:
             out.append(parts[0] + "".join(pad * next(counts) + p for p in parts[1:]))
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def embed_many(self, kind: str, item_lists: Sequence[Sequence[int]], batch_size: int | None = None,
                    progress: bool = False, desc: str | None = None) -> Tensor:
         """Embed many item lists without gradients, batched by length (longest first), input order kept."""

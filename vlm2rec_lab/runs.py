@@ -135,6 +135,9 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
         raise ValueError(f"{run}: dataset fingerprint differs from the one the run was made with "
                          f"(for another domain use cross_domain())")
     bb = backbone or load_run_backbone(run, ds)
+    from .train import check_fusion
+
+    check_fusion(method, bb)
     bb.model.eval()
     enc = Encoder(bb, ds.items, cache_vision=cfg.cache_vision, batch_size=batch_size)
     kinds = {"external": ("T", "V"), "item-mean": ("T", "V"), "internal": ("I",), "text": ("T",)}[method.fusion]

@@ -52,6 +52,13 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def check_fusion(method, bb: Backbone) -> None:
+    """Image prompts need a VLM: refuse a text-only backbone for external / internal fusion."""
+    if method.fusion in ("external", "internal", "item-mean") and bb.kind != "vlm":
+        raise ValueError(f"method {method.name!r} ({method.fusion} fusion) needs a vision-language backbone; "
+                         f"{bb.name} is a text-only model (use llm-vanilla or llm-sft)")
+
+
 def apply_lora(bb: Backbone, cfg: TrainConfig) -> None:
     """LoRA (r, alpha, dropout) on the language model's projections only (DESIGN §2), in place."""
     from peft import LoraConfig, get_peft_model
@@ -96,6 +103,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.bb = backbone or load_backbone(cfg.backbone, device=cfg.device, dataset=dataset,
                                             chat_template=cfg.chat_template)
+        check_fusion(self.method, self.bb)
         apply_lora(self.bb, cfg)
         self.encoder = Encoder(self.bb, dataset.items, cache_vision=cfg.cache_vision)
         self.obj = ObjectiveConfig(name=self.method.objective, tau=cfg.tau, tau_crtr=cfg.tau_crtr, lam=cfg.lam,
