@@ -250,6 +250,9 @@ def cmd_train(a) -> int:
     from .runs import create_run, embed_run, evaluate_run
     from .train import Trainer
 
+    from . import distributed as dist
+
+    dist.init_from_env()
     ds = Dataset.load(a.data)
     if a.config:
         cfg = load_yaml(TrainConfig, a.config)
@@ -260,18 +263,24 @@ def cmd_train(a) -> int:
                           learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
                           gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
                           checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device)
-    run = create_run(a.out, cfg, ds, resume=a.resume)
+    if dist.rank() == 0:
+        create_run(a.out, cfg, ds, resume=a.resume)
+    dist.barrier()
+    run = Path(a.out)
     from .methods import get_method
 
     bb = None
     if get_method(cfg.method).trains:
         t = Trainer(cfg, ds, run)
         last = t.train(resume=a.resume)
-        print(f"trained {cfg.method} for {t.step} steps -> {run}; last step: " +
-              ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
+        if dist.rank() == 0:
+            print(f"trained {cfg.method} for {t.step} steps -> {run}; last step: " +
+                  ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
         bb = t.bb
     if not a.no_embed:
         embed_run(run, ds, backbone=bb)
+        if dist.rank() != 0:
+            return 0
         res = evaluate_run(run, ds)
         for view, r in res["views"].items():
             print(f"{view}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["sampled"]["mean"].items()))
@@ -279,9 +288,13 @@ def cmd_train(a) -> int:
 
 
 def cmd_embed(a) -> int:
+    from . import distributed as dist
     from .runs import embed_run
 
+    dist.init_from_env()
     out = embed_run(a.run, batch_size=a.batch_size)
+    if dist.rank() != 0:
+        return 0
     print(f"wrote {len(out)} arrays to {Path(a.run) / 'embeddings'}: " + ", ".join(sorted(out)))
     return 0
 

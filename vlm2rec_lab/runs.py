@@ -142,7 +142,14 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     enc = Encoder(bb, ds.items, cache_vision=cfg.cache_vision, batch_size=batch_size)
     kinds = {"external": ("T", "V"), "item-mean": ("T", "V"), "internal": ("I",), "text": ("T",)}[method.fusion]
     out: dict[str, np.ndarray] = {}
-    items = {k: enc.item_embeddings(k, progress=progress, desc=f"items {k}") for k in kinds}
+    from . import distributed as dist
+
+    def sharded(fn, n: int):  # each process embeds its share; all rows come back in order
+        part = dist.shard(n)
+        return dist.gather_shards(fn(part), n)
+
+    items = {k: sharded(lambda part, k=k: enc.item_embeddings(k, list(part), progress=progress, desc=f"items {k}"),
+                        ds.n_items) for k in kinds}
     if method.fusion in ("external", "item-mean"):
         items["F"] = items["T"] + items["V"]
     else:
@@ -151,7 +158,8 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
             del items["I"]
     folder = Path(root or run) / "embeddings"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "item_ids.txt", "\n".join(ds.items["item_id"].astype(str)) + "\n")
+    if dist.rank() == 0:
+        atomic_write_text(folder / "item_ids.txt", "\n".join(ds.items["item_id"].astype(str)) + "\n")
     for k, v in items.items():
         out[f"item_{k}"] = v.numpy().astype(np.float32)
     for split in splits:
@@ -163,15 +171,18 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
             pooled = (e[np.where(mask, hist, 0)] * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
             out[f"seq_{split}_F"] = pooled.astype(np.float32)
             continue
-        seq = {k: enc.sequence_embeddings(k, hist, progress=progress, desc=f"{split} histories {k}") for k in kinds}
+        seq = {k: sharded(lambda part, k=k: enc.sequence_embeddings(k, hist[part.start:part.stop], progress=progress,
+                                                                 desc=f"{split} histories {k}"), len(hist)) for k in kinds}
         if method.fusion == "external":
             seq["F"] = seq["T"] + seq["V"]
         else:
             seq["F"] = seq.pop(kinds[0])
         for k, v in seq.items():
             out[f"seq_{split}_{k}"] = v.numpy().astype(np.float32)
-    for name, arr in out.items():
-        _save_npy(folder / f"{name}.npy", arr)
+    if dist.rank() == 0:
+        for name, arr in out.items():
+            _save_npy(folder / f"{name}.npy", arr)
+    dist.barrier()
     return out
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .backbones import Backbone, _unwrap, load_backbone, lora_target_regex
+from . import distributed as dist
 from .config import TrainConfig
 from .encoder import Encoder
 from .io import atomic_dir
@@ -127,6 +128,8 @@ class Trainer:
             keep = np.isin(users, chosen)
             users, hist, targets = users[keep], hist[keep], targets[keep]
         self.users, self.hist, self.targets = users, hist, targets
+        if cfg.batch_size % dist.world_size():
+            raise ValueError(f"batch_size {cfg.batch_size} does not split over {dist.world_size()} processes")
         self.micro_per_epoch = len(targets) // cfg.batch_size
         if self.micro_per_epoch < cfg.grad_accum:
             raise ValueError(f"{len(targets)} training examples give no full step of {cfg.batch_size} x {cfg.grad_accum}")
@@ -148,6 +151,29 @@ class Trainer:
                     "e_t": enc.embed("T", items), "e_v": enc.embed("V", items)}
         kind = "I" if fusion == "internal" else "T"
         return {"z": enc.embed(kind, lists), "e": enc.embed(kind, items)}
+
+    def micro_step(self, sel: np.ndarray):
+        """Objective of one micro-batch ``sel`` (global example indices). Each process embeds its own
+        share of the rows; the embeddings are gathered (differentiably) so the loss, and its in-batch
+        negatives, cover the whole global batch on every process."""
+        share = len(sel) // dist.world_size()
+        mine = sel[dist.rank() * share:(dist.rank() + 1) * share]
+        local = self.embeddings(self.hist[mine], self.targets[mine])
+        emb = {k: dist.gather_cat(v) for k, v in local.items()}
+        labels = torch.as_tensor(self.targets[sel], device=self.bb.device)
+        return objective(self.obj, emb, self.alpha, self.beta, labels=labels), emb, labels
+
+    def loss_and_gradients(self, epoch: int = 0, micro: int = 0) -> tuple[float, dict[str, Tensor]]:
+        """The loss and the (process-averaged) LoRA gradients of one micro-batch, without stepping:
+        what the multi-process test compares with a single process."""
+        cfg = self.cfg
+        sel = self._order(epoch)[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]
+        self.opt.zero_grad(set_to_none=True)
+        out, _, _ = self.micro_step(sel)
+        out.total.backward()
+        dist.average_gradients(self.lora)
+        names = [n for n, p in self.bb.model.named_parameters() if p.requires_grad]
+        return out.total.item(), {n: p.grad.detach().clone() for n, p in zip(names, self.lora)}
 
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.targets))
@@ -204,7 +230,8 @@ class Trainer:
         self.bb.model.train()
         if cfg.cache_vision and self.method.fusion in ("external", "internal"):
             self.encoder.cache_all()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}", disable=not self.progress or None)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
+                   disable=not self.progress or dist.rank() != 0 or None)
         while self.step < self.total_steps:
             order = self._order(self.epoch)
             t0 = time.perf_counter()
@@ -214,9 +241,7 @@ class Trainer:
             probe = cfg.grad_cos_every and self.method.fusion == "external" and self.step % cfg.grad_cos_every == 0
             for a in range(cfg.grad_accum):
                 sel = order[(self.micro + a) * cfg.batch_size:(self.micro + a + 1) * cfg.batch_size]
-                labels = torch.as_tensor(self.targets[sel], device=self.bb.device)
-                emb = self.embeddings(self.hist[sel], self.targets[sel])
-                out = objective(self.obj, emb, self.alpha, self.beta, labels=labels)
+                out, emb, labels = self.micro_step(sel)
                 for name, term in out.terms.items():
                     if not torch.isfinite(term):
                         self._write_logs(self.run_dir)
@@ -232,6 +257,7 @@ class Trainer:
                 if "margin_t" in out.stats:
                     weak = np.where((out.stats["margin_v"] < out.stats["margin_t"]).cpu().numpy(), "V", "T")
                     self.weak.extend((self.step + 1, int(u), str(w)) for u, w in zip(self.users[sel], weak))
+            dist.average_gradients(self.lora + ([self.alpha, self.beta] if self.alpha.requires_grad else []))
             self.opt.step()
             with torch.no_grad():
                 self.beta.clamp_(min=0.0)  # keep β ≥ 0 (DESIGN §3)
@@ -248,22 +274,24 @@ class Trainer:
             self.log.append(row)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if not k.startswith("cos_")})
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and dist.rank() == 0:
                 self.save_checkpoint()
             if self.on_step is not None:
                 self.on_step(self.step)
         bar.close()
-        self.save_checkpoint()
-        self.save_final()
+        if dist.rank() == 0:
+            self.save_checkpoint()
+            self.save_final()
+        dist.barrier()
         return self.log[-1] if self.log else {}
 
     def _grad_cosines(self, emb: dict[str, Tensor], total: Tensor, labels: Tensor) -> dict[str, float]:
         """DESIGN §5: cos(g_total, g_T) and cos(g_total, g_V), g_m = ∇θ InfoNCE(z^m, e^F), θ = LoRA."""
         e_f = emb["e_t"] + emb["e_v"]
         grad = lambda loss: torch.autograd.grad(loss, self.lora, retain_graph=True, allow_unused=True)  # noqa: E731
-        g_total = grad(total)
-        g_t = grad(info_nce(emb["z_t"], e_f, self.cfg.tau, labels))
-        g_v = grad(info_nce(emb["z_v"], e_f, self.cfg.tau, labels))
+        g_total = dist.average_tensors(grad(total))
+        g_t = dist.average_tensors(grad(info_nce(emb["z_t"], e_f, self.cfg.tau, labels)))
+        g_v = dist.average_tensors(grad(info_nce(emb["z_v"], e_f, self.cfg.tau, labels)))
         return {"cos_total_t": _flat_cos(g_total, g_t), "cos_total_v": _flat_cos(g_total, g_v)}
 
     def save_final(self) -> None:

@@ -1,0 +1,107 @@
+"""Data parallelism across processes (torchrun / accelerate launch): a differentiable all-gather so
+that the in-batch negatives are the *global* batch, gradient averaging, and sharded item embedding
+gathered back in item order. Everything is a no-op in a single process.
+
+Why not DistributedDataParallel's wrapper: a training step makes four forward passes (text and image
+prompts of histories and targets) before one backward, which DDP's reducer does not accept without
+static-graph tricks; averaging the LoRA gradients explicitly after the backward is the same update.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init_from_env() -> bool:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1); NCCL on
+    GPUs, gloo on CPUs. Each rank uses cuda:LOCAL_RANK when there are GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return is_distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (same shape on each) along dim 0, in rank order. Differentiable:
+    the backward hands each rank the gradient of its own rows, summed over ranks."""
+    if not is_distributed():
+        return x
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather  # differentiable; present in every torch 2.x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)
+
+
+def average_tensors(tensors) -> list:
+    """Sum over ranks, divided by the world size (see :func:`average_gradients`)."""
+    if not is_distributed():
+        return list(tensors)
+    out = []
+    for t in tensors:
+        t = torch.zeros(()) if t is None else t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        out.append(t / world_size())
+    return out
+
+
+def average_gradients(params) -> None:
+    """After a backward on the replicated global loss, rank r holds W · ∂L/∂θ through its own rows;
+    summing over ranks and dividing by W gives exactly the single-process gradient."""
+    if not is_distributed():
+        return
+    w = world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(w)
+
+
+def shard(n: int) -> range:
+    """This rank's contiguous share of ``range(n)`` (sizes differ by at most one)."""
+    return range(*_bounds(n, world_size(), rank()))
+
+
+def gather_shards(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows embedded per :func:`shard` -> all ``n`` rows in order, on every rank."""
+    if not is_distributed():
+        return local
+    w = world_size()
+    sizes = [len(range(*_bounds(n, w, r))) for r in range(w)]
+    width = max(sizes)
+    padded = torch.zeros(width, *local.shape[1:], dtype=local.dtype)
+    padded[: len(local)] = local
+    out = [torch.zeros_like(padded) for _ in range(w)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
+
+
+def _bounds(n: int, w: int, r: int) -> tuple[int, int]:
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
