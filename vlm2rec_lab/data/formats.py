@@ -187,9 +187,8 @@ def _meta_record(obj: dict) -> dict:
     }
 
 
-def read_meta(paths: Iterable[Path], parse: Callable[[str], object], bad: BadLines) -> dict[str, dict]:
-    """Amazon metadata lines (2018 JSON or 2014 Python literals) -> item id -> record."""
-    meta: dict[str, dict] = {}
+def _iter_records(paths, parse: Callable[[str], object], bad: BadLines):
+    """``(path, line, dict)`` for each line that parses to an object; the others go to ``bad``."""
     for path in paths:
         for lineno, text in iter_lines(path):
             try:
@@ -197,37 +196,31 @@ def read_meta(paths: Iterable[Path], parse: Callable[[str], object], bad: BadLin
             except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
                 bad(path, lineno, f"not a valid record ({type(e).__name__}: {str(e)[:80]})")
                 continue
-            if not isinstance(obj, dict):
+            if type(obj) is not dict:
                 bad(path, lineno, f"expected an object, got {type(obj).__name__}")
                 continue
-            try:
-                asin = _str_field(obj, "asin")
-            except KeyError as e:
-                bad(path, lineno, e.args[0])
-                continue
-            meta.setdefault(asin, _meta_record(obj))
+            yield path, lineno, obj
+
+
+def read_meta(paths: Iterable[Path], parse: Callable[[str], object], bad: BadLines) -> dict[str, dict]:
+    """Amazon metadata lines (2018 JSON or 2014 Python literals) -> item id -> record."""
+    meta: dict[str, dict] = {}
+    for path, lineno, obj in _iter_records(paths, parse, bad):
+        try:
+            asin = _str_field(obj, "asin")
+        except KeyError as e:
+            bad(path, lineno, e.args[0])
+            continue
+        meta.setdefault(asin, _meta_record(obj))
     return meta
 
 
 def _read_review_lines(paths, parse, col: _Collector, bad: BadLines) -> None:
     add = col.add
-    for path in paths:
-        for lineno, text in iter_lines(path):
-            try:
-                obj = parse(text)
-            except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-                bad(path, lineno, f"not a valid record ({type(e).__name__}: {str(e)[:80]})")
-                continue
-            # fast path: the three fields present and well typed
-            if type(obj) is dict:
-                user, item, ts = obj.get("reviewerID"), obj.get("asin"), obj.get("unixReviewTime")
-                if type(user) is str and user and type(item) is str and item and type(ts) is int:
-                    add(user, item, ts)
-                    continue
-            else:
-                bad(path, lineno, f"expected an object, got {type(obj).__name__}")
-                continue
-            try:
+    for path, lineno, obj in _iter_records(paths, parse, bad):
+        user, item, ts = obj.get("reviewerID"), obj.get("asin"), obj.get("unixReviewTime")
+        if not (type(user) is str and user and type(item) is str and item and type(ts) is int):
+            try:  # the slow path names what is wrong
                 user = _str_field(obj, "reviewerID")
                 item = _str_field(obj, "asin")
                 if "unixReviewTime" not in obj:
@@ -236,48 +229,41 @@ def _read_review_lines(paths, parse, col: _Collector, bad: BadLines) -> None:
             except (KeyError, ValueError) as e:
                 bad(path, lineno, e.args[0])
                 continue
-            add(user, item, ts)
+        add(user, item, ts)
 
 
 # --------------------------------------------------------------------------- readers
 
 
-def read_amazon2018(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
-    """Amazon 2018: reviews JSON lines (reviewerID, asin, unixReviewTime) and ``meta_*`` JSON lines."""
-    return _read_amazon(inputs, skip_bad_lines, _parse_json, _parse_json)
-
-
-def read_amazon2014(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
-    """Amazon 2014: reviews (JSON, or Python literals in the raw dumps) and ``meta_*`` Python literals."""
-    return _read_amazon(inputs, skip_bad_lines, _parse_json_or_literal, _parse_literal)
-
-
-def _read_amazon(inputs, skip_bad_lines, parse_reviews, parse_meta) -> RawData:
+def _read_with_meta(inputs, skip_bad_lines: bool, what: str, read_rows, parse_meta) -> RawData:
+    """The shape every line-per-record format shares: data files, plus optional ``meta_*`` files.
+    ``read_rows(paths, collector, bad)`` reads the data files."""
     paths = _expand(inputs)
     bad = BadLines(skip_bad_lines)
-    reviews = [p for p in paths if not _is_meta(p)]
+    data = [p for p in paths if not _is_meta(p)]
     metas = [p for p in paths if _is_meta(p)]
-    if not reviews:
-        raise DataFormatError(", ".join(map(str, paths)) or "inputs", "no review file among the inputs (files named meta_* are metadata)")
+    if not data:
+        raise DataFormatError(", ".join(map(str, paths)) or "inputs", f"no {what} file among the inputs (files named meta_* are metadata)")
     col = _Collector()
-    _read_review_lines(reviews, parse_reviews, col, bad)
+    read_rows(data, col, bad)
     meta = read_meta(metas, parse_meta, bad) if metas else None
     return col.finish(meta, bad, [str(p) for p in paths])
 
 
-def read_ratings_csv(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
-    """Amazon 2018 ratings CSV: ``item,user,rating,timestamp`` (no header; one is skipped if present).
+def read_amazon2018(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
+    """Amazon 2018: reviews JSON lines (reviewerID, asin, unixReviewTime) and ``meta_*`` JSON lines."""
+    return _read_with_meta(inputs, skip_bad_lines, "review",
+                           lambda paths, col, bad: _read_review_lines(paths, _parse_json, col, bad), _parse_json)
 
-    Files named ``meta_*`` among the inputs are read as 2018 metadata (JSON, or 2014 literals).
-    """
-    paths = _expand(inputs)
-    bad = BadLines(skip_bad_lines)
-    metas = [p for p in paths if _is_meta(p)]
-    ratings = [p for p in paths if not _is_meta(p)]
-    if not ratings:
-        raise DataFormatError(", ".join(map(str, paths)), "no ratings file among the inputs")
-    col = _Collector()
-    for path in ratings:
+
+def read_amazon2014(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
+    """Amazon 2014: reviews (JSON, or Python literals in the raw dumps) and ``meta_*`` Python literals."""
+    return _read_with_meta(inputs, skip_bad_lines, "review",
+                           lambda paths, col, bad: _read_review_lines(paths, _parse_json_or_literal, col, bad), _parse_literal)
+
+
+def _read_rating_rows(paths, col: _Collector, bad: BadLines) -> None:
+    for path in paths:
         for lineno, text in iter_lines(path):
             try:
                 row = next(csv.reader(io.StringIO(text)))
@@ -300,33 +286,29 @@ def read_ratings_csv(inputs: Iterable[str], skip_bad_lines: bool = False) -> Raw
                 bad(path, lineno, "empty item or user field")
                 continue
             col.add(user, item, t)
-    meta = read_meta(metas, _parse_json_or_literal, bad) if metas else None
-    return col.finish(meta, bad, [str(p) for p in paths])
 
 
-def read_p5(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
-    """P5 / S3-Rec ``user_sequence.txt``: a user id, then that user's item ids in chronological order.
+def read_ratings_csv(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
+    """Amazon 2018 ratings CSV: ``item,user,rating,timestamp`` (no header; one is skipped if present).
+    Files named ``meta_*`` among the inputs are read as metadata (JSON, or 2014 literals)."""
+    return _read_with_meta(inputs, skip_bad_lines, "ratings", _read_rating_rows, _parse_json_or_literal)
 
-    Timestamps are positions in the sequence. An optional ``meta_*`` file adds titles and images.
-    """
-    paths = _expand(inputs)
-    bad = BadLines(skip_bad_lines)
-    metas = [p for p in paths if _is_meta(p)]
-    seqs = [p for p in paths if not _is_meta(p)]
-    if not seqs:
-        raise DataFormatError(", ".join(map(str, paths)), "no sequence file among the inputs")
-    col = _Collector()
-    for path in seqs:
+
+def _read_sequence_rows(paths, col: _Collector, bad: BadLines) -> None:
+    for path in paths:
         for lineno, text in iter_lines(path):
             parts = text.split()
             if len(parts) < 2:
                 bad(path, lineno, f"expected a user id followed by item ids, found {len(parts)} field(s)")
                 continue
-            user = parts[0]
             for pos, item in enumerate(parts[1:]):
-                col.add(user, item, pos)
-    meta = read_meta(metas, _parse_json_or_literal, bad) if metas else None
-    return col.finish(meta, bad, [str(p) for p in paths])
+                col.add(parts[0], item, pos)
+
+
+def read_p5(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
+    """P5 / S3-Rec ``user_sequence.txt``: a user id, then that user's item ids in chronological order.
+    Timestamps are positions in the sequence. An optional ``meta_*`` file adds titles and images."""
+    return _read_with_meta(inputs, skip_bad_lines, "sequence", _read_sequence_rows, _parse_json_or_literal)
 
 
 def _atomic_header(path: Path, text: str) -> list[str]:
