@@ -63,3 +63,18 @@ def test_console_script_is_installed():
     exe = Path(sys.executable).with_name("vlm2rec-lab")
     r = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0 and "evaluate" in r.stdout and "data" in r.stdout
+
+
+def test_demo_synthesizes_prepares_and_runs_the_selected_notebooks(tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--out", tmp_path, "--users", 200, "--items", 300, "--notebooks", "01")
+    assert code == 0, out
+    assert "[3/3]" in out and "1 notebooks passed, 0 failed" in out
+    index = (tmp_path / "runs" / "index.html").read_text()
+    assert "01_data_overview" in index and (tmp_path / "runs" / "data" / "01_data_overview.ipynb").exists()
+
+
+@pytest.mark.slow
+def test_demo_runs_every_notebook_quick(tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--out", tmp_path)
+    assert code == 0, out
+    assert "04_task1:" in out and "vlm2rec_NDCG@10" in out

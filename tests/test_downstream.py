@@ -277,6 +277,10 @@ def test_cli_downstream_json(synth_ds, synth_raw, tmp_path, capsys):
     code = main([str(v) for v in ["downstream", "--model", "sasrec", "--init", tmp_path / "run", *common]])
     err = capsys.readouterr().err
     assert code == 2 and f"error: {tmp_path / 'run'}/embeddings/item_F.npy: 1 of {len(ids)} dataset items have no embedding (e.g. {ids[0]})" in err
+    code = main([str(v) for v in ["downstream", "--model", "sasrec", "--init", tmp_path / "run", "--on-missing", "mean",
+                                  "--threads", "1", *common[:-3], "--json"]])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res["config"]["threads"] == 1 and res["init"]["missing"] == 1, res["init"]
 
 
 # --------------------------------------------------------------------------- Beauty reproduction (slow)

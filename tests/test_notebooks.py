@@ -74,3 +74,31 @@ def test_a_failing_notebook_is_kept_and_the_batch_goes_on(synth_ds, tmp_path, ca
     assert "ZeroDivisionError" in results[0].error and results[0].path.exists()
     assert "ZeroDivisionError" in (tmp_path / "out" / "index.html").read_text()
     assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_collapse_notebook_values_on_planted_domains(tmp_path_factory):
+    """Slow tier, values: 02_modality_collapse in full mode on two planted domains. Without image
+    signal the image-only history (v2f) ranks at chance while the text-only one does not; with the
+    signal planted in both modalities VLM2Rec separates positives from negatives in F, T and V."""
+    from vlm2rec_lab.config import PrepareConfig, SynthConfig
+    from vlm2rec_lab.data.dataset import prepare
+    from vlm2rec_lab.data.synthetic import generate
+    from vlm2rec_lab.evaluate import chance_metrics
+
+    root = tmp_path_factory.mktemp("planted")
+    data = {}
+    for name, image_signal in (("both", 1.0), ("noimage", 0.0)):
+        raw = generate(SynthConfig(image_signal=image_signal), root / name / "raw")
+        data[name] = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")),
+                             root / name / "data", progress=False).path
+    results = run_batch([data["both"], data["noimage"]], select_notebooks("02"), root / "runs")
+    assert all(r.ok for r in results), [r.error for r in results]
+    both, noimage = (r.records for r in results)
+    chance = chance_metrics(100)["HR@10"]
+    for state in ("SFT", "VLM2Rec"):
+        assert abs(noimage[f"{state}_v2f_HR@10"] - chance) <= 0.05, (state, noimage)
+        assert noimage[f"{state}_t2f_HR@10"] > chance + 0.1, (state, noimage)
+    for m in ("F", "T", "V"):
+        assert both[f"VLM2Rec_{m}_S"] > 1.0, (m, both)
+    assert both["VLM2Rec_v2f_HR@10"] > chance + 0.05, both

@@ -207,6 +207,8 @@ class TinyConfig:
     pretrain_steps: int = 300
     pretrain_batch: int = 16
     pretrain_lr: float = 2e-3
+    thumbnail: int = 8  # the pretraining's image reconstruction target: a thumbnail x thumbnail RGB grid
+    reconstruction_weight: float = 10.0  # weight of that reconstruction term beside the captioning loss
 
     def mrope_section(self) -> list[int]:
         half = self.hidden_size // self.heads // 2  # must sum to head_dim / 2
@@ -232,14 +234,15 @@ def build_tiny(dataset, seed: int = 0, cache_dir: str | Path | None = None, cfg:
                progress: bool = True) -> Path:
     """Build (once per dataset fingerprint, seed and config) the embedded tiny Qwen2.5-VL for
     ``dataset``: a byte-level BPE tokenizer trained on its titles and the prompt words, a small
-    Qwen2.5-VL, an image processor with a small ``max_pixels``, and a short captioning pretraining
-    (image -> title) so that "vanilla" means pretrained-but-not-tuned. Deterministic per seed.
+    Qwen2.5-VL, an image processor with a small ``max_pixels``, a data-dependent calibration of the
+    vision merger and a short generic pretraining (captioning and image reconstruction, see
+    :func:`_pretrain`) so that "vanilla" means pretrained-but-not-tuned. Deterministic per seed.
     Returns the folder it is saved in, which ``from_pretrained`` loads like any model."""
     if dataset is None:
         raise ValueError("the tiny backbone is built for a dataset: pass dataset=")
     cfg = cfg or TinyConfig()
     key = hashlib.sha1(json.dumps({"cfg": asdict(cfg), "data": dataset.fingerprint, "seed": seed,
-                                   "v": 2}, sort_keys=True).encode()).hexdigest()[:16]
+                                   "v": 3}, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir else cache_root() / "backbones"
     out = root / f"tiny-{key}"
     if (out / "config.json").exists():
@@ -266,8 +269,8 @@ def build_tiny(dataset, seed: int = 0, cache_dir: str | Path | None = None, cfg:
     model = Qwen2_5_VLForConditionalGeneration(mcfg)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=cfg.image_pixels, max_pixels=cfg.image_pixels,
                                                patch_size=14, merge_size=2, temporal_patch_size=2)
-    _pretrain_captioning(model, tokenizer, image_processor, dataset, cfg, seed, progress)
     _calibrate_vision(model, image_processor, dataset, seed)
+    _pretrain(model, tokenizer, image_processor, dataset, cfg, seed, progress)
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -306,9 +309,27 @@ def _calibrate_vision(model, image_processor, dataset, seed: int, n: int = 256) 
     last.bias.copy_((last.bias - mu) * scale)
 
 
-def _pretrain_captioning(model, tokenizer, image_processor, dataset, cfg: TinyConfig, seed: int, progress: bool) -> None:
-    """Generic pretraining: next-token loss on the title given the item's image (image -> title
-    captioning), all parameters, a few hundred steps. Items without an image train on the title alone."""
+def thumbnail(image, size: int) -> Tensor:
+    """An image as a ``size`` x ``size`` RGB grid in [-1, 1], flattened: what the tiny backbone's
+    pretraining asks the last prompt token to reconstruct."""
+    import numpy as np
+    from PIL import Image
+
+    small = image.convert("RGB").resize((size, size), Image.Resampling.BOX)
+    return torch.from_numpy(np.asarray(small, dtype=np.float32).reshape(-1) / 127.5 - 1.0)
+
+
+def _pretrain(model, tokenizer, image_processor, dataset, cfg: TinyConfig, seed: int, progress: bool) -> None:
+    """Generic pretraining of the tiny backbone, all parameters, a few hundred steps, two terms:
+
+    * captioning: next-token loss on the title given the item's image (image -> title); items
+      without an image train on the title alone;
+    * image reconstruction: a linear head (dropped afterwards) reads the prompt's last hidden state
+      and regresses the image's thumbnail (MSE), so that the state a prompt ends on carries what the
+      image shows — what a real VLM's pretraining gives it, and what captioning alone cannot teach
+      where titles say nothing of the image (the synthetic domain plants them independently).
+
+    "Vanilla" then means pretrained but not tuned for recommendation."""
     import numpy as np
     from PIL import Image
     from tqdm.auto import tqdm
@@ -319,49 +340,60 @@ def _pretrain_captioning(model, tokenizer, image_processor, dataset, cfg: TinyCo
     if usable.size == 0 or cfg.pretrain_steps <= 0:
         return
     rng = np.random.default_rng(seed)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
+    head = nn.Linear(cfg.hidden_size, 3 * cfg.thumbnail ** 2)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.pretrain_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / cfg.pretrain_steps))
     markup = "<|vision_start|><|image_pad|><|vision_end|>"
+    pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     cache: dict[int, tuple] = {}
     model.train()
     bar = tqdm(range(cfg.pretrain_steps), desc="tiny backbone pretraining", disable=not progress or None, leave=False)
     for _ in bar:
         batch = rng.choice(usable, size=min(cfg.pretrain_batch, usable.size), replace=False)
-        texts, images = [], []
+        texts, images, thumbs, with_image = [], [], [], []
         for k in batch:
             title = items["title"].iat[int(k)]
             if has_img[k]:
                 if k not in cache:
                     with Image.open(items["image"].iat[int(k)]) as im:
-                        cache[k] = im.convert("RGB")
-                images.append(cache[k])
+                        rgb = im.convert("RGB")
+                    cache[k] = (rgb, thumbnail(rgb, cfg.thumbnail))
+                images.append(cache[k][0])
+                thumbs.append(cache[k][1])
                 user = f"{markup} Describe this item."
             else:
                 user = "Describe this item."
+            with_image.append(bool(has_img[k]))
             texts.append((tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                         add_generation_prompt=True), title + "<|im_end|>"))
         kw = {}
         if images:
             px = image_processor(images=images, return_tensors="pt")
-            n_tok = [int(t.prod()) // 4 for t in px["image_grid_thw"]]
-            it = iter(n_tok)
+            it = iter(int(t.prod()) // 4 for t in px["image_grid_thw"])
             texts = [(p.replace("<|image_pad|>", "<|image_pad|>" * next(it)) if "<|image_pad|>" in p else p, t)
                      for p, t in texts]
             kw = {"pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"]}
         enc = tokenizer([p + t for p, t in texts], return_tensors="pt", padding=True, padding_side="right")
         labels = enc["input_ids"].clone()
-        for r, (p, _) in enumerate(texts):
-            labels[r, : len(tokenizer(p)["input_ids"])] = -100
+        prompt_len = torch.tensor([len(tokenizer(p)["input_ids"]) for p, _ in texts])
+        for r, n in enumerate(prompt_len.tolist()):
+            labels[r, :n] = -100
         labels[enc["attention_mask"] == 0] = -100
         if kw:
-            kw["mm_token_type_ids"] = (enc["input_ids"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()
-        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels, use_cache=False, **kw).loss
+            kw["mm_token_type_ids"] = (enc["input_ids"] == pad_id).int()
+        hidden = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False,
+                             **kw).last_hidden_state
+        logits = model.lm_head(hidden[:, :-1])
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        if thumbs:
+            rows = torch.tensor(with_image)
+            last = hidden[torch.arange(len(texts))[rows], prompt_len[rows] - 1]
+            loss = loss + cfg.reconstruction_weight * nn.functional.mse_loss(head(last), torch.stack(thumbs))
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    del g

@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--batch-size", type=int, default=None)
     ds.add_argument("--lr", type=float, default=None)
     ds.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ds.add_argument("--threads", type=int, default=None, help="CPU threads (1 on a machine shared with other work)")
+    ds.add_argument("--on-missing", choices=("error", "mean"), default="error",
+                    help="dataset items absent from the embedding file: stop (default) or use the mean vector")
     ds.add_argument("--out", default=None, help="folder for per-seed metrics, cold-start buckets and the model")
     ds.add_argument("--json", action="store_true")
 
@@ -140,12 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a few training steps on a few users")
     b.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE", help="notebook parameter")
 
-    d = sub.add_parser("demo", help="the main job on the embedded default: synthesize, prepare, describe, evaluate")
+    d = sub.add_parser("demo", help="the main job on the embedded default: synthesize, prepare, run every notebook")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--users", type=int, default=SynthConfig.users)
     d.add_argument("--items", type=int, default=SynthConfig.items)
-    d.add_argument("--methods", nargs="*", default=["vlm-vanilla", "vlm-sft", "vlm2rec"],
-                   help="methods to train and evaluate on the tiny backbone (none: reference scorers only)")
+    d.add_argument("--notebooks", default="all", help="all, or e.g. 01,02")
+    d.add_argument("--full", action="store_true", help="the notebooks' full mode (all seeds and grids: hours on a CPU)")
     return p
 
 
@@ -326,54 +329,33 @@ def cmd_evaluate(a) -> int:
 
 def cmd_demo(a) -> int:
     """The main job on the embedded default: synthesize and prepare the planted-modality domain,
-    evaluate the reference scorers and oracles, then train and evaluate vanilla, SFT and VLM2Rec on
-    the tiny backbone (Task 1 with the modality-dropout views)."""
-    import pandas as pd
-
-    from .config import TrainConfig
+    then run every notebook on it through the papermill batch (quick mode unless ``--full``) with
+    the tiny backbone: figures, tables, runs and ``index.html`` in the output folder."""
+    from .batch import run_batch, select_notebooks
     from .data.dataset import prepare
-    from .data.synthetic import OracleScorer, generate
-    from .evaluate import evaluate, results_table
-    from .runs import per_seed_frame, run_method
-    from .scorers import SCORERS, make_scorer
+    from .data.synthetic import generate
 
     t0 = time.perf_counter()
     out = Path(a.out)
     raw, data = out / "raw", out / "data"
     generate(SynthConfig(users=a.users, items=a.items), raw, overwrite=True)
-    print(f"[1/4] synthetic domain -> {raw} ({time.perf_counter() - t0:.0f}s)")
+    print(f"[1/3] synthetic domain -> {raw} ({time.perf_counter() - t0:.0f}s)")
     cfg = PrepareConfig(format="amazon2018", inputs=[str(p) for p in sorted(raw.glob("*.json.gz"))], images=str(raw / "images"))
     ds = prepare(cfg, data, overwrite=True)
-    print(f"[2/4] prepared -> {data} ({time.perf_counter() - t0:.0f}s)")
+    print(f"[2/3] prepared -> {data} ({time.perf_counter() - t0:.0f}s)")
     print(ds.stats_table("synthetic").to_string())
-    per_seed = {name: evaluate(ds, make_scorer(name, ds), name=name).sampled for name in SCORERS}
-    for m in OracleScorer.MODALITIES:
-        per_seed[f"oracle-{m}"] = evaluate(ds, OracleScorer(raw, ds.items["item_id"], m)).sampled
-    print(f"[3/4] reference scorers and oracles evaluated ({time.perf_counter() - t0:.0f}s)")
-    views = {}
-    for method in a.methods:
-        run_dir = out / "runs" / method
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
-        res = run_method(ds, TrainConfig(method=method), run_dir)
-        per_seed[method] = per_seed_frame(res)
-        views[method] = {v: r["sampled"]["mean"] for v, r in res["views"].items()}
-        print(f"      {method} done ({time.perf_counter() - t0:.0f}s)")
-    table = results_table(per_seed, baseline="popularity")
-    print(f"[4/4] Task 1 (test split, 100 sampled negatives, mean over seeds {ds.seeds}; models trained with seed 0):")
-    print(table.to_markdown())
-    lines = [table.to_markdown()]
-    if views:
-        drop = pd.DataFrame({(m, v): {"HR@10": r["HR@10"], "NDCG@10": r["NDCG@10"]} for m, vs in views.items()
-                             for v, r in vs.items()}).T.round(4)
-        print("\nModality dropout (f2f fused history, t2f text-only, v2f image-only; items fused):")
-        print(drop.to_string())
-        lines.append("\nModality dropout:\n```\n" + drop.to_string() + "\n```")
-    (out / "task1.md").write_text("\n".join(lines) + "\n")
-    print(f"done in {time.perf_counter() - t0:.0f}s; tables in {out / 'task1.md'}, runs in {out / 'runs'}")
-    return 0
+    mode = "full" if a.full else "quick"
+    print(f"[3/3] notebooks ({mode} mode, backbone tiny) -> {out / 'runs'}")
+    results = run_batch([data], select_notebooks(a.notebooks), out / "runs", quick=not a.full)
+    failed = [r for r in results if not r.ok]
+    recs = {r.notebook: r.records for r in results}
+    for nb, keys in (("04_task1", "_NDCG@10"), ("02_modality_collapse", "_HR@10")):
+        shown = {k: v for k, v in recs.get(nb, {}).items() if k.endswith(keys) and isinstance(v, float)}
+        if shown:
+            print(f"\n{nb}:\n" + "\n".join(f"  {k:<32} {v:.4f}" for k, v in shown.items()))
+    print(f"\ndone in {time.perf_counter() - t0:.0f}s: {len(results) - len(failed)} notebooks passed, "
+          f"{len(failed)} failed; open {out / 'runs' / 'index.html'}")
+    return 1 if failed else 0
 
 
 def cmd_batch(a) -> int:

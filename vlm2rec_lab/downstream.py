@@ -665,7 +665,8 @@ def save_result(result: DownstreamResult, out: str | Path) -> Path:
 def config_from_args(a) -> DownstreamConfig:
     """CLI flags -> :class:`DownstreamConfig` (``None`` flags keep the config's defaults)."""
     given = {"model": a.model, "max_len": a.max_len, "loss": a.loss, "epochs": a.epochs, "patience": a.patience,
-             "batch_size": a.batch_size, "lr": a.lr, "device": a.device}
+             "batch_size": a.batch_size, "lr": a.lr, "device": a.device,
+             "threads": getattr(a, "threads", None)}
     return DownstreamConfig(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -677,7 +678,7 @@ def run_cli(a) -> int:
     ds = Dataset.load(a.data)
     emb = None
     if str(a.init) != "id":
-        emb = load_item_embeddings(ds, a.init, a.item_ids, a.modality)
+        emb = load_item_embeddings(ds, a.init, a.item_ids, a.modality, on_missing=getattr(a, "on_missing", "error"))
     elif a.item_ids:
         raise ValueError("--item-ids goes with --init FILE.npy (or a run folder), not with --init id")
 
