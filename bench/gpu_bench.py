@@ -8,8 +8,11 @@ projected Beauty times (9,311 items; 19,757 users per epoch at batch 8).
 
 Plain path: the full model (LM head included) with pixel values on every call, hidden states via
 ``output_hidden_states``, padded batches in data order, LoRA through PEFT, with and without gradient
-checkpointing. Project path: the base model only (no LM head), vision features computed once per
-image and reused (the vision cache), larger batches, no checkpointing.
+checkpointing; the vision tower's window attention as SDPA per window. Project path: the base
+model only (no LM head), vision features computed once per image and reused (the vision cache), the
+window attention batched per window size, larger batches for embedding, and for training the four
+prompt sets of a step packed into one forward, LoRA in bf16 under autocast, no checkpointing. The
+intermediate training variants show what each lever gives.
 """
 from __future__ import annotations
 
@@ -118,6 +121,19 @@ def project_hidden(bb, feats: dict, b: dict):
     return last_token_pool(h, b["attention_mask"])
 
 
+def project_packed(bb, feats: dict, shapes: Shapes, requests: list) -> list:
+    """The project's training path: a step's prompt sets packed into one forward, no padding."""
+    seqs, pos, fl, sizes = [], [], [], []
+    for kind, lists in requests:
+        b = shapes.batch(kind, lists)
+        mask = b["attention_mask"].bool()
+        seqs += [ids[m] for ids, m in zip(b["input_ids"], mask)]
+        pos += bb.rope_positions(b["input_ids"], b["attention_mask"], b.get("image_grid_thw"))
+        fl += [feats[i] for i in b.get("items", [])]
+        sizes.append(len(lists))
+    return list(bb.forward_packed(seqs, pos, fl or None).split(sizes))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (exercises the script)")
@@ -125,6 +141,9 @@ def main() -> None:
     ap.add_argument("--project-items", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--embed-batch", type=int, default=128)
+    ap.add_argument("--profile", action="store_true",
+                    help="also: where the project's training step spends its time (torch.profiler), and the "
+                         "packed language-model probe (one sequence of the step's tokens, no vision tower)")
     a = ap.parse_args()
     if a.tiny:
         a.plain_items, a.project_items, a.steps, a.embed_batch = min(a.plain_items, 32), min(a.project_items, 64), min(a.steps, 2), 16
@@ -137,6 +156,12 @@ def main() -> None:
     from vlm2rec_lab.losses import ObjectiveConfig, objective
 
     emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
+    import importlib.util
+
+    import transformers
+
+    emit(figure="env", torch=torch.__version__, transformers=transformers.__version__,
+         flash_attn=importlib.util.find_spec("flash_attn") is not None)
     torch.manual_seed(0)
     cfg = model_config(a.tiny)
     t0 = time.perf_counter()
@@ -150,7 +175,10 @@ def main() -> None:
     bb = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
 
     # ---------------------------------------------------------------- item embeddings
+    from vlm2rec_lab.attention import set_vision_attention
+
     with torch.inference_mode():
+        set_vision_attention(model, varlen=False)  # the plain path: SDPA called once per window
         for warm in (True, False):  # one warm-up pass of each path on a few items
             n = 8 if warm else a.plain_items
             bs = 32
@@ -163,6 +191,18 @@ def main() -> None:
             plain_rate = n / (time.perf_counter() - t)
         emit(figure="item_embedding", path="plain", batch=32, items=a.plain_items, items_per_s=round(plain_rate, 1),
              beauty_s=round(BEAUTY_ITEMS / plain_rate, 1), peak_gib=peak_gib(device))
+        vis = {}
+        chunk = list(range(min(256, n_items)))
+        for varlen in (False, True, False, True):  # the vision tower alone, per-window vs batched attention
+            set_vision_attention(model, varlen=varlen)
+            sync(device); t = time.perf_counter()
+            ref = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
+            sync(device)
+            vis[varlen] = (len(chunk) / (time.perf_counter() - t), ref)
+        agree = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item() for x, y in zip(vis[True][1], vis[False][1]))
+        emit(figure="vision_tower", images=len(chunk), per_window_images_per_s=round(vis[False][0], 1),
+             varlen_images_per_s=round(vis[True][0], 1), ratio=round(vis[True][0] / vis[False][0], 2), max_rel_diff=round(agree, 5))
+        set_vision_attention(model, varlen=True)
         for warm in (True, False):
             n = 8 if warm else a.project_items
             sync(device); reset_peak(device); t = time.perf_counter()
@@ -191,6 +231,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- training steps
     peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_target_regex("vlm")))
+    bb._tuner_cache = None  # LoRA went into bb.model in place
     params = [p for p in peft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     obj = ObjectiveConfig(name="vlm2rec")
@@ -208,9 +249,10 @@ def main() -> None:
             chunk = all_items[s:s + 256]
             feats.update(zip(chunk, bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))))
 
-    def step(hidden_fn, batch, do_step=True) -> float:
+    def step(sets_fn, batch, do_step=True) -> float:
         hist, tgt = batch
-        emb = {"z_t": hidden_fn("T", hist), "z_v": hidden_fn("V", hist), "e_t": hidden_fn("T", tgt), "e_v": hidden_fn("V", tgt)}
+        z_t, z_v, e_t, e_v = sets_fn([("T", hist), ("V", hist), ("T", tgt), ("V", tgt)])
+        emb = {"z_t": z_t, "z_v": z_v, "e_t": e_t, "e_v": e_v}
         loss = objective(obj, {k: v.float() for k, v in emb.items()}).total
         if do_step:
             opt.zero_grad(set_to_none=True)
@@ -218,14 +260,24 @@ def main() -> None:
             opt.step()
         return loss.item()
 
-    plain_fn = lambda k, lst: plain_hidden(peft, shapes, shapes.batch(k, lst))  # noqa: E731
-    proj_fn = lambda k, lst: project_hidden(bb, feats, shapes.batch(k, lst))  # noqa: E731
+    plain_fn = lambda reqs: [plain_hidden(peft, shapes, shapes.batch(k, lst)) for k, lst in reqs]  # noqa: E731
+    unpacked_fn = lambda reqs: [project_hidden(bb, feats, shapes.batch(k, lst)) for k, lst in reqs]  # noqa: E731
+    proj_fn = lambda reqs: project_packed(bb, feats, shapes, reqs)  # noqa: E731
     with torch.no_grad():
-        l_plain, l_proj = step(plain_fn, batches[0], False), step(proj_fn, batches[0], False)
+        set_vision_attention(model, varlen=False)
+        l_plain = step(plain_fn, batches[0], False)
+        set_vision_attention(model, varlen=True)
+        l_proj = step(proj_fn, batches[0], False)  # packed, mixed precision (on a GPU)
     emit(figure="train_loss_agreement", plain=round(l_plain, 5), project=round(l_proj, 5),
          rel_diff=round(abs(l_plain - l_proj) / abs(l_plain), 6), tokens_per_step=int(n_tokens))
     results = {}
-    for name, fn, ckpt in (("plain_ckpt", plain_fn, True), ("plain", plain_fn, False), ("project", proj_fn, False)):
+    variants = (("plain_ckpt", plain_fn, True), ("plain", plain_fn, False),
+                ("project_unpacked_peft_cast", unpacked_fn, False),  # cache only: four padded forwards, fp32 LoRA
+                ("project_unpacked", unpacked_fn, False),  # + bf16 LoRA under autocast
+                ("project", proj_fn, False))  # + the four prompt sets packed into one forward
+    for name, fn, ckpt in variants:
+        set_vision_attention(model, varlen=not name.startswith("plain"))
+        bb.mixed_precision = not name.endswith("peft_cast")
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -248,6 +300,48 @@ def main() -> None:
              peak_gib=peak_gib(device))
     if "project" in results:
         emit(figure="train_step_ratio", **{f"vs_{k}": round(v / results["project"], 2) for k, v in results.items() if k != "project"})
+    if a.profile:
+        profile_step(lambda: step(proj_fn, batches[1]), device, emit)
+        packed_probe(peft, n_tokens, a.steps, device, dtype, emit)
+
+
+def profile_step(run_step, device, emit, rows: int = 20) -> None:
+    """Where one project training step spends its time: the top operators by self device (or CPU) time,
+    and the share of the step's wall time the device is busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        run_step()
+        sync(device)
+    wall = time.perf_counter() - t
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    avgs = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_" + key, 0.0))
+    busy = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()) / 1e6
+    emit(figure="profile_step", wall_s=round(wall, 3), device_busy_s=round(busy, 3))
+    for e in avgs[:rows]:
+        emit(figure="profile_op", op=e.key[:80], calls=e.count, total_ms=round(getattr(e, key, 0.0) / 1e3, 2),
+             self_ms=round(getattr(e, "self_" + key, 0.0) / 1e3, 2))
+
+
+def packed_probe(peft, n_tokens: int, steps: int, device, dtype, emit) -> None:
+    """The issue's headroom probe: the language model's forward + backward with LoRA over one step's
+    tokens packed into one sequence (random input embeddings), no vision tower, no checkpointing."""
+    lm = peft.get_base_model().model.language_model
+    d = lm.config.hidden_size
+    x = torch.randn(1, n_tokens, d, device=device, dtype=dtype)
+    pos = torch.arange(n_tokens, device=device)[None].expand(3, 1, -1)
+    for k in range(steps + 1):
+        if k == 1:
+            sync(device); reset_peak(device); t = time.perf_counter()
+        h = lm(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
+        h[0, -32:].float().pow(2).mean().backward()
+    sync(device)
+    s = (time.perf_counter() - t) / steps
+    emit(figure="packed_lm_probe", tokens=n_tokens, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
+         peak_gib=peak_gib(device))
 
 
 if __name__ == "__main__":

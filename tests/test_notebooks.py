@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm2rec_lab.batch import list_notebooks, parse_params, run_batch, select_notebooks
+from vlm2rec_lab.batch import dataset_names, list_notebooks, parse_params, run_batch, select_notebooks
 from vlm2rec_lab.notebook import read_records
 
 NOTEBOOKS = list_notebooks()
@@ -27,6 +27,32 @@ def test_select_and_params():
     with pytest.raises(ValueError, match="no notebook"):
         select_notebooks("99")
     assert parse_params(["EPOCHS=3", "QUICK=true", "NAME=x"]) == {"EPOCHS": 3, "QUICK": True, "NAME": "x"}
+
+
+def test_datasets_with_the_same_folder_name_get_distinct_outputs():
+    assert dataset_names(["/a/data", "/b/data", "/c/other"]) == ["a_data", "b_data", "other"]
+    assert dataset_names(["/x/a/data", "/y/a/data"]) == ["x_a_data", "y_a_data"]
+    with pytest.raises(ValueError, match="listed twice"):
+        dataset_names(["/a/data", "/a/data/"])
+
+
+def test_a_finished_run_is_reused_only_for_the_same_config_and_data(synth_ds, tiny_path, tmp_path):
+    """Notebooks share run folders through ensure_run: a run made on other data (another
+    fingerprint) must be trained afresh, never reused."""
+    from vlm2rec_lab.notebook import train_config
+    from vlm2rec_lab.runs import ensure_run
+
+    cfg = train_config("vlm-sft", quick=True)
+    run = tmp_path / "run"
+    first = ensure_run(synth_ds, cfg, run)
+    marker = run / "metrics" / "task1_test.json"
+    stamp = marker.stat().st_mtime_ns
+    assert ensure_run(synth_ds, cfg, run) == first and marker.stat().st_mtime_ns == stamp  # reused
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["data"]["fingerprint"] = "another dataset"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    ensure_run(synth_ds, cfg, run)
+    assert json.loads((run / "manifest.json").read_text())["data"]["fingerprint"] == synth_ds.fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -146,7 +146,9 @@ def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
 
 
 def test_gradient_checkpointing_changes_memory_not_numbers(synth_ds, tiny_path, tmp_path):
-    kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=2, grad_cos_every=0, checkpoint_every=0)
+    """(Checkpointing steps packing aside, so both runs here use padded forwards.)"""
+    kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=2, grad_cos_every=0, checkpoint_every=0,
+              packed=False)
     plain = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
     plain.train()
     ckpt = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
@@ -154,6 +156,19 @@ def test_gradient_checkpointing_changes_memory_not_numbers(synth_ds, tiny_path, 
     assert [r["loss"] for r in plain.log] == pytest.approx([r["loss"] for r in ckpt.log], abs=1e-6)
     a, b = lora_state(plain), lora_state(ckpt)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_packed_steps_train_like_padded_ones(synth_ds, tiny_path, tmp_path):
+    """The four prompt sets of a step packed into one forward: the same losses and LoRA weights as
+    padded forwards, up to float rounding, over a few optimizer steps."""
+    kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=0, checkpoint_every=0)
+    runs = {}
+    for packed in (False, True):
+        runs[packed] = Trainer(TrainConfig(packed=packed, **kw), synth_ds, tmp_path / str(packed), progress=False)
+        runs[packed].train()
+    assert [r["loss"] for r in runs[True].log] == pytest.approx([r["loss"] for r in runs[False].log], rel=1e-4)
+    a, b = lora_state(runs[False]), lora_state(runs[True])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-3
 
 
 def test_gradient_accumulation_counts_optimizer_steps(synth_ds, tiny_path, tmp_path):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,8 @@ class Backbone:
     image_markup: str = "<|vision_start|><|image_pad|><|vision_end|>"
     merge_size: int = 2
     info: dict = field(default_factory=dict)
+    mixed_precision: bool = True  # see compute(); off: PEFT's own casting (the plain path)
+    _tuner_cache: tuple | None = field(default=None, repr=False)  # (model, its PEFT tuner layers)
 
     @property
     def device(self) -> torch.device:
@@ -125,7 +128,80 @@ class Backbone:
                 kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_features))}
             else:
                 kw["pixel_values"] = pixel_values
-        return self.model(**kw).last_hidden_state
+        with self.compute():
+            return self.model(**kw).last_hidden_state
+
+    @property
+    def can_pack(self) -> bool:
+        """Whether :meth:`forward_packed` works: Qwen2-VL-family VLMs (multimodal rotary positions
+        from ``get_rope_index``, attention through transformers' interface), and not under gradient
+        checkpointing, whose recomputation would run outside the packed attention."""
+        base = _unwrap(self.model)
+        return (self.kind == "vlm" and hasattr(base, "get_rope_index")
+                and not getattr(base, "is_activation_checkpointing", False))
+
+    def rope_positions(self, input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None) -> list[Tensor]:
+        """Per row of a (left- or right-) padded batch: the (3, length) multimodal rotary positions of
+        its real tokens, exactly as the model's own forward computes them."""
+        rows = attention_mask.bool()
+        if image_grid_thw is None or not len(image_grid_thw):
+            return [torch.arange(int(m.sum()), device=input_ids.device).expand(3, -1) for m in rows]
+        pos, _ = _unwrap(self.model).get_rope_index(input_ids, mm_token_type_ids=(input_ids == self.image_token_id).int(),
+                                                    image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+        return [pos[:, r, m] for r, m in enumerate(rows)]
+
+    def forward_packed(self, sequences: list[Tensor], positions: list[Tensor],
+                       image_features: list[Tensor] | None = None) -> Tensor:
+        """Many prompts in one forward, packed into one row without padding: ``sequences`` of token
+        ids, their (3, length) rotary ``positions`` and the image features in the order their image
+        tokens appear. Attention stays within each sequence (causal, :mod:`vlm2rec_lab.attention`).
+        Returns (n, d): the final hidden state at each sequence's last token — the same numbers as
+        padded batches up to float rounding, with one launch per operator instead of one per batch."""
+        from .attention import packed_language_model
+
+        lengths = torch.tensor([len(x) for x in sequences])
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(self.device, torch.int32)
+        ids = torch.cat(list(sequences)).to(self.device)[None]
+        kw: dict = {"input_ids": ids, "position_ids": torch.cat(list(positions), dim=1)[:, None].to(self.device),
+                    "use_cache": False, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                    "max_length_q": int(lengths.max()), "max_length_k": int(lengths.max())}
+        if image_features:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_features))}
+        with self.compute(), packed_language_model(self.model):
+            hidden = self.model(**kw).last_hidden_state[0]
+        return hidden[cu[1:].long() - 1]
+
+    @contextmanager
+    def compute(self):
+        """Where a low-precision model runs on a GPU: under autocast to its dtype, with PEFT's input
+        casting off, so LoRA's small matrices take bf16 activations as they are (fp32 master weights
+        kept) instead of copying every activation to fp32 and back — in a training step those copies
+        and the fp32 LoRA matmuls were a third of the GPU's time. Elsewhere, and under gradient
+        checkpointing (whose recomputation runs outside this context), as is."""
+        if (not self.mixed_precision or self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16)
+                or getattr(_unwrap(self.model), "is_activation_checkpointing", False)):
+            yield
+            return
+        layers = self._tuner_layers()
+        for m in layers:
+            m.cast_input_dtype_enabled = False
+        try:
+            with torch.autocast("cuda", dtype=self.dtype):
+                yield
+        finally:
+            for m in layers:
+                m.cast_input_dtype_enabled = True
+
+    def _tuner_layers(self) -> list:
+        cached = self._tuner_cache
+        if cached is None or cached[0] is not self.model:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            cached = (self.model, [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)])
+            self._tuner_cache = cached
+        return cached[1]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -169,6 +245,10 @@ def load_backbone(name_or_path: str, device: str | torch.device | None = None, d
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if kind == "vlm" and device.type == "cuda":  # one batched SDPA per window size (the same attention)
+        from .attention import set_vision_attention
+
+        set_vision_attention(model, varlen=True)
     return Backbone(name=name_or_path, model=model, tokenizer=tokenizer, image_processor=image_processor,
                     kind=kind, chat_template=chat_template, merge_size=merge,
                     info={"path": path, "model_type": config.model_type, "dtype": str(dtype)})

@@ -57,6 +57,21 @@ def parse_params(pairs: list[str]) -> dict:
     return out
 
 
+def dataset_names(datasets: list[str | Path]) -> list[str]:
+    """A distinct output name per dataset folder: its name, or, where names clash (``a/data`` and
+    ``b/data``), as many parent folders as it takes (``a_data``, ``b_data``)."""
+    parts = [Path(d).resolve().parts for d in datasets]
+    if len(set(parts)) < len(parts):
+        raise ValueError("the same dataset folder is listed twice")
+    names = []
+    for p in parts:
+        d = 1
+        while d < len(p) and any(q != p and q[-d:] == p[-d:] for q in parts):
+            d += 1
+        names.append("_".join(x.strip("/") for x in p[-d:] if x.strip("/")))
+    return names
+
+
 def run_batch(datasets: list[str | Path], notebooks: list[Path], out: str | Path, quick: bool = False,
               params: dict | None = None, kernel: str = "python3") -> list[NotebookResult]:
     import papermill as pm
@@ -66,9 +81,8 @@ def run_batch(datasets: list[str | Path], notebooks: list[Path], out: str | Path
     results: list[NotebookResult] = []
     total = len(datasets) * len(notebooks)
     k = 0
-    for data in datasets:
+    for data, name in zip(datasets, dataset_names(datasets)):
         data = Path(data).resolve()
-        name = data.name
         for nb in notebooks:
             k += 1
             dest = out / name / nb.name

@@ -8,6 +8,7 @@ static-graph tricks; averaging the LoRA gradients explicitly after the backward 
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -35,7 +36,15 @@ def init_from_env() -> bool:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend)
+    atexit.register(shutdown)  # a process group left alive at exit can abort the interpreter's teardown
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group (after a barrier, so no rank tears down while another still talks)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def gather_cat(x: torch.Tensor) -> torch.Tensor:

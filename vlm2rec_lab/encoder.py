@@ -35,11 +35,13 @@ class Encoder:
         images: image store (size policy); default one with the backbone's processor doing the sizing.
         cache_vision: reuse per-image vision features (valid while the vision tower is frozen).
         batch_size: prompts per forward when embedding without gradients.
+        packed: :meth:`embed_sets` packs its requests into one forward where the backbone can.
     """
 
     def __init__(self, backbone: Backbone, items, images: ImageStore | None = None, cache_vision: bool = True,
-                 batch_size: int = 32):
+                 batch_size: int = 32, packed: bool = True):
         self.bb = backbone
+        self.packed = packed
         titles = items["title"].tolist()
         ids = items["item_id"].astype(str).tolist()
         # items without a title (text-less data) are named by their id in text prompts (ours)
@@ -88,9 +90,8 @@ class Encoder:
     def prompts(self, kind: str, item_lists: Sequence[Sequence[int]]) -> list[str]:
         return [sequence_prompt(kind, [self.titles[i] for i in lst]) for lst in item_lists]
 
-    def embed(self, kind: str, item_lists: Sequence[Sequence[int]]) -> Tensor:
-        """One forward for a batch of item lists (a history, or one item) -> (B, d) embeddings.
-        Gradients flow when enabled by the caller (training); the vision features never need them."""
+    def _inputs(self, kind: str, item_lists: Sequence[Sequence[int]]) -> dict:
+        """Tokenized (left-padded) prompts of one kind with their images' features or pixels."""
         if kind in ("V", "I") and self.bb.kind != "vlm":
             raise ValueError(f"{self.bb.name} is a text-only model: no {kind!r} prompts")
         texts = [self.bb.render(p) for p in self.prompts(kind, item_lists)]
@@ -103,10 +104,36 @@ class Encoder:
                 pixel_values, grid = self.bb.preprocess_images(self._load_images(flat))
             texts = self._expand_image_tokens(texts, grid)
         tok = self.bb.tokenizer(texts, return_tensors="pt", padding=True)
-        ids = tok["input_ids"].to(self.bb.device)
-        mask = tok["attention_mask"].to(self.bb.device)
-        hidden = self.bb.forward(ids, mask, image_grid_thw=grid, pixel_values=pixel_values, image_features=feats)
-        return last_token_pool(hidden, mask).float()
+        return {"input_ids": tok["input_ids"].to(self.bb.device), "attention_mask": tok["attention_mask"].to(self.bb.device),
+                "image_grid_thw": grid, "pixel_values": pixel_values, "image_features": feats}
+
+    def embed(self, kind: str, item_lists: Sequence[Sequence[int]]) -> Tensor:
+        """One forward for a batch of item lists (a history, or one item) -> (B, d) embeddings.
+        Gradients flow when enabled by the caller (training); the vision features never need them."""
+        x = self._inputs(kind, item_lists)
+        hidden = self.bb.forward(**x)
+        return last_token_pool(hidden, x["attention_mask"]).float()
+
+    def embed_sets(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]]) -> list[Tensor]:
+        """Several batches of prompts (e.g. a training step's text and image histories and targets)
+        -> their (B_k, d) embeddings. With ``packed`` and a backbone that can pack, one forward over
+        all prompts packed without padding (:meth:`Backbone.forward_packed`); otherwise one padded
+        forward per request. Both give the same embeddings up to float rounding (tested)."""
+        if not (self.packed and self.bb.can_pack):
+            return [self.embed(kind, lists) for kind, lists in requests]
+        seqs, pos, feats, sizes = [], [], [], []
+        for kind, lists in requests:
+            x = self._inputs(kind, lists)
+            if x["pixel_values"] is not None:
+                with torch.no_grad():
+                    x["image_features"] = self.bb.image_features(x["pixel_values"], x["image_grid_thw"])
+            mask = x["attention_mask"].bool()
+            seqs += [ids[m] for ids, m in zip(x["input_ids"], mask)]
+            pos += self.bb.rope_positions(x["input_ids"], x["attention_mask"], x["image_grid_thw"])
+            feats += list(x["image_features"] or [])
+            sizes.append(len(lists))
+        out = self.bb.forward_packed(seqs, pos, feats or None).float()
+        return list(out.split(sizes))
 
     def _expand_image_tokens(self, texts: list[str], grid: Tensor) -> list[str]:
         pad = self.bb.image_token

@@ -285,11 +285,22 @@ def ensure_run(dataset, cfg: TrainConfig, run_dir: str | Path, progress: bool = 
 
     run = Path(run_dir)
     metrics = run / "metrics" / "task1_test.json"
-    if metrics.exists() and (run / "config.yaml").exists() and load_run_config(run) == cfg.resolved():
+    if (metrics.exists() and (run / "config.yaml").exists() and load_run_config(run) == cfg.resolved()
+            and _run_fingerprint(run) == dataset.fingerprint):
         return json.loads(metrics.read_text())
     if run.exists():
         shutil.rmtree(run)
     return run_method(dataset, cfg, run, progress=progress)
+
+
+def _run_fingerprint(run: Path) -> str | None:
+    """The data fingerprint a run folder was made with (None when it has no readable manifest)."""
+    import json
+
+    try:
+        return json.loads((run / "manifest.json").read_text())["data"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def per_seed_frame(result: dict, view: str = "f2f", protocol: str = "sampled") -> pd.DataFrame:

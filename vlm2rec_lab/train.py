@@ -106,7 +106,7 @@ class Trainer:
                                             chat_template=cfg.chat_template)
         check_fusion(self.method, self.bb)
         apply_lora(self.bb, cfg)
-        self.encoder = Encoder(self.bb, dataset.items, cache_vision=cfg.cache_vision)
+        self.encoder = Encoder(self.bb, dataset.items, cache_vision=cfg.cache_vision, packed=cfg.packed)
         self.obj = ObjectiveConfig(name=self.method.objective, tau=cfg.tau, tau_crtr=cfg.tau_crtr, lam=cfg.lam,
                                    penalty_offset=cfg.penalty_offset)
         dev = self.bb.device
@@ -146,11 +146,12 @@ class Trainer:
         lists = [row[row >= 0].tolist() for row in hist]
         items = [[int(t)] for t in targets]
         enc, fusion = self.encoder, self.method.fusion
-        if fusion == "external":
-            return {"z_t": enc.embed("T", lists), "z_v": enc.embed("V", lists),
-                    "e_t": enc.embed("T", items), "e_v": enc.embed("V", items)}
+        if fusion == "external":  # one packed forward for the four prompt sets where the backbone can
+            z_t, z_v, e_t, e_v = enc.embed_sets([("T", lists), ("V", lists), ("T", items), ("V", items)])
+            return {"z_t": z_t, "z_v": z_v, "e_t": e_t, "e_v": e_v}
         kind = "I" if fusion == "internal" else "T"
-        return {"z": enc.embed(kind, lists), "e": enc.embed(kind, items)}
+        z, e = enc.embed_sets([(kind, lists), (kind, items)])
+        return {"z": z, "e": e}
 
     def micro_step(self, sel: np.ndarray):
         """Objective of one micro-batch ``sel`` (global example indices). Each process embeds its own

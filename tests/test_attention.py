@@ -1,0 +1,158 @@
+"""Batched variable-length attention for the vision tower: the same attention as one SDPA call per
+segment, and the tiny backbone's image features unchanged when it is switched on."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from vlm2rec_lab import attention
+from vlm2rec_lab.attention import segment_groups, set_vision_attention, varlen_attention_forward, varlen_sdpa
+
+
+def _per_segment(q, k, v, lengths, scale):
+    outs, a = [], 0
+    for n in lengths:
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n], scale=scale))
+        a += n
+    return torch.cat(outs, dim=2).transpose(1, 2)  # (1, total, heads, dim)
+
+
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [4, 3, 5, 3, 4, 1], [7]])
+def test_varlen_sdpa_is_per_segment_attention(lengths):
+    g = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    q, k, v = (torch.randn(1, 2, total, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    got = varlen_sdpa(q, k, v, cu, scaling=0.3)
+    assert got.shape == (1, total, 2, 8)
+    torch.testing.assert_close(got, _per_segment(q, k, v, lengths, 0.3), rtol=1e-5, atol=1e-6)
+    # attention stays within segments: changing one segment's keys leaves the others' outputs alone
+    k2 = k.clone()
+    k2[:, :, : lengths[0]] += 5.0
+    got2 = varlen_sdpa(q, k2, v, cu.clone(), scaling=0.3)
+    torch.testing.assert_close(got2[:, lengths[0]:], got[:, lengths[0]:])
+
+
+def test_segment_groups():
+    (n, idx, count), = segment_groups(torch.tensor([0, 3, 6, 9]))
+    assert (n, idx, count) == (3, None, 3)
+    groups = {n: (idx.tolist(), c) for n, idx, c in segment_groups(torch.tensor([0, 2, 5, 7]))}
+    assert groups == {2: ([0, 1, 5, 6], 2), 3: ([2, 3, 4], 1)}
+
+
+def test_causal_grouped_query_segments():
+    """Causal attention within segments with fewer key/value heads (the language model's case)."""
+    g = torch.Generator().manual_seed(2)
+    lengths = [5, 3, 5, 2]
+    total = sum(lengths)
+    q = torch.randn(1, 4, total, 8, generator=g)
+    k, v = (torch.randn(1, 2, total, 8, generator=g) for _ in range(2))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    kr, vr = (t.repeat_interleave(2, dim=1) for t in (k, v))
+    outs, a = [], 0
+    for n in lengths:
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:a + n], kr[:, :, a:a + n], vr[:, :, a:a + n], is_causal=True))
+        a += n
+    torch.testing.assert_close(varlen_sdpa(q, k, v, cu, causal=True), torch.cat(outs, dim=2).transpose(1, 2),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_only_unmasked_segment_attention_is_accepted():
+    q = torch.randn(1, 1, 4, 2)
+    cu = torch.tensor([0, 4])
+    with pytest.raises(NotImplementedError, match="unmasked"):
+        varlen_attention_forward(None, q, q, q, attention_mask=torch.ones(1, 4), cu_seq_lens_q=cu)
+    with pytest.raises(NotImplementedError, match="share their segments"):
+        varlen_attention_forward(None, q, q, q, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 2, 4]))
+
+
+def test_tiny_backbone_image_features_are_unchanged_with_batched_attention(tiny, monkeypatch):
+    """Images of different sizes (so windows of several lengths): the vision tower's output with the
+    batched attention equals the stock per-window path, and the batched path is the one that ran."""
+    grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4]])
+    g = torch.Generator().manual_seed(1)
+    px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=g)
+    with torch.no_grad():
+        set_vision_attention(tiny.model, varlen=False)
+        stock = tiny.image_features(px, grids)
+        calls = []
+        real = attention.varlen_sdpa
+        monkeypatch.setattr(attention, "varlen_sdpa", lambda *a, **k: calls.append(1) or real(*a, **k))
+        assert set_vision_attention(tiny.model, varlen=True)
+        batched = tiny.image_features(px, grids)
+    assert calls and tiny.model.config.text_config._attn_implementation != attention.NAME
+    for a, b in zip(stock, batched):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_precision_context_is_a_no_op_on_the_cpu(tiny):
+    with tiny.compute():
+        assert not torch.is_autocast_enabled("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_precision_lora_matches_peft_casting_on_gpu(synth_ds, tiny_path):
+    """bf16 LoRA under autocast (fp32 master weights) against PEFT's fp32 LoRA path: same embeddings
+    within bf16 tolerance, and gradients reach the LoRA weights in fp32."""
+    from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.encoder import Encoder
+    from vlm2rec_lab.train import apply_lora
+
+    bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
+    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
+    enc = Encoder(bb, synth_ds.items)
+    lists = [[0, 1, 2], [3, 4]]
+    out = {}
+    for mixed in (False, True):
+        bb.mixed_precision = mixed
+        bb.model.zero_grad()
+        z = enc.embed("T", lists)
+        z.pow(2).sum().backward()
+        grads = [p.grad for p in bb.model.parameters() if p.requires_grad]
+        assert all(gr is not None and gr.dtype == torch.float32 for gr in grads)
+        out[mixed] = z.detach()
+    torch.testing.assert_close(out[True], out[False], rtol=2e-2, atol=2e-2)
+
+
+def _lora_tiny(synth_ds):
+    from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.train import apply_lora
+
+    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
+    for n, p in bb.model.named_parameters():  # LoRA B starts at zero: make the adapters do something
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    return bb
+
+
+def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny_path):
+    """A training step's four prompt sets (histories of different lengths, text and image) packed into
+    one forward: the same embeddings and the same LoRA gradients as four padded forwards."""
+    from vlm2rec_lab.encoder import Encoder
+
+    bb = _lora_tiny(synth_ds)
+    lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], [[11], [12], [13], [14]]
+    requests = [("T", lists), ("V", lists), ("T", items), ("V", items), ("I", lists)]
+    results = {}
+    for packed in (False, True):
+        enc = Encoder(bb, synth_ds.items, packed=packed)
+        bb.model.zero_grad()
+        out = enc.embed_sets(requests)
+        sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
+        grads = {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad}
+        results[packed] = ([o.detach() for o in out], grads)
+    for a, b in zip(results[False][0], results[True][0]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert results[True][1].keys() == results[False][1].keys()
+    for n, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][n], g, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_packing_steps_aside_under_gradient_checkpointing(synth_ds, tiny_path):
+    bb = _lora_tiny(synth_ds)
+    assert bb.can_pack
+    bb.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not bb.can_pack

@@ -1,0 +1,134 @@
+"""Variable-length attention for the vision tower without flash-attn: one batched SDPA per segment
+length instead of one call per window.
+
+Qwen2.5-VL's vision tower attends within windows (and, in a few layers, within whole images), each
+a segment of the flattened patch sequence given by ``cu_seqlens``. Without flash-attn, Hugging Face
+calls SDPA once per segment: for a batch of 256 images of 224 px that is 1,024 window calls per layer,
+and the vision tower runs at a few percent of the GPU's peak. Segments of equal length (all windows of
+same-size images) stack into one batch; this function does that, grouping by length, so the result is
+the same attention, computed in one kernel per distinct length.
+
+It is registered with transformers' ``AttentionInterface`` under :data:`NAME` (the name contains
+"flash" so that the vision attention passes ``cu_seqlens`` to it) and set on the *vision* config only:
+the language model keeps its own implementation.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+NAME = "sdpa_flash_varlen"  # "flash" in the name: transformers then hands over cu_seqlens
+
+
+def segment_groups(cu_seqlens: Tensor) -> list[tuple[int, Tensor | None, int]]:
+    """``cu_seqlens`` -> [(length, token index or None, count)] per distinct segment length. The index
+    lists the tokens of that length's segments in order; None when every segment has that length
+    (the whole sequence reshapes without a gather)."""
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if not lengths:
+        return []
+    if all(n == lengths[0] for n in lengths):
+        return [(lengths[0], None, len(lengths))]
+    by_len: dict[int, list[int]] = {}
+    for a, n in zip(bounds[:-1], lengths):
+        if n > 0:
+            by_len.setdefault(n, []).append(a)
+    out = []
+    for n, starts in by_len.items():
+        idx = (torch.tensor(starts)[:, None] + torch.arange(n)[None]).reshape(-1).to(cu_seqlens.device)
+        out.append((n, idx, len(starts)))
+    return out
+
+
+_RECENT: list[tuple[Tensor, tuple]] = []  # (cu_seqlens, plan): layers reuse the same boundary tensors
+
+
+def _plan(cu_seqlens: Tensor) -> tuple[list, Tensor | None]:
+    """:func:`segment_groups` and the inverse permutation that puts grouped tokens back in order,
+    remembered for the last few boundary tensors (held, so identity is safe): a forward's layers
+    share them, and each ``tolist`` is a device sync."""
+    for cu, plan in _RECENT:
+        if cu is cu_seqlens:
+            return plan
+    groups = segment_groups(cu_seqlens)
+    inverse = None
+    if len(groups) > 1 or (groups and groups[0][1] is not None):
+        inverse = torch.argsort(torch.cat([idx for _, idx, _ in groups]))
+    plan = (groups, inverse)
+    _RECENT.insert(0, (cu_seqlens, plan))
+    del _RECENT[4:]
+    return plan
+
+
+def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, scaling: float | None = None,
+                causal: bool = False) -> Tensor:
+    """Attention within segments (causal or not). ``query``: (1, heads, total, dim); ``key`` and
+    ``value``: (1, kv_heads, total, dim) (grouped-query attention when fewer heads); ``cu_seqlens``:
+    (segments + 1,) boundaries. Returns (1, total, heads, dim), the layout transformers' attention
+    functions return."""
+    _, h, total, d = query.shape
+    hk = key.shape[1]
+    groups, inverse = _plan(cu_seqlens)
+    outs = []
+    for n, idx, count in groups:
+        parts = [t[0] if idx is None else t[0].index_select(1, idx) for t in (query, key, value)]  # (heads, tokens, dim)
+        q, k, v = (t.reshape(t.shape[0], count, n, d).transpose(0, 1) for t in parts)  # (segments, heads, n, dim)
+        o = F.scaled_dot_product_attention(q, k, v, scale=scaling, is_causal=causal, enable_gqa=hk != h)
+        outs.append(o.transpose(1, 2).reshape(count * n, h, d))
+    out = outs[0] if inverse is None else torch.cat(outs).index_select(0, inverse)
+    return out[None]
+
+
+def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask=None,
+                             scaling: float | None = None, dropout: float = 0.0, cu_seq_lens_q: Tensor | None = None,
+                             cu_seq_lens_k: Tensor | None = None, is_causal: bool | None = None,
+                             sliding_window: int | None = None, **kwargs):
+    """transformers attention-interface signature around :func:`varlen_sdpa`: the vision tower's
+    windows (bidirectional) and packed language-model sequences (causal, the module's own flag)."""
+    causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
+    if dropout or attention_mask is not None or cu_seq_lens_q is None or sliding_window:
+        raise NotImplementedError(f"{NAME}: dropout-free, unmasked, cu_seqlens-delimited attention only "
+                                  "(no padding mask, no sliding window)")
+    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+        raise NotImplementedError(f"{NAME}: queries and keys must share their segments")
+    return varlen_sdpa(query, key, value, cu_seq_lens_q, scaling, causal), None
+
+
+@contextmanager
+def packed_language_model(model):
+    """Within this context the language model of a Qwen2-VL-family model attends through
+    :func:`varlen_sdpa` (causal, per packed sequence given by ``cu_seq_lens_q``)."""
+    from transformers import AttentionInterface
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = getattr(base, "language_model", None) or base.model.language_model
+    cfg = lm.config
+    before = cfg._attn_implementation
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    cfg._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = before
+
+
+def set_vision_attention(model, varlen: bool = True) -> bool:
+    """Route the vision tower's attention of a Qwen2-VL-family model through :func:`varlen_sdpa`
+    (registered once), or back to SDPA's per-segment calls (``varlen=False``, the plain path). Leaves
+    models that use flash-attn, or have no vision tower, alone; returns whether it changed anything."""
+    from transformers import AttentionInterface
+
+    visual = getattr(model, "visual", None) or getattr(getattr(model, "model", None), "visual", None)
+    if visual is None:
+        return False
+    cfg = visual.config
+    current = str(getattr(cfg, "_attn_implementation", ""))
+    if "flash" in current and current != NAME:
+        return False
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    cfg._attn_implementation = NAME if varlen else "sdpa"
+    return current != cfg._attn_implementation
