@@ -107,3 +107,8 @@ def test_cross_domain_embeds_another_domain_with_the_runs_backbone(synth_ds, tra
     assert set(res["views"]) == {"f2f", "t2f", "v2f"}
     emb = np.load(trained["VLM2Rec"] / "cross" / "seed11" / "embeddings" / "item_F.npy")
     assert emb.shape[0] == other.n_items
+    from vlm2rec_lab.cli import main
+
+    assert main(["evaluate", "--run", str(trained["VLM2Rec"]), "--data", str(tmp_path / "other"), "--json"]) == 0
+    cli = np.load(trained["VLM2Rec"] / "cross" / "other" / "embeddings" / "item_F.npy")
+    np.testing.assert_allclose(cli, emb, rtol=1e-5, atol=1e-6)  # the same model, the same domain

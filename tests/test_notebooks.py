@@ -73,6 +73,7 @@ def test_every_notebook_runs_quick_and_records_finite_numbers(batch):
     recs = {r.notebook: r.records for r in results}
     assert recs["01_data_overview"]["users"] > 0
     assert {"Vanilla_v2f_HR@10", "SFT_f2f_HR@10", "VLM2Rec_F_S"} <= set(recs["02_modality_collapse"])
+    assert 0.0 <= recs["03_training"]["final_image_weak_share"] <= 1.0
     index = (out / "index.html").read_text()
     assert all(nb.stem in index for nb in NOTEBOOKS) and "VLM2Rec_F_S" in index
 
@@ -127,4 +128,6 @@ def test_collapse_notebook_values_on_planted_domains(tmp_path_factory):
         assert noimage[f"{state}_t2f_HR@10"] > chance + 0.1, (state, noimage)
     for m in ("F", "T", "V"):
         assert both[f"VLM2Rec_{m}_S"] > 1.0, (m, both)
-    assert both["VLM2Rec_v2f_HR@10"] > chance + 0.05, both
+    # the image-only history beats chance where images carry the signal, and beats the image-less domain
+    # (three standard errors of HR@10 over ~1,000 users: about 0.03)
+    assert both["VLM2Rec_v2f_HR@10"] > max(chance, noimage["VLM2Rec_v2f_HR@10"]) + 0.03, (both, noimage)

@@ -69,9 +69,9 @@ nb("03_training", "Training dynamics", "Loss terms, α, β, the mean penalty wei
     ("md", "## Curves"),
     ("code", "import pandas as pd\nfrom vlm2rec_lab import diagnostics, viz\n\nlogs = {s: pd.read_csv(runs[s] / 'logs' / 'train_log.csv') for s in runs}\nfor s, log in logs.items():\n    save_figure(viz.training_curves(log), out, f'training_{s}')"),
     ("md", "## Weak modality per user"),
-    ("code", "weak = diagnostics.weak_modality(runs['VLM2Rec'], ds)\nsave_table(weak['by_length'], out, 'weak_by_length')\nweak['by_length']"),
+    ("code", "weak = diagnostics.weak_modality(runs['VLM2Rec'], ds)\nfor part in ('over_training', 'by_length', 'by_category', 'final_image_weak_share'):\n    save_table(weak[part], out, f'weak_{part}')\ndisplay(weak['final_image_weak_share'], weak['by_length'])\nweak['by_category']"),
     ("md", "## Record"),
-    ("code", "last = logs['VLM2Rec'].iloc[-1]\nrecord(alpha=last['alpha'], beta=last['beta'], w_mean=last['w_mean'], image_weak_share=last['image_weak_share'],\n       sft_final_loss=logs['SFT'].iloc[-1]['loss'], vlm2rec_final_loss=last['loss'])")])
+    ("code", "last = logs['VLM2Rec'].iloc[-1]\nrecord(alpha=last['alpha'], beta=last['beta'], w_mean=last['w_mean'], image_weak_share=last['image_weak_share'],\n       final_image_weak_share=float(weak['final_image_weak_share']['share'].iloc[0]),\n       sft_final_loss=logs['SFT'].iloc[-1]['loss'], vlm2rec_final_loss=last['loss'])")])
 
 nb("04_task1", "Task 1: direct ranking", "A Table 2-style comparison: reference scorers and the VLM methods under the sampled protocol (100 negatives, seeds 0–4), with a paired t-test against the best baseline.",
    [("md", "## Methods"),

@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="Task 1 metrics of a run (--run) or of a reference scorer (--data, --scorer)")
     ev.add_argument("--run", help="a run folder: f2f, t2f, v2f from its embeddings (`vlm2rec-lab embed` first)")
-    ev.add_argument("--data")
+    ev.add_argument("--data", help="a prepared dataset; with --run: zero-shot cross-domain (Table 6), written "
+                                   "under RUN/cross/<data folder name>/")
     ev.add_argument("--scorer", help="random, popularity, cooccurrence, or oracle-{text,image,both,latent} (synthetic data, with --latents)")
     ev.add_argument("--latents", help="a synthetic domain's raw folder (or its oracle/latents.json), for the oracle scorers")
     ev.add_argument("--split", choices=("test", "valid"), default="test")
@@ -308,9 +309,12 @@ def cmd_evaluate(a) -> int:
     from .evaluate import evaluate
 
     if a.run:
-        from .runs import evaluate_run
+        from .runs import cross_domain, evaluate_run
 
-        res = evaluate_run(a.run, split=a.split, seeds=a.seeds, full_ranking=a.full_ranking)
+        if a.data:  # Table 6: zero-shot on another prepared dataset, embedded with the run's model
+            res = cross_domain(a.run, Dataset.load(a.data), name=Path(a.data).resolve().name)
+        else:
+            res = evaluate_run(a.run, split=a.split, seeds=a.seeds, full_ranking=a.full_ranking)
         if a.json:
             print(json.dumps(res, indent=2))
         else:
