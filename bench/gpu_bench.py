@@ -141,6 +141,9 @@ def main() -> None:
     ap.add_argument("--project-items", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--embed-batch", type=int, default=128)
+    ap.add_argument("--train-only", action="store_true", help="skip the item-embedding figures")
+    ap.add_argument("--train-variants", default=None, help="comma list of training variants to run (default: all)")
+    ap.add_argument("--compile", action="store_true", help="also: the project step with torch.compile'd decoder layers")
     ap.add_argument("--profile", action="store_true",
                     help="also: where the project's training step spends its time (torch.profiler), and the "
                          "packed language-model probe (one sequence of the step's tokens, no vision tower)")
@@ -177,57 +180,58 @@ def main() -> None:
     # ---------------------------------------------------------------- item embeddings
     from vlm2rec_lab.attention import set_vision_attention
 
-    with torch.inference_mode():
-        set_vision_attention(model, varlen=False)  # the plain path: SDPA called once per window
-        for warm in (True, False):  # one warm-up pass of each path on a few items
-            n = 8 if warm else a.plain_items
-            bs = 32
-            sync(device); reset_peak(device); t = time.perf_counter()
-            for s in range(0, n, bs):
-                items = [[i] for i in range(s, min(s + bs, n))]
-                plain_hidden(model, shapes, shapes.batch("V", items))
-                plain_hidden(model, shapes, shapes.batch("T", items))
-            sync(device)
-            plain_rate = n / (time.perf_counter() - t)
-        emit(figure="item_embedding", path="plain", batch=32, items=a.plain_items, items_per_s=round(plain_rate, 1),
-             beauty_s=round(BEAUTY_ITEMS / plain_rate, 1), peak_gib=peak_gib(device))
-        vis = {}
-        chunk = list(range(min(256, n_items)))
-        for varlen in (False, True, False, True):  # the vision tower alone, per-window vs batched attention
-            set_vision_attention(model, varlen=varlen)
-            sync(device); t = time.perf_counter()
-            ref = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
-            sync(device)
-            vis[varlen] = (len(chunk) / (time.perf_counter() - t), ref)
-        agree = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item() for x, y in zip(vis[True][1], vis[False][1]))
-        emit(figure="vision_tower", images=len(chunk), per_window_images_per_s=round(vis[False][0], 1),
-             varlen_images_per_s=round(vis[True][0], 1), ratio=round(vis[True][0] / vis[False][0], 2), max_rel_diff=round(agree, 5))
-        set_vision_attention(model, varlen=True)
-        for warm in (True, False):
-            n = 8 if warm else a.project_items
-            sync(device); reset_peak(device); t = time.perf_counter()
-            feats = {}
-            for s in range(0, n, 256):  # the vision cache: each image once, large batches
-                chunk = list(range(s, min(s + 256, n)))
-                out = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
-                feats.update(zip(chunk, out))
-            sync(device)
-            t_vision = time.perf_counter() - t
-            for s in range(0, n, a.embed_batch):
-                items = [[i] for i in range(s, min(s + a.embed_batch, n))]
-                project_hidden(bb, feats, shapes.batch("V", items))
-                project_hidden(bb, feats, shapes.batch("T", items))
-            sync(device)
-            proj_rate = n / (time.perf_counter() - t)
-        emit(figure="item_embedding", path="project", batch=a.embed_batch, items=a.project_items, items_per_s=round(proj_rate, 1),
-             vision_share=round(t_vision * proj_rate / a.project_items, 3), beauty_s=round(BEAUTY_ITEMS / proj_rate, 1),
-             peak_gib=peak_gib(device))
-        emit(figure="item_embedding_ratio", ratio=round(proj_rate / plain_rate, 2))
-        # same numbers from both paths
-        items = [[i] for i in range(4)]
-        d = max((plain_hidden(model, shapes, shapes.batch(k, items)).float() - project_hidden(bb, feats, shapes.batch(k, items)).float()).abs().max().item()
-                / plain_hidden(model, shapes, shapes.batch(k, items)).float().abs().max().item() for k in ("T", "V"))
-        emit(figure="item_embedding_agreement", max_rel_diff=round(d, 5))
+    if not a.train_only:
+        with torch.inference_mode():
+            set_vision_attention(model, varlen=False)  # the plain path: SDPA called once per window
+            for warm in (True, False):  # one warm-up pass of each path on a few items
+                n = 8 if warm else a.plain_items
+                bs = 32
+                sync(device); reset_peak(device); t = time.perf_counter()
+                for s in range(0, n, bs):
+                    items = [[i] for i in range(s, min(s + bs, n))]
+                    plain_hidden(model, shapes, shapes.batch("V", items))
+                    plain_hidden(model, shapes, shapes.batch("T", items))
+                sync(device)
+                plain_rate = n / (time.perf_counter() - t)
+            emit(figure="item_embedding", path="plain", batch=32, items=a.plain_items, items_per_s=round(plain_rate, 1),
+                 beauty_s=round(BEAUTY_ITEMS / plain_rate, 1), peak_gib=peak_gib(device))
+            vis = {}
+            chunk = list(range(min(256, n_items)))
+            for varlen in (False, True, False, True):  # the vision tower alone, per-window vs batched attention
+                set_vision_attention(model, varlen=varlen)
+                sync(device); t = time.perf_counter()
+                ref = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
+                sync(device)
+                vis[varlen] = (len(chunk) / (time.perf_counter() - t), ref)
+            agree = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item() for x, y in zip(vis[True][1], vis[False][1]))
+            emit(figure="vision_tower", images=len(chunk), per_window_images_per_s=round(vis[False][0], 1),
+                 varlen_images_per_s=round(vis[True][0], 1), ratio=round(vis[True][0] / vis[False][0], 2), max_rel_diff=round(agree, 5))
+            set_vision_attention(model, varlen=True)
+            for warm in (True, False):
+                n = 8 if warm else a.project_items
+                sync(device); reset_peak(device); t = time.perf_counter()
+                feats = {}
+                for s in range(0, n, 256):  # the vision cache: each image once, large batches
+                    chunk = list(range(s, min(s + 256, n)))
+                    out = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
+                    feats.update(zip(chunk, out))
+                sync(device)
+                t_vision = time.perf_counter() - t
+                for s in range(0, n, a.embed_batch):
+                    items = [[i] for i in range(s, min(s + a.embed_batch, n))]
+                    project_hidden(bb, feats, shapes.batch("V", items))
+                    project_hidden(bb, feats, shapes.batch("T", items))
+                sync(device)
+                proj_rate = n / (time.perf_counter() - t)
+            emit(figure="item_embedding", path="project", batch=a.embed_batch, items=a.project_items, items_per_s=round(proj_rate, 1),
+                 vision_share=round(t_vision * proj_rate / a.project_items, 3), beauty_s=round(BEAUTY_ITEMS / proj_rate, 1),
+                 peak_gib=peak_gib(device))
+            emit(figure="item_embedding_ratio", ratio=round(proj_rate / plain_rate, 2))
+            # same numbers from both paths
+            items = [[i] for i in range(4)]
+            d = max((plain_hidden(model, shapes, shapes.batch(k, items)).float() - project_hidden(bb, feats, shapes.batch(k, items)).float()).abs().max().item()
+                    / plain_hidden(model, shapes, shapes.batch(k, items)).float().abs().max().item() for k in ("T", "V"))
+            emit(figure="item_embedding_agreement", max_rel_diff=round(d, 5))
 
     # ---------------------------------------------------------------- training steps
     peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_target_regex("vlm")))
@@ -275,6 +279,8 @@ def main() -> None:
                 ("project_unpacked_peft_cast", unpacked_fn, False),  # cache only: four padded forwards, fp32 LoRA
                 ("project_unpacked", unpacked_fn, False),  # + bf16 LoRA under autocast
                 ("project", proj_fn, False))  # + the four prompt sets packed into one forward
+    if a.train_variants:
+        variants = tuple(v for v in variants if v[0] in a.train_variants.split(","))
     for name, fn, ckpt in variants:
         set_vision_attention(model, varlen=not name.startswith("plain"))
         bb.mixed_precision = not name.endswith("peft_cast")
@@ -303,6 +309,31 @@ def main() -> None:
     if a.profile:
         profile_step(lambda: step(proj_fn, batches[1]), device, emit)
         packed_probe(peft, n_tokens, a.steps, device, dtype, emit)
+    if a.compile:  # last: compiling changes the layers in place
+        compiled_step(bb, lambda b: step(proj_fn, b), batches, a.steps, device, emit, results.get("plain_ckpt"),
+                      backend="aot_eager" if a.tiny else "inductor")
+
+
+def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str) -> None:
+    """The project step with the language model's decoder layers compiled: the first step's time
+    (compiling included) apart from the steady state."""
+    try:
+        bb.compile_layers(backend=backend)
+        sync(device); t = time.perf_counter()
+        run_step(batches[0])
+        sync(device)
+        first = time.perf_counter() - t
+        reset_peak(device); t = time.perf_counter()
+        for b in batches[1:]:
+            run_step(b)
+        sync(device)
+    except Exception as e:  # noqa: BLE001  (a compiler failure is a figure too)
+        emit(figure="train_step", path="project_compiled", error=f"{type(e).__name__}: {str(e)[:300]}")
+        return
+    s = (time.perf_counter() - t) / steps
+    emit(figure="train_step", path="project_compiled", backend=backend, seconds=round(s, 3), first_step_s=round(first, 1),
+         beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1), peak_gib=peak_gib(device),
+         vs_plain_ckpt=round(plain_ckpt / s, 2) if plain_ckpt else None)
 
 
 def profile_step(run_step, device, emit, rows: int = 20) -> None:

@@ -156,3 +156,29 @@ def test_packing_steps_aside_under_gradient_checkpointing(synth_ds, tiny_path):
     assert bb.can_pack
     bb.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert not bb.can_pack
+
+
+def test_compiled_layers_give_the_same_packed_step(synth_ds, tiny_path):
+    """torch.compile over the decoder layers (traced through PEFT and around the packed attention;
+    ``aot_eager`` here, inductor on a GPU): the same embeddings and LoRA gradients, and the state
+    dict keeps its names (adapters save and load as before)."""
+    from vlm2rec_lab.encoder import Encoder
+
+    lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9]], [[11], [12], [13]]
+    requests = [("T", lists), ("V", lists), ("T", items), ("V", items)]
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        bb = _lora_tiny(synth_ds)
+        keys = set(bb.model.state_dict())
+        if compiled:
+            assert bb.compile_layers(backend="aot_eager") == 2
+            assert set(bb.model.state_dict()) == keys
+        out = Encoder(bb, synth_ds.items).embed_sets(requests)
+        sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
+        results[compiled] = ([o.detach() for o in out],
+                             {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad})
+    for a, b in zip(results[False][0], results[True][0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for n, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][n], g, rtol=1e-3, atol=1e-5, msg=n)

@@ -9,13 +9,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--tiny"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--tiny", "--compile"], capture_output=True, text=True,
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     figures = {(x["figure"], x.get("path")) for x in rows}
     assert {("item_embedding", "plain"), ("item_embedding", "project"), ("train_step", "plain_ckpt"),
-            ("train_step", "project")} <= figures
+            ("train_step", "project"), ("train_step", "project_compiled"), ("vision_tower", None)} <= figures
+    assert "error" not in next(x for x in rows if x.get("path") == "project_compiled")
     agree = next(x for x in rows if x["figure"] == "train_loss_agreement")
     assert agree["rel_diff"] <= 1e-2
     emb = next(x for x in rows if x["figure"] == "item_embedding_agreement")

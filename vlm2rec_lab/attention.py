@@ -83,6 +83,7 @@ def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, s
     return out[None]
 
 
+@torch.compiler.disable  # Python-side grouping (a device sync): kept out of compiled graphs
 def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask=None,
                              scaling: float | None = None, dropout: float = 0.0, cu_seq_lens_q: Tensor | None = None,
                              cu_seq_lens_k: Tensor | None = None, is_causal: bool | None = None,

@@ -173,6 +173,20 @@ class Backbone:
             hidden = self.model(**kw).last_hidden_state[0]
         return hidden[cu[1:].long() - 1]
 
+    def compile_layers(self, backend: str = "inductor") -> int:
+        """``torch.compile`` each decoder layer of the language model in place (dynamic shapes, so
+        packed steps of varying length reuse the graphs): fuses the elementwise work around the
+        matrix products (norms, rotary, SiLU, LoRA scaling). Call after LoRA is applied. Returns the
+        number of layers compiled."""
+        base = _unwrap(self.model)
+        lm = getattr(base, "language_model", None) or getattr(base, "model", base)
+        layers = getattr(lm, "layers", None)
+        if layers is None:
+            raise ValueError(f"{self.name}: no decoder layers found to compile")
+        for layer in layers:
+            layer.compile(backend=backend, dynamic=True)
+        return len(layers)
+
     @contextmanager
     def compute(self):
         """Where a low-precision model runs on a GPU: under autocast to its dtype, with PEFT's input

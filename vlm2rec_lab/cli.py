@@ -107,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--no-vision-cache", action="store_true")
     tr.add_argument("--no-packing", action="store_true", help="one padded forward per prompt set (the plain path)")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the language model's decoder layers")
     tr.add_argument("--checkpoint-every", type=int, default=50)
     tr.add_argument("--grad-cos-every", type=int, default=10)
     tr.add_argument("--device", default=None)
@@ -266,7 +267,7 @@ def cmd_train(a) -> int:
                           batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed, users_k=a.users_k, tau=a.tau,
                           tau_crtr=a.tau_crtr, lam=a.lam, alpha=a.alpha, beta=a.beta,
                           learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
-                          gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache, packed=not a.no_packing,
+                          gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache, packed=not a.no_packing, compile=a.compile,
                           checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device)
     if dist.rank() == 0:
         create_run(a.out, cfg, ds, resume=a.resume)

@@ -147,6 +147,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     cache_vision: bool = True
     packed: bool = True  # a step's prompt sets in one forward without padding, where the backbone can
+    compile: bool = False  # torch.compile the language model's decoder layers (GPU; minutes of compiling)
     checkpoint_every: int = 50
     grad_cos_every: int = 10  # gradient-cosine probe every M steps (0: never)
     device: str | None = None

@@ -106,6 +106,8 @@ class Trainer:
                                             chat_template=cfg.chat_template)
         check_fusion(self.method, self.bb)
         apply_lora(self.bb, cfg)
+        if cfg.compile:
+            self.bb.compile_layers()
         self.encoder = Encoder(self.bb, dataset.items, cache_vision=cfg.cache_vision, packed=cfg.packed)
         self.obj = ObjectiveConfig(name=self.method.objective, tau=cfg.tau, tau_crtr=cfg.tau_crtr, lam=cfg.lam,
                                    penalty_offset=cfg.penalty_offset)
