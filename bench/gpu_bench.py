@@ -178,7 +178,7 @@ def main() -> None:
     bb = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
 
     # ---------------------------------------------------------------- item embeddings
-    from vlm2rec_lab.attention import set_vision_attention
+    from vlm2rec_lab.attention import set_varlen_kernel, set_vision_attention
 
     if not a.train_only:
         with torch.inference_mode():
@@ -197,15 +197,20 @@ def main() -> None:
                  beauty_s=round(BEAUTY_ITEMS / plain_rate, 1), peak_gib=peak_gib(device))
             vis = {}
             chunk = list(range(min(256, n_items)))
-            for varlen in (False, True, False, True):  # the vision tower alone, per-window vs batched attention
-                set_vision_attention(model, varlen=varlen)
+            for mode in ("window", "grouped", "flash", "window", "grouped", "flash"):  # the vision tower alone
+                set_vision_attention(model, varlen=mode != "window")
+                set_varlen_kernel("flash" if mode == "flash" else "sdpa")
                 sync(device); t = time.perf_counter()
                 ref = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
                 sync(device)
-                vis[varlen] = (len(chunk) / (time.perf_counter() - t), ref)
-            agree = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item() for x, y in zip(vis[True][1], vis[False][1]))
-            emit(figure="vision_tower", images=len(chunk), per_window_images_per_s=round(vis[False][0], 1),
-                 varlen_images_per_s=round(vis[True][0], 1), ratio=round(vis[True][0] / vis[False][0], 2), max_rel_diff=round(agree, 5))
+                vis[mode] = (len(chunk) / (time.perf_counter() - t), ref)
+            set_varlen_kernel("sdpa")
+            agree = {m: max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
+                            for x, y in zip(vis[m][1], vis["window"][1])) for m in ("grouped", "flash")}
+            emit(figure="vision_tower", images=len(chunk), per_window_images_per_s=round(vis["window"][0], 1),
+                 varlen_images_per_s=round(vis["grouped"][0], 1), ratio=round(vis["grouped"][0] / vis["window"][0], 2),
+                 max_rel_diff=round(agree["grouped"], 5), flash_images_per_s=round(vis["flash"][0], 1),
+                 flash_ratio=round(vis["flash"][0] / vis["window"][0], 2), flash_max_rel_diff=round(agree["flash"], 5))
             set_vision_attention(model, varlen=True)
             for warm in (True, False):
                 n = 8 if warm else a.project_items
@@ -278,12 +283,14 @@ def main() -> None:
     variants = (("plain_ckpt", plain_fn, True), ("plain", plain_fn, False),
                 ("project_unpacked_peft_cast", unpacked_fn, False),  # cache only: four padded forwards, fp32 LoRA
                 ("project_unpacked", unpacked_fn, False),  # + bf16 LoRA under autocast
-                ("project", proj_fn, False))  # + the four prompt sets packed into one forward
+                ("project", proj_fn, False),  # + the four prompt sets packed into one forward
+                ("project_flash", proj_fn, False))  # + PyTorch's varlen flash kernel instead of grouped SDPA
     if a.train_variants:
         variants = tuple(v for v in variants if v[0] in a.train_variants.split(","))
     for name, fn, ckpt in variants:
         set_vision_attention(model, varlen=not name.startswith("plain"))
         bb.mixed_precision = not name.endswith("peft_cast")
+        set_varlen_kernel("flash" if name == "project_flash" else "sdpa")
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -304,6 +311,7 @@ def main() -> None:
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
              peak_gib=peak_gib(device))
+    set_varlen_kernel("sdpa")
     if "project" in results:
         emit(figure="train_step_ratio", **{f"vs_{k}": round(v / results["project"], 2) for k, v in results.items() if k != "project"})
     if a.profile:

@@ -14,6 +14,7 @@ the language model keeps its own implementation.
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -64,15 +65,66 @@ def _plan(cu_seqlens: Tensor) -> tuple[list, Tensor | None]:
     return plan
 
 
+KERNELS = ("sdpa", "flash")
+_kernel = os.environ.get("VLM2REC_VARLEN_KERNEL", "sdpa")
+
+
+def set_varlen_kernel(name: str) -> str:
+    """``sdpa`` (default): one SDPA call per distinct segment length; ``flash``: PyTorch's own
+    variable-length flash kernel (``torch.nn.attention.varlen``), one call for all segments, on a GPU
+    in bf16/fp16 (elsewhere ``sdpa`` is used). Returns the previous setting."""
+    global _kernel
+    if name not in KERNELS:
+        raise ValueError(f"varlen kernel {name!r}: one of {KERNELS}")
+    before, _kernel = _kernel, name
+    return before
+
+
+def _flash_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, max_len: int,
+                  scaling: float | None, causal: bool) -> Tensor | None:
+    """One variable-length flash call, or None where this torch has no such kernel or it cannot take
+    these arguments. Its signature changed across torch releases: both spellings are handled."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (total, heads, dim)
+    kw: dict = {}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif "is_causal" in params:
+        kw["is_causal"] = causal
+    elif causal:
+        return None
+    if "scale" in params:
+        kw["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-9:
+        return None
+    cu = cu_seqlens.to(torch.int32)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)[None]
+
+
 def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, scaling: float | None = None,
                 causal: bool = False) -> Tensor:
     """Attention within segments (causal or not). ``query``: (1, heads, total, dim); ``key`` and
     ``value``: (1, kv_heads, total, dim) (grouped-query attention when fewer heads); ``cu_seqlens``:
     (segments + 1,) boundaries. Returns (1, total, heads, dim), the layout transformers' attention
-    functions return."""
+    functions return. The kernel: see :func:`set_varlen_kernel`."""
     _, h, total, d = query.shape
     hk = key.shape[1]
     groups, inverse = _plan(cu_seqlens)
+    if _kernel == "flash" and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and groups:
+        out = _flash_varlen(query, key, value, cu_seqlens, max(n for n, _, _ in groups), scaling, causal)
+        if out is not None:
+            return out
     outs = []
     for n, idx, count in groups:
         parts = [t[0] if idx is None else t[0].index_select(1, idx) for t in (query, key, value)]  # (heads, tokens, dim)
