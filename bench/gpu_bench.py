@@ -121,6 +121,39 @@ def project_hidden(bb, feats: dict, b: dict):
     return last_token_pool(h, b["attention_mask"])
 
 
+def embed_items(hidden_fn, n: int, batch: int) -> None:
+    """Items 0..n-1 through ``hidden_fn(kind, item_lists)``, image and text prompts, ``batch`` at a time."""
+    for s in range(0, n, batch):
+        items = [[i] for i in range(s, min(s + batch, n))]
+        hidden_fn("V", items)
+        hidden_fn("T", items)
+
+
+def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit, path: str = "project") -> tuple[float, dict]:
+    """The project's item embedding: the vision cache (each image once, large batches), then the
+    image and text prompts in batches of ``batch``; a warm-up pass on a few items first (compiling,
+    where layers are compiled). Emits the figure; returns (items/s, the features)."""
+    for warm in (True, False):
+        n = 8 if warm else n_items
+        sync(device); reset_peak(device); t = time.perf_counter()
+        feats = {}
+        for s in range(0, n, 256):
+            chunk = list(range(s, min(s + 256, n)))
+            out = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
+            feats.update(zip(chunk, out))
+        sync(device)
+        t_vision = time.perf_counter() - t
+        embed_items(lambda kind, items: project_hidden(bb, feats, shapes.batch(kind, items)), n, batch)
+        sync(device)
+        rate = n / (time.perf_counter() - t)
+        if warm:
+            warm_s = time.perf_counter() - t
+    emit(figure="item_embedding", path=path, batch=batch, items=n_items, items_per_s=round(rate, 1),
+         vision_share=round(t_vision * rate / n_items, 3), beauty_s=round(BEAUTY_ITEMS / rate, 1),
+         warm_up_s=round(warm_s, 1), peak_gib=peak_gib(device))
+    return rate, feats
+
+
 def project_packed(bb, feats: dict, shapes: Shapes, requests: list) -> list:
     """The project's training path: a step's prompt sets packed into one forward, no padding."""
     seqs, pos, fl, sizes = [], [], [], []
@@ -187,10 +220,7 @@ def main() -> None:
                 n = 8 if warm else a.plain_items
                 bs = 32
                 sync(device); reset_peak(device); t = time.perf_counter()
-                for s in range(0, n, bs):
-                    items = [[i] for i in range(s, min(s + bs, n))]
-                    plain_hidden(model, shapes, shapes.batch("V", items))
-                    plain_hidden(model, shapes, shapes.batch("T", items))
+                embed_items(lambda kind, items: plain_hidden(model, shapes, shapes.batch(kind, items)), n, bs)
                 sync(device)
                 plain_rate = n / (time.perf_counter() - t)
             emit(figure="item_embedding", path="plain", batch=32, items=a.plain_items, items_per_s=round(plain_rate, 1),
@@ -212,25 +242,7 @@ def main() -> None:
                  max_rel_diff=round(agree["grouped"], 5), flash_images_per_s=round(vis["flash"][0], 1),
                  flash_ratio=round(vis["flash"][0] / vis["window"][0], 2), flash_max_rel_diff=round(agree["flash"], 5))
             set_vision_attention(model, varlen=True)
-            for warm in (True, False):
-                n = 8 if warm else a.project_items
-                sync(device); reset_peak(device); t = time.perf_counter()
-                feats = {}
-                for s in range(0, n, 256):  # the vision cache: each image once, large batches
-                    chunk = list(range(s, min(s + 256, n)))
-                    out = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
-                    feats.update(zip(chunk, out))
-                sync(device)
-                t_vision = time.perf_counter() - t
-                for s in range(0, n, a.embed_batch):
-                    items = [[i] for i in range(s, min(s + a.embed_batch, n))]
-                    project_hidden(bb, feats, shapes.batch("V", items))
-                    project_hidden(bb, feats, shapes.batch("T", items))
-                sync(device)
-                proj_rate = n / (time.perf_counter() - t)
-            emit(figure="item_embedding", path="project", batch=a.embed_batch, items=a.project_items, items_per_s=round(proj_rate, 1),
-                 vision_share=round(t_vision * proj_rate / a.project_items, 3), beauty_s=round(BEAUTY_ITEMS / proj_rate, 1),
-                 peak_gib=peak_gib(device))
+            proj_rate, feats = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit)
             emit(figure="item_embedding_ratio", ratio=round(proj_rate / plain_rate, 2))
             # same numbers from both paths
             items = [[i] for i in range(4)]
@@ -318,8 +330,14 @@ def main() -> None:
         profile_step(lambda: step(proj_fn, batches[1]), device, emit)
         packed_probe(peft, n_tokens, a.steps, device, dtype, emit)
     if a.compile:  # last: compiling changes the layers in place
+        backend = "aot_eager" if a.tiny else "inductor"
         compiled_step(bb, lambda b: step(proj_fn, b), batches, a.steps, device, emit, results.get("plain_ckpt"),
-                      backend="aot_eager" if a.tiny else "inductor")
+                      backend=backend)
+        if not a.train_only:  # item embedding with the vision blocks compiled too
+            bb.compile_layers(backend=backend, vision=True)
+            with torch.inference_mode():
+                rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path="project_compiled")
+            emit(figure="item_embedding_ratio", path="project_compiled", ratio=round(rate / plain_rate, 2))
 
 
 def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str) -> None:

@@ -230,3 +230,14 @@ def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal):
             set_varlen_kernel(before)
     for a, b in zip(res["sdpa"], res["flash"]):
         torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2)
+
+
+def test_compiled_vision_blocks_give_the_same_features(tiny):
+    grids = torch.tensor([[1, 8, 8], [1, 4, 8]])
+    px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = tiny.image_features(px, grids)
+        assert tiny.compile_layers(backend="aot_eager", vision=True) == 2 + 2  # decoder layers + vision blocks
+        compiled = tiny.image_features(px, grids)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

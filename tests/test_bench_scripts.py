@@ -15,7 +15,7 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     figures = {(x["figure"], x.get("path")) for x in rows}
     assert {("item_embedding", "plain"), ("item_embedding", "project"), ("train_step", "plain_ckpt"),
-            ("train_step", "project"), ("train_step", "project_compiled"), ("vision_tower", None)} <= figures
+            ("train_step", "project"), ("train_step", "project_compiled"), ("item_embedding", "project_compiled"), ("vision_tower", None)} <= figures
     assert "error" not in next(x for x in rows if x.get("path") == "project_compiled")
     agree = next(x for x in rows if x["figure"] == "train_loss_agreement")
     assert agree["rel_diff"] <= 1e-2

@@ -173,16 +173,21 @@ class Backbone:
             hidden = self.model(**kw).last_hidden_state[0]
         return hidden[cu[1:].long() - 1]
 
-    def compile_layers(self, backend: str = "inductor") -> int:
+    def compile_layers(self, backend: str = "inductor", vision: bool = False) -> int:
         """``torch.compile`` each decoder layer of the language model in place (dynamic shapes, so
-        packed steps of varying length reuse the graphs): fuses the elementwise work around the
-        matrix products (norms, rotary, SiLU, LoRA scaling). Call after LoRA is applied. Returns the
-        number of layers compiled."""
+        packed steps of varying length reuse the graphs), and with ``vision`` each vision block too:
+        fuses the elementwise work around the matrix products (norms, rotary, SiLU, LoRA scaling).
+        Call after LoRA is applied. Returns the number of blocks compiled."""
         base = _unwrap(self.model)
         lm = getattr(base, "language_model", None) or getattr(base, "model", base)
-        layers = getattr(lm, "layers", None)
-        if layers is None:
+        layers = list(getattr(lm, "layers", None) or [])
+        if not layers:
             raise ValueError(f"{self.name}: no decoder layers found to compile")
+        if vision:
+            visual = getattr(base, "visual", None)
+            if visual is None:
+                raise ValueError(f"{self.name}: no vision tower to compile")
+            layers += list(visual.blocks)
         for layer in layers:
             layer.compile(backend=backend, dynamic=True)
         return len(layers)
