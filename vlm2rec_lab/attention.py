@@ -1,16 +1,19 @@
-"""Variable-length attention for the vision tower without flash-attn: one batched SDPA per segment
-length instead of one call per window.
+"""Variable-length attention without flash-attn: one batched SDPA per segment length instead of one
+call per segment, for the vision tower's windows and for packed language-model prompts.
 
 Qwen2.5-VL's vision tower attends within windows (and, in a few layers, within whole images), each
 a segment of the flattened patch sequence given by ``cu_seqlens``. Without flash-attn, Hugging Face
 calls SDPA once per segment: for a batch of 256 images of 224 px that is 1,024 window calls per layer,
 and the vision tower runs at a few percent of the GPU's peak. Segments of equal length (all windows of
-same-size images) stack into one batch; this function does that, grouping by length, so the result is
-the same attention, computed in one kernel per distinct length.
+same-size images) stack into one batch; :func:`varlen_sdpa` does that, grouping by length, so the
+result is the same attention, computed in one kernel per distinct length. The same function, causal,
+serves prompts packed into one sequence (:func:`packed_language_model`,
+``Backbone.forward_packed``); :func:`set_varlen_kernel` can hand both to PyTorch's own
+variable-length flash kernel instead.
 
 It is registered with transformers' ``AttentionInterface`` under :data:`NAME` (the name contains
-"flash" so that the vision attention passes ``cu_seqlens`` to it) and set on the *vision* config only:
-the language model keeps its own implementation.
+"flash" so that transformers passes ``cu_seqlens`` to it). It is set on the *vision* config (on a
+GPU), and on the language model's config only inside :func:`packed_language_model`.
 """
 from __future__ import annotations
 

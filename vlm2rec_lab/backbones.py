@@ -142,7 +142,9 @@ class Backbone:
 
     def rope_positions(self, input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None) -> list[Tensor]:
         """Per row of a (left- or right-) padded batch: the (3, length) multimodal rotary positions of
-        its real tokens, exactly as the model's own forward computes them."""
+        its real tokens — the model's own ``get_rope_index`` for prompts with images, 0..length-1 for
+        text-only ones (a padded forward offsets those by the padding, which rotary attention,
+        depending only on relative positions, does not see)."""
         rows = attention_mask.bool()
         if image_grid_thw is None or not len(image_grid_thw):
             return [torch.arange(int(m.sum()), device=input_ids.device).expand(3, -1) for m in rows]
@@ -196,8 +198,8 @@ class Backbone:
     def compute(self):
         """Where a low-precision model runs on a GPU: under autocast to its dtype, with PEFT's input
         casting off, so LoRA's small matrices take bf16 activations as they are (fp32 master weights
-        kept) instead of copying every activation to fp32 and back — in a training step those copies
-        and the fp32 LoRA matmuls were a third of the GPU's time. Elsewhere, and under gradient
+        kept) instead of copying every activation to fp32 and back (on an H100, a 3B training step
+        took 0.850 s with those copies and 0.734 s without, and 15 GiB less). Elsewhere, and under gradient
         checkpointing (whose recomputation runs outside this context), as is."""
         if (not self.mixed_precision or self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16)
                 or getattr(_unwrap(self.model), "is_activation_checkpointing", False)):

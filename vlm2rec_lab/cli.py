@@ -267,7 +267,8 @@ def cmd_train(a) -> int:
                           batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed, users_k=a.users_k, tau=a.tau,
                           tau_crtr=a.tau_crtr, lam=a.lam, alpha=a.alpha, beta=a.beta,
                           learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
-                          gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache, packed=not a.no_packing, compile=a.compile,
+                          gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
+                          packed=not a.no_packing, compile=a.compile,
                           checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device)
     if dist.rank() == 0:
         create_run(a.out, cfg, ds, resume=a.resume)

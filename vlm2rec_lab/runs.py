@@ -295,10 +295,8 @@ def ensure_run(dataset, cfg: TrainConfig, run_dir: str | Path, progress: bool = 
 
 def _run_fingerprint(run: Path) -> str | None:
     """The data fingerprint a run folder was made with (None when it has no readable manifest)."""
-    import json
-
     try:
-        return json.loads((run / "manifest.json").read_text())["data"]["fingerprint"]
+        return load_manifest(run)["data"]["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
