@@ -46,12 +46,14 @@ def model_config(tiny: bool):
 
 
 class Shapes:
-    """Beauty-shaped token sequences: ~25-token titles, a chat-template prefix, one image per item."""
+    """Beauty-shaped token sequences: ~25-token titles (all 25, or 15-35 with ``vary``), a
+    chat-template prefix, one image per item."""
 
-    def __init__(self, cfg, n_items: int, image_px: int, gen: torch.Generator, device):
+    def __init__(self, cfg, n_items: int, image_px: int, gen: torch.Generator, device, vary: bool = False):
         self.cfg, self.device = cfg, device
         v = cfg.text_config.vocab_size
-        self.titles = torch.randint(100, v - 10, (n_items, 25), generator=gen)
+        lengths = torch.randint(15, 36, (n_items,), generator=gen) if vary else torch.full((n_items,), 25)
+        self.titles = [torch.randint(100, v - 10, (int(n),), generator=gen) for n in lengths]
         self.prefix = torch.randint(100, v - 10, (24,), generator=gen).tolist()
         self.suffix = torch.randint(100, v - 10, (5,), generator=gen).tolist()
         side = image_px // 14
@@ -175,6 +177,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--embed-batch", type=int, default=128)
     ap.add_argument("--train-only", action="store_true", help="skip the item-embedding figures")
+    ap.add_argument("--vary", action="store_true",
+                    help="titles of 15-35 tokens and histories of 3-10 items instead of 25 and 7 (real data varies)")
     ap.add_argument("--train-variants", default=None, help="comma list of training variants to run (default: all)")
     ap.add_argument("--compile", action="store_true", help="also: the project step with torch.compile'd decoder layers")
     ap.add_argument("--profile", action="store_true",
@@ -207,7 +211,7 @@ def main() -> None:
     emit(figure="model", params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3), init_s=round(time.perf_counter() - t0, 1))
     gen = torch.Generator().manual_seed(0)
     n_items = max(a.plain_items, a.project_items)
-    shapes = Shapes(cfg, n_items, 56 if a.tiny else 224, gen, device)
+    shapes = Shapes(cfg, n_items, 56 if a.tiny else 224, gen, device, vary=a.vary)
     bb = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
 
     # ---------------------------------------------------------------- item embeddings
@@ -259,7 +263,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(a.steps + 1):
-        hist = torch.randint(0, n_items, (8, 7), generator=g).tolist()
+        if a.vary:  # Beauty-like spread: 3 to 10 items (mean about 7)
+            hist = [torch.randint(0, n_items, (int(torch.randint(3, 11, (1,), generator=g)),), generator=g).tolist()
+                    for _ in range(8)]
+        else:
+            hist = torch.randint(0, n_items, (8, 7), generator=g).tolist()
         tgt = torch.randint(0, n_items, (8,), generator=g).tolist()
         batches.append((hist, [[t] for t in tgt]))
     n_tokens = sum(shapes.batch(k, lst)["attention_mask"].sum().item() for k in ("T", "V") for lst in batches[0])
