@@ -27,7 +27,7 @@ def main(mode: str, data: str, out: str) -> None:
             create_run(run, TrainConfig(method="vlm-vanilla"), ds)
         dist.barrier()
         embed_run(run, ds, progress=False)
-    dist.shutdown()
+    dist.finish(0)
 
 
 if __name__ == "__main__":

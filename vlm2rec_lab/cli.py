@@ -393,11 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         or {"evaluate": cmd_evaluate, "demo": cmd_demo, "downstream": cmd_downstream, "train": cmd_train,
            "embed": cmd_embed, "batch": cmd_batch}[a.command]
     try:
-        return handler(a)
+        code = handler(a)
     except (DataFormatError, ImagesOfflineError, FileNotFoundError, FileExistsError, ValueError, KeyError,
             TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    from . import distributed
+
+    return distributed.finish(code)  # under torchrun: leave the process group and exit here
 
 
 if __name__ == "__main__":
