@@ -17,6 +17,7 @@ GPU), and on the language model's config only inside :func:`packed_language_mode
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
@@ -83,17 +84,25 @@ def set_varlen_kernel(name: str) -> str:
     return before
 
 
-def _flash_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, max_len: int,
-                  scaling: float | None, causal: bool) -> Tensor | None:
-    """One variable-length flash call, or None where this torch has no such kernel or it cannot take
-    these arguments. Its signature changed across torch releases: both spellings are handled."""
+@functools.cache
+def _varlen_kernel():
+    """PyTorch's variable-length flash function and its parameter names (looked up once), or (None, ())."""
     import inspect
 
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
+        return None, ()
+    return varlen_attn, tuple(inspect.signature(varlen_attn).parameters)
+
+
+def _flash_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, max_len: int,
+                  scaling: float | None, causal: bool) -> Tensor | None:
+    """One variable-length flash call, or None where this torch has no such kernel or it cannot take
+    these arguments. Its signature changed across torch releases: both spellings are handled."""
+    varlen_attn, params = _varlen_kernel()
+    if varlen_attn is None:
         return None
-    params = inspect.signature(varlen_attn).parameters
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (total, heads, dim)
     kw: dict = {}
     if k.shape[1] != q.shape[1]:
@@ -121,7 +130,7 @@ def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, s
     ``value``: (1, kv_heads, total, dim) (grouped-query attention when fewer heads); ``cu_seqlens``:
     (segments + 1,) boundaries. Returns (1, total, heads, dim), the layout transformers' attention
     functions return. The kernel: see :func:`set_varlen_kernel`."""
-    _, h, total, d = query.shape
+    _, h, _, d = query.shape
     hk = key.shape[1]
     groups, inverse = _plan(cu_seqlens)
     if _kernel == "flash" and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and groups:
