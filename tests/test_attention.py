@@ -33,10 +33,60 @@ def test_varlen_sdpa_is_per_segment_attention(lengths):
 
 
 def test_segment_groups():
-    (n, idx, count), = segment_groups(torch.tensor([0, 3, 6, 9]))
-    assert (n, idx, count) == (3, None, 3)
-    groups = {n: (idx.tolist(), c) for n, idx, c in segment_groups(torch.tensor([0, 2, 5, 7]))}
-    assert groups == {2: ([0, 1, 5, 6], 2), 3: ([2, 3, 4], 1)}
+    (n, idx, count, nk, kidx), = segment_groups(torch.tensor([0, 3, 6, 9]))
+    assert (n, idx, count, nk, kidx) == (3, None, 3, 3, None)
+    groups = {n: (idx.tolist(), c, nk) for n, idx, c, nk, _ in segment_groups(torch.tensor([0, 2, 5, 7]))}
+    assert groups == {2: ([0, 1, 5, 6], 2, 2), 3: ([2, 3, 4], 1, 3)}
+    # segments 1 and 2 continue segment 0 (tokens 0-1): their keys are [0, 1] then their own
+    groups = {(n, nk): (idx.tolist(), kidx.tolist()) for n, idx, c, nk, kidx
+              in segment_groups(torch.tensor([0, 2, 4, 6]), prefix_of=[-1, 0, 0])}
+    assert groups == {(2, 2): ([0, 1], [0, 1]), (2, 4): ([2, 3, 4, 5], [0, 1, 2, 3, 0, 1, 4, 5])}
+    with pytest.raises(ValueError, match="names 2 segments"):
+        segment_groups(torch.tensor([0, 2, 4, 6]), prefix_of=[-1, 0])
+
+
+@pytest.mark.parametrize("hk", [4, 2])
+def test_shared_prefix_attention_is_attention_over_the_whole_prompt(hk):
+    """Segments that continue a shared prefix segment: their outputs equal causal attention over
+    [prefix, segment] (the whole prompt), rows of the segment; the prefix's own rows are plain causal."""
+    g = torch.Generator().manual_seed(3)
+    lengths, prefix_of = [3, 2, 4, 4, 1, 5, 2], [-1, -1, 0, 0, 0, 1, -1]
+    total = sum(lengths)
+    q = torch.randn(1, 4, total, 8, generator=g)
+    k, v = (torch.randn(1, hk, total, 8, generator=g) for _ in range(2))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    got = varlen_sdpa(q, k, v, cu, scaling=0.4, causal=True, prefix_of=prefix_of)
+    kr, vr = (t.repeat_interleave(4 // hk, dim=1) for t in (k, v))
+    b = cu.tolist()
+    for s, t in enumerate(prefix_of):
+        rows = list(range(b[s], b[s + 1]))
+        keys = (list(range(b[t], b[t + 1])) if t >= 0 else []) + rows
+        full = F.scaled_dot_product_attention(q[:, :, keys], kr[:, :, keys], vr[:, :, keys], scale=0.4, is_causal=True)
+        torch.testing.assert_close(got[:, rows], full[:, :, -len(rows):].transpose(1, 2), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="causal"):
+        varlen_sdpa(q, k, v, cu, causal=False, prefix_of=prefix_of)
+
+
+def test_shared_prefixes_split_prompts_that_begin_alike():
+    from vlm2rec_lab.attention import shared_prefixes
+
+    def pos(n, start=0):
+        return torch.arange(start, start + n).expand(3, -1)
+
+    seqs = [torch.tensor(x) for x in ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 8], [1, 2, 3, 4, 5, 6, 9, 9],  # kind a
+                                      [1, 2, 3, 4, 99, 99, 5],  # kind b: image token 99 stops the prefix at 4
+                                      [1, 2, 3, 4, 99, 99, 6],
+                                      [1, 2, 3, 4, 5, 6, 7])]  # kind c: alone, kept whole
+    positions = [pos(len(s)) for s in seqs]
+    positions[4] = torch.cat([pos(3), pos(len(seqs[4]) - 3, 10)], 1)  # b's positions part after token 3
+    out, out_pos, prefix_of, n = shared_prefixes(seqs, positions, list("aaabbc"), stop_ids=(99,), min_length=3)
+    assert n == 2 and prefix_of == [-1, -1, 0, 0, 0, 1, 1, -1]
+    assert out[0].tolist() == [1, 2, 3, 4, 5] and out[1].tolist() == [1, 2, 3]  # a: up to 5 (6 is not in row 1's prefix)
+    assert [x.tolist() for x in out[2:]] == [[6, 7], [8], [6, 9, 9], [4, 99, 99, 5], [4, 99, 99, 6], [1, 2, 3, 4, 5, 6, 7]]
+    for s, p, whole, wp in zip(out[2:], out_pos[2:], seqs, positions):  # the rest keeps its own positions
+        torch.testing.assert_close(p, wp[:, len(wp[0]) - len(s):])
+    # a prefix shorter than min_length is not shared
+    assert shared_prefixes(seqs, positions, list("aaabbc"), stop_ids=(99,), min_length=6)[3] == 0
 
 
 def test_causal_grouped_query_segments():
@@ -127,34 +177,44 @@ def _lora_tiny(synth_ds):
     return bb
 
 
-def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny_path):
+def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny_path, monkeypatch):
     """A training step's four prompt sets (histories of different lengths, text and image) packed into
-    one forward: the same embeddings and the same LoRA gradients as four padded forwards."""
+    one forward, with and without shared prefixes: the same embeddings and the same LoRA gradients
+    as four padded forwards. The prefixes are really shared (one per prompt kind)."""
+    from vlm2rec_lab import attention
     from vlm2rec_lab.encoder import Encoder
 
     bb = _lora_tiny(synth_ds)
     lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], [[11], [12], [13], [14]]
     requests = [("T", lists), ("V", lists), ("T", items), ("V", items), ("I", lists)]
+    seen = []
+    real = attention.shared_prefixes
+    monkeypatch.setattr(attention, "shared_prefixes", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     results = {}
-    for packed in (False, True):
-        enc = Encoder(bb, synth_ds.items, packed=packed)
+    for packed, share in ((False, False), (True, False), (True, True)):
+        enc = Encoder(bb, synth_ds.items, packed=packed, share_prefix=share)
         bb.model.zero_grad()
         out = enc.embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
         grads = {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad}
-        results[packed] = ([o.detach() for o in out], grads)
-    for a, b in zip(results[False][0], results[True][0]):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert results[True][1].keys() == results[False][1].keys()
-    for n, g in results[False][1].items():
-        torch.testing.assert_close(results[True][1][n], g, rtol=1e-3, atol=1e-5, msg=n)
+        results[packed, share] = ([o.detach() for o in out], grads)
+    (seqs, _, prefix_of, n_prefixes), = seen
+    assert n_prefixes == 3 and prefix_of.count(-1) == 3  # T, V and I prompts each share their head
+    assert all(len(seqs[k]) > 10 for k in range(3))  # system turn and prompt head at least
+    ref = results[False, False]
+    for key in ((True, False), (True, True)):
+        for a, b in zip(ref[0], results[key][0]):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert results[key][1].keys() == ref[1].keys()
+        for n, g in ref[1].items():
+            torch.testing.assert_close(results[key][1][n], g, rtol=1e-3, atol=1e-5, msg=f"{key} {n}")
 
 
 def test_packing_steps_aside_under_gradient_checkpointing(synth_ds, tiny_path):
     bb = _lora_tiny(synth_ds)
     assert bb.can_pack
-    bb.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bb.enable_checkpointing()
     assert not bb.can_pack
 
 
@@ -207,10 +267,11 @@ def _per_segment_causal(q, k, v, lengths):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False, True, "prefix"])
 def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal):
     """PyTorch's variable-length flash kernel against the grouped SDPA, bf16, grouped-query heads:
-    outputs and input gradients within bf16 tolerance."""
+    outputs and input gradients within bf16 tolerance; also with shared prefixes (the flash call's
+    causal mask aligned at the end of each segment's [prefix, own] keys)."""
     from vlm2rec_lab.attention import set_varlen_kernel
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -223,7 +284,8 @@ def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal):
         before = set_varlen_kernel(kernel)
         try:
             q, k, v = (t.clone().requires_grad_(True) for t in base)
-            out = varlen_sdpa(q, k, v, cu.clone(), scaling=0.125, causal=causal)
+            prefix_of = [-1, 0, -1, 0, 2] if causal == "prefix" else None
+            out = varlen_sdpa(q, k, v, cu.clone(), scaling=0.125, causal=bool(causal), prefix_of=prefix_of)
             out.float().pow(2).sum().backward()
             res[kernel] = [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
         finally:

@@ -14,10 +14,22 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     figures = {(x["figure"], x.get("path")) for x in rows}
-    assert {("item_embedding", "plain"), ("item_embedding", "project"), ("train_step", "plain_ckpt"),
+    assert {("item_embedding", "plain"), ("item_embedding", "project"), ("item_embedding", "project_padded"),
+            ("train_step", "plain_ckpt"), ("train_step", "project_packed"),
             ("train_step", "project"), ("train_step", "project_compiled"), ("item_embedding", "project_compiled"), ("vision_tower", None)} <= figures
     assert "error" not in next(x for x in rows if x.get("path") == "project_compiled")
     agree = next(x for x in rows if x["figure"] == "train_loss_agreement")
     assert agree["rel_diff"] <= 1e-2
-    emb = next(x for x in rows if x["figure"] == "item_embedding_agreement")
-    assert emb["max_rel_diff"] <= 1e-3  # fp32 on the CPU
+    emb = [x for x in rows if x["figure"] == "item_embedding_agreement"]
+    assert {x["path"] for x in emb} == {"project", "project_padded"}
+    assert all(x["max_rel_diff"] <= 1e-3 for x in emb)  # fp32 on the CPU
+
+
+def test_item_embedding_bench_runs_its_three_paths_and_they_agree(synth_ds, tiny_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "embed_items.py"), "--data", str(synth_ds.path), "--repeats", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert {x["path"] for x in rows if x["figure"] == "item_embedding"} == {"padded", "packed", "packed_shared_prefix"}
+    ratios = [x for x in rows if x["figure"] == "item_embedding_ratio"]
+    assert len(ratios) == 2 and all(x["max_rel_diff"] <= 1e-4 for x in ratios)

@@ -158,6 +158,52 @@ def test_gradient_checkpointing_changes_memory_not_numbers(synth_ds, tiny_path, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def _oom_on_call(tr, n: int):
+    """Make the trainer's ``n``-th micro-batch forward (1-based) raise a device out-of-memory error."""
+    real, calls = tr.micro_step, []
+
+    def micro_step(sel):
+        calls.append(1)
+        if len(calls) == n:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(sel)
+
+    tr.micro_step = micro_step
+
+
+def test_a_step_that_runs_out_of_memory_is_redone_with_gradient_checkpointing(synth_ds, tiny_path, tmp_path):
+    """Checkpointing only when memory requires it: the second step's second micro-batch runs out of
+    memory; the step is redone with checkpointing on, from the same random state (LoRA dropout on)
+    and without the failed try's per-user log, so the run equals one checkpointed from step 2 on."""
+    kw = dict(method="vlm2rec", users_k=24, batch_size=4, grad_accum=2, max_steps=3, grad_cos_every=0,
+              checkpoint_every=0, packed=False, lora_dropout=0.1)
+    oom = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
+    _oom_on_call(oom, 4)
+    with pytest.warns(RuntimeWarning, match="step 2 ran out of device memory"):
+        oom.train()
+    assert [r["checkpointing"] for r in oom.log] == [False, True, True] and not oom.bb.can_pack
+    ref = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
+    ref.train()
+    assert [r["loss"] for r in oom.log] == pytest.approx([r["loss"] for r in ref.log], abs=1e-6)
+    assert oom.weak == ref.weak and len(oom.weak) == 3 * 2 * 4
+    a, b = lora_state(oom), lora_state(ref)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_out_of_memory_is_not_retried_where_it_cannot_be(synth_ds, tiny_path, tmp_path, monkeypatch):
+    """Already checkpointing, or several processes (whose collectives cannot agree on a retry): raised."""
+    from vlm2rec_lab import distributed
+
+    kw = dict(method="vlm-sft", users_k=16, batch_size=4, max_steps=2, grad_cos_every=0, checkpoint_every=0)
+    tr = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "a", progress=False)
+    _oom_on_call(tr, 1)
+    with pytest.raises(torch.OutOfMemoryError):
+        tr.train()
+    tr = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "b", progress=False)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert not tr._can_fall_back()
+
+
 def test_packed_steps_train_like_padded_ones(synth_ds, tiny_path, tmp_path):
     """The four prompt sets of a step packed into one forward: the same losses and LoRA weights as
     padded forwards, up to float rounding, over a few optimizer steps."""

@@ -28,45 +28,102 @@ from torch.nn import functional as F
 NAME = "sdpa_flash_varlen"  # "flash" in the name: transformers then hands over cu_seqlens
 
 
-def segment_groups(cu_seqlens: Tensor) -> list[tuple[int, Tensor | None, int]]:
-    """``cu_seqlens`` -> [(length, token index or None, count)] per distinct segment length. The index
-    lists the tokens of that length's segments in order; None when every segment has that length
-    (the whole sequence reshapes without a gather)."""
+Group = tuple  # (n, query index | None, count, n_keys, key index | None): see segment_groups
+
+
+def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None) -> list[Group]:
+    """``cu_seqlens`` -> one entry per distinct (segment length, shared prefix):
+    ``(n, q_index, count, n_keys, k_index)``. ``q_index`` lists the tokens of that group's segments
+    in order (None when every segment is in one group: the whole sequence reshapes without a
+    gather). ``prefix_of`` names, per segment, the segment that is its shared prefix (-1: none): such
+    a segment's queries also see all of its prefix's keys, so ``k_index`` lists, per segment, the
+    prefix's tokens and then its own (``n_keys`` = prefix length + n); otherwise ``k_index`` is
+    ``q_index`` and ``n_keys`` is n."""
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    tags = list(prefix_of) if prefix_of is not None else [-1] * len(lengths)
+    if len(tags) != len(lengths):
+        raise ValueError(f"prefix_of names {len(tags)} segments, cu_seqlens delimits {len(lengths)}")
     if not lengths:
         return []
-    if all(n == lengths[0] for n in lengths):
-        return [(lengths[0], None, len(lengths))]
-    by_len: dict[int, list[int]] = {}
-    for a, n in zip(bounds[:-1], lengths):
+    if all(n == lengths[0] for n in lengths) and all(t < 0 for t in tags):
+        return [(lengths[0], None, len(lengths), lengths[0], None)]
+    by_key: dict[tuple[int, int], list[int]] = {}
+    for a, n, tag in zip(bounds[:-1], lengths, tags):
         if n > 0:
-            by_len.setdefault(n, []).append(a)
+            by_key.setdefault((n, tag), []).append(a)
     out = []
-    for n, starts in by_len.items():
-        idx = (torch.tensor(starts)[:, None] + torch.arange(n)[None]).reshape(-1).to(cu_seqlens.device)
-        out.append((n, idx, len(starts)))
+    for (n, tag), starts in by_key.items():
+        own = torch.tensor(starts)[:, None] + torch.arange(n)[None]
+        idx = own.reshape(-1).to(cu_seqlens.device)
+        if tag < 0:
+            out.append((n, idx, len(starts), n, idx))
+            continue
+        pre = torch.arange(bounds[tag], bounds[tag + 1])[None].expand(len(starts), -1)
+        keys = torch.cat([pre, own], 1)
+        out.append((n, idx, len(starts), keys.shape[1], keys.reshape(-1).to(cu_seqlens.device)))
     return out
 
 
-_RECENT: list[tuple[Tensor, tuple]] = []  # (cu_seqlens, plan): layers reuse the same boundary tensors
+_RECENT: list[tuple[Tensor, object, tuple]] = []  # (cu_seqlens, prefix_of, plan): a forward's layers share them
 
 
-def _plan(cu_seqlens: Tensor) -> tuple[list, Tensor | None]:
-    """:func:`segment_groups` and the inverse permutation that puts grouped tokens back in order,
-    remembered for the last few boundary tensors (held, so identity is safe): a forward's layers
+def _plan(cu_seqlens: Tensor, prefix_of: list[int] | None = None) -> tuple[list[Group], Tensor | None, dict]:
+    """:func:`segment_groups`, the inverse permutation that puts grouped tokens back in order and a
+    memo for kernel-specific layouts, remembered for the last few boundary tensors (held, so identity is safe): a forward's layers
     share them, and each ``tolist`` is a device sync."""
-    for cu, plan in _RECENT:
-        if cu is cu_seqlens:
+    for cu, tags, plan in _RECENT:
+        if cu is cu_seqlens and tags is prefix_of:
             return plan
-    groups = segment_groups(cu_seqlens)
+    groups = segment_groups(cu_seqlens, prefix_of)
     inverse = None
     if len(groups) > 1 or (groups and groups[0][1] is not None):
-        inverse = torch.argsort(torch.cat([idx for _, idx, _ in groups]))
-    plan = (groups, inverse)
-    _RECENT.insert(0, (cu_seqlens, plan))
+        inverse = torch.argsort(torch.cat([g[1] for g in groups]))
+    plan = (groups, inverse, {})
+    _RECENT.insert(0, (cu_seqlens, prefix_of, plan))
     del _RECENT[4:]
     return plan
+
+
+def shared_prefixes(sequences: list[Tensor], positions: list[Tensor], groups: list, stop_ids: tuple[int, ...] = (),
+                    min_length: int = 4) -> tuple[list[Tensor], list[Tensor], list[int], int]:
+    """Split prompts that begin alike (a chat template's system turn, the prompt's head) into one
+    shared prefix per group and the rest of each prompt. Within each group (``groups``: a label per
+    sequence) the prefix is the longest run of leading tokens *and* rotary positions common to all
+    members, stopped before any token in ``stop_ids`` (image placeholders: equal ids, different
+    features) and short of every member's last token; groups of one, or with a prefix under
+    ``min_length`` tokens, keep their prompts whole.
+
+    Returns (sequences, positions, prefix_of, n_prefixes): the prefixes first, then every prompt's
+    rest in input order; ``prefix_of`` gives each segment its prefix's index (-1 for none), as
+    :func:`varlen_sdpa` takes it. Causal attention over [prefix, rest] is attention over the whole
+    prompt, so the rest's last hidden state is the prompt's, and each prefix is computed once."""
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    cut = [0] * len(sequences)
+    prefixes, pre_pos, owner = [], [], [-1] * len(sequences)
+    for rows in members.values():
+        if len(rows) < 2:
+            continue
+        n = min(len(sequences[i]) for i in rows) - 1
+        if n < min_length:
+            continue
+        ids = torch.stack([sequences[i][:n] for i in rows]).cpu()
+        pos = torch.stack([positions[i][:, :n] for i in rows]).cpu()  # (members, 3, n)
+        same = (ids == ids[0]).all(0) & (pos == pos[0]).all(0).all(0)
+        for s in stop_ids:
+            same &= ids[0] != s
+        p = int(same.long().cumprod(0).sum())
+        if p < min_length:
+            continue
+        for i in rows:
+            cut[i], owner[i] = p, len(prefixes)
+        prefixes.append(sequences[rows[0]][:p])
+        pre_pos.append(positions[rows[0]][:, :p])
+    seqs = prefixes + [s[c:] for s, c in zip(sequences, cut)]
+    pos = pre_pos + [q[:, c:] for q, c in zip(positions, cut)]
+    return seqs, pos, [-1] * len(prefixes) + owner, len(prefixes)
 
 
 KERNELS = ("sdpa", "flash")
@@ -96,10 +153,13 @@ def _varlen_kernel():
     return varlen_attn, tuple(inspect.signature(varlen_attn).parameters)
 
 
-def _flash_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, max_len: int,
+def _flash_varlen(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
                   scaling: float | None, causal: bool) -> Tensor | None:
     """One variable-length flash call, or None where this torch has no such kernel or it cannot take
-    these arguments. Its signature changed across torch releases: both spellings are handled."""
+    these arguments. ``query``: (1, heads, total_q, dim), ``key``/``value``: (1, kv_heads, total_k,
+    dim); with ``cu_k`` != ``cu_q`` the causal mask aligns each segment's queries with the *end* of
+    its keys (flash-attn's convention), which is what a shared prefix needs. Its signature changed
+    across torch releases: both spellings are handled."""
     varlen_attn, params = _varlen_kernel()
     if varlen_attn is None:
         return None
@@ -120,28 +180,69 @@ def _flash_varlen(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor,
         kw["scale"] = scaling
     elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-9:
         return None
-    cu = cu_seqlens.to(torch.int32)
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)[None]
+    return varlen_attn(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k, **kw)[None]
+
+
+def _flash_layout(groups: list[Group], device) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """For :func:`_flash_prefixed`: the key gather index with each segment's keys as [prefix, own]
+    in segment order, the query and key bounds, and the longest query and key segment."""
+    starts, rows = [], []
+    for n, q_idx, count, nk, k_idx in groups:
+        starts += q_idx.view(count, n)[:, 0].tolist()
+        rows += [(n, r) for r in k_idx.view(count, nk)]
+    rows = [rows[i] for i in sorted(range(len(starts)), key=starts.__getitem__)]
+    q_len = torch.tensor([n for n, _ in rows])
+    k_len = torch.tensor([len(r) for _, r in rows])
+    cu_q, cu_k = (torch.cat([x.new_zeros(1), x.cumsum(0)]).to(device) for x in (q_len, k_len))
+    return torch.cat([r for _, r in rows]), cu_q, cu_k, int(q_len.max()), int(k_len.max())
+
+
+def _flash_prefixed(query: Tensor, key: Tensor, value: Tensor, plan: tuple, scaling: float | None) -> Tensor | None:
+    """Shared prefixes through the flash kernel: one causal call whose key segments are [prefix,
+    own] gathered per segment (the layout is worked out once per forward and kept with the plan)."""
+    groups, _, memo = plan
+    if "flash" not in memo:
+        memo["flash"] = _flash_layout(groups, query.device)
+    keys, cu_q, cu_k, max_q, max_k = memo["flash"]
+    return _flash_varlen(query, key.index_select(2, keys), value.index_select(2, keys), cu_q, cu_k, max_q, max_k,
+                         scaling, causal=True)
 
 
 def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, scaling: float | None = None,
-                causal: bool = False) -> Tensor:
+                causal: bool = False, prefix_of: list[int] | None = None) -> Tensor:
     """Attention within segments (causal or not). ``query``: (1, heads, total, dim); ``key`` and
     ``value``: (1, kv_heads, total, dim) (grouped-query attention when fewer heads); ``cu_seqlens``:
-    (segments + 1,) boundaries. Returns (1, total, heads, dim), the layout transformers' attention
-    functions return. The kernel: see :func:`set_varlen_kernel`."""
+    (segments + 1,) boundaries. ``prefix_of`` (causal only, see :func:`segment_groups`): segments
+    that continue a shared prefix segment attend to its keys too, as if it stood before them.
+    Returns (1, total, heads, dim), the layout transformers' attention functions return. The
+    kernel: see :func:`set_varlen_kernel`."""
     _, h, _, d = query.shape
     hk = key.shape[1]
-    groups, inverse = _plan(cu_seqlens)
+    prefixed = prefix_of is not None and any(t >= 0 for t in prefix_of)
+    if prefixed and not causal:
+        raise ValueError("shared prefixes need causal attention")
+    plan = _plan(cu_seqlens, prefix_of if prefixed else None)
+    groups, inverse, _ = plan
     if _kernel == "flash" and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and groups:
-        out = _flash_varlen(query, key, value, cu_seqlens, max(n for n, _, _ in groups), scaling, causal)
+        if prefixed:
+            out = _flash_prefixed(query, key, value, plan, scaling)
+        else:
+            out = _flash_varlen(query, key, value, cu_seqlens, cu_seqlens, max(g[0] for g in groups),
+                                max(g[0] for g in groups), scaling, causal)
         if out is not None:
             return out
     outs = []
-    for n, idx, count in groups:
-        parts = [t[0] if idx is None else t[0].index_select(1, idx) for t in (query, key, value)]  # (heads, tokens, dim)
-        q, k, v = (t.reshape(t.shape[0], count, n, d).transpose(0, 1) for t in parts)  # (segments, heads, n, dim)
-        o = F.scaled_dot_product_attention(q, k, v, scale=scaling, is_causal=causal, enable_gqa=hk != h)
+    for n, q_idx, count, nk, k_idx in groups:
+        q = (query[0] if q_idx is None else query[0].index_select(1, q_idx)).reshape(h, count, n, d).transpose(0, 1)
+        k, v = ((t[0] if k_idx is None else t[0].index_select(1, k_idx)).reshape(hk, count, nk, d).transpose(0, 1)
+                for t in (key, value))  # (segments, heads, tokens, dim)
+        if nk == n:
+            o = F.scaled_dot_product_attention(q, k, v, scale=scaling, is_causal=causal, enable_gqa=hk != h)
+        else:  # [prefix, own] keys: causal, aligned at the end (each query sees the whole prefix)
+            if q.is_cuda and hk != h:  # masked kernels on a GPU take equal head counts
+                k, v = (t.repeat_interleave(h // hk, dim=1) for t in (k, v))
+            mask = torch.ones(n, nk, dtype=torch.bool, device=q.device).tril(nk - n)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != h)
         outs.append(o.transpose(1, 2).reshape(count * n, h, d))
     out = outs[0] if inverse is None else torch.cat(outs).index_select(0, inverse)
     return out[None]
@@ -153,21 +254,28 @@ def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
                              cu_seq_lens_k: Tensor | None = None, is_causal: bool | None = None,
                              sliding_window: int | None = None, **kwargs):
     """transformers attention-interface signature around :func:`varlen_sdpa`: the vision tower's
-    windows (bidirectional) and packed language-model sequences (causal, the module's own flag)."""
+    windows (bidirectional) and packed language-model sequences (causal, the module's own flag;
+    with the shared prefixes :func:`packed_language_model` was given)."""
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     if dropout or attention_mask is not None or cu_seq_lens_q is None or sliding_window:
         raise NotImplementedError(f"{NAME}: dropout-free, unmasked, cu_seqlens-delimited attention only "
                                   "(no padding mask, no sliding window)")
     if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
         raise NotImplementedError(f"{NAME}: queries and keys must share their segments")
-    return varlen_sdpa(query, key, value, cu_seq_lens_q, scaling, causal), None
+    return varlen_sdpa(query, key, value, cu_seq_lens_q, scaling, causal, _prefix_of if causal else None), None
+
+
+_prefix_of: list[int] | None = None  # set by packed_language_model for the forward it wraps
 
 
 @contextmanager
-def packed_language_model(model):
+def packed_language_model(model, prefix_of: list[int] | None = None):
     """Within this context the language model of a Qwen2-VL-family model attends through
-    :func:`varlen_sdpa` (causal, per packed sequence given by ``cu_seq_lens_q``)."""
+    :func:`varlen_sdpa` (causal, per packed sequence given by ``cu_seq_lens_q``; segments that
+    continue a shared prefix, per ``prefix_of``, see its keys too: :func:`shared_prefixes`)."""
     from transformers import AttentionInterface
+
+    global _prefix_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm = getattr(base, "language_model", None) or base.model.language_model
@@ -175,10 +283,12 @@ def packed_language_model(model):
     before = cfg._attn_implementation
     AttentionInterface.register(NAME, varlen_attention_forward)
     cfg._attn_implementation = NAME
+    outer, _prefix_of = _prefix_of, prefix_of
     try:
         yield
     finally:
         cfg._attn_implementation = before
+        _prefix_of = outer
 
 
 def set_vision_attention(model, varlen: bool = True) -> bool:

@@ -65,8 +65,9 @@ class Backbone:
     image_markup: str = "<|vision_start|><|image_pad|><|vision_end|>"
     merge_size: int = 2
     info: dict = field(default_factory=dict)
-    mixed_precision: bool = True  # see compute(); off: PEFT's own casting (the plain path)
-    _tuner_cache: tuple | None = field(default=None, repr=False)  # (model, its PEFT tuner layers)
+    mixed_precision: bool = True  # see compute(); off: PEFT's own forward and casting (the plain path)
+    _tuner_cache: tuple | None = field(default=None, repr=False)  # (model, its PEFT tuner layers, fused forwards)
+    _computing: bool = field(default=False, repr=False)  # inside compute()
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +132,11 @@ class Backbone:
         with self.compute():
             return self.model(**kw).last_hidden_state
 
+    def enable_checkpointing(self) -> None:
+        """Recompute the language model's activations in the backward pass (non-reentrant) instead of
+        keeping them: less memory, about a third more compute, and no packing (:attr:`can_pack`)."""
+        _unwrap(self.model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
     @property
     def can_pack(self) -> bool:
         """Whether :meth:`forward_packed` works: Qwen2-VL-family VLMs (multimodal rotary positions
@@ -153,14 +159,24 @@ class Backbone:
         return [pos[:, r, m] for r, m in enumerate(rows)]
 
     def forward_packed(self, sequences: list[Tensor], positions: list[Tensor],
-                       image_features: list[Tensor] | None = None) -> Tensor:
+                       image_features: list[Tensor] | None = None, prefix_groups: list | None = None) -> Tensor:
         """Many prompts in one forward, packed into one row without padding: ``sequences`` of token
         ids, their (3, length) rotary ``positions`` and the image features in the order their image
         tokens appear. Attention stays within each sequence (causal, :mod:`vlm2rec_lab.attention`).
+        With ``prefix_groups`` (a label per sequence, e.g. its prompt kind), the leading tokens that
+        a group's prompts share (chat template, prompt head; never image tokens) are computed once
+        and attended to by each prompt's rest (:func:`~vlm2rec_lab.attention.shared_prefixes`).
         Returns (n, d): the final hidden state at each sequence's last token — the same numbers as
         padded batches up to float rounding, with one launch per operator instead of one per batch."""
-        from .attention import packed_language_model
+        from .attention import packed_language_model, shared_prefixes
 
+        prefix_of, skip = None, 0
+        if prefix_groups is not None:
+            stop = tuple(int(t) for t in (self.image_token_id, getattr(self.base_config, "video_token_id", None))
+                         if t is not None)
+            sequences, positions, prefix_of, skip = shared_prefixes(sequences, positions, prefix_groups, stop)
+            if not skip:
+                prefix_of = None
         lengths = torch.tensor([len(x) for x in sequences])
         cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(self.device, torch.int32)
         ids = torch.cat(list(sequences)).to(self.device)[None]
@@ -171,9 +187,9 @@ class Backbone:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 
             kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_features))}
-        with self.compute(), packed_language_model(self.model):
+        with self.compute(), packed_language_model(self.model, prefix_of):
             hidden = self.model(**kw).last_hidden_state[0]
-        return hidden[cu[1:].long() - 1]
+        return hidden[cu[1 + skip:].long() - 1]
 
     def compile_layers(self, backend: str = "inductor", vision: bool = False) -> int:
         """``torch.compile`` each decoder layer of the language model in place (dynamic shapes, so
@@ -196,33 +212,51 @@ class Backbone:
 
     @contextmanager
     def compute(self):
-        """Where a low-precision model runs on a GPU: under autocast to its dtype, with PEFT's input
+        """The project's compute path around a forward: LoRA layers through
+        :func:`~vlm2rec_lab.fused_lora.fused_forward` (the update added inside one matrix product),
+        and, where a low-precision model runs on a GPU, autocast to its dtype with PEFT's input
         casting off, so LoRA's small matrices take bf16 activations as they are (fp32 master weights
         kept) instead of copying every activation to fp32 and back (on an H100, a 3B training step
-        took 0.850 s with those copies and 0.734 s without, and 15 GiB less). Elsewhere, and under gradient
-        checkpointing (whose recomputation runs outside this context), as is."""
-        if (not self.mixed_precision or self.device.type != "cuda" or self.dtype not in (torch.bfloat16, torch.float16)
+        took 0.850 s with those copies and 0.734 s without, and 15 GiB less). Off with
+        ``mixed_precision=False`` (PEFT's own path) and under gradient checkpointing, whose
+        recomputation runs outside this context."""
+        if (self._computing or not self.mixed_precision
                 or getattr(_unwrap(self.model), "is_activation_checkpointing", False)):
-            yield
+            yield  # (nested: the outer context has set things up)
             return
-        layers = self._tuner_layers()
-        for m in layers:
-            m.cast_input_dtype_enabled = False
+        autocast = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+        layers, fused = self._tuner_layers()
+        for m, f in zip(layers, fused):
+            if f is not None:
+                m.forward = f
+            if autocast:
+                m.cast_input_dtype_enabled = False
+        self._computing = True
         try:
-            with torch.autocast("cuda", dtype=self.dtype):
+            if autocast:
+                with torch.autocast("cuda", dtype=self.dtype):
+                    yield
+            else:
                 yield
         finally:
-            for m in layers:
+            self._computing = False
+            for m, f in zip(layers, fused):
+                if f is not None:
+                    del m.forward
                 m.cast_input_dtype_enabled = True
 
-    def _tuner_layers(self) -> list:
+    def _tuner_layers(self) -> tuple[list, list]:
+        """The model's PEFT tuner layers and their fused forwards (None: PEFT's), found once per model."""
         cached = self._tuner_cache
         if cached is None or cached[0] is not self.model:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            cached = (self.model, [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)])
+            from .fused_lora import fused_forwards
+
+            layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+            cached = (self.model, layers, fused_forwards(layers))
             self._tuner_cache = cached
-        return cached[1]
+        return cached[1], cached[2]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--beta", type=float, default=1.0)
     tr.add_argument("--fixed-alpha-beta", action="store_true", help="keep alpha and beta fixed instead of learning them")
     tr.add_argument("--penalty-offset", action="store_true", help="w = 1 + beta (softplus - ln 2): w -> 1 when balanced")
-    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--gradient-checkpointing", action="store_true",
+                    help="from the first step (otherwise only once a step has run out of device memory)")
     tr.add_argument("--no-vision-cache", action="store_true")
     tr.add_argument("--no-packing", action="store_true", help="one padded forward per prompt set (the plain path)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the language model's decoder layers")

@@ -144,7 +144,7 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # from the first step; else on only once a step runs out of device memory
     cache_vision: bool = True
     packed: bool = True  # a step's prompt sets in one forward without padding, where the backbone can
     compile: bool = False  # torch.compile the language model's decoder layers (GPU; minutes of compiling)

@@ -35,13 +35,16 @@ class Encoder:
         images: image store (size policy); default one with the backbone's processor doing the sizing.
         cache_vision: reuse per-image vision features (valid while the vision tower is frozen).
         batch_size: prompts per forward when embedding without gradients.
-        packed: :meth:`embed_sets` packs its requests into one forward where the backbone can.
+        packed: :meth:`embed_sets` and :meth:`embed_many` pack their prompts into one forward
+            where the backbone can, the leading tokens that prompts of a kind share computed once.
+        share_prefix: with ``packed``, compute those shared leading tokens once (else per prompt).
     """
 
     def __init__(self, backbone: Backbone, items, images: ImageStore | None = None, cache_vision: bool = True,
-                 batch_size: int = 32, packed: bool = True):
+                 batch_size: int = 32, packed: bool = True, share_prefix: bool = True):
         self.bb = backbone
         self.packed = packed
+        self.share_prefix = share_prefix
         titles = items["title"].tolist()
         ids = items["item_id"].astype(str).tolist()
         # items without a title (text-less data) are named by their id in text prompts (ours)
@@ -117,11 +120,12 @@ class Encoder:
     def embed_sets(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]]) -> list[Tensor]:
         """Several batches of prompts (e.g. a training step's text and image histories and targets)
         -> their (B_k, d) embeddings. With ``packed`` and a backbone that can pack, one forward over
-        all prompts packed without padding (:meth:`Backbone.forward_packed`); otherwise one padded
-        forward per request. Both give the same embeddings up to float rounding (tested)."""
+        all prompts packed without padding (:meth:`Backbone.forward_packed`), prompts of one kind
+        sharing their common leading tokens (``share_prefix``); otherwise one padded forward per
+        request. All give the same embeddings up to float rounding (tested)."""
         if not (self.packed and self.bb.can_pack):
             return [self.embed(kind, lists) for kind, lists in requests]
-        seqs, pos, feats, sizes = [], [], [], []
+        seqs, pos, feats, sizes, kinds = [], [], [], [], []
         for kind, lists in requests:
             x = self._inputs(kind, lists)
             if x["pixel_values"] is not None:
@@ -132,7 +136,8 @@ class Encoder:
             pos += self.bb.rope_positions(x["input_ids"], x["attention_mask"], x["image_grid_thw"])
             feats += list(x["image_features"] or [])
             sizes.append(len(lists))
-        out = self.bb.forward_packed(seqs, pos, feats or None).float()
+            kinds += [kind] * len(lists)
+        out = self.bb.forward_packed(seqs, pos, feats or None, kinds if self.share_prefix else None).float()
         return list(out.split(sizes))
 
     def _expand_image_tokens(self, texts: list[str], grid: Tensor) -> list[str]:
@@ -147,7 +152,8 @@ class Encoder:
     @torch.inference_mode()
     def embed_many(self, kind: str, item_lists: Sequence[Sequence[int]], batch_size: int | None = None,
                    progress: bool = False, desc: str | None = None) -> Tensor:
-        """Embed many item lists without gradients, batched by length (longest first), input order kept."""
+        """Embed many item lists without gradients, batched by length (longest first), input order
+        kept; each batch one forward (:meth:`embed_sets`: packed where the backbone can)."""
         from tqdm.auto import tqdm
 
         bs = batch_size or self.batch_size
@@ -155,7 +161,7 @@ class Encoder:
         out = torch.empty(len(item_lists), self.bb.hidden_size)
         for a in tqdm(range(0, len(order), bs), desc=desc or f"embed {kind}", disable=not progress or None, leave=False):
             sel = order[a:a + bs]
-            out[torch.as_tensor(sel)] = self.embed(kind, [item_lists[k] for k in sel]).cpu()
+            out[torch.as_tensor(sel)] = self.embed_sets([(kind, [item_lists[k] for k in sel])])[0].cpu()
         return out
 
     def item_embeddings(self, kind: str, idx: Sequence[int] | None = None, **kw) -> Tensor:

@@ -68,7 +68,7 @@ def apply_lora(bb: Backbone, cfg: TrainConfig) -> None:
                       target_modules=lora_target_regex(bb.kind))
     bb.model = get_peft_model(bb.model, lcfg)
     if cfg.gradient_checkpointing:
-        _unwrap(bb.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        bb.enable_checkpointing()
 
 
 def _flat_cos(a: tuple, b: tuple) -> float:
@@ -238,28 +238,18 @@ class Trainer:
         while self.step < self.total_steps:
             order = self._order(self.epoch)
             t0 = time.perf_counter()
-            self.opt.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            stats: dict[str, list] = {}
-            probe = cfg.grad_cos_every and self.method.fusion == "external" and self.step % cfg.grad_cos_every == 0
-            for a in range(cfg.grad_accum):
-                sel = order[(self.micro + a) * cfg.batch_size:(self.micro + a + 1) * cfg.batch_size]
-                out, emb, labels = self.micro_step(sel)
-                for name, term in out.terms.items():
-                    if not torch.isfinite(term):
-                        self._write_logs(self.run_dir)
-                        raise TrainingDiverged(f"step {self.step + 1}: loss term {name!r} is {term.item()} "
-                                               f"(method {cfg.method}, lr {cfg.lr})")
-                    sums[name] = sums.get(name, 0.0) + term.item() / cfg.grad_accum
-                loss = out.total / cfg.grad_accum
-                if probe and a == 0:
-                    sums.update(self._grad_cosines(emb, out.total, labels))
-                loss.backward()
-                for k, v in out.stats.items():
-                    stats.setdefault(k, []).append(v.cpu())
-                if "margin_t" in out.stats:
-                    weak = np.where((out.stats["margin_v"] < out.stats["margin_t"]).cpu().numpy(), "V", "T")
-                    self.weak.extend((self.step + 1, int(u), str(w)) for u, w in zip(self.users[sel], weak))
+            fallback = self._can_fall_back()
+            if fallback:
+                rng, n_weak = _rng_state(), len(self.weak)
+            try:
+                sums, stats = self._accumulate(order)
+            except torch.OutOfMemoryError:
+                if not fallback:
+                    raise
+                sums = None  # the step is redone below, outside this handler (which holds its tensors)
+            if sums is None:
+                self._fall_back_to_checkpointing(rng, n_weak)
+                continue
             dist.average_gradients(self.lora + ([self.alpha, self.beta] if self.alpha.requires_grad else []))
             self.opt.step()
             with torch.no_grad():
@@ -269,7 +259,8 @@ class Trainer:
             if self.micro + cfg.grad_accum > self.micro_per_epoch:
                 self.epoch, self.micro = self.epoch + 1, 0
             row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),
-                   "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": time.perf_counter() - t0}
+                   "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": time.perf_counter() - t0,
+                   "checkpointing": self.checkpointing()}
             if stats:
                 cat = {k: torch.cat(v) for k, v in stats.items()}
                 row.update({f"{k}_mean": float(v.float().mean()) for k, v in cat.items()})
@@ -287,6 +278,60 @@ class Trainer:
             self.save_final()
         dist.barrier()
         return self.log[-1] if self.log else {}
+
+    def _accumulate(self, order: np.ndarray) -> tuple[dict[str, float], dict[str, list]]:
+        """Forward and backward over one optimizer step's micro-batches (gradients accumulate in
+        the LoRA weights): the step's loss terms (micro-batch means) and per-example statistics."""
+        cfg = self.cfg
+        self.opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        stats: dict[str, list] = {}
+        probe = cfg.grad_cos_every and self.method.fusion == "external" and self.step % cfg.grad_cos_every == 0
+        for a in range(cfg.grad_accum):
+            sel = order[(self.micro + a) * cfg.batch_size:(self.micro + a + 1) * cfg.batch_size]
+            out, emb, labels = self.micro_step(sel)
+            for name, term in out.terms.items():
+                if not torch.isfinite(term):
+                    self._write_logs(self.run_dir)
+                    raise TrainingDiverged(f"step {self.step + 1}: loss term {name!r} is {term.item()} "
+                                           f"(method {cfg.method}, lr {cfg.lr})")
+                sums[name] = sums.get(name, 0.0) + term.item() / cfg.grad_accum
+            loss = out.total / cfg.grad_accum
+            if probe and a == 0:
+                sums.update(self._grad_cosines(emb, out.total, labels))
+            loss.backward()
+            for k, v in out.stats.items():
+                stats.setdefault(k, []).append(v.cpu())
+            if "margin_t" in out.stats:
+                weak = np.where((out.stats["margin_v"] < out.stats["margin_t"]).cpu().numpy(), "V", "T")
+                self.weak.extend((self.step + 1, int(u), str(w)) for u, w in zip(self.users[sel], weak))
+        return sums, stats
+
+    def checkpointing(self) -> bool:
+        """Whether the language model recomputes activations in the backward pass."""
+        return bool(getattr(_unwrap(self.bb.model), "is_activation_checkpointing", False))
+
+    def _can_fall_back(self) -> bool:
+        """Gradient checkpointing is used only when memory requires it: a step that runs out of
+        device memory is redone with it on — in one process (ranks cannot agree on a retry midway
+        through their collectives) and when it is not on already."""
+        return dist.world_size() == 1 and not self.checkpointing()
+
+    def _fall_back_to_checkpointing(self, rng: dict, n_weak: int) -> None:
+        """After an out-of-memory step: free what it held, switch gradient checkpointing on (packing
+        steps aside with it, see ``Backbone.can_pack``) and rewind the random state and the per-user
+        log, so that the step is redone as if it had run with checkpointing from its start."""
+        import warnings
+
+        self.opt.zero_grad(set_to_none=True)
+        del self.weak[n_weak:]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.bb.enable_checkpointing()
+        _set_rng_state(rng)
+        warnings.warn(f"step {self.step + 1} ran out of device memory: gradient checkpointing is now on for the rest "
+                      f"of this run (slower, less memory); start with --gradient-checkpointing to skip the failed try",
+                      RuntimeWarning, stacklevel=2)
 
     def _grad_cosines(self, emb: dict[str, Tensor], total: Tensor, labels: Tensor) -> dict[str, float]:
         """DESIGN §5: cos(g_total, g_T) and cos(g_total, g_V), g_m = ∇θ InfoNCE(z^m, e^F), θ = LoRA."""

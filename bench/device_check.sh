@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU check as one command (about 8 minutes on an H100), for a lent machine without internet:
+#   bench/device_check.sh [WHEELS_DIR]
+# Installs the wheels in WHEELS_DIR (default .whl: transformers, peft and their small dependencies
+# that the machine's image lacks; fetch them beforehand with `pip download --no-deps
+# --only-binary=:all: --python-version 3.12 transformers==5.24.0 peft==0.21.2 regex orjson`) into a
+# scratch site, then writes under $OUT (default ./device_out):
+#   bench.jsonl        gpu_bench.py --profile --compile  (every figure, Beauty shapes, 3B)
+#   bench_vary.jsonl   gpu_bench.py --vary --train-only  (titles and histories of varying length)
+#   pytest.txt         the GPU-only tests
+set -uo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=${1:-.whl}
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+    export PYTHONPATH=/tmp/site:.
+else
+    export PYTHONPATH=.
+fi
+export VLM2REC_CACHE=/tmp/vlm2rec_cache
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+timeout 330 python3 bench/gpu_bench.py --profile --compile 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
+timeout 150 python3 bench/gpu_bench.py --vary --train-only --train-variants plain,project_packed,project,project_flash \
+    2>"$OUT/bench_vary.err" | tee "$OUT/bench_vary.jsonl"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_fused_lora.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"

@@ -1,0 +1,88 @@
+"""LoRA's update folded into one addmm: the same function as PEFT's forward (values and gradients),
+used by the backbone's compute path for plain LoRA layers only."""
+import pytest
+import torch
+from torch import nn
+
+from vlm2rec_lab.fused_lora import fusable, fused_forward
+
+
+def _lora_layer(**kw):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 20))
+    peft = get_peft_model(net, LoraConfig(r=4, lora_alpha=12, target_modules=["0"], **kw))
+    layer = peft.base_model.model[0]
+    for p in layer.parameters():  # B starts at zero: give the adapter something to add
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.3)
+    return layer
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (2, 7, 12)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_forward_is_pefts_forward(shape, dropout):
+    layer = _lora_layer(lora_dropout=dropout).train()
+    assert fusable(layer)
+    x = torch.randn(*shape, requires_grad=True)
+    results = []
+    for fn in (lambda: type(layer).forward(layer, x), lambda: fused_forward(layer, x)):
+        torch.manual_seed(1)  # the same dropout mask for both
+        y = fn()
+        w = torch.linspace(-1, 1, y.numel()).view_as(y)
+        grads = torch.autograd.grad((y * w).sum(), [x] + [p for p in layer.parameters() if p.requires_grad])
+        results.append((y.detach(), grads))
+    (y0, g0), (y1, g1) = results
+    assert y1.shape == y0.shape == (*shape[:-1], 20)
+    assert (y0 - layer.base_layer(x)).abs().max() > 1e-2  # the adapter does contribute
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_only_plain_lora_layers_are_fused():
+    assert not fusable(_lora_layer(use_dora=True))
+    assert not fusable(nn.Linear(3, 3))
+    layer = _lora_layer()
+    x = torch.randn(3, 12)
+    layer.enable_adapters(False)  # disabled adapters: fused_forward defers to PEFT (the base layer alone)
+    torch.testing.assert_close(fused_forward(layer, x), layer.base_layer(x))
+
+
+def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, tiny_path):
+    """The tiny backbone with LoRA: embeddings and LoRA gradients through the fused path equal PEFT's
+    own path (``mixed_precision=False``); inside ``compute()`` the LoRA layers run the fused forward,
+    outside it (and nested inside it) PEFT's is restored."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.encoder import Encoder
+    from vlm2rec_lab.train import apply_lora
+
+    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
+    for n, p in bb.model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.05)
+    layers = [m for m in bb.model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(fusable(m) for m in layers)
+    with bb.compute():
+        with bb.compute():
+            pass
+        assert all("forward" in vars(m) for m in layers)
+    assert not any("forward" in vars(m) for m in layers)
+    enc = Encoder(bb, synth_ds.items)
+    requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
+    out = {}
+    for mixed in (False, True):
+        bb.mixed_precision = mixed
+        bb.model.zero_grad()
+        z = enc.embed_sets(requests)
+        sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in z).backward()
+        out[mixed] = ([o.detach() for o in z], {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad})
+    for a, b in zip(out[True][0], out[False][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for n, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
