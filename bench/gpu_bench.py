@@ -13,7 +13,10 @@ model only (no LM head), vision features computed once per image and reused (the
 window attention batched per window size, larger batches for embedding, prompts packed without
 padding with the leading tokens that prompts of one kind share (chat template, prompt head)
 computed once, for training the four prompt sets of a step in one forward, LoRA in bf16 under
-autocast, no checkpointing. The intermediate variants show what each lever gives.
+autocast with its update folded into one addmm and RMSNorm in one kernel (``vlm2rec_lab.fused``), no
+checkpointing. The intermediate variants show what each lever gives (``project_unpacked_peft_cast``:
+the cache alone, PEFT's own forward; ``project_unpacked``: + autocast and the fused stand-ins;
+``project_packed``: + packing; ``project``: + shared prefixes).
 """
 from __future__ import annotations
 
@@ -269,7 +272,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- training steps
     peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_target_regex("vlm")))
-    bb._tuner_cache = None  # LoRA went into bb.model in place
+    bb._fusion_cache = None  # LoRA went into bb.model in place
     params = [p for p in peft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     obj = ObjectiveConfig(name="vlm2rec")

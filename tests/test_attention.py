@@ -67,6 +67,30 @@ def test_shared_prefix_attention_is_attention_over_the_whole_prompt(hk):
         varlen_sdpa(q, k, v, cu, causal=False, prefix_of=prefix_of)
 
 
+def test_flash_layout_lists_each_segments_prefix_then_own_keys():
+    """The flash kernel's input for shared prefixes, checked on the CPU: per segment (in order, the
+    empty one skipped), its queries and its gathered [prefix, own] keys under a lower-right causal
+    mask give the grouped SDPA's output."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from vlm2rec_lab.attention import _flash_layout, _plan
+
+    g = torch.Generator().manual_seed(5)
+    lengths, prefix_of = [3, 4, 0, 2, 4, 3], [-1, 0, -1, -1, 0, 3]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    q = torch.randn(1, 4, sum(lengths), 8, generator=g)
+    k, v = (torch.randn(1, 2, sum(lengths), 8, generator=g) for _ in range(2))
+    keys, cu_q, cu_k, max_q, max_k = _flash_layout(_plan(cu, prefix_of)[0], q.device)
+    assert cu_q.tolist() == [0, 3, 7, 9, 13, 16] and cu_k.tolist() == [0, 3, 10, 12, 19, 24]
+    assert (max_q, max_k) == (4, 7)
+    want = varlen_sdpa(q, k, v, cu, causal=True, prefix_of=prefix_of)
+    for i in range(len(cu_q) - 1):
+        rows, kk = slice(cu_q[i], cu_q[i + 1]), keys[cu_k[i]:cu_k[i + 1]]
+        o = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, kk], v[:, :, kk], enable_gqa=True,
+                                           attn_mask=causal_lower_right(rows.stop - rows.start, len(kk)))
+        torch.testing.assert_close(o.transpose(1, 2), want[:, rows], rtol=1e-5, atol=1e-6)
+
+
 def test_shared_prefixes_split_prompts_that_begin_alike():
     from vlm2rec_lab.attention import shared_prefixes
 
@@ -211,11 +235,41 @@ def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny
             torch.testing.assert_close(results[key][1][n], g, rtol=1e-3, atol=1e-5, msg=f"{key} {n}")
 
 
-def test_packing_steps_aside_under_gradient_checkpointing(synth_ds, tiny_path):
+def test_packing_steps_aside_where_checkpointing_recomputes(synth_ds, tiny_path):
+    """Packing (and the compute path) step aside only for forwards that checkpointing will recompute:
+    training mode with gradients on; evaluation after a switch to checkpointing still packs."""
     bb = _lora_tiny(synth_ds)
+    bb.model.train()
     assert bb.can_pack
     bb.enable_checkpointing()
-    assert not bb.can_pack
+    assert not bb.can_pack and bb.recomputes
+    with torch.no_grad():
+        assert bb.can_pack
+    bb.model.eval()
+    assert bb.can_pack
+
+
+def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path, monkeypatch):
+    """With LoRA dropout drawing masks (training), prompts would share the prefix's mask: the default
+    keeps their prefixes apart; in evaluation, or when asked (share_prefix=True), they are shared."""
+    from vlm2rec_lab import attention
+    from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.encoder import Encoder
+    from vlm2rec_lab.train import apply_lora
+
+    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(bb, TrainConfig(method="vlm-sft", lora_dropout=0.2).resolved())
+    calls = []
+    real = attention.shared_prefixes
+    monkeypatch.setattr(attention, "shared_prefixes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    requests = [("T", [[0, 1], [2, 3]])]
+    for share, training, expect in ((None, True, 0), (None, False, 1), (True, True, 1), (False, False, 0)):
+        calls.clear()
+        bb.model.train(training)
+        assert bb.dropout_active == training
+        Encoder(bb, synth_ds.items, share_prefix=share).embed_sets(requests)
+        assert len(calls) == expect, (share, training)
 
 
 def test_compiled_layers_give_the_same_packed_step(synth_ds, tiny_path):
@@ -268,7 +322,7 @@ def _per_segment_causal(q, k, v, lengths):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("causal", [False, True, "prefix"])
-def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal):
+def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal, monkeypatch):
     """PyTorch's variable-length flash kernel against the grouped SDPA, bf16, grouped-query heads:
     outputs and input gradients within bf16 tolerance; also with shared prefixes (the flash call's
     causal mask aligned at the end of each segment's [prefix, own] keys)."""
@@ -279,7 +333,9 @@ def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal):
     total = sum(lengths)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device="cuda")
     base = [torch.randn(1, h, total, 64, device="cuda", dtype=torch.bfloat16, generator=g) for h in (8, 2, 2)]
-    res = {}
+    res, ran = {}, []
+    real = attention._flash_varlen
+    monkeypatch.setattr(attention, "_flash_varlen", lambda *a, **k: (lambda o: ran.append(o is not None) or o)(real(*a, **k)))
     for kernel in ("sdpa", "flash"):
         before = set_varlen_kernel(kernel)
         try:
@@ -290,6 +346,7 @@ def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal):
             res[kernel] = [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
         finally:
             set_varlen_kernel(before)
+    assert ran and all(ran)  # the flash kernel did run (not the SDPA fallback)
     for a, b in zip(res["sdpa"], res["flash"]):
         torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2)
 

@@ -9,7 +9,8 @@ from vlm2rec_lab.cli import main
 from vlm2rec_lab.config import TrainConfig
 from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.losses import ObjectiveOutput
-from vlm2rec_lab.runs import EmbeddingScorer, create_run, embed_run, evaluate_run, load_embeddings, run_method
+from vlm2rec_lab.runs import (EmbeddingScorer, create_run, embed_run, evaluate_run, load_embeddings, load_run_config,
+                              run_method)
 from vlm2rec_lab.train import Trainer, TrainingDiverged
 
 
@@ -134,9 +135,10 @@ def test_resume_refuses_a_different_config(synth_ds, tmp_path):
 def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
     run = tmp_path / "cli"
     assert main(["train", "--data", str(synth_ds.path), "--method", "vlm-sft", "--out", str(run), "--max-steps", "2",
-                 "--batch-size", "4", "--users-k", "8"]) == 0
+                 "--batch-size", "4", "--users-k", "8", "--share-prefix", "on"]) == 0
     out = capsys.readouterr().out
     assert "trained vlm-sft for 2 steps" in out and "v2f:" in out
+    assert load_run_config(run).share_prefix is True
     assert main(["embed", str(run)]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--json", "--seeds", "0-1"]) == 0
@@ -188,6 +190,37 @@ def test_a_step_that_runs_out_of_memory_is_redone_with_gradient_checkpointing(sy
     assert oom.weak == ref.weak and len(oom.weak) == 3 * 2 * 4
     a, b = lora_state(oom), lora_state(ref)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_out_of_memory_inside_a_packed_forward_unwinds_and_redoes_the_step(synth_ds, tiny_path, tmp_path):
+    """The error raised deep inside the second step's packed forward (a LoRA layer's base product,
+    within the compute path and the packed attention): every context is left as it was, the step is
+    redone unpacked with checkpointing, and the run matches one checkpointed from the start."""
+    from vlm2rec_lab import attention
+
+    kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=0, checkpoint_every=0)
+    oom = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
+    tuner = [m for m in oom.bb.model.modules() if hasattr(m, "lora_A")]
+    base = tuner[3].base_layer
+    calls = []
+
+    def forward(x):
+        calls.append(1)
+        if len(calls) == 2:  # the second step's (packed) forward
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.nn.Linear.forward(base, x)
+
+    base.forward = forward
+    with pytest.warns(RuntimeWarning, match="step 2 ran out of device memory"):
+        oom.train()
+    assert [r["checkpointing"] for r in oom.log] == [False, True, True]
+    assert not any("forward" in vars(m) for m in tuner) and not oom.bb._computing
+    assert attention._prefix_of.get() is None
+    ref = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
+    ref.train()
+    assert [r["loss"] for r in oom.log] == pytest.approx([r["loss"] for r in ref.log], rel=1e-4)
+    a, b = lora_state(oom), lora_state(ref)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-3
 
 
 def test_out_of_memory_is_not_retried_where_it_cannot_be(synth_ds, tiny_path, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ GPU), and on the language model's config only inside :func:`packed_language_mode
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 NAME = "sdpa_flash_varlen"  # "flash" in the name: transformers then hands over cu_seqlens
 
@@ -238,11 +240,10 @@ def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, s
                 for t in (key, value))  # (segments, heads, tokens, dim)
         if nk == n:
             o = F.scaled_dot_product_attention(q, k, v, scale=scaling, is_causal=causal, enable_gqa=hk != h)
-        else:  # [prefix, own] keys: causal, aligned at the end (each query sees the whole prefix)
-            if q.is_cuda and hk != h:  # masked kernels on a GPU take equal head counts
-                k, v = (t.repeat_interleave(h // hk, dim=1) for t in (k, v))
-            mask = torch.ones(n, nk, dtype=torch.bool, device=q.device).tril(nk - n)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=k.shape[1] != h)
+        else:  # [prefix, own] keys: causal, aligned at the end (each query sees the whole prefix); the
+            # lower-right causal bias reaches the flash kernel on a GPU, without a dense mask or repeated heads
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, nk), scale=scaling,
+                                               enable_gqa=hk != h)
         outs.append(o.transpose(1, 2).reshape(count * n, h, d))
     out = outs[0] if inverse is None else torch.cat(outs).index_select(0, inverse)
     return out[None]
@@ -262,10 +263,11 @@ def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
                                   "(no padding mask, no sliding window)")
     if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
         raise NotImplementedError(f"{NAME}: queries and keys must share their segments")
-    return varlen_sdpa(query, key, value, cu_seq_lens_q, scaling, causal, _prefix_of if causal else None), None
+    return varlen_sdpa(query, key, value, cu_seq_lens_q, scaling, causal, _prefix_of.get() if causal else None), None
 
 
-_prefix_of: list[int] | None = None  # set by packed_language_model for the forward it wraps
+# the shared prefixes of the packed forward that packed_language_model wraps (per thread and task)
+_prefix_of: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("vlm2rec_prefix_of", default=None)
 
 
 @contextmanager
@@ -275,20 +277,18 @@ def packed_language_model(model, prefix_of: list[int] | None = None):
     continue a shared prefix, per ``prefix_of``, see its keys too: :func:`shared_prefixes`)."""
     from transformers import AttentionInterface
 
-    global _prefix_of
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm = getattr(base, "language_model", None) or base.model.language_model
     cfg = lm.config
     before = cfg._attn_implementation
     AttentionInterface.register(NAME, varlen_attention_forward)
     cfg._attn_implementation = NAME
-    outer, _prefix_of = _prefix_of, prefix_of
+    token = _prefix_of.set(prefix_of)
     try:
         yield
     finally:
         cfg._attn_implementation = before
-        _prefix_of = outer
+        _prefix_of.reset(token)
 
 
 def set_vision_attention(model, varlen: bool = True) -> bool:

@@ -66,7 +66,7 @@ class Backbone:
     merge_size: int = 2
     info: dict = field(default_factory=dict)
     mixed_precision: bool = True  # see compute(); off: PEFT's own forward and casting (the plain path)
-    _tuner_cache: tuple | None = field(default=None, repr=False)  # (model, its PEFT tuner layers, fused forwards)
+    _fusion_cache: tuple | None = field(default=None, repr=False)  # (model, tuner layers, fused swaps, dropouts)
     _computing: bool = field(default=False, repr=False)  # inside compute()
 
     @property
@@ -113,7 +113,8 @@ class Backbone:
     def image_features(self, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
         """Vision tower (+ merger) output per image: a list of (tokens_i, hidden) tensors."""
         base = _unwrap(self.model)
-        return list(base.get_image_features(pixel_values, grid_thw, return_dict=True).pooler_output)
+        with self.compute(autocast=False):
+            return list(base.get_image_features(pixel_values, grid_thw, return_dict=True).pooler_output)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None = None,
                 pixel_values: Tensor | None = None, image_features: list[Tensor] | None = None) -> Tensor:
@@ -138,13 +139,26 @@ class Backbone:
         _unwrap(self.model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     @property
-    def can_pack(self) -> bool:
-        """Whether :meth:`forward_packed` works: Qwen2-VL-family VLMs (multimodal rotary positions
-        from ``get_rope_index``, attention through transformers' interface), and not under gradient
-        checkpointing, whose recomputation would run outside the packed attention."""
+    def dropout_active(self) -> bool:
+        """Whether a forward now draws dropout masks (a dropout layer with p > 0 in training mode,
+        e.g. LoRA's dropout while training)."""
+        return any(m.training and m.p > 0 for m in self._fusion()[2])
+
+    @property
+    def recomputes(self) -> bool:
+        """Whether a forward now will be recomputed in the backward pass: gradient checkpointing is
+        on, the model is in training mode and gradients are enabled (evaluation never recomputes)."""
         base = _unwrap(self.model)
-        return (self.kind == "vlm" and hasattr(base, "get_rope_index")
-                and not getattr(base, "is_activation_checkpointing", False))
+        return bool(getattr(base, "is_activation_checkpointing", False) and base.training and torch.is_grad_enabled())
+
+    @property
+    def can_pack(self) -> bool:
+        """Whether :meth:`forward_packed` works now: Qwen2-VL-family VLMs (multimodal rotary
+        positions from ``get_rope_index``, attention through transformers' interface), and not when
+        the forward will be recomputed (:attr:`recomputes`): that recomputation would run outside the
+        packed attention."""
+        base = _unwrap(self.model)
+        return self.kind == "vlm" and hasattr(base, "get_rope_index") and not self.recomputes
 
     def rope_positions(self, input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None) -> list[Tensor]:
         """Per row of a (left- or right-) padded batch: the (3, length) multimodal rotary positions of
@@ -211,25 +225,26 @@ class Backbone:
         return len(layers)
 
     @contextmanager
-    def compute(self):
-        """The project's compute path around a forward: LoRA layers through
-        :func:`~vlm2rec_lab.fused_lora.fused_forward` (the update added inside one matrix product),
-        and, where a low-precision model runs on a GPU, autocast to its dtype with PEFT's input
-        casting off, so LoRA's small matrices take bf16 activations as they are (fp32 master weights
-        kept) instead of copying every activation to fp32 and back (on an H100, a 3B training step
-        took 0.850 s with those copies and 0.734 s without, and 15 GiB less). Off with
-        ``mixed_precision=False`` (PEFT's own path) and under gradient checkpointing, whose
-        recomputation runs outside this context."""
-        if (self._computing or not self.mixed_precision
-                or getattr(_unwrap(self.model), "is_activation_checkpointing", False)):
+    def compute(self, autocast: bool = True):
+        """The project's compute path around a forward: fused stand-ins for LoRA layers (the update
+        added inside one matrix product) and RMSNorms (one kernel), :mod:`vlm2rec_lab.fused`; and,
+        where a low-precision model runs on a GPU (and ``autocast``), autocast to its dtype with
+        PEFT's input casting off, so LoRA's small matrices take bf16 activations as they are (fp32
+        master weights kept) instead of copying every activation to fp32 and back (on an H100, a 3B
+        training step took 0.850 s with those copies and 0.734 s without, and 15 GiB less). Off with
+        ``mixed_precision=False`` (the plain Hugging Face / PEFT path) and where the forward will be
+        recomputed under gradient checkpointing (:attr:`recomputes`), since that recomputation runs
+        outside this context."""
+        if self._computing or not self.mixed_precision or self.recomputes:
             yield  # (nested: the outer context has set things up)
             return
-        autocast = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
-        layers, fused = self._tuner_layers()
-        for m, f in zip(layers, fused):
-            if f is not None:
-                m.forward = f
-            if autocast:
+        autocast = autocast and self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+        tuners, swaps, _ = self._fusion()
+        saved = [m.__dict__.get("forward") for m, _ in swaps]  # a hook's own forward, say: put back after
+        for m, f in swaps:
+            m.forward = f
+        if autocast:
+            for m in tuners:
                 m.cast_input_dtype_enabled = False
         self._computing = True
         try:
@@ -240,23 +255,28 @@ class Backbone:
                 yield
         finally:
             self._computing = False
-            for m, f in zip(layers, fused):
-                if f is not None:
+            for (m, _), before in zip(swaps, saved):
+                if before is None:
                     del m.forward
+                else:
+                    m.forward = before
+            for m in tuners:
                 m.cast_input_dtype_enabled = True
 
-    def _tuner_layers(self) -> tuple[list, list]:
-        """The model's PEFT tuner layers and their fused forwards (None: PEFT's), found once per model."""
-        cached = self._tuner_cache
+    def _fusion(self) -> tuple[list, list, list]:
+        """The model's PEFT tuner layers, the (module, fused forward) swaps of
+        :func:`~vlm2rec_lab.fused.fused_forwards` and the model's dropout layers, found once per model."""
+        cached = self._fusion_cache
         if cached is None or cached[0] is not self.model:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            from .fused_lora import fused_forwards
+            from .fused import fused_forwards
 
-            layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-            cached = (self.model, layers, fused_forwards(layers))
-            self._tuner_cache = cached
-        return cached[1], cached[2]
+            tuners = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+            dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+            cached = (self.model, tuners, fused_forwards(self.model), dropouts)
+            self._fusion_cache = cached
+        return cached[1], cached[2], cached[3]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="from the first step (otherwise only once a step has run out of device memory)")
     tr.add_argument("--no-vision-cache", action="store_true")
     tr.add_argument("--no-packing", action="store_true", help="one padded forward per prompt set (the plain path)")
+    tr.add_argument("--share-prefix", choices=["auto", "on", "off"], default="auto",
+                    help="packed prompts' common leading tokens computed once: auto = where it changes nothing "
+                         "(not while LoRA dropout is on); on = also then (prompts share the prefix's dropout mask)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the language model's decoder layers")
     tr.add_argument("--checkpoint-every", type=int, default=50)
     tr.add_argument("--grad-cos-every", type=int, default=10)
@@ -270,6 +273,7 @@ def cmd_train(a) -> int:
                           learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
                           gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
                           packed=not a.no_packing, compile=a.compile,
+                          share_prefix={"auto": None, "on": True, "off": False}[a.share_prefix],
                           checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device)
     if dist.rank() == 0:
         create_run(a.out, cfg, ds, resume=a.resume)

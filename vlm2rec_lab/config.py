@@ -147,6 +147,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # from the first step; else on only once a step runs out of device memory
     cache_vision: bool = True
     packed: bool = True  # a step's prompt sets in one forward without padding, where the backbone can
+    share_prefix: bool | None = None  # packed prompts' common leading tokens once; None: not under LoRA dropout
     compile: bool = False  # torch.compile the language model's decoder layers (GPU; minutes of compiling)
     checkpoint_every: int = 50
     grad_cos_every: int = 10  # gradient-cosine probe every M steps (0: never)

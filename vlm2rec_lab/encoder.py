@@ -38,10 +38,13 @@ class Encoder:
         packed: :meth:`embed_sets` and :meth:`embed_many` pack their prompts into one forward
             where the backbone can, the leading tokens that prompts of a kind share computed once.
         share_prefix: with ``packed``, compute those shared leading tokens once (else per prompt).
+            None (default): where that changes nothing, i.e. not while a dropout is drawing masks
+            (LoRA dropout in training), where the prompts would share one dropout mask over the
+            prefix instead of drawing one each; True: there too (faster, correlated prefix noise).
     """
 
     def __init__(self, backbone: Backbone, items, images: ImageStore | None = None, cache_vision: bool = True,
-                 batch_size: int = 32, packed: bool = True, share_prefix: bool = True):
+                 batch_size: int = 32, packed: bool = True, share_prefix: bool | None = None):
         self.bb = backbone
         self.packed = packed
         self.share_prefix = share_prefix
@@ -93,8 +96,10 @@ class Encoder:
     def prompts(self, kind: str, item_lists: Sequence[Sequence[int]]) -> list[str]:
         return [sequence_prompt(kind, [self.titles[i] for i in lst]) for lst in item_lists]
 
-    def _inputs(self, kind: str, item_lists: Sequence[Sequence[int]]) -> dict:
-        """Tokenized (left-padded) prompts of one kind with their images' features or pixels."""
+    def _inputs(self, kind: str, item_lists: Sequence[Sequence[int]], on_device: bool = True) -> dict:
+        """Tokenized (left-padded) prompts of one kind with their images' features or pixels; the
+        token ids on the backbone's device, or with ``on_device=False`` left on the CPU (and the
+        image grid brought there): the packed path works out its layout there and copies once."""
         if kind in ("V", "I") and self.bb.kind != "vlm":
             raise ValueError(f"{self.bb.name} is a text-only model: no {kind!r} prompts")
         texts = [self.bb.render(p) for p in self.prompts(kind, item_lists)]
@@ -107,8 +112,10 @@ class Encoder:
                 pixel_values, grid = self.bb.preprocess_images(self._load_images(flat))
             texts = self._expand_image_tokens(texts, grid)
         tok = self.bb.tokenizer(texts, return_tensors="pt", padding=True)
-        return {"input_ids": tok["input_ids"].to(self.bb.device), "attention_mask": tok["attention_mask"].to(self.bb.device),
-                "image_grid_thw": grid, "pixel_values": pixel_values, "image_features": feats}
+        dev = self.bb.device if on_device else torch.device("cpu")
+        return {"input_ids": tok["input_ids"].to(dev), "attention_mask": tok["attention_mask"].to(dev),
+                "image_grid_thw": grid if grid is None or on_device else grid.cpu(), "pixel_values": pixel_values,
+                "image_features": feats}
 
     def embed(self, kind: str, item_lists: Sequence[Sequence[int]]) -> Tensor:
         """One forward for a batch of item lists (a history, or one item) -> (B, d) embeddings.
@@ -121,23 +128,24 @@ class Encoder:
         """Several batches of prompts (e.g. a training step's text and image histories and targets)
         -> their (B_k, d) embeddings. With ``packed`` and a backbone that can pack, one forward over
         all prompts packed without padding (:meth:`Backbone.forward_packed`), prompts of one kind
-        sharing their common leading tokens (``share_prefix``); otherwise one padded forward per
+        sharing their common leading tokens (see ``share_prefix``); otherwise one padded forward per
         request. All give the same embeddings up to float rounding (tested)."""
         if not (self.packed and self.bb.can_pack):
             return [self.embed(kind, lists) for kind, lists in requests]
         seqs, pos, feats, sizes, kinds = [], [], [], [], []
         for kind, lists in requests:
-            x = self._inputs(kind, lists)
+            x = self._inputs(kind, lists, on_device=False)  # token layout on the CPU: no device syncs
             if x["pixel_values"] is not None:
                 with torch.no_grad():
-                    x["image_features"] = self.bb.image_features(x["pixel_values"], x["image_grid_thw"])
+                    x["image_features"] = self.bb.image_features(x["pixel_values"], x["image_grid_thw"].to(self.bb.device))
             mask = x["attention_mask"].bool()
             seqs += [ids[m] for ids, m in zip(x["input_ids"], mask)]
             pos += self.bb.rope_positions(x["input_ids"], x["attention_mask"], x["image_grid_thw"])
             feats += list(x["image_features"] or [])
             sizes.append(len(lists))
             kinds += [kind] * len(lists)
-        out = self.bb.forward_packed(seqs, pos, feats or None, kinds if self.share_prefix else None).float()
+        share = self.share_prefix if self.share_prefix is not None else not self.bb.dropout_active
+        out = self.bb.forward_packed(seqs, pos, feats or None, kinds if share else None).float()
         return list(out.split(sizes))
 
     def _expand_image_tokens(self, texts: list[str], grid: Tensor) -> list[str]:

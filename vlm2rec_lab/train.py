@@ -31,6 +31,13 @@ class TrainingDiverged(RuntimeError):
     """A loss term became NaN or infinite."""
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an error is the device running out of memory (some kernels report it as a plain
+    RuntimeError, e.g. cuBLAS failing to allocate its workspace)."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text
+
+
 def seed_everything(seed: int) -> None:
     """Seed every random source from one place (STYLE 6)."""
     random.seed(seed)
@@ -108,7 +115,8 @@ class Trainer:
         apply_lora(self.bb, cfg)
         if cfg.compile:
             self.bb.compile_layers()
-        self.encoder = Encoder(self.bb, dataset.items, cache_vision=cfg.cache_vision, packed=cfg.packed)
+        self.encoder = Encoder(self.bb, dataset.items, cache_vision=cfg.cache_vision, packed=cfg.packed,
+                               share_prefix=cfg.share_prefix)
         self.obj = ObjectiveConfig(name=self.method.objective, tau=cfg.tau, tau_crtr=cfg.tau_crtr, lam=cfg.lam,
                                    penalty_offset=cfg.penalty_offset)
         dev = self.bb.device
@@ -243,8 +251,8 @@ class Trainer:
                 rng, n_weak = _rng_state(), len(self.weak)
             try:
                 sums, stats = self._accumulate(order)
-            except torch.OutOfMemoryError:
-                if not fallback:
+            except RuntimeError as e:  # torch.OutOfMemoryError is one
+                if not (fallback and out_of_memory(e)):
                     raise
                 sums = None  # the step is redone below, outside this handler (which holds its tensors)
             if sums is None:
@@ -323,8 +331,11 @@ class Trainer:
         log, so that the step is redone as if it had run with checkpointing from its start."""
         import warnings
 
+        import gc
+
         self.opt.zero_grad(set_to_none=True)
         del self.weak[n_weak:]
+        gc.collect()  # the failed step's graph may hang on reference cycles through its traceback
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.bb.enable_checkpointing()

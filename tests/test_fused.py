@@ -1,10 +1,10 @@
-"""LoRA's update folded into one addmm: the same function as PEFT's forward (values and gradients),
-used by the backbone's compute path for plain LoRA layers only."""
+"""The compute path's fused stand-ins: LoRA's update folded into one addmm and RMSNorm in one kernel,
+each the same function as the forward it replaces (values and gradients), used only where it is."""
 import pytest
 import torch
 from torch import nn
 
-from vlm2rec_lab.fused_lora import fusable, fused_forward
+from vlm2rec_lab.fused import fusable, fused_forward, fused_forwards, is_plain_rms_norm, rms_norm_forward
 
 
 def _lora_layer(**kw):
@@ -41,6 +41,18 @@ def test_fused_forward_is_pefts_forward(shape, dropout):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_forward_under_autocast_matches_pefts_within_bf16():
+    """The GPU's compute path in miniature (CPU autocast to bf16, PEFT's input casting off, as
+    ``Backbone.compute`` sets it): fused and PEFT's forward agree within bf16 rounding."""
+    layer = _lora_layer().eval()
+    x = torch.randn(6, 12)
+    layer.cast_input_dtype_enabled = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = type(layer).forward(layer, x), fused_forward(layer, x)
+    assert b.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_only_plain_lora_layers_are_fused():
     assert not fusable(_lora_layer(use_dora=True))
     assert not fusable(nn.Linear(3, 3))
@@ -68,11 +80,18 @@ def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, ti
             nn.init.normal_(p, std=0.05)
     layers = [m for m in bb.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and all(fusable(m) for m in layers)
+    norms = [m for m in bb.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    swapped = {id(m) for m, _ in fused_forwards(bb.model)}
+    assert norms and all(id(m) in swapped for m in norms + layers)  # LM and vision norms, every adapter
+    marker = layers[0].forward  # an instance forward set by someone else (a hook, say) is put back after
+    layers[0].forward = marker
     with bb.compute():
         with bb.compute():
             pass
-        assert all("forward" in vars(m) for m in layers)
-    assert not any("forward" in vars(m) for m in layers)
+        # bound methods of one function: compiled layers guard on their code, the same for every layer
+        assert all(vars(m)["forward"].__func__ is fused_forward for m in layers)
+    assert vars(layers[0])["forward"] is marker and not any("forward" in vars(m) for m in layers[1:])
+    del layers[0].forward
     enc = Encoder(bb, synth_ds.items)
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
     out = {}
@@ -86,3 +105,36 @@ def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, ti
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for n, g in out[False][1].items():
         torch.testing.assert_close(out[True][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_stand_in_is_hugging_faces_norm(dtype):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRMSNorm
+
+    norm = Qwen2_5_VLRMSNorm(48, eps=1e-5).to(dtype)
+    nn.init.normal_(norm.weight, 1.0, 0.2, generator=torch.Generator().manual_seed(0))
+    assert is_plain_rms_norm(norm)
+    x = (torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(1)) * 4).to(dtype).requires_grad_(True)
+    want, got = norm(x), rms_norm_forward(norm, x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g = torch.linspace(-1, 1, want.numel()).view_as(want).to(dtype)
+    ga = torch.autograd.grad((want * g).sum(), [x, norm.weight])
+    gb = torch.autograd.grad((got * g).sum(), [x, norm.weight])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+
+
+def test_norms_that_compute_something_else_are_left_alone():
+    class GemmaLikeRMSNorm(nn.Module):  # (1 + weight), as Gemma's: not the plain norm
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    assert not is_plain_rms_norm(GemmaLikeRMSNorm())
+    assert not is_plain_rms_norm(nn.LayerNorm(8))

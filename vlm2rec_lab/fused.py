@@ -1,0 +1,94 @@
+"""Fewer passes over memory on the project's compute path (``Backbone.compute``): module forwards
+swapped in for the duration of a forward, each the same function as the one it stands in for.
+
+**LoRA.** PEFT computes a LoRA linear layer as ``base(x) + B(A(dropout(x))) * s``: after the base product, one
+full-size output for ``B``'s product, one pass to scale it and one to add it, and the backward pass
+scales the full-size gradient once more. Here ``y = addmm(base(x), A(dropout(x)), Bᵀ, alpha=s)``: the
+scaling rides on the small product and the addition happens in the matrix product's epilogue, so
+the only full-size tensor written is ``y``. The same function of ``x`` and the weights (tested
+against PEFT's forward, values and gradients); on an H100 it removes several memory passes over the
+(tokens x out_features) activations of each adapted projection, forward and backward.
+
+Layers PEFT configures beyond plain LoRA (DoRA and other variants, several active adapters, merged
+weights, LoRA bias, per-call adapter names) keep PEFT's own forward.
+
+**RMSNorm.** Hugging Face's RMSNorm upcasts to fp32 and normalizes in about seven elementwise kernels
+(copy, square, mean, add, rsqrt, multiply, cast) before the weight; ``torch.nn.functional.rms_norm``
+does the same arithmetic (fp32 inside, the input's dtype out) in one fused kernel on a GPU. A norm
+is swapped only after a probe shows it computes exactly that (variants such as Gemma's
+``1 + weight`` fail the probe and stay as they are).
+"""
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+
+def fusable(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a plain PEFT LoRA ``Linear`` (one active adapter, no variant, unmerged)."""
+    if type(layer) is not LoraLinear or not isinstance(layer.get_base_layer(), nn.Linear):
+        return False
+    active = layer.active_adapters
+    return (len(active) == 1 and active[0] in layer.lora_A and active[0] not in getattr(layer, "lora_variant", {})
+            and not layer.merged and not layer.disable_adapters and layer.lora_B[active[0]].bias is None)
+
+
+def fused_forward(layer: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    """``base(x) + s * B(A(dropout(x)))`` as one ``addmm`` onto the base output. Falls back to PEFT's
+    forward for extra arguments, for anything but one plain active adapter (checked each call:
+    adapters can be switched, merged or disabled after the layer was found fusable), and where the
+    input's dtype differs from the adapter's outside autocast (PEFT casts there)."""
+    if args or kwargs or not fusable(layer):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    name = layer.active_adapters[0]
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if x.dtype != lora_a.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return type(layer).forward(layer, x)
+    out = layer.base_layer(x)
+    u = F.linear(layer.lora_dropout[name](x), lora_a.weight)
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), u.reshape(-1, u.shape[-1]), lora_b.weight.t(),
+                       alpha=layer.scaling[name])
+    return flat.view(out.shape)
+
+
+def rms_norm_forward(norm: nn.Module, x: Tensor) -> Tensor:
+    """``weight * rms_norm(x)`` with the normalization in fp32 and its result in ``x``'s dtype, as
+    Hugging Face's RMSNorm computes it (autocast kept out: it would change the output dtype)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return norm.weight * F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon)
+
+
+@torch.no_grad()
+def is_plain_rms_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` computes :func:`rms_norm_forward`'s function: checked on a probe input."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", None)
+    if not type(norm).__name__.endswith("RMSNorm") or not isinstance(weight, Tensor) or weight.dim() != 1 \
+            or not isinstance(eps, float):
+        return False
+    x = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype) * 3
+    try:
+        want = norm(x)
+    except Exception:  # noqa: BLE001  (a norm that cannot take the probe is left alone)
+        return False
+    got = rms_norm_forward(norm, x)
+    return want.dtype == got.dtype and bool(torch.allclose(want.float(), got.float(), rtol=1e-2, atol=1e-3))
+
+
+def fused_forwards(model: nn.Module) -> list[tuple[nn.Module, MethodType]]:
+    """(module, forward) for every module of ``model`` that has a fused stand-in: plain LoRA layers
+    (:func:`fused_forward`) and plain RMSNorms (:func:`rms_norm_forward`). Each forward is bound
+    once as a method: compiled graphs guard on a module's ``forward`` by its code, the same for
+    every layer, so the swap costs no recompilation."""
+    out = []
+    for m in model.modules():
+        if fusable(m):
+            out.append((m, MethodType(fused_forward, m)))
+        elif is_plain_rms_norm(m):
+            out.append((m, MethodType(rms_norm_forward, m)))
+    return out
