@@ -19,7 +19,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=None, help="a prepared dataset (default: the synthetic demo domain)")
-    ap.add_argument("--batch", type=int, default=32, help="prompts per forward")
+    ap.add_argument("--batch", type=int, default=128, help="prompts per forward")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()

@@ -358,7 +358,7 @@ def main() -> None:
         packed_probe(peft, n_tokens, a.steps, device, dtype, emit)
     if a.compile:  # last: compiling changes the layers in place
         backend = "aot_eager" if a.tiny else "inductor"
-        compiled_step(bb, lambda b: step(proj_fn, b), batches, a.steps, device, emit, results.get("plain_ckpt"),
+        compiled_step(bb, lambda b, do_step=True: step(proj_fn, b, do_step), batches, a.steps, device, emit, results.get("plain_ckpt"),
                       backend=backend)
         if not a.train_only:  # item embedding with the vision blocks compiled too
             bb.compile_layers(backend=backend, vision=True)
@@ -369,11 +369,13 @@ def main() -> None:
 
 def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str) -> None:
     """The project step with the language model's decoder layers compiled: the first step's time
-    (compiling included) apart from the steady state."""
+    (compiling included) apart from the steady state, and its loss against the eager step's on the
+    same batch and weights (the first step's loss is taken before its update)."""
     try:
+        eager = run_step(batches[0], do_step=False)
         bb.compile_layers(backend=backend)
         sync(device); t = time.perf_counter()
-        run_step(batches[0])
+        compiled = run_step(batches[0])
         sync(device)
         first = time.perf_counter() - t
         reset_peak(device); t = time.perf_counter()
@@ -386,7 +388,8 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
     s = (time.perf_counter() - t) / steps
     emit(figure="train_step", path="project_compiled", backend=backend, seconds=round(s, 3), first_step_s=round(first, 1),
          beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1), peak_gib=peak_gib(device),
-         vs_plain_ckpt=round(plain_ckpt / s, 2) if plain_ckpt else None)
+         vs_plain_ckpt=round(plain_ckpt / s, 2) if plain_ckpt else None,
+         loss_eager=round(eager, 5), loss_compiled=round(compiled, 5), loss_rel_diff=round(abs(compiled - eager) / abs(eager), 6))
 
 
 def profile_step(run_step, device, emit, rows: int = 20) -> None:

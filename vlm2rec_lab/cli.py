@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
     em = sub.add_parser("embed", help="item and sequence embeddings per modality (T, V, F) into RUN/embeddings")
     em.add_argument("run")
-    em.add_argument("--batch-size", type=int, default=32)
+    em.add_argument("--batch-size", type=int, default=128, help="prompts per forward (packed, their shared prefix computed once a batch)")
 
     ds = sub.add_parser("downstream", help="Task 2: SASRec / GRU4Rec with ID or VLM-initialised item embeddings")
     ds.add_argument("--data", required=True)

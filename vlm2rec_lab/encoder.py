@@ -44,7 +44,7 @@ class Encoder:
     """
 
     def __init__(self, backbone: Backbone, items, images: ImageStore | None = None, cache_vision: bool = True,
-                 batch_size: int = 32, packed: bool = True, share_prefix: bool | None = None):
+                 batch_size: int = 128, packed: bool = True, share_prefix: bool | None = None):
         self.bb = backbone
         self.packed = packed
         self.share_prefix = share_prefix

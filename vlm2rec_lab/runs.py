@@ -117,7 +117,7 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
 
 
 def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None, progress: bool = True,
-              batch_size: int = 32, root: str | Path | None = None) -> dict[str, np.ndarray]:
+              batch_size: int = 128, root: str | Path | None = None) -> dict[str, np.ndarray]:
     """Item and sequence embeddings per modality (T, V, F) into ``RUN/embeddings``.
 
     F is T + V for external fusion (and item-mean), the interleaved prompt for internal fusion, T
