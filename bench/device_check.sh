@@ -24,4 +24,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 timeout 330 python3 bench/gpu_bench.py --profile --compile 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
 timeout 150 python3 bench/gpu_bench.py --vary --train-only --train-variants plain,project_packed,project,project_flash \
     2>"$OUT/bench_vary.err" | tee "$OUT/bench_vary.jsonl"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_fused_lora.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+if python3 -c "import pytest, pandas, pyarrow, PIL, tokenizers" 2>/dev/null; then
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_fused.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+else
+    echo "GPU tests skipped: this machine lacks pytest, pandas, pyarrow, Pillow or tokenizers" | tee "$OUT/pytest.txt"
+fi
