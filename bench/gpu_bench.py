@@ -348,7 +348,7 @@ def main() -> None:
         s = (time.perf_counter() - t) / a.steps
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
-             checkpointing=bool(model.model.is_activation_checkpointing),
+             checkpointing=bb.checkpointing,
              peak_gib=peak_gib(device))
     set_varlen_kernel("sdpa")
     if "project" in results:

@@ -9,7 +9,9 @@ same-size images) stack into one batch; :func:`varlen_sdpa` does that, grouping 
 result is the same attention, computed in one kernel per distinct length. The same function, causal,
 serves prompts packed into one sequence (:func:`packed_language_model`,
 ``Backbone.forward_packed``); :func:`set_varlen_kernel` can hand both to PyTorch's own
-variable-length flash kernel instead.
+variable-length flash kernel instead. Packed prompts that begin alike can share their common
+leading tokens, computed once as a segment of their own (:func:`shared_prefixes`): the segments
+that continue it attend to its keys and then their own, causally.
 
 It is registered with transformers' ``AttentionInterface`` under :data:`NAME` (the name contains
 "flash" so that transformers passes ``cu_seqlens`` to it). It is set on the *vision* config (on a
@@ -22,6 +24,8 @@ import functools
 import os
 from contextlib import contextmanager
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -30,7 +34,14 @@ from torch.nn.attention.bias import causal_lower_right
 NAME = "sdpa_flash_varlen"  # "flash" in the name: transformers then hands over cu_seqlens
 
 
-Group = tuple  # (n, query index | None, count, n_keys, key index | None): see segment_groups
+class Group(NamedTuple):
+    """Segments of one length (and one shared prefix) attended in one batched call."""
+
+    n: int  # tokens per segment
+    q_index: Tensor | None  # their tokens, segment after segment (None: the whole sequence, in order)
+    count: int  # how many segments
+    n_keys: int  # keys per segment: n, or the prefix's length + n
+    k_index: Tensor | None  # per segment, the prefix's tokens then its own (None: as q_index)
 
 
 def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None) -> list[Group]:
@@ -49,7 +60,7 @@ def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None) -> li
     if not lengths:
         return []
     if all(n == lengths[0] for n in lengths) and all(t < 0 for t in tags):
-        return [(lengths[0], None, len(lengths), lengths[0], None)]
+        return [Group(lengths[0], None, len(lengths), lengths[0], None)]
     by_key: dict[tuple[int, int], list[int]] = {}
     for a, n, tag in zip(bounds[:-1], lengths, tags):
         if n > 0:
@@ -59,11 +70,11 @@ def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None) -> li
         own = torch.tensor(starts)[:, None] + torch.arange(n)[None]
         idx = own.reshape(-1).to(cu_seqlens.device)
         if tag < 0:
-            out.append((n, idx, len(starts), n, idx))
+            out.append(Group(n, idx, len(starts), n, idx))
             continue
         pre = torch.arange(bounds[tag], bounds[tag + 1])[None].expand(len(starts), -1)
         keys = torch.cat([pre, own], 1)
-        out.append((n, idx, len(starts), keys.shape[1], keys.reshape(-1).to(cu_seqlens.device)))
+        out.append(Group(n, idx, len(starts), keys.shape[1], keys.reshape(-1).to(cu_seqlens.device)))
     return out
 
 
@@ -72,15 +83,15 @@ _RECENT: list[tuple[Tensor, object, tuple]] = []  # (cu_seqlens, prefix_of, plan
 
 def _plan(cu_seqlens: Tensor, prefix_of: list[int] | None = None) -> tuple[list[Group], Tensor | None, dict]:
     """:func:`segment_groups`, the inverse permutation that puts grouped tokens back in order and a
-    memo for kernel-specific layouts, remembered for the last few boundary tensors (held, so identity is safe): a forward's layers
-    share them, and each ``tolist`` is a device sync."""
+    memo for kernel-specific layouts, remembered for the last few boundary tensors (held, so
+    identity is safe): a forward's layers share them, and each ``tolist`` is a device sync."""
     for cu, tags, plan in _RECENT:
         if cu is cu_seqlens and tags is prefix_of:
             return plan
     groups = segment_groups(cu_seqlens, prefix_of)
     inverse = None
-    if len(groups) > 1 or (groups and groups[0][1] is not None):
-        inverse = torch.argsort(torch.cat([g[1] for g in groups]))
+    if len(groups) > 1 or (groups and groups[0].q_index is not None):
+        inverse = torch.argsort(torch.cat([g.q_index for g in groups]))
     plan = (groups, inverse, {})
     _RECENT.insert(0, (cu_seqlens, prefix_of, plan))
     del _RECENT[4:]
@@ -229,8 +240,8 @@ def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, s
         if prefixed:
             out = _flash_prefixed(query, key, value, plan, scaling)
         else:
-            out = _flash_varlen(query, key, value, cu_seqlens, cu_seqlens, max(g[0] for g in groups),
-                                max(g[0] for g in groups), scaling, causal)
+            longest = max(g.n for g in groups)
+            out = _flash_varlen(query, key, value, cu_seqlens, cu_seqlens, longest, longest, scaling, causal)
         if out is not None:
             return out
     outs = []

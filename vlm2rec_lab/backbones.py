@@ -145,11 +145,15 @@ class Backbone:
         return any(m.training and m.p > 0 for m in self._fusion()[2])
 
     @property
+    def checkpointing(self) -> bool:
+        """Whether gradient checkpointing is on (:meth:`enable_checkpointing`)."""
+        return bool(getattr(_unwrap(self.model), "is_activation_checkpointing", False))
+
+    @property
     def recomputes(self) -> bool:
         """Whether a forward now will be recomputed in the backward pass: gradient checkpointing is
         on, the model is in training mode and gradients are enabled (evaluation never recomputes)."""
-        base = _unwrap(self.model)
-        return bool(getattr(base, "is_activation_checkpointing", False) and base.training and torch.is_grad_enabled())
+        return self.checkpointing and _unwrap(self.model).training and torch.is_grad_enabled()
 
     @property
     def can_pack(self) -> bool:

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .backbones import Backbone, _unwrap, load_backbone, lora_target_regex
+from .backbones import Backbone, load_backbone, lora_target_regex
 from . import distributed as dist
 from .config import TrainConfig
 from .encoder import Encoder
@@ -268,7 +268,7 @@ class Trainer:
                 self.epoch, self.micro = self.epoch + 1, 0
             row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),
                    "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": time.perf_counter() - t0,
-                   "checkpointing": self.checkpointing()}
+                   "checkpointing": self.bb.checkpointing}
             if stats:
                 cat = {k: torch.cat(v) for k, v in stats.items()}
                 row.update({f"{k}_mean": float(v.float().mean()) for k, v in cat.items()})
@@ -315,15 +315,11 @@ class Trainer:
                 self.weak.extend((self.step + 1, int(u), str(w)) for u, w in zip(self.users[sel], weak))
         return sums, stats
 
-    def checkpointing(self) -> bool:
-        """Whether the language model recomputes activations in the backward pass."""
-        return bool(getattr(_unwrap(self.bb.model), "is_activation_checkpointing", False))
-
     def _can_fall_back(self) -> bool:
         """Gradient checkpointing is used only when memory requires it: a step that runs out of
         device memory is redone with it on — in one process (ranks cannot agree on a retry midway
         through their collectives) and when it is not on already."""
-        return dist.world_size() == 1 and not self.checkpointing()
+        return dist.world_size() == 1 and not self.bb.checkpointing
 
     def _fall_back_to_checkpointing(self, rng: dict, n_weak: int) -> None:
         """After an out-of-memory step: free what it held, switch gradient checkpointing on (packing
