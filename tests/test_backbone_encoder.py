@@ -1,8 +1,7 @@
-import numpy as np
 import pytest
 import torch
 
-from vlm2rec_lab.backbones import TinyConfig, build_tiny, lora_target_regex, load_backbone
+from vlm2rec_lab.backbones import TinyConfig, build_tiny, lora_target_regex
 from vlm2rec_lab.config import TrainConfig
 from vlm2rec_lab.encoder import Encoder, last_token_pool
 from vlm2rec_lab.prompts import sequence_prompt

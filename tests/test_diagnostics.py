@@ -1,7 +1,6 @@
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from vlm2rec_lab.config import PrepareConfig, SynthConfig, TrainConfig

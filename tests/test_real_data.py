@@ -1,6 +1,5 @@
 """The real data beside the project (../shared/data/real), through the real readers."""
 import numpy as np
-import pytest
 
 from conftest import real_data
 from vlm2rec_lab.config import PrepareConfig

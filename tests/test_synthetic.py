@@ -1,5 +1,4 @@
 import hashlib
-import json
 
 import numpy as np
 import pytest
@@ -52,7 +51,6 @@ def test_images_show_the_style_colour(synth_raw):
     from PIL import Image
 
     lat = load_latents(synth_raw)
-    colours = {"red": 0, "green": 1, "blue": 2, "orange": 3}
     for asin, style in list(zip(lat["asin"], lat["shown_style"]))[:30]:
         px = np.asarray(Image.open(synth_raw / "images" / f"{asin}.png").convert("RGB")).reshape(-1, 3).astype(int)
         ref = [(205, 40, 40), (40, 160, 60), (40, 70, 200), (235, 150, 20)][style // 4]

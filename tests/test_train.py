@@ -9,7 +9,7 @@ from vlm2rec_lab.cli import main
 from vlm2rec_lab.config import TrainConfig
 from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.losses import ObjectiveOutput
-from vlm2rec_lab.runs import (EmbeddingScorer, create_run, embed_run, evaluate_run, load_embeddings, load_run_config,
+from vlm2rec_lab.runs import (EmbeddingScorer, create_run, embed_run, load_embeddings, load_run_config,
                               run_method)
 from vlm2rec_lab.train import Trainer, TrainingDiverged
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -148,7 +148,7 @@ class ImageStore:
             if path is None and url:
                 try:
                     path = self.fetch(url)
-                except urllib.error.HTTPError as e:
+                except urllib.error.HTTPError:
                     res.missing[item_id] = "unreadable_image"
                     continue
                 except ConnectionError as e:
