@@ -8,8 +8,10 @@ optimizer, α/β, every RNG state and the position in the data order.
 """
 from __future__ import annotations
 
+import gc
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -325,10 +327,6 @@ class Trainer:
         """After an out-of-memory step: free what it held, switch gradient checkpointing on (packing
         steps aside with it, see ``Backbone.can_pack``) and rewind the random state and the per-user
         log, so that the step is redone as if it had run with checkpointing from its start."""
-        import warnings
-
-        import gc
-
         self.opt.zero_grad(set_to_none=True)
         del self.weak[n_weak:]
         gc.collect()  # the failed step's graph may hang on reference cycles through its traceback
