@@ -100,3 +100,20 @@ def test_text_only_llm_backbone_refuses_image_prompts(tiny, synth_ds):
     tiny.kind = "llm"
     with pytest.raises(ValueError, match="text-only"):
         Encoder(tiny, synth_ds.items).item_embeddings("V", [0])
+
+
+def test_max_pixels_sets_the_image_processors_size(synth_ds, tiny_path):
+    """``load_backbone(max_pixels=...)`` reaches the processor (its size is a ``SizeDict`` in
+    transformers 5, which an ``isinstance(size, dict)`` check silently skipped): a 500 px image
+    becomes 224 x 224 px = 16 x 16 patches of 14 px, 64 visual tokens after the 2 x 2 merge."""
+    from PIL import Image
+
+    from vlm2rec_lab.backbones import load_backbone
+
+    im = Image.new("RGB", (500, 500), (120, 30, 200))
+    small = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    big = load_backbone("tiny", dataset=synth_ds, device="cpu", max_pixels=224 * 224)
+    assert small.prepare_pixels([im])[1].tolist() == [[1, 4, 4]]  # the tiny default: 56 x 56 px
+    px, grid = big.prepare_pixels([im])
+    assert grid.tolist() == [[1, 16, 16]] and big.tokens_per_image(grid[0]) == 64
+    assert px.shape == (256, 3 * 2 * 14 * 14)

@@ -34,3 +34,15 @@ def test_item_embedding_bench_runs_its_three_paths_and_they_agree(synth_ds, tiny
     assert {x["path"] for x in rows if x["figure"] == "item_embedding"} == {"padded", "packed", "packed_shared_prefix"}
     ratios = [x for x in rows if x["figure"] == "item_embedding_ratio"]
     assert len(ratios) == 2 and all(x["max_rel_diff"] <= 1e-4 for x in ratios)
+
+
+def test_image_cache_bench_fills_the_cache_both_ways_with_the_same_features(synth_ds, tiny_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "image_cache.py"), "--data", str(synth_ds.path),
+                        "--images", "24", "--size", "120", "--repeats", "1", "--workers", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {(x["figure"], x.get("path")): x for x in map(json.loads, (l for l in r.stdout.splitlines() if l.startswith("{")))}
+    assert rows[("image_cache_fill", "plain")]["workers"] == 0 and rows[("image_cache_fill", "project")]["workers"] == 2
+    assert rows[("image_cache_fill", "plain")]["visual_tokens"] == 16  # 120 px fits 224^2: 112 x 112 px, 8 x 8 patches
+    assert rows[("image_cache_ratio", None)]["max_abs_diff"] == 0.0
+    assert rows[("image_cpu_side", None)]["ms_per_image"] > 0

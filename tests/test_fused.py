@@ -83,6 +83,13 @@ def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, ti
     norms = [m for m in bb.model.modules() if type(m).__name__.endswith("RMSNorm")]
     swapped = {id(m) for m, _ in fused_forwards(bb.model)}
     assert norms and all(id(m) in swapped for m in norms + layers)  # LM and vision norms, every adapter
+    assert id(bb.model.visual.patch_embed) in swapped
+    px, grid = bb.preprocess_images([Encoder(bb, synth_ds.items)._load_image(k) for k in (0, 1)])
+    feats = {}
+    for mixed in (False, True):  # the vision tower: HF's Conv3d patch embedding, then the stand-in
+        bb.mixed_precision = mixed
+        feats[mixed] = torch.cat(bb.image_features(px, grid))
+    torch.testing.assert_close(feats[True], feats[False], rtol=1e-5, atol=1e-5)
     marker = layers[0].forward  # an instance forward set by someone else (a hook, say) is put back after
     layers[0].forward = marker
     with bb.compute():
@@ -138,3 +145,40 @@ def test_norms_that_compute_something_else_are_left_alone():
 
     assert not is_plain_rms_norm(GemmaLikeRMSNorm())
     assert not is_plain_rms_norm(nn.LayerNorm(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_embed_stand_in_is_the_conv3d(dtype):
+    """Qwen2.5-VL's patch embedding (a Conv3d whose stride is its kernel) as one F.linear: the same
+    numbers (fp32 to float rounding, bf16 to bf16 rounding), gradients included."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+
+    from vlm2rec_lab.fused import is_plain_patch_embed, patch_embed_forward
+
+    torch.manual_seed(0)
+    embed = Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=40).to(dtype)
+    assert is_plain_patch_embed(embed)
+    x = torch.randn(37, 3 * 2 * 14 * 14, requires_grad=True)  # the processor's flattened patches (fp32)
+    want, got = embed(x), patch_embed_forward(embed, x)
+    assert got.shape == want.shape == (37, 40) and got.dtype == want.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    g = torch.linspace(-1, 1, want.numel()).view_as(want).to(dtype)
+    for a, b in zip(torch.autograd.grad((want * g).sum(), [x, embed.proj.weight]),
+                    torch.autograd.grad((got * g).sum(), [x, embed.proj.weight])):
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol * 10)
+
+
+def test_overlapping_or_strided_convolutions_are_not_patch_embeddings():
+    from vlm2rec_lab.fused import is_plain_patch_embed
+
+    class OverlapPatchEmbed(nn.Module):  # stride smaller than the kernel: a real convolution
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(2, 2, 2), bias=False)
+
+        def forward(self, x):
+            return self.proj(x.view(-1, 3, 2, 4, 4)).view(-1, 8)
+
+    assert not is_plain_patch_embed(OverlapPatchEmbed())
+    assert not is_plain_patch_embed(nn.Linear(3, 3))

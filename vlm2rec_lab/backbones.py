@@ -104,10 +104,23 @@ class Backbone:
         t, h, w = (int(x) for x in grid_thw)
         return t * h * w // (self.merge_size ** 2)
 
+    def prepare_pixels(self, images: list) -> tuple[Tensor, Tensor]:
+        """PIL images -> (pixel_values, image_grid_thw) on the CPU, the pixels already in the model's
+        dtype (and in pinned memory when the model is on a GPU, for a copy that does not block): the
+        CPU half of :meth:`preprocess_images`, safe to run in a worker thread."""
+        out = self.image_processor(images=images, return_tensors="pt")
+        px = out["pixel_values"].to(self.dtype)
+        if self.device.type == "cuda":
+            px = px.pin_memory()
+        return px, out["image_grid_thw"]
+
+    def to_device(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
+        """The device half of :meth:`preprocess_images`."""
+        return pixel_values.to(self.device, self.dtype, non_blocking=True), grid_thw.to(self.device)
+
     def preprocess_images(self, images: list) -> tuple[Tensor, Tensor]:
         """PIL images -> (pixel_values, image_grid_thw) on the model's device."""
-        out = self.image_processor(images=images, return_tensors="pt")
-        return out["pixel_values"].to(self.device, self.dtype), out["image_grid_thw"].to(self.device)
+        return self.to_device(*self.prepare_pixels(images))
 
     def image_features(self, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
         """Vision tower (+ merger) output per image: a list of (tokens_i, hidden) tensors."""
@@ -230,7 +243,8 @@ class Backbone:
     @contextmanager
     def compute(self, autocast: bool = True):
         """The project's compute path around a forward: fused stand-ins for LoRA layers (the update
-        added inside one matrix product) and RMSNorms (one kernel), :mod:`vlm2rec_lab.fused`; and,
+        added inside one matrix product), RMSNorms (one kernel) and the vision tower's patch embedding
+        (a GEMM, not a Conv3d), :mod:`vlm2rec_lab.fused`; and,
         where a low-precision model runs on a GPU (and ``autocast``), autocast to its dtype with
         PEFT's input casting off, so LoRA's small matrices take bf16 activations as they are (fp32
         master weights kept) instead of copying every activation to fp32 and back (on an H100, a 3B
@@ -333,15 +347,21 @@ def load_backbone(name_or_path: str, device: str | torch.device | None = None, d
 
 
 def _image_processor(path: str, max_pixels: int | None):
-    """The PIL image processor (torchvision is never needed); ``max_pixels`` overrides the size policy."""
+    """The PIL image processor (torchvision is never needed); ``max_pixels`` overrides its size
+    policy's largest image (Qwen's processors take it as ``size["longest_edge"]``, in pixels)."""
     from transformers import AutoImageProcessor
 
+    kw = {} if max_pixels is None else {"max_pixels": int(max_pixels)}
     try:
-        proc = AutoImageProcessor.from_pretrained(path, backend="pil")
+        proc = AutoImageProcessor.from_pretrained(path, backend="pil", **kw)
     except (TypeError, ValueError):
-        proc = AutoImageProcessor.from_pretrained(path)
-    if max_pixels is not None and hasattr(proc, "size") and isinstance(proc.size, dict):
-        proc.size["longest_edge"] = max_pixels
+        proc = AutoImageProcessor.from_pretrained(path, **kw)
+    try:
+        got = proc.size["longest_edge"]
+    except (AttributeError, KeyError, TypeError):
+        got = None
+    if max_pixels is not None and got != max_pixels:
+        raise ValueError(f"{path}: the image processor ({type(proc).__name__}) did not take max_pixels={max_pixels}")
     return proc
 
 

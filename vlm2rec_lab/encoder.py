@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .backbones import Backbone
 from .data.images import ImageStore
+from .prefetch import default_workers, ordered_map
 from .prompts import sequence_prompt
 
 
@@ -41,11 +42,16 @@ class Encoder:
             None (default): where that changes nothing, i.e. not while a dropout is drawing masks
             (LoRA dropout in training), where the prompts would share one dropout mask over the
             prefix instead of drawing one each; True: there too (faster, correlated prefix noise).
+        image_workers: threads that read, decode and preprocess images ahead of the vision tower
+            (:mod:`~vlm2rec_lab.prefetch`); None: the usable cores, at most 8; 0: in the calling
+            thread, one chunk after another.
     """
 
     def __init__(self, backbone: Backbone, items, images: ImageStore | None = None, cache_vision: bool = True,
-                 batch_size: int = 128, packed: bool = True, share_prefix: bool | None = None):
+                 batch_size: int = 128, packed: bool = True, share_prefix: bool | None = None,
+                 image_workers: int | None = None):
         self.bb = backbone
+        self.image_workers = default_workers() if image_workers is None else image_workers
         self.packed = packed
         self.share_prefix = share_prefix
         titles = items["title"].tolist()
@@ -64,33 +70,51 @@ class Encoder:
         return len(self.titles)
 
     # ---------------------------------------------------------------- vision
-    def _load_images(self, idx: Sequence[int]) -> list:
+    def _load_image(self, i: int):
+        path = self.image_paths[i]
+        try:
+            return self.store.load(path)
+        except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for unreadable files
+            raise ValueError(f"{path}: the image of item_idx {i} cannot be read ({type(e).__name__}: {e})") from e
+
+    def _load_images(self, idx: Sequence[int], workers: int | None = None) -> list:
         missing = [i for i in idx if not self.image_paths[i]]
         if missing:
             raise ValueError(f"{len(missing)} item(s) have no image (e.g. item_idx {missing[:5]}); "
                              f"image prompts need a dataset prepared with images")
-        return [self.store.load(self.image_paths[i]) for i in idx]
+        workers = self.image_workers if workers is None else workers
+        return list(ordered_map(self._load_image, idx, workers if len(idx) > 1 else 0, ahead=len(idx)))
 
-    def vision_features(self, idx: Sequence[int]) -> tuple[list[Tensor], Tensor]:
-        """Features and grids for items ``idx`` (repeats allowed), through the cache when enabled."""
+    def _pixels(self, chunk: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """One chunk's pixels and grids on the CPU (runs in a prefetch thread)."""
+        return self.bb.prepare_pixels(self._load_images(chunk, workers=0))
+
+    def vision_features(self, idx: Sequence[int], chunk: int = 64, progress: bool = False) -> tuple[list[Tensor], Tensor]:
+        """Features and grids for items ``idx`` (repeats allowed), through the cache. Images not yet
+        cached go through the vision tower ``chunk`` at a time, the next chunks read and preprocessed
+        by ``image_workers`` threads meanwhile."""
         if not self.cache_vision:
             raise RuntimeError("vision cache is disabled")
+        from tqdm.auto import tqdm
+
         todo = sorted({int(i) for i in idx} - self._features.keys())
-        for a in range(0, len(todo), 64):
-            chunk = todo[a:a + 64]
+        chunks = [todo[a:a + chunk] for a in range(0, len(todo), chunk)]
+        bar = tqdm(total=len(todo), desc="vision features", unit="img", disable=not progress or None, leave=False)
+        for part, (px, grid) in zip(chunks, ordered_map(self._pixels, chunks, self.image_workers)):
             # ordinary (not inference-mode) tensors: training forwards reuse the cache
             with torch.inference_mode(False), torch.no_grad():
-                px, grid = self.bb.preprocess_images(self._load_images(chunk))
-                feats = self.bb.image_features(px, grid)
-            for i, f, g in zip(chunk, feats, grid):
+                feats = self.bb.image_features(*self.bb.to_device(px, grid))
+            for i, f, g in zip(part, feats, grid):
                 self._features[i] = (f.detach().clone(), g.clone())
+            bar.update(len(part))
+        bar.close()
         feats = [self._features[int(i)][0] for i in idx]
         grid = torch.stack([self._features[int(i)][1] for i in idx]) if len(idx) else None
         return feats, grid
 
-    def cache_all(self) -> None:
+    def cache_all(self, progress: bool = False) -> None:
         """Compute the vision features of every item with an image (e.g. before training)."""
-        self.vision_features([i for i in range(self.n_items) if self.image_paths[i]])
+        self.vision_features([i for i in range(self.n_items) if self.image_paths[i]], progress=progress)
 
     # ---------------------------------------------------------------- prompts
     def prompts(self, kind: str, item_lists: Sequence[Sequence[int]]) -> list[str]:
@@ -114,7 +138,7 @@ class Encoder:
         tok = self.bb.tokenizer(texts, return_tensors="pt", padding=True)
         dev = self.bb.device if on_device else torch.device("cpu")
         return {"input_ids": tok["input_ids"].to(dev), "attention_mask": tok["attention_mask"].to(dev),
-                "image_grid_thw": grid if grid is None or on_device else grid.cpu(), "pixel_values": pixel_values,
+                "image_grid_thw": None if grid is None else grid.to(dev), "pixel_values": pixel_values,
                 "image_features": feats}
 
     def embed(self, kind: str, item_lists: Sequence[Sequence[int]]) -> Tensor:
@@ -161,16 +185,21 @@ class Encoder:
     def embed_many(self, kind: str, item_lists: Sequence[Sequence[int]], batch_size: int | None = None,
                    progress: bool = False, desc: str | None = None) -> Tensor:
         """Embed many item lists without gradients, batched by length (longest first), input order
-        kept; each batch one forward (:meth:`embed_sets`: packed where the backbone can)."""
+        kept; each batch one forward (:meth:`embed_sets`: packed where the backbone can). Image
+        prompts first fill the vision cache for all their images (read ahead by worker threads);
+        the results stay on the device until the end, so the CPU lays out the next batch while the
+        device computes this one."""
         from tqdm.auto import tqdm
 
+        if kind in ("V", "I") and self.cache_vision:
+            self.vision_features(sorted({int(i) for lst in item_lists for i in lst}), progress=progress)
         bs = batch_size or self.batch_size
         order = np.argsort([-len(x) for x in item_lists], kind="stable")
-        out = torch.empty(len(item_lists), self.bb.hidden_size)
+        out = torch.empty(len(item_lists), self.bb.hidden_size, device=self.bb.device)
         for a in tqdm(range(0, len(order), bs), desc=desc or f"embed {kind}", disable=not progress or None, leave=False):
             sel = order[a:a + bs]
-            out[torch.as_tensor(sel)] = self.embed_sets([(kind, [item_lists[k] for k in sel])])[0].cpu()
-        return out
+            out[torch.as_tensor(sel, device=out.device)] = self.embed_sets([(kind, [item_lists[k] for k in sel])])[0]
+        return out.cpu()
 
     def item_embeddings(self, kind: str, idx: Sequence[int] | None = None, **kw) -> Tensor:
         """(n, d) embeddings of items through the one-item prompt (the template at index 0)."""

@@ -1,5 +1,6 @@
-"""Fewer passes over memory on the project's compute path (``Backbone.compute``): module forwards
-swapped in for the duration of a forward, each the same function as the one it stands in for.
+"""Fewer passes over memory and faster kernels on the project's compute path (``Backbone.compute``):
+module forwards swapped in for the duration of a forward, each the same function as the one it
+stands in for.
 
 **LoRA.** PEFT computes a LoRA linear layer as ``base(x) + B(A(dropout(x))) * s``: after the base product, one
 full-size output for ``B``'s product, one pass to scale it and one to add it, and the backward pass
@@ -17,6 +18,12 @@ weights, LoRA bias, per-call adapter names) keep PEFT's own forward.
 does the same arithmetic (fp32 inside, the input's dtype out) in one fused kernel on a GPU. A norm
 is swapped only after a probe shows it computes exactly that (variants such as Gemma's
 ``1 + weight`` fail the probe and stay as they are).
+
+**Patch embedding.** Qwen's vision towers cut an image into patches and project each with a
+``Conv3d`` whose stride equals its kernel: no overlap, so the convolution is one matrix product of
+the flattened patches with the flattened kernel. cuDNN runs such a convolution through a generic
+(im2col) algorithm that is many times slower than the GEMM for some GPU, dtype and version
+combinations (transformers issue #45750, sglang PR #21014); ``F.linear`` always takes the GEMM.
 """
 from __future__ import annotations
 
@@ -79,15 +86,45 @@ def is_plain_rms_norm(norm: nn.Module) -> bool:
         return False
 
 
+def patch_embed_forward(embed: nn.Module, x: Tensor) -> Tensor:
+    """(patches, channels x frames x height x width) -> (patches, embed_dim): the non-overlapping
+    ``Conv3d`` as ``F.linear`` with its kernel flattened in the same (C, T, H, W) order."""
+    w = embed.proj.weight
+    return F.linear(x.reshape(-1, w[0].numel()).to(w.dtype), w.reshape(w.shape[0], -1), embed.proj.bias)
+
+
+@torch.no_grad()
+def is_plain_patch_embed(embed: nn.Module) -> bool:
+    """Whether ``embed`` projects flattened patches with a non-overlapping ``Conv3d`` (stride =
+    kernel, no padding, dilation or groups), checked against its own forward on a probe input."""
+    proj = getattr(embed, "proj", None)
+    if not type(embed).__name__.endswith("PatchEmbed") or not isinstance(proj, nn.Conv3d):
+        return False
+    if not (proj.stride == proj.kernel_size and proj.padding == (0, 0, 0) and proj.dilation == (1, 1, 1)
+            and proj.groups == 1 and isinstance(proj.weight, Tensor) and proj.weight.device.type != "meta"):
+        return False
+    try:
+        x = torch.randn(3, proj.weight[0].numel(), generator=torch.Generator().manual_seed(0))
+        x = x.to(proj.weight.device, proj.weight.dtype)
+        want, got = embed(x), patch_embed_forward(embed, x)
+        return want.shape == got.shape and want.dtype == got.dtype and \
+            bool(torch.allclose(want.float(), got.float(), rtol=2e-2, atol=2e-2))
+    except Exception:  # noqa: BLE001  (a module of this name that takes other inputs)
+        return False
+
+
 def fused_forwards(model: nn.Module) -> list[tuple[nn.Module, MethodType]]:
     """(module, forward) for every module of ``model`` that has a fused stand-in: plain LoRA layers
-    (:func:`fused_forward`) and plain RMSNorms (:func:`rms_norm_forward`). Each forward is bound
-    once as a method: compiled graphs guard on a module's ``forward`` by its code, the same for
-    every layer, so the swap costs no recompilation."""
+    (:func:`fused_forward`), plain RMSNorms (:func:`rms_norm_forward`) and non-overlapping patch
+    embeddings (:func:`patch_embed_forward`). Each forward is bound once as a method: compiled
+    graphs guard on a module's ``forward`` by its code, the same for every layer, so the swap
+    costs no recompilation."""
     out = []
     for m in model.modules():
         if fusable(m):
             out.append((m, MethodType(fused_forward, m)))
         elif is_plain_rms_norm(m):
             out.append((m, MethodType(rms_norm_forward, m)))
+        elif is_plain_patch_embed(m):
+            out.append((m, MethodType(patch_embed_forward, m)))
     return out

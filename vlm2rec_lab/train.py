@@ -242,7 +242,7 @@ class Trainer:
         cfg = self.cfg
         self.bb.model.train()
         if cfg.cache_vision and self.method.fusion in ("external", "internal"):
-            self.encoder.cache_all()
+            self.encoder.cache_all(progress=self.progress and dist.rank() == 0)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
                    disable=not self.progress or dist.rank() != 0 or None)
         while self.step < self.total_steps:

@@ -1,0 +1,108 @@
+"""Benchmark: filling the vision-feature cache from product-photo-like JPEG files, the images read,
+decoded and preprocessed in the calling thread between vision-tower chunks (the plain path) and by
+worker threads ahead of the vision tower (the project's path), side by side in one run.
+
+The images are written once: ``--size`` px noisy JPEGs (Amazon's product photos are about 500 px),
+sized by the image processor to ``--pixels`` (224 x 224 by default, the GPU benchmark's 64 visual
+tokens). The backbone is the tiny one, whose vision tower is small: the figure isolates the CPU side
+of item embedding, which on a GPU runs beside the tower (``--device cuda``) instead of before it.
+
+Usage: python bench/image_cache.py [--images 512] [--workers N] [--repeats 2] [--device cpu]
+Prints one JSON line per figure (seconds are the best of ``--repeats``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def write_images(folder: Path, n: int, size: int) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    paths = []
+    for i in range(n):
+        p = folder / f"{i}.jpg"
+        Image.fromarray(np.roll(base, 7 * i, axis=1)).save(p, quality=90)
+        paths.append(str(p))
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--size", type=int, default=500, help="side of the JPEG files, px")
+    ap.add_argument("--pixels", type=int, default=224 * 224, help="the processor's max pixels per image")
+    ap.add_argument("--workers", type=int, default=None, help="image threads (default: usable cores, at most 8)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data", default=None, help="a prepared dataset to build the tiny backbone on (default: demo domain)")
+    ap.add_argument("--threads", type=int, default=None, help="torch's CPU threads")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import PrepareConfig, SynthConfig
+    from vlm2rec_lab.data.dataset import Dataset, prepare
+    from vlm2rec_lab.data.synthetic import generate
+    from vlm2rec_lab.encoder import Encoder
+    from vlm2rec_lab.prefetch import default_workers
+
+    work = Path(tempfile.mkdtemp(prefix="vlm2rec-bench-"))
+    if a.data:
+        ds = Dataset.load(a.data)
+    else:
+        raw = generate(SynthConfig(), work / "raw")
+        ds = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), work / "data",
+                     progress=False)
+    bb = load_backbone("tiny", dataset=ds, device=a.device, max_pixels=a.pixels)
+    paths = write_images(work / "jpeg", a.images, a.size)
+    items = pd.DataFrame({"item_id": [str(i) for i in range(a.images)], "title": ["x"] * a.images, "image": paths})
+    workers = default_workers() if a.workers is None else a.workers
+    idx = list(range(a.images))
+
+    def fill(n_workers: int) -> tuple[float, list]:
+        best, feats = float("inf"), None
+        for _ in range(a.repeats):
+            enc = Encoder(bb, items, image_workers=n_workers)
+            if bb.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            feats, _ = enc.vision_features(idx)
+            if bb.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return best, feats
+
+    serial, fa = fill(0)
+    threaded, fb = fill(workers)
+    enc = Encoder(bb, items, image_workers=0)  # the CPU half alone, serial: what the threads take off the critical path
+    t = time.perf_counter()
+    for a0 in range(0, a.images, 64):
+        enc._pixels(idx[a0:a0 + 64])
+    cpu = time.perf_counter() - t
+    diff = max(float((x - y).abs().max()) for x, y in zip(fa, fb))
+    tokens = bb.tokens_per_image(enc._pixels([0])[1][0])
+    common = {"images": a.images, "jpeg_px": a.size, "visual_tokens": tokens, "device": str(bb.device),
+              "cores": default_workers(cap=1 << 10)}
+    print(json.dumps({"figure": "image_cache_fill", "path": "plain", "workers": 0, "seconds": round(serial, 3),
+                      "ms_per_image": round(1e3 * serial / a.images, 2), **common}), flush=True)
+    print(json.dumps({"figure": "image_cache_fill", "path": "project", "workers": workers, "seconds": round(threaded, 3),
+                      "ms_per_image": round(1e3 * threaded / a.images, 2), **common}), flush=True)
+    print(json.dumps({"figure": "image_cpu_side", "ms_per_image": round(1e3 * cpu / a.images, 2),
+                      "beauty_seconds_one_core": round(cpu / a.images * 9311, 1)}), flush=True)
+    print(json.dumps({"figure": "image_cache_ratio", "ratio": round(serial / threaded, 2), "max_abs_diff": diff}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
