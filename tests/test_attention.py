@@ -360,3 +360,38 @@ def test_compiled_vision_blocks_give_the_same_features(tiny):
         compiled = tiny.image_features(px, grids)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kernel", ["sdpa", "flash"])
+def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, kernel, monkeypatch):
+    """A packed forward's decoder layers make no device sync (CUDA's sync debug mode set to raise
+    from the first layer to the final norm): the attention plan was worked out on the CPU and the
+    layers compare boundaries by identity, so the CPU can queue layer after layer ahead of the GPU.
+    Training mode with LoRA, prompts with images and shared prefixes (twice, each step's forward
+    followed by its backward, which runs outside the check)."""
+    from vlm2rec_lab import attention
+    from vlm2rec_lab.backbones import _unwrap, load_backbone
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.encoder import Encoder
+    from vlm2rec_lab.train import apply_lora
+
+    monkeypatch.setattr(attention, "_kernel", kernel)
+    bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
+    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
+    bb.model.train()
+    enc = Encoder(bb, synth_ds.items, share_prefix=True)
+    enc.cache_all()
+    lm = _unwrap(bb.model).language_model
+    hooks = [lm.layers[0].register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")),
+             lm.norm.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode(0))]
+    requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
+    try:
+        for _ in range(2):
+            z = enc.embed_sets(requests)
+            sum(o.sum() for o in z).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        for h in hooks:
+            h.remove()
+    assert all(p.grad is not None for p in bb.model.parameters() if p.requires_grad)

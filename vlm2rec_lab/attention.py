@@ -44,14 +44,15 @@ class Group(NamedTuple):
     k_index: Tensor | None  # per segment, the prefix's tokens then its own (None: as q_index)
 
 
-def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None) -> list[Group]:
+def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None, device=None) -> list[Group]:
     """``cu_seqlens`` -> one entry per distinct (segment length, shared prefix):
     ``(n, q_index, count, n_keys, k_index)``. ``q_index`` lists the tokens of that group's segments
     in order (None when every segment is in one group: the whole sequence reshapes without a
     gather). ``prefix_of`` names, per segment, the segment that is its shared prefix (-1: none): such
     a segment's queries also see all of its prefix's keys, so ``k_index`` lists, per segment, the
     prefix's tokens and then its own (``n_keys`` = prefix length + n); otherwise ``k_index`` is
-    ``q_index`` and ``n_keys`` is n."""
+    ``q_index`` and ``n_keys`` is n. The indices go to ``device`` (default: ``cu_seqlens``'s)."""
+    device = cu_seqlens.device if device is None else device
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     tags = list(prefix_of) if prefix_of is not None else [-1] * len(lengths)
@@ -68,34 +69,52 @@ def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None) -> li
     out = []
     for (n, tag), starts in by_key.items():
         own = torch.tensor(starts)[:, None] + torch.arange(n)[None]
-        idx = own.reshape(-1).to(cu_seqlens.device)
+        idx = own.reshape(-1).to(device, non_blocking=True)
         if tag < 0:
             out.append(Group(n, idx, len(starts), n, idx))
             continue
         pre = torch.arange(bounds[tag], bounds[tag + 1])[None].expand(len(starts), -1)
         keys = torch.cat([pre, own], 1)
-        out.append(Group(n, idx, len(starts), keys.shape[1], keys.reshape(-1).to(cu_seqlens.device)))
+        out.append(Group(n, idx, len(starts), keys.shape[1], keys.reshape(-1).to(device, non_blocking=True)))
     return out
 
 
 _RECENT: list[tuple[Tensor, object, tuple]] = []  # (cu_seqlens, prefix_of, plan): a forward's layers share them
 
 
-def _plan(cu_seqlens: Tensor, prefix_of: list[int] | None = None) -> tuple[list[Group], Tensor | None, dict]:
+def _plan(cu_seqlens: Tensor, prefix_of: list[int] | None = None, bounds: Tensor | None = None
+          ) -> tuple[list[Group], Tensor | None, dict]:
     """:func:`segment_groups`, the inverse permutation that puts grouped tokens back in order and a
     memo for kernel-specific layouts, remembered for the last few boundary tensors (held, so
-    identity is safe): a forward's layers share them, and each ``tolist`` is a device sync."""
+    identity is safe): a forward's layers share them. Reading device boundaries is a device sync;
+    given the same ``bounds`` on the CPU (:func:`prime_plan`), the plan is built there instead."""
     for cu, tags, plan in _RECENT:
         if cu is cu_seqlens and tags is prefix_of:
             return plan
-    groups = segment_groups(cu_seqlens, prefix_of)
+    source = cu_seqlens if bounds is None else bounds.cpu()
+    cpu_groups = segment_groups(source, prefix_of, device="cpu")
+    groups = [g._replace(q_index=_to(g.q_index, cu_seqlens.device), k_index=_to(g.k_index, cu_seqlens.device))
+              for g in cpu_groups]
     inverse = None
     if len(groups) > 1 or (groups and groups[0].q_index is not None):
-        inverse = torch.argsort(torch.cat([g.q_index for g in groups]))
-    plan = (groups, inverse, {})
+        inverse = _to(torch.argsort(torch.cat([g.q_index for g in cpu_groups])), cu_seqlens.device)
+    plan = (groups, inverse, {"cpu_groups": cpu_groups})
     _RECENT.insert(0, (cu_seqlens, prefix_of, plan))
     del _RECENT[4:]
     return plan
+
+
+def _to(t: Tensor | None, device) -> Tensor | None:
+    """A CPU tensor onto ``device`` without waiting for the device (pageable memory is staged at once)."""
+    return None if t is None else t.to(device, non_blocking=True)
+
+
+def prime_plan(cu_seqlens: Tensor, bounds: Tensor, prefix_of: list[int] | None = None) -> None:
+    """Work out the attention plan of the device boundaries ``cu_seqlens`` from the same boundaries
+    on the CPU, so that a packed forward's layers find it without reading the device: no device
+    sync in the forward. ``prefix_of`` must be the very list the forward's layers will be given."""
+    prefixed = prefix_of is not None and any(t >= 0 for t in prefix_of)
+    _plan(cu_seqlens, prefix_of if prefixed else None, bounds)
 
 
 def shared_prefixes(sequences: list[Tensor], positions: list[Tensor], groups: list, stop_ids: tuple[int, ...] = (),
@@ -206,16 +225,16 @@ def _flash_layout(groups: list[Group], device) -> tuple[Tensor, Tensor, Tensor, 
     rows = [rows[i] for i in sorted(range(len(starts)), key=starts.__getitem__)]
     q_len = torch.tensor([n for n, _ in rows])
     k_len = torch.tensor([len(r) for _, r in rows])
-    cu_q, cu_k = (torch.cat([x.new_zeros(1), x.cumsum(0)]).to(device) for x in (q_len, k_len))
-    return torch.cat([r for _, r in rows]), cu_q, cu_k, int(q_len.max()), int(k_len.max())
+    cu_q, cu_k = (_to(torch.cat([x.new_zeros(1), x.cumsum(0)]), device) for x in (q_len, k_len))
+    return _to(torch.cat([r for _, r in rows]), device), cu_q, cu_k, int(q_len.max()), int(k_len.max())
 
 
 def _flash_prefixed(query: Tensor, key: Tensor, value: Tensor, plan: tuple, scaling: float | None) -> Tensor | None:
     """Shared prefixes through the flash kernel: one causal call whose key segments are [prefix,
     own] gathered per segment (the layout is worked out once per forward and kept with the plan)."""
-    groups, _, memo = plan
-    if "flash" not in memo:
-        memo["flash"] = _flash_layout(groups, query.device)
+    _, _, memo = plan
+    if "flash" not in memo:  # from the plan's CPU copy of the groups: no device sync
+        memo["flash"] = _flash_layout(memo["cpu_groups"], query.device)
     keys, cu_q, cu_k, max_q, max_k = memo["flash"]
     return _flash_varlen(query, key.index_select(2, keys), value.index_select(2, keys), cu_q, cu_k, max_q, max_k,
                          scaling, causal=True)
@@ -260,7 +279,7 @@ def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, s
     return out[None]
 
 
-@torch.compiler.disable  # Python-side grouping (a device sync): kept out of compiled graphs
+@torch.compiler.disable  # Python-side grouping: kept out of compiled graphs
 def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask=None,
                              scaling: float | None = None, dropout: float = 0.0, cu_seq_lens_q: Tensor | None = None,
                              cu_seq_lens_k: Tensor | None = None, is_causal: bool | None = None,
@@ -272,7 +291,7 @@ def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
     if dropout or attention_mask is not None or cu_seq_lens_q is None or sliding_window:
         raise NotImplementedError(f"{NAME}: dropout-free, unmasked, cu_seqlens-delimited attention only "
                                   "(no padding mask, no sliding window)")
-    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
         raise NotImplementedError(f"{NAME}: queries and keys must share their segments")
     return varlen_sdpa(query, key, value, cu_seq_lens_q, scaling, causal, _prefix_of.get() if causal else None), None
 

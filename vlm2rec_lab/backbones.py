@@ -198,7 +198,7 @@ class Backbone:
         and attended to by each prompt's rest (:func:`~vlm2rec_lab.attention.shared_prefixes`).
         Returns (n, d): the final hidden state at each sequence's last token — the same numbers as
         padded batches up to float rounding, with one launch per operator instead of one per batch."""
-        from .attention import packed_language_model, shared_prefixes
+        from .attention import packed_language_model, prime_plan, shared_prefixes
 
         prefix_of, skip = None, 0
         if prefix_groups is not None:
@@ -207,11 +207,15 @@ class Backbone:
             sequences, positions, prefix_of, skip = shared_prefixes(sequences, positions, prefix_groups, stop)
             if not skip:
                 prefix_of = None
+        # the layout goes over without waiting for the device (non-blocking copies of CPU tensors,
+        # the attention plan worked out on the CPU): no device sync in the language model's layers
         lengths = torch.tensor([len(x) for x in sequences])
-        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(self.device, torch.int32)
-        ids = torch.cat(list(sequences)).to(self.device)[None]
-        kw: dict = {"input_ids": ids, "position_ids": torch.cat(list(positions), dim=1)[:, None].to(self.device),
-                    "use_cache": False, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+        bounds = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        cu = bounds.to(self.device, non_blocking=True)
+        prime_plan(cu, bounds, prefix_of)
+        ids = torch.cat(list(sequences)).to(self.device, non_blocking=True)[None]
+        kw: dict = {"input_ids": ids, "use_cache": False, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                    "position_ids": torch.cat(list(positions), dim=1)[:, None].to(self.device, non_blocking=True),
                     "max_length_q": int(lengths.max()), "max_length_k": int(lengths.max())}
         if image_features:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
