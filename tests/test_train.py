@@ -164,11 +164,11 @@ def _oom_on_call(tr, n: int):
     """Make the trainer's ``n``-th micro-batch forward (1-based) raise a device out-of-memory error."""
     real, calls = tr.micro_step, []
 
-    def micro_step(sel):
+    def micro_step(sel, layout=None):
         calls.append(1)
         if len(calls) == n:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(sel)
+        return real(sel, layout)
 
     tr.micro_step = micro_step
 
@@ -280,3 +280,41 @@ def test_a_text_only_llm_by_local_path(synth_ds, tiny_path, tmp_path):
     with pytest.raises(ValueError, match="fusion"):
         run_method(synth_ds, TrainConfig(method="vlm-sft", backbone=str(path), max_steps=1, users_k=8, batch_size=4),
                    tmp_path / "bad", progress=False)
+
+
+def test_the_next_micro_batch_is_laid_out_ahead_and_changes_nothing(synth_ds, tiny_path, tmp_path, monkeypatch):
+    """Each micro-batch's token layout is worked out while the previous one's backward runs: once per
+    micro-batch (grad_accum 2, across an epoch boundary), used for exactly the examples it was made
+    for, and the run equals one that lays out every micro-batch when it comes (bitwise on the CPU)."""
+    from vlm2rec_lab.encoder import Encoder
+
+    # 24 users x 1 example / (batch 4 x accumulation 2) = 3 steps an epoch; 5 steps cross into epoch 2
+    kw = dict(method="vlm2rec", users_k=24, batch_size=4, grad_accum=2, max_steps=5, grad_cos_every=0,
+              checkpoint_every=0, lora_dropout=0.1)
+    plain = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "plain", progress=False)
+    monkeypatch.setattr(plain, "_upcoming", lambda a: None)  # nothing laid out ahead
+    plain.train()
+
+    calls, used = [], []
+    real_layout, real_micro = Encoder.layout, Trainer.micro_step
+
+    def layout(self, requests):
+        calls.append([lst for kind, lists in requests if kind == "T" for lst in lists])
+        return real_layout(self, requests)
+
+    def micro_step(self, sel, layout=None):
+        used.append(layout is not None)
+        if layout is not None:  # the layout is for these examples
+            mine = self._mine(sel)
+            assert layout.sizes == [len(mine)] * 4
+        return real_micro(self, sel, layout)
+
+    monkeypatch.setattr(Encoder, "layout", layout)
+    monkeypatch.setattr(Trainer, "micro_step", micro_step)
+    ahead = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "ahead", progress=False)
+    ahead.train()
+    assert ahead.epoch == 1 and len(used) == 10
+    assert used == [False] + [True] * 9 and len(calls) == 10  # the first is laid out when it comes, no layout twice
+    assert [r["loss"] for r in ahead.log] == [r["loss"] for r in plain.log]
+    a, b = lora_state(plain), lora_state(ahead)
+    assert all(torch.equal(a[k], b[k]) for k in a)

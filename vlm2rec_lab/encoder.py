@@ -7,7 +7,7 @@ path gives the same embeddings as the uncached one (tested).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,16 @@ def last_token_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     L = attention_mask.shape[1]
     last = L - 1 - attention_mask.flip(1).long().argmax(1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class Layout(NamedTuple):
+    """A packed forward's inputs laid out on the CPU (:meth:`Encoder.layout`)."""
+
+    sequences: list[Tensor]  # token ids per prompt
+    positions: list[Tensor]  # (3, length) rotary positions per prompt
+    features: list[Tensor]  # the images' features, in the order their tokens appear
+    sizes: list[int]  # prompts per request
+    kinds: list[str]  # prompt kind per prompt (the shared-prefix groups)
 
 
 class Encoder:
@@ -148,14 +158,13 @@ class Encoder:
         hidden = self.bb.forward(**x)
         return last_token_pool(hidden, x["attention_mask"]).float()
 
-    def embed_sets(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]]) -> list[Tensor]:
-        """Several batches of prompts (e.g. a training step's text and image histories and targets)
-        -> their (B_k, d) embeddings. With ``packed`` and a backbone that can pack, one forward over
-        all prompts packed without padding (:meth:`Backbone.forward_packed`), prompts of one kind
-        sharing their common leading tokens (see ``share_prefix``); otherwise one padded forward per
-        request. All give the same embeddings up to float rounding (tested)."""
+    def layout(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]]) -> Layout | None:
+        """The packed forward's inputs for ``requests``, worked out on the CPU (tokens, rotary
+        positions, the images' cached features), or None where :meth:`embed_sets` will not pack.
+        Pure CPU work when the vision cache holds the images: a trainer lays out its next
+        micro-batch while the device still computes this one."""
         if not (self.packed and self.bb.can_pack):
-            return [self.embed(kind, lists) for kind, lists in requests]
+            return None
         seqs, pos, feats, sizes, kinds = [], [], [], [], []
         for kind, lists in requests:
             x = self._inputs(kind, lists, on_device=False)  # token layout on the CPU: no device syncs
@@ -168,9 +177,22 @@ class Encoder:
             feats += list(x["image_features"] or [])
             sizes.append(len(lists))
             kinds += [kind] * len(lists)
+        return Layout(seqs, pos, feats, sizes, kinds)
+
+    def embed_sets(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]],
+                   layout: Layout | None = None) -> list[Tensor]:
+        """Several batches of prompts (e.g. a training step's text and image histories and targets)
+        -> their (B_k, d) embeddings. With ``packed`` and a backbone that can pack, one forward over
+        all prompts packed without padding (:meth:`Backbone.forward_packed`), prompts of one kind
+        sharing their common leading tokens (see ``share_prefix``); otherwise one padded forward per
+        request. All give the same embeddings up to float rounding (tested). ``layout``: these
+        requests' :meth:`layout`, worked out beforehand."""
+        if not (self.packed and self.bb.can_pack):
+            return [self.embed(kind, lists) for kind, lists in requests]
+        x = layout or self.layout(requests)
         share = self.share_prefix if self.share_prefix is not None else not self.bb.dropout_active
-        out = self.bb.forward_packed(seqs, pos, feats or None, kinds if share else None).float()
-        return list(out.split(sizes))
+        out = self.bb.forward_packed(x.sequences, x.positions, x.features or None, x.kinds if share else None).float()
+        return list(out.split(x.sizes))
 
     def _expand_image_tokens(self, texts: list[str], grid: Tensor) -> list[str]:
         pad = self.bb.image_token

@@ -149,29 +149,38 @@ class Trainer:
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.step, self.epoch, self.micro = 0, 0, 0
+        self._ahead: tuple[np.ndarray, object] | None = None  # (examples, layout) of the next micro-batch
         self.log: list[dict] = []
         self.weak: list[tuple[int, int, str]] = []
 
     # ---------------------------------------------------------------- one batch
-    def embeddings(self, hist: np.ndarray, targets: np.ndarray) -> dict[str, Tensor]:
-        """The embeddings the objective needs for a batch, by fusion (DESIGN §2)."""
+    def requests(self, hist: np.ndarray, targets: np.ndarray) -> list[tuple[str, list]]:
+        """The prompt sets the objective needs for a batch, by fusion (DESIGN §2): text and image
+        histories and targets (external), or interleaved / text-only histories and targets."""
         lists = [row[row >= 0].tolist() for row in hist]
         items = [[int(t)] for t in targets]
-        enc, fusion = self.encoder, self.method.fusion
-        if fusion == "external":  # one packed forward for the four prompt sets where the backbone can
-            z_t, z_v, e_t, e_v = enc.embed_sets([("T", lists), ("V", lists), ("T", items), ("V", items)])
-            return {"z_t": z_t, "z_v": z_v, "e_t": e_t, "e_v": e_v}
-        kind = "I" if fusion == "internal" else "T"
-        z, e = enc.embed_sets([(kind, lists), (kind, items)])
-        return {"z": z, "e": e}
+        if self.method.fusion == "external":  # one packed forward for the four sets where the backbone can
+            return [("T", lists), ("V", lists), ("T", items), ("V", items)]
+        kind = "I" if self.method.fusion == "internal" else "T"
+        return [(kind, lists), (kind, items)]
 
-    def micro_step(self, sel: np.ndarray):
+    def embeddings(self, hist: np.ndarray, targets: np.ndarray, layout=None) -> dict[str, Tensor]:
+        """The embeddings the objective needs for a batch (``layout``: its requests' layout, worked
+        out beforehand)."""
+        out = self.encoder.embed_sets(self.requests(hist, targets), layout)
+        names = ("z_t", "z_v", "e_t", "e_v") if self.method.fusion == "external" else ("z", "e")
+        return dict(zip(names, out))
+
+    def _mine(self, sel: np.ndarray) -> np.ndarray:
+        share = len(sel) // dist.world_size()
+        return sel[dist.rank() * share:(dist.rank() + 1) * share]
+
+    def micro_step(self, sel: np.ndarray, layout=None):
         """Objective of one micro-batch ``sel`` (global example indices). Each process embeds its own
         share of the rows; the embeddings are gathered (differentiably) so the loss, and its in-batch
         negatives, cover the whole global batch on every process."""
-        share = len(sel) // dist.world_size()
-        mine = sel[dist.rank() * share:(dist.rank() + 1) * share]
-        local = self.embeddings(self.hist[mine], self.targets[mine])
+        mine = self._mine(sel)
+        local = self.embeddings(self.hist[mine], self.targets[mine], layout)
         emb = {k: dist.gather_cat(v) for k, v in local.items()}
         labels = torch.as_tensor(self.targets[sel], device=self.bb.device)
         return objective(self.obj, emb, self.alpha, self.beta, labels=labels), emb, labels
@@ -265,9 +274,7 @@ class Trainer:
             with torch.no_grad():
                 self.beta.clamp_(min=0.0)  # keep β ≥ 0 (DESIGN §3)
             self.step += 1
-            self.micro += cfg.grad_accum
-            if self.micro + cfg.grad_accum > self.micro_per_epoch:
-                self.epoch, self.micro = self.epoch + 1, 0
+            self.epoch, self.micro = self._advance(self.epoch, self.micro)
             row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),
                    "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": time.perf_counter() - t0,
                    "checkpointing": self.bb.checkpointing}
@@ -299,23 +306,47 @@ class Trainer:
         probe = cfg.grad_cos_every and self.method.fusion == "external" and self.step % cfg.grad_cos_every == 0
         for a in range(cfg.grad_accum):
             sel = order[(self.micro + a) * cfg.batch_size:(self.micro + a + 1) * cfg.batch_size]
-            out, emb, labels = self.micro_step(sel)
-            for name, term in out.terms.items():
+            ahead, self._ahead = self._ahead, None
+            out, emb, labels = self.micro_step(sel, ahead[1] if ahead is not None and np.array_equal(ahead[0], sel) else None)
+            loss = out.total / cfg.grad_accum
+            if probe and a == 0:
+                sums.update(self._grad_cosines(emb, out.total, labels))
+            loss.backward()
+            # the next micro-batch's token layout (CPU work) while the device runs this backward; the
+            # host reads below wait for the device
+            upcoming = self._upcoming(a)
+            if upcoming is not None:
+                mine = self._mine(upcoming)
+                self._ahead = (upcoming, self.encoder.layout(self.requests(self.hist[mine], self.targets[mine])))
+            for name, term in out.terms.items():  # a non-finite loss stops the run before the optimizer steps
                 if not torch.isfinite(term):
                     self._write_logs(self.run_dir)
                     raise TrainingDiverged(f"step {self.step + 1}: loss term {name!r} is {term.item()} "
                                            f"(method {cfg.method}, lr {cfg.lr})")
                 sums[name] = sums.get(name, 0.0) + term.item() / cfg.grad_accum
-            loss = out.total / cfg.grad_accum
-            if probe and a == 0:
-                sums.update(self._grad_cosines(emb, out.total, labels))
-            loss.backward()
             for k, v in out.stats.items():
                 stats.setdefault(k, []).append(v.cpu())
             if "margin_t" in out.stats:
                 weak = np.where((out.stats["margin_v"] < out.stats["margin_t"]).cpu().numpy(), "V", "T")
                 self.weak.extend((self.step + 1, int(u), str(w)) for u, w in zip(self.users[sel], weak))
         return sums, stats
+
+    def _advance(self, epoch: int, micro: int) -> tuple[int, int]:
+        """(epoch, first micro-batch) of the step after the one at (epoch, micro)."""
+        micro += self.cfg.grad_accum
+        return (epoch + 1, 0) if micro + self.cfg.grad_accum > self.micro_per_epoch else (epoch, micro)
+
+    def _upcoming(self, a: int) -> np.ndarray | None:
+        """The examples of the micro-batch after this step's ``a``-th (the next step's first after
+        its last; None after the run's last)."""
+        bs = self.cfg.batch_size
+        if a + 1 < self.cfg.grad_accum:
+            epoch, micro = self.epoch, self.micro + a + 1
+        elif self.step + 1 < self.total_steps:
+            epoch, micro = self._advance(self.epoch, self.micro)
+        else:
+            return None
+        return self._order(epoch)[micro * bs:(micro + 1) * bs]
 
     def _can_fall_back(self) -> bool:
         """Gradient checkpointing is used only when memory requires it: a step that runs out of
@@ -328,6 +359,7 @@ class Trainer:
         steps aside with it, see ``Backbone.can_pack``) and rewind the random state and the per-user
         log, so that the step is redone as if it had run with checkpointing from its start."""
         self.opt.zero_grad(set_to_none=True)
+        self._ahead = None
         del self.weak[n_weak:]
         gc.collect()  # the failed step's graph may hang on reference cycles through its traceback
         if torch.cuda.is_available():
