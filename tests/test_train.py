@@ -135,10 +135,15 @@ def test_resume_refuses_a_different_config(synth_ds, tmp_path):
 def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
     run = tmp_path / "cli"
     assert main(["train", "--data", str(synth_ds.path), "--method", "vlm-sft", "--out", str(run), "--max-steps", "2",
-                 "--batch-size", "4", "--users-k", "8", "--share-prefix", "on"]) == 0
+                 "--batch-size", "4", "--users-k", "8", "--share-prefix", "on", "--max-pixels", "100352"]) == 0
     out = capsys.readouterr().out
     assert "trained vlm-sft for 2 steps" in out and "v2f:" in out
-    assert load_run_config(run).share_prefix is True
+    assert load_run_config(run).share_prefix is True and load_run_config(run).max_pixels == 100352
+    from vlm2rec_lab.runs import load_run_backbone
+
+    assert load_run_backbone(run, synth_ds).image_processor.size["longest_edge"] == 100352  # embedding uses it too
+    with pytest.raises(ValueError, match="max_pixels"):
+        TrainConfig(max_pixels=0)
     assert main(["embed", str(run)]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--json", "--seeds", "0-1"]) == 0

@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="packed prompts' common leading tokens computed once: auto = where it changes nothing "
                          "(not while LoRA dropout is on); on = also then (prompts share the prefix's dropout mask)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the language model's decoder layers")
+    tr.add_argument("--max-pixels", type=int, default=None,
+                    help="largest image the processor keeps, in pixels (50176 = 224 x 224 = 64 visual tokens in "
+                         "Qwen2.5-VL); default: the backbone's own policy")
     tr.add_argument("--checkpoint-every", type=int, default=50)
     tr.add_argument("--grad-cos-every", type=int, default=10)
     tr.add_argument("--device", default=None)
@@ -274,7 +277,8 @@ def cmd_train(a) -> int:
                           gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
                           packed=not a.no_packing, compile=a.compile,
                           share_prefix={"auto": None, "on": True, "off": False}[a.share_prefix],
-                          checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device)
+                          checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device,
+                          max_pixels=a.max_pixels)
     if dist.rank() == 0:
         create_run(a.out, cfg, ds, resume=a.resume)
     dist.barrier()

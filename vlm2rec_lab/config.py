@@ -153,6 +153,8 @@ class TrainConfig:
     grad_cos_every: int = 10  # gradient-cosine probe every M steps (0: never)
     device: str | None = None
     chat_template: bool = True
+    max_pixels: int | None = None  # largest image the processor keeps, in pixels (224 * 224 = 64 visual tokens
+    #                                in Qwen2.5-VL); None: the backbone's own policy (Qwen's: up to 12.8 MP)
 
     def __post_init__(self):
         from .methods import get_method
@@ -163,6 +165,8 @@ class TrainConfig:
             raise ValueError("epochs >= 1, batch_size >= 2 (in-batch negatives) and grad_accum >= 1 are needed")
         if self.beta < 0:
             raise ValueError("beta must be >= 0")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive number of pixels, not {self.max_pixels}")
         if self.train_examples is not None and self.train_examples not in TRAIN_EXAMPLES:
             raise ValueError(f"train_examples: {self.train_examples!r} is not one of {TRAIN_EXAMPLES}")
 

@@ -107,7 +107,8 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
 
     cfg = load_run_config(run_dir)
     name = load_manifest(run_dir).get("backbone_path") or cfg.backbone
-    bb = load_backbone(name, device=device or cfg.device, dataset=dataset, chat_template=cfg.chat_template)
+    bb = load_backbone(name, device=device or cfg.device, dataset=dataset, chat_template=cfg.chat_template,
+                       max_pixels=cfg.max_pixels)
     adapter = Path(run_dir) / "adapter"
     if get_method(cfg.method).trains:
         if not (adapter / "adapter_config.json").exists():

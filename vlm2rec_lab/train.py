@@ -112,7 +112,7 @@ class Trainer:
         self.progress, self.on_step = progress, on_step
         seed_everything(cfg.seed)
         self.bb = backbone or load_backbone(cfg.backbone, device=cfg.device, dataset=dataset,
-                                            chat_template=cfg.chat_template)
+                                            chat_template=cfg.chat_template, max_pixels=cfg.max_pixels)
         check_fusion(self.method, self.bb)
         apply_lora(self.bb, cfg)
         if cfg.compile:
