@@ -7,7 +7,7 @@
 # scratch site, then writes under $OUT (default ./device_out):
 #   bench.jsonl        gpu_bench.py --profile --compile  (every figure, Beauty shapes, 3B)
 #   bench_vary.jsonl   gpu_bench.py --vary --train-only  (titles and histories of varying length)
-#   image_cache.jsonl  image_cache.py --device cuda      (JPEG decoding and preprocessing: threads vs serial)
+#   pipeline.jsonl     pipeline_embed.py                 (item embedding end to end from JPEG files, through the Encoder)
 #   pytest.txt         the GPU-only tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +22,11 @@ else
 fi
 export VLM2REC_CACHE=/tmp/vlm2rec_cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 330 python3 bench/gpu_bench.py --profile --compile 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
-timeout 120 python3 bench/gpu_bench.py --vary --train-only --train-variants plain,project_packed,project,project_flash \
+timeout 320 python3 bench/gpu_bench.py --profile --compile 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
+timeout 100 python3 bench/gpu_bench.py --vary --train-only --train-variants plain,project_packed,project,project_flash \
     2>"$OUT/bench_vary.err" | tee "$OUT/bench_vary.jsonl"
 if python3 -c "import pytest, pandas, pyarrow, PIL, tokenizers" 2>/dev/null; then
-    timeout 60 python3 bench/image_cache.py --images 1024 --device cuda 2>"$OUT/image_cache.err" | tee "$OUT/image_cache.jsonl"
+    timeout 80 python3 bench/pipeline_embed.py 2>"$OUT/pipeline.err" | tee "$OUT/pipeline.jsonl"
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_fused.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
 else
     echo "GPU tests skipped: this machine lacks pytest, pandas, pyarrow, Pillow or tokenizers" | tee "$OUT/pytest.txt"

@@ -46,3 +46,15 @@ def test_image_cache_bench_fills_the_cache_both_ways_with_the_same_features(synt
     assert rows[("image_cache_fill", "plain")]["visual_tokens"] == 16  # 120 px fits 224^2: 112 x 112 px, 8 x 8 patches
     assert rows[("image_cache_ratio", None)]["max_abs_diff"] == 0.0
     assert rows[("image_cpu_side", None)]["ms_per_image"] > 0
+
+
+def test_pipeline_bench_embeds_items_from_jpeg_files_both_ways_alike():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "pipeline_embed.py"), "--tiny", "--workers", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    runs = {x["path"]: x for x in rows if x["figure"] == "pipeline_item_embedding"}
+    assert runs["plain"]["image_workers"] == 0 and runs["project"]["image_workers"] == 2
+    assert runs["plain"]["batch"] == 32 and runs["project"]["batch"] == 128
+    ratio, = [x for x in rows if x["figure"] == "pipeline_item_embedding_ratio"]
+    assert ratio["max_rel_diff"] <= 1e-4  # fp32 on the CPU: the same embeddings from both paths

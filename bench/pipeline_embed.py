@@ -1,0 +1,133 @@
+"""Benchmark: item embedding end to end, from JPEG files and titles to embeddings, through the
+library's own ``Encoder`` on a Qwen2.5-VL-3B-shaped model with random weights — what a user embedding
+a real catalogue waits for, tokenizer, image decoding and token layout included (``gpu_bench.py``
+feeds ready token ids and pixel tensors instead).
+
+Two paths side by side in one run:
+
+- ``plain``: the levers off — pixel values through the vision tower on every call, padded batches of
+  32 prompts, images read in the calling thread, Hugging Face's own modules and per-window attention;
+- ``project``: the defaults — each image through the tower once (the vision cache, filled in chunks
+  while worker threads read the next ones), packed batches of 128 prompts with their shared leading
+  tokens computed once, the compute path's stand-ins, batched window attention.
+
+The tokenizer is a byte-level BPE trained on the synthetic domain's titles (no download) and the
+image processor is Qwen's own, capped at 224 x 224 px (64 visual tokens) as in ``gpu_bench.py``;
+the JPEGs are ``--size`` px (Amazon's product photos are about 500 px).
+
+Usage: python bench/pipeline_embed.py [--tiny] [--items 1024] [--plain-items 128] [--size 500]
+Prints one JSON line per figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import BEAUTY_ITEMS, model_config, sync  # noqa: E402
+
+
+def write_jpegs(folder: Path, n: int, size: int, workers: int) -> list[str]:
+    from PIL import Image
+
+    from vlm2rec_lab.prefetch import ordered_map
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
+
+    def write(i: int) -> str:
+        p = folder / f"{i}.jpg"
+        Image.fromarray(np.roll(base, 7 * i, axis=1)).save(p, quality=90)
+        return str(p)
+
+    return list(ordered_map(write, range(n), workers))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="a tiny model config on the CPU (exercises the script)")
+    ap.add_argument("--items", type=int, default=1024)
+    ap.add_argument("--plain-items", type=int, default=128)
+    ap.add_argument("--size", type=int, default=500, help="side of the JPEG files, px")
+    ap.add_argument("--workers", type=int, default=None, help="image threads (default: usable cores, at most 8)")
+    a = ap.parse_args()
+    if a.tiny:
+        a.items, a.plain_items = min(a.items, 48), min(a.plain_items, 16)
+    device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vlm2rec_lab.attention import set_vision_attention
+    from vlm2rec_lab.backbones import SPECIAL_TOKENS, Backbone, _train_tokenizer
+    from vlm2rec_lab.config import SynthConfig
+    from vlm2rec_lab.data.formats import read_amazon2018
+    from vlm2rec_lab.data.synthetic import generate
+    from vlm2rec_lab.encoder import Encoder
+    from vlm2rec_lab.prefetch import default_workers
+    from vlm2rec_lab.prompts import prompt_words
+
+    emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
+    workers = default_workers() if a.workers is None else a.workers
+    work = Path(tempfile.mkdtemp(prefix="vlm2rec-bench-"))
+    raw = generate(SynthConfig(items=max(a.items, 200), users=300), work / "raw")
+    meta = read_amazon2018([str(raw)]).meta or {}
+    titles = [m["title"] for m in meta.values() if m.get("title")][:a.items]
+    titles = (titles * (a.items // len(titles) + 1))[:a.items]
+    tokenizer = _train_tokenizer(titles + prompt_words() + ["Describe this item."], 4096)
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, merge_size=2,
+                                         temporal_patch_size=2)
+    cfg = model_config(a.tiny)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    cfg.image_token_id, cfg.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+    cfg.vision_start_token_id, cfg.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype).model
+    model.eval().requires_grad_(False)
+    bb = Backbone(name="pipeline-bench", model=model, tokenizer=tokenizer, image_processor=processor, kind="vlm")
+    t = time.perf_counter()
+    paths = write_jpegs(work / "jpeg", a.items, a.size, workers)
+    emit(figure="jpegs_written", items=a.items, px=a.size, seconds=round(time.perf_counter() - t, 2))
+    items = pd.DataFrame({"item_id": [str(i) for i in range(a.items)], "title": titles, "image": paths})
+
+    def embed(enc: Encoder, n: int) -> tuple[float, dict]:
+        idx = list(range(n))
+        sync(device)
+        t = time.perf_counter()
+        out = {k: enc.item_embeddings(k, idx) for k in ("V", "T")}
+        sync(device)
+        return time.perf_counter() - t, out
+
+    runs = {}
+    for warm in (True, False):  # a few items through each path first (allocator, kernels)
+        for path in ("plain", "project"):
+            plain = path == "plain"
+            set_vision_attention(model, varlen=not plain)
+            bb.mixed_precision = not plain
+            enc = Encoder(bb, items, cache_vision=not plain, packed=not plain, batch_size=32 if plain else 128,
+                          image_workers=0 if plain else workers)
+            n = 8 if warm else (a.plain_items if plain else a.items)
+            secs, out = embed(enc, n)
+            if not warm:
+                runs[path] = (n / secs, out)
+                emit(figure="pipeline_item_embedding", path=path, items=n, seconds=round(secs, 2),
+                     items_per_s=round(n / secs, 1), beauty_s=round(BEAUTY_ITEMS * secs / n, 1),
+                     image_workers=enc.image_workers, batch=enc.batch_size)
+    (plain_rate, ref), (rate, got) = runs["plain"], runs["project"]
+    n = min(len(ref["T"]), len(got["T"]))
+    diff = max(float((got[k][:n] - ref[k][:n]).abs().max() / ref[k][:n].abs().max()) for k in ("T", "V"))
+    emit(figure="pipeline_item_embedding_ratio", ratio=round(rate / plain_rate, 2), max_rel_diff=float(f"{diff:.2e}"))
+
+
+if __name__ == "__main__":
+    main()
