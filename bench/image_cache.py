@@ -58,7 +58,8 @@ def main() -> None:
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.prefetch import default_workers
 
-    work = Path(tempfile.mkdtemp(prefix="vlm2rec-bench-"))
+    tmp = tempfile.TemporaryDirectory(prefix="vlm2rec-bench-")
+    work = Path(tmp.name)
     if a.data:
         ds = Dataset.load(a.data)
     else:
@@ -91,15 +92,14 @@ def main() -> None:
     from vlm2rec_lab.prefetch import ordered_map
 
     enc = Encoder(bb, items, image_workers=0)
-    chunks = [idx[a0:a0 + 64] for a0 in range(0, a.images, 64)]
     cpu = {}
     for n in (0, workers):
         t = time.perf_counter()
-        for _ in ordered_map(enc._pixels, chunks, n):
+        for _ in ordered_map(enc._pixels_of, idx, n):
             pass
         cpu[n] = time.perf_counter() - t
     diff = max(float((x - y).abs().max()) for x, y in zip(fa, fb))
-    tokens = bb.tokens_per_image(enc._pixels([0])[1][0])
+    tokens = bb.tokens_per_image(enc._pixels_of(0)[1][0])
     common = {"images": a.images, "jpeg_px": a.size, "visual_tokens": tokens, "device": str(bb.device),
               "cores": default_workers(cap=1 << 10)}
     print(json.dumps({"figure": "image_cache_fill", "path": "plain", "workers": 0, "seconds": round(serial, 3),
@@ -112,6 +112,7 @@ def main() -> None:
                       "threaded_beauty_seconds": round(cpu[workers] / a.images * 9311, 1),
                       "ratio": round(cpu[0] / cpu[workers], 2)}), flush=True)
     print(json.dumps({"figure": "image_cache_ratio", "ratio": round(serial / threaded, 2), "max_abs_diff": diff}), flush=True)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

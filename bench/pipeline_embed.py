@@ -78,7 +78,8 @@ def main() -> None:
 
     emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
     workers = default_workers() if a.workers is None else a.workers
-    work = Path(tempfile.mkdtemp(prefix="vlm2rec-bench-"))
+    tmp = tempfile.TemporaryDirectory(prefix="vlm2rec-bench-")
+    work = Path(tmp.name)
     raw = generate(SynthConfig(items=max(a.items, 200), users=300), work / "raw")
     meta = read_amazon2018([str(raw)]).meta or {}
     titles = [m["title"] for m in meta.values() if m.get("title")][:a.items]
@@ -127,6 +128,7 @@ def main() -> None:
     n = min(len(ref["T"]), len(got["T"]))
     diff = max(float((got[k][:n] - ref[k][:n]).abs().max() / ref[k][:n].abs().max()) for k in ("T", "V"))
     emit(figure="pipeline_item_embedding_ratio", ratio=round(rate / plain_rate, 2), max_rel_diff=float(f"{diff:.2e}"))
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -96,10 +96,25 @@ def test_missing_images_are_a_clear_error(tiny, synth_ds):
         Encoder(tiny, items).item_embeddings("V", [0])
 
 
-def test_text_only_llm_backbone_refuses_image_prompts(tiny, synth_ds):
-    tiny.kind = "llm"
+@pytest.mark.parametrize("cache_vision", [True, False])
+def test_text_only_llm_backbone_refuses_image_prompts(tiny, synth_ds, cache_vision):
+    tiny.kind, tiny.image_processor = "llm", None  # as a real text-only model loads
     with pytest.raises(ValueError, match="text-only"):
-        Encoder(tiny, synth_ds.items).item_embeddings("V", [0])
+        Encoder(tiny, synth_ds.items, cache_vision=cache_vision).item_embeddings("V", [0, 1])
+
+
+def test_a_processor_that_ignores_max_pixels_is_an_error(monkeypatch, tiny_path):
+    from transformers import AutoImageProcessor
+
+    from vlm2rec_lab.backbones import _image_processor
+
+    class Fixed:  # a processor with its own fixed size policy
+        size = {"longest_edge": 3136}
+
+    monkeypatch.setattr(AutoImageProcessor, "from_pretrained", lambda *a, **kw: Fixed())
+    assert isinstance(_image_processor(str(tiny_path), None), Fixed)
+    with pytest.raises(ValueError, match="did not take max_pixels=50176"):
+        _image_processor(str(tiny_path), 50176)
 
 
 def test_max_pixels_sets_the_image_processors_size(synth_ds, tiny_path):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,7 +47,8 @@ def test_image_cache_bench_fills_the_cache_both_ways_with_the_same_features(synt
     assert rows[("image_cache_fill", "plain")]["workers"] == 0 and rows[("image_cache_fill", "project")]["workers"] == 2
     assert rows[("image_cache_fill", "plain")]["visual_tokens"] == 16  # 120 px fits 224^2: 112 x 112 px, 8 x 8 patches
     assert rows[("image_cache_ratio", None)]["max_abs_diff"] == 0.0
-    assert rows[("image_cpu_side", None)]["ms_per_image"] > 0
+    cpu = rows[("image_cpu_side", None)]
+    assert cpu["workers"] == 2 and cpu["beauty_seconds"] == pytest.approx(cpu["ms_per_image"] * 9.311, abs=0.1)
 
 
 def test_pipeline_bench_embeds_items_from_jpeg_files_both_ways_alike():

@@ -297,7 +297,7 @@ def test_the_next_micro_batch_is_laid_out_ahead_and_changes_nothing(synth_ds, ti
     kw = dict(method="vlm2rec", users_k=24, batch_size=4, grad_accum=2, max_steps=5, grad_cos_every=0,
               checkpoint_every=0, lora_dropout=0.1)
     plain = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "plain", progress=False)
-    monkeypatch.setattr(plain, "_upcoming", lambda a: None)  # nothing laid out ahead
+    monkeypatch.setattr(plain, "_upcoming", lambda a, order: None)  # nothing laid out ahead
     plain.train()
 
     calls, used = [], []
@@ -309,9 +309,12 @@ def test_the_next_micro_batch_is_laid_out_ahead_and_changes_nothing(synth_ds, ti
 
     def micro_step(self, sel, layout=None):
         used.append(layout is not None)
-        if layout is not None:  # the layout is for these examples
+        if layout is not None:  # the layout is these examples' own
             mine = self._mine(sel)
-            assert layout.sizes == [len(mine)] * 4
+            fresh = real_layout(self.encoder, self.requests(self.hist[mine], self.targets[mine]))
+            assert layout.sizes == fresh.sizes and layout.kinds == fresh.kinds
+            assert all(torch.equal(x, y) for x, y in zip(layout.sequences, fresh.sequences))
+            assert all(torch.equal(x, y) for x, y in zip(layout.positions, fresh.positions))
         return real_micro(self, sel, layout)
 
     monkeypatch.setattr(Encoder, "layout", layout)
@@ -323,3 +326,43 @@ def test_the_next_micro_batch_is_laid_out_ahead_and_changes_nothing(synth_ds, ti
     assert [r["loss"] for r in ahead.log] == [r["loss"] for r in plain.log]
     a, b = lora_state(plain), lora_state(ahead)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_layout_made_for_other_examples_is_not_used(synth_ds, tiny_path, tmp_path, monkeypatch):
+    tr = Trainer(TrainConfig(method="vlm2rec", users_k=16, batch_size=8, max_steps=1, grad_cos_every=0, checkpoint_every=0),
+                 synth_ds, tmp_path, progress=False)
+    first = tr._order(0)[:8]
+    other = tr._order(0)[8:16]
+    mine = tr._mine(other)
+    tr._ahead = (other, tr.encoder.layout(tr.requests(tr.hist[mine], tr.targets[mine])))
+    seen, real = [], Trainer.micro_step
+    monkeypatch.setattr(Trainer, "micro_step", lambda self, sel, layout=None: seen.append((sel, layout)) or real(self, sel, layout))
+    tr.train()
+    (sel, layout), = seen
+    assert np.array_equal(sel, first) and layout is None
+
+
+def test_divergence_is_reported_before_a_failing_look_ahead(synth_ds, tiny_path, tmp_path, monkeypatch):
+    """The next micro-batch is laid out before this one's loss is read back; an error there (an
+    unreadable image, say) must not hide a non-finite loss: it is raised in its own turn."""
+    import vlm2rec_lab.train as train_mod
+    from vlm2rec_lab.encoder import Encoder
+
+    def bad(cfg, emb, alpha, beta, labels=None):
+        return ObjectiveOutput({"wpcl": emb["z_t"].sum() * 0 + float("nan"), "crtr": emb["z_t"].sum() * 0})
+
+    tr = Trainer(TrainConfig(method="vlm2rec", users_k=16, batch_size=8, max_steps=2, grad_cos_every=0), synth_ds,
+                 tmp_path, progress=False)
+    real, calls = Encoder.layout, []
+
+    def layout(self, requests):
+        calls.append(1)
+        if len(calls) == 2:  # the look-ahead for step 2
+            raise ValueError("x.png: the image of item_idx 3 cannot be read")
+        return real(self, requests)
+
+    monkeypatch.setattr(Encoder, "layout", layout)
+    monkeypatch.setattr(train_mod, "objective", bad)
+    with pytest.raises(TrainingDiverged, match=r"step 1: loss term 'wpcl' is nan"):
+        tr.train()
+    assert len(calls) == 2 and tr._ahead is None

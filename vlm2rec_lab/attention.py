@@ -93,8 +93,10 @@ def _plan(cu_seqlens: Tensor, prefix_of: list[int] | None = None, bounds: Tensor
             return plan
     source = cu_seqlens if bounds is None else bounds.cpu()
     cpu_groups = segment_groups(source, prefix_of, device="cpu")
-    groups = [g._replace(q_index=_to(g.q_index, cu_seqlens.device), k_index=_to(g.k_index, cu_seqlens.device))
-              for g in cpu_groups]
+    groups = []
+    for g in cpu_groups:
+        q = _to(g.q_index, cu_seqlens.device)
+        groups.append(g._replace(q_index=q, k_index=q if g.k_index is g.q_index else _to(g.k_index, cu_seqlens.device)))
     inverse = None
     if len(groups) > 1 or (groups and groups[0].q_index is not None):
         inverse = _to(torch.argsort(torch.cat([g.q_index for g in cpu_groups])), cu_seqlens.device)

@@ -7,6 +7,7 @@ path gives the same embeddings as the uncached one (tested).
 """
 from __future__ import annotations
 
+from contextlib import closing
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -87,36 +88,45 @@ class Encoder:
         except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for unreadable files
             raise ValueError(f"{path}: the image of item_idx {i} cannot be read ({type(e).__name__}: {e})") from e
 
-    def _load_images(self, idx: Sequence[int], workers: int | None = None) -> list:
+    def _check_images(self, idx: Sequence[int]) -> None:
+        if self.bb.kind != "vlm":
+            raise ValueError(f"{self.bb.name} is a text-only model: no image prompts")
         missing = [i for i in idx if not self.image_paths[i]]
         if missing:
             raise ValueError(f"{len(missing)} item(s) have no image (e.g. item_idx {missing[:5]}); "
                              f"image prompts need a dataset prepared with images")
-        workers = self.image_workers if workers is None else workers
-        return list(ordered_map(self._load_image, idx, workers if len(idx) > 1 else 0, ahead=len(idx)))
 
-    def _pixels(self, chunk: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """One chunk's pixels and grids on the CPU (runs in a prefetch thread)."""
-        return self.bb.prepare_pixels(self._load_images(chunk, workers=0))
+    def _load_images(self, idx: Sequence[int]) -> list:
+        """The images of ``idx``, read by ``image_workers`` threads."""
+        self._check_images(idx)
+        return list(ordered_map(self._load_image, idx, self.image_workers if len(idx) > 1 else 0, ahead=len(idx)))
+
+    def _pixels_of(self, i: int) -> tuple[Tensor, Tensor]:
+        """One image's pixels (in the model's dtype) and grid, on the CPU: runs in a worker thread."""
+        return self.bb.prepare_pixels([self._load_image(i)])
 
     def vision_features(self, idx: Sequence[int], chunk: int = 64, progress: bool = False) -> tuple[list[Tensor], Tensor]:
         """Features and grids for items ``idx`` (repeats allowed), through the cache. Images not yet
-        cached go through the vision tower ``chunk`` at a time, the next chunks read and preprocessed
-        by ``image_workers`` threads meanwhile."""
+        cached go through the vision tower ``chunk`` at a time, while ``image_workers`` threads read
+        and preprocess the images of the next chunk (at most two chunks' pixels held at once)."""
         if not self.cache_vision:
             raise RuntimeError("vision cache is disabled")
         from tqdm.auto import tqdm
 
         todo = sorted({int(i) for i in idx} - self._features.keys())
-        chunks = [todo[a:a + chunk] for a in range(0, len(todo), chunk)]
+        self._check_images(todo)
         bar = tqdm(total=len(todo), desc="vision features", unit="img", disable=not progress or None, leave=False)
-        for part, (px, grid) in zip(chunks, ordered_map(self._pixels, chunks, self.image_workers)):
-            # ordinary (not inference-mode) tensors: training forwards reuse the cache
-            with torch.inference_mode(False), torch.no_grad():
-                feats = self.bb.image_features(*self.bb.to_device(px, grid))
-            for i, f, g in zip(part, feats, grid):
-                self._features[i] = (f.detach().clone(), g.clone())
-            bar.update(len(part))
+        with closing(ordered_map(self._pixels_of, todo, self.image_workers, ahead=2 * chunk)) as stream:
+            for a in range(0, len(todo), chunk):
+                part = todo[a:a + chunk]
+                got = [next(stream) for _ in part]
+                px, grid = torch.cat([p for p, _ in got]), torch.cat([g for _, g in got])
+                # ordinary (not inference-mode) tensors, even under embed_many: training forwards reuse the cache
+                with torch.inference_mode(False), torch.no_grad():
+                    feats = self.bb.image_features(*self.bb.to_device(px, grid))
+                    for i, f, g in zip(part, feats, grid):
+                        self._features[i] = (f.detach().clone(), g.clone())
+                bar.update(len(part))
         bar.close()
         feats = [self._features[int(i)][0] for i in idx]
         grid = torch.stack([self._features[int(i)][1] for i in idx]) if len(idx) else None
@@ -217,11 +227,13 @@ class Encoder:
             self.vision_features(sorted({int(i) for lst in item_lists for i in lst}), progress=progress)
         bs = batch_size or self.batch_size
         order = np.argsort([-len(x) for x in item_lists], kind="stable")
-        out = torch.empty(len(item_lists), self.bb.hidden_size, device=self.bb.device)
-        for a in tqdm(range(0, len(order), bs), desc=desc or f"embed {kind}", disable=not progress or None, leave=False):
-            sel = order[a:a + bs]
-            out[torch.as_tensor(sel, device=out.device)] = self.embed_sets([(kind, [item_lists[k] for k in sel])])[0]
-        return out.cpu()
+        parts = [self.embed_sets([(kind, [item_lists[k] for k in order[a:a + bs]])])[0]
+                 for a in tqdm(range(0, len(order), bs), desc=desc or f"embed {kind}", disable=not progress or None,
+                               leave=False)]
+        out = torch.empty(len(item_lists), self.bb.hidden_size)
+        if parts:
+            out[torch.as_tensor(order)] = torch.cat(parts).cpu()  # one copy back, at the end
+        return out
 
     def item_embeddings(self, kind: str, idx: Sequence[int] | None = None, **kw) -> Tensor:
         """(n, d) embeddings of items through the one-item prompt (the template at index 0)."""

@@ -1,10 +1,10 @@
 """CPU work ahead of the accelerator: an ordered map over a thread pool with bounded lookahead.
 
 Decoding, resizing and patchifying an image costs a few milliseconds of one CPU core (measured in
-``bench/image_cache.py``: about 8 ms for a 500 px JPEG at Qwen2.5-VL's 224 px), which over a
+``bench/image_cache.py``: about 5 ms for a 500 px JPEG at Qwen2.5-VL's 224 px), which over a
 catalogue of 10,000 items is longer than a GPU needs for the vision tower itself. PIL and NumPy
 release the GIL in that work, so threads scale it over the cores, and while they prepare the next
-chunks the calling thread keeps the GPU busy with the current one.
+images the calling thread keeps the GPU busy with the current ones.
 """
 from __future__ import annotations
 
@@ -18,12 +18,17 @@ R = TypeVar("R")
 
 
 def default_workers(cap: int = 8) -> int:
-    """The cores this process may use, at most ``cap``."""
+    """This process's share of the cores it may use (divided among the processes torchrun started on
+    this machine, ``LOCAL_WORLD_SIZE``), at most ``cap``."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         n = os.cpu_count() or 1
-    return max(1, min(cap, n))
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(cap, n // local))
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int | None = None) -> Iterator[R]:

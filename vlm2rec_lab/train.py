@@ -182,7 +182,7 @@ class Trainer:
         mine = self._mine(sel)
         local = self.embeddings(self.hist[mine], self.targets[mine], layout)
         emb = {k: dist.gather_cat(v) for k, v in local.items()}
-        labels = torch.as_tensor(self.targets[sel], device=self.bb.device)
+        labels = torch.as_tensor(self.targets[sel]).to(self.bb.device, non_blocking=True)  # no wait for the forward
         return objective(self.obj, emb, self.alpha, self.beta, labels=labels), emb, labels
 
     def loss_and_gradients(self, epoch: int = 0, micro: int = 0) -> tuple[float, dict[str, Tensor]]:
@@ -314,10 +314,13 @@ class Trainer:
             loss.backward()
             # the next micro-batch's token layout (CPU work) while the device runs this backward; the
             # host reads below wait for the device
-            upcoming = self._upcoming(a)
+            upcoming = self._upcoming(a, order)
             if upcoming is not None:
                 mine = self._mine(upcoming)
-                self._ahead = (upcoming, self.encoder.layout(self.requests(self.hist[mine], self.targets[mine])))
+                try:
+                    self._ahead = (upcoming, self.encoder.layout(self.requests(self.hist[mine], self.targets[mine])))
+                except Exception:  # noqa: BLE001  (e.g. an unreadable image: raised when that micro-batch
+                    pass  # is laid out in its turn, after this one's loss has been checked)
             for name, term in out.terms.items():  # a non-finite loss stops the run before the optimizer steps
                 if not torch.isfinite(term):
                     self._write_logs(self.run_dir)
@@ -336,9 +339,9 @@ class Trainer:
         micro += self.cfg.grad_accum
         return (epoch + 1, 0) if micro + self.cfg.grad_accum > self.micro_per_epoch else (epoch, micro)
 
-    def _upcoming(self, a: int) -> np.ndarray | None:
+    def _upcoming(self, a: int, order: np.ndarray) -> np.ndarray | None:
         """The examples of the micro-batch after this step's ``a``-th (the next step's first after
-        its last; None after the run's last)."""
+        its last; None after the run's last); ``order``: this epoch's."""
         bs = self.cfg.batch_size
         if a + 1 < self.cfg.grad_accum:
             epoch, micro = self.epoch, self.micro + a + 1
@@ -346,7 +349,7 @@ class Trainer:
             epoch, micro = self._advance(self.epoch, self.micro)
         else:
             return None
-        return self._order(epoch)[micro * bs:(micro + 1) * bs]
+        return (order if epoch == self.epoch else self._order(epoch))[micro * bs:(micro + 1) * bs]
 
     def _can_fall_back(self) -> bool:
         """Gradient checkpointing is used only when memory requires it: a step that runs out of
