@@ -205,6 +205,7 @@ def main() -> None:
 
     from vlm2rec_lab.backbones import Backbone, lora_target_regex
     from vlm2rec_lab.losses import ObjectiveConfig, objective
+    from vlm2rec_lab.train import gradient_cosines, modality_gradients
 
     emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
     import importlib.util
@@ -300,14 +301,17 @@ def main() -> None:
             chunk = all_items[s:s + 256]
             feats.update(zip(chunk, bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))))
 
-    def step(sets_fn, batch, do_step=True) -> float:
+    def step(sets_fn, batch, do_step=True, probe=False) -> float:
         hist, tgt = batch
         z_t, z_v, e_t, e_v = sets_fn([("T", hist), ("V", hist), ("T", tgt), ("V", tgt)])
-        emb = {"z_t": z_t, "z_v": z_v, "e_t": e_t, "e_v": e_v}
-        loss = objective(obj, {k: v.float() for k, v in emb.items()}).total
+        emb = {k: v.float() for k, v in {"z_t": z_t, "z_v": z_v, "e_t": e_t, "e_v": e_v}.items()}
+        loss = objective(obj, emb).total
         if do_step:
             opt.zero_grad(set_to_none=True)
+            g_mod = modality_gradients(emb, None, params, obj.tau) if probe else None  # the trainer's probe
             loss.backward()
+            if probe:
+                gradient_cosines(g_mod, [p.grad for p in params])
             opt.step()
         return loss.item()
 
@@ -328,7 +332,8 @@ def main() -> None:
                 ("project_unpacked", unpacked_fn, False),  # + bf16 LoRA under autocast
                 ("project_packed", packed_fn, False),  # + the four prompt sets packed into one forward
                 ("project", proj_fn, False),  # + each prompt kind's shared prefix computed once
-                ("project_flash", proj_fn, False))  # + PyTorch's varlen flash kernel instead of grouped SDPA
+                ("project_flash", proj_fn, False),  # + PyTorch's varlen flash kernel instead of grouped SDPA
+                ("project_probe", proj_fn, False))  # project, with the trainer's gradient-cosine probe every step
     if a.train_variants:
         variants = tuple(v for v in variants if v[0] in a.train_variants.split(","))
     for name, fn, ckpt in variants:
@@ -340,11 +345,12 @@ def main() -> None:
         else:
             model.model.activation_checkpointing_disable()
         peft.train()
+        probe = name == "project_probe"
         try:
-            step(fn, batches[0])  # warm-up
+            step(fn, batches[0], probe=probe)  # warm-up
             sync(device); reset_peak(device); t = time.perf_counter()
             for b in batches[1:]:
-                step(fn, b)
+                step(fn, b, probe=probe)
             sync(device)
         except torch.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)
@@ -359,6 +365,10 @@ def main() -> None:
     set_varlen_kernel("sdpa")
     if "project" in results:
         emit(figure="train_step_ratio", **{f"vs_{k}": round(v / results["project"], 2) for k, v in results.items() if k != "project"})
+    if "project" in results and "project_probe" in results:  # the trainer's default probes every 10th step
+        s = (9 * results["project"] + results["project_probe"]) / 10
+        emit(figure="train_epoch_with_probe", grad_cos_every=10, seconds_per_step=round(s, 3),
+             beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1), probe_step_vs_step=round(results["project_probe"] / results["project"], 2))
     if a.profile:
         profile_step(lambda: step(proj_fn, batches[1]), device, emit)
         packed_probe(peft, n_tokens, a.steps, device, dtype, emit)

@@ -18,7 +18,8 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
     figures = {(x["figure"], x.get("path")) for x in rows}
     assert {("item_embedding", "plain"), ("item_embedding", "project"), ("item_embedding", "project_padded"),
             ("train_step", "plain_ckpt"), ("train_step", "project_packed"),
-            ("train_step", "project"), ("train_step", "project_compiled"), ("item_embedding", "project_compiled"), ("vision_tower", None)} <= figures
+            ("train_step", "project"), ("train_step", "project_compiled"), ("item_embedding", "project_compiled"), ("vision_tower", None),
+            ("train_step", "project_probe"), ("train_epoch_with_probe", None)} <= figures
     compiled = next(x for x in rows if x["figure"] == "train_step" and x.get("path") == "project_compiled")
     assert "error" not in compiled and compiled["loss_rel_diff"] <= 1e-4  # aot_eager: the eager step's loss
     agree = next(x for x in rows if x["figure"] == "train_loss_agreement")
