@@ -27,18 +27,15 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     from vlm2rec_lab.backbones import load_backbone
-    from vlm2rec_lab.config import PrepareConfig, SynthConfig
-    from vlm2rec_lab.data.dataset import Dataset, prepare
-    from vlm2rec_lab.data.synthetic import generate
+    from vlm2rec_lab.data.dataset import Dataset
+    from vlm2rec_lab.data.synthetic import synthetic_dataset
     from vlm2rec_lab.encoder import Encoder
 
     if a.data:
         ds = Dataset.load(a.data)
     else:
         work = Path(tempfile.mkdtemp(prefix="vlm2rec-bench-"))
-        raw = generate(SynthConfig(), work / "raw")
-        ds = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), work / "data",
-                     progress=False)
+        ds = synthetic_dataset(work)
     bb = load_backbone("tiny", dataset=ds, device="cpu")
     paths = {"padded": dict(packed=False), "packed": dict(packed=True, share_prefix=False),
              "packed_shared_prefix": dict(packed=True, share_prefix=True)}

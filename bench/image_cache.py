@@ -52,9 +52,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     from vlm2rec_lab.backbones import load_backbone
-    from vlm2rec_lab.config import PrepareConfig, SynthConfig
-    from vlm2rec_lab.data.dataset import Dataset, prepare
-    from vlm2rec_lab.data.synthetic import generate
+    from vlm2rec_lab.data.dataset import Dataset
+    from vlm2rec_lab.data.synthetic import synthetic_dataset
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.prefetch import default_workers
 
@@ -63,9 +62,7 @@ def main() -> None:
     if a.data:
         ds = Dataset.load(a.data)
     else:
-        raw = generate(SynthConfig(), work / "raw")
-        ds = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), work / "data",
-                     progress=False)
+        ds = synthetic_dataset(work)
     bb = load_backbone("tiny", dataset=ds, device=a.device, max_pixels=a.pixels)
     paths = write_images(work / "jpeg", a.images, a.size)
     items = pd.DataFrame({"item_id": [str(i) for i in range(a.images)], "title": ["x"] * a.images, "image": paths})

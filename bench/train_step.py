@@ -26,18 +26,16 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from vlm2rec_lab.config import PrepareConfig, SynthConfig, TrainConfig
-    from vlm2rec_lab.data.dataset import Dataset, prepare
-    from vlm2rec_lab.data.synthetic import generate
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.data.dataset import Dataset
+    from vlm2rec_lab.data.synthetic import synthetic_dataset
     from vlm2rec_lab.train import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="vlm2rec-bench-"))
     if a.data:
         ds = Dataset.load(a.data)
     else:
-        raw = generate(SynthConfig(), work / "raw")
-        ds = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), work / "data",
-                     progress=False)
+        ds = synthetic_dataset(work)
     Trainer(TrainConfig(method=a.method, max_steps=1), ds, work / "warm", progress=False)  # builds/caches the backbone
 
     per_step = {}

@@ -81,3 +81,13 @@ def test_config_validation():
 def test_oracle_rejects_foreign_items(synth_raw):
     with pytest.raises(KeyError, match="not in the synthetic latents"):
         OracleScorer(synth_raw, ["nope"], "text")
+
+
+def test_synthetic_dataset_is_generated_and_prepared_like_real_data(tmp_path):
+    from vlm2rec_lab.data.synthetic import synthetic_dataset
+
+    ds = synthetic_dataset(tmp_path, SynthConfig(users=300, items=200, seed=5))
+    assert (tmp_path / "raw" / "oracle" / "latents.json").exists() and ds.path == tmp_path / "data"
+    assert 100 < ds.n_items <= 200 and ds.items["image"].notna().all()
+    again = synthetic_dataset(tmp_path / "again", SynthConfig(users=300, items=200, seed=5))
+    assert again.fingerprint == ds.fingerprint  # deterministic per seed

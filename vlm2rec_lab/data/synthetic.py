@@ -245,3 +245,16 @@ class OracleScorer:
         if self.modality in ("image", "both", "latent"):
             score = score * self.Ts[self.s[last][:, None], self.s[cand]]
         return score + self.jitter[cand]
+
+
+def synthetic_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bool = False, progress: bool = False):
+    """The synthetic domain generated into ``out/raw`` and prepared into ``out/data`` (the same
+    readers and preparation as real data): the loaded :class:`~vlm2rec_lab.data.dataset.Dataset`."""
+    from ..config import PrepareConfig
+    from .dataset import prepare
+
+    out = Path(out)
+    raw = generate(cfg or SynthConfig(), out / "raw", overwrite=overwrite)
+    prep = PrepareConfig(format="amazon2018", inputs=[str(p) for p in sorted(raw.glob("*.json.gz"))],
+                         images=str(raw / "images"))
+    return prepare(prep, out / "data", overwrite=overwrite, progress=progress)
