@@ -55,7 +55,7 @@ class Encoder:
             prefix instead of drawing one each; True: there too (faster, correlated prefix noise).
         image_workers: threads that read, decode and preprocess images ahead of the vision tower
             (:mod:`~vlm2rec_lab.prefetch`); None: the usable cores, at most 8; 0: in the calling
-            thread, one chunk after another.
+            thread, one image after another.
     """
 
     def __init__(self, backbone: Backbone, items, images: ImageStore | None = None, cache_vision: bool = True,

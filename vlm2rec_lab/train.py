@@ -330,8 +330,6 @@ class Trainer:
             if probe and a == 0:
                 g_mod = modality_gradients(emb, labels, self.lora, cfg.tau)
             loss.backward()
-            if probe and a == 0:  # g_total: this first micro-batch's gradient, as the backward just left it
-                sums.update(gradient_cosines(g_mod, [p.grad for p in self.lora]))
             # the next micro-batch's token layout (CPU work) while the device runs this backward; the
             # host reads below wait for the device
             upcoming = self._upcoming(a, order)
@@ -347,6 +345,8 @@ class Trainer:
                     raise TrainingDiverged(f"step {self.step + 1}: loss term {name!r} is {term.item()} "
                                            f"(method {cfg.method}, lr {cfg.lr})")
                 sums[name] = sums.get(name, 0.0) + term.item() / cfg.grad_accum
+            if probe and a == 0:  # g_total: this first micro-batch's gradient, as its backward left it
+                sums.update(gradient_cosines(g_mod, [p.grad for p in self.lora]))
             for k, v in out.stats.items():
                 stats.setdefault(k, []).append(v.cpu())
             if "margin_t" in out.stats:
