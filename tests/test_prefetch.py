@@ -61,8 +61,16 @@ def test_ordered_map_stopped_early_leaves_no_thread_and_starts_no_more_work():
     assert not [t for t in threading.enumerate() if t.name.startswith("vlm2rec-prefetch")]
 
 
-def test_default_workers_is_within_the_cap():
-    assert 1 <= default_workers(cap=3) <= 3
+def test_default_workers_share_the_cores_among_torchruns_local_processes(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 8 and default_workers(cap=3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # more processes than cores: still one thread each
+    assert default_workers() == 1
 
 
 def test_vision_cache_filled_by_worker_threads_equals_the_serial_fill(tiny, synth_ds):
