@@ -393,3 +393,37 @@ def test_gradient_cosines_reuse_the_steps_backward(synth_ds, tiny_path, tmp_path
     a, b = [torch.randn(5), None, torch.randn(3)], [torch.randn(5), torch.randn(2), torch.randn(3)]
     flat = lambda v: torch.cat([v[0], v[2]])  # noqa: E731
     assert _flat_cos(a, b) == pytest.approx(float(torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0)), abs=1e-6)
+
+
+def test_checkpoints_are_written_in_the_background_from_a_snapshot(synth_ds, tiny_path, tmp_path, monkeypatch):
+    """save_checkpoint returns before the disk write; the checkpoint holds the state as it was when
+    it was taken (training goes on meanwhile), and a failed write is raised, not lost."""
+    import threading
+
+    import vlm2rec_lab.train as train_mod
+
+    tr = Trainer(TrainConfig(method="vlm2rec", users_k=16, batch_size=8, max_steps=1, grad_cos_every=0, checkpoint_every=0),
+                 synth_ds, tmp_path, progress=False)
+    tr.train()
+    before, alpha = lora_state(tr), tr.alpha.item()
+    gate, real_save = threading.Event(), torch.save
+    monkeypatch.setattr(train_mod.torch, "save", lambda *a, **kw: (gate.wait(10), real_save(*a, **kw)))
+    tr.save_checkpoint()  # returns while the write waits on the gate
+    assert not tr._written.done()
+    with torch.no_grad():  # training goes on: the weights change in place
+        for p in tr.lora:
+            p.add_(1.0)
+        tr.alpha.add_(1.0)
+    gate.set()
+    tr.wait_for_checkpoint()
+    state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
+    assert all(torch.equal(state["lora"][k], before[k]) for k in before) and state["alpha"].item() == alpha
+
+    def broken(*a, **kw):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(train_mod.torch, "save", broken)
+    tr.save_checkpoint()
+    with pytest.raises(OSError, match="No space left"):
+        tr.wait_for_checkpoint()
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 1  # the last good one stays

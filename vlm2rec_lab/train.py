@@ -12,6 +12,7 @@ import gc
 import random
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +79,20 @@ def apply_lora(bb: Backbone, cfg: TrainConfig) -> None:
     bb.model = get_peft_model(bb.model, lcfg)
     if cfg.gradient_checkpointing:
         bb.enable_checkpointing()
+
+
+def _snapshot(obj):
+    """``obj`` with every tensor copied to the CPU (a copy even where it is there already), through
+    dicts, lists and tuples."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(_snapshot(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
 
 
 def _flat_cos(a, b) -> float:
@@ -168,6 +183,7 @@ class Trainer:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.step, self.epoch, self.micro = 0, 0, 0
         self._ahead: tuple[np.ndarray, object] | None = None  # (examples, layout) of the next micro-batch
+        self._written: Future | None = None  # the checkpoint being written in the background
         self.log: list[dict] = []
         self.weak: list[tuple[int, int, str]] = []
 
@@ -224,14 +240,34 @@ class Trainer:
         return self.run_dir / "checkpoint"
 
     def save_checkpoint(self) -> None:
-        state = {
-            "lora": {n: p.detach().cpu().clone() for n, p in self.bb.model.named_parameters() if p.requires_grad},
-            "optimizer": self.opt.state_dict(), "alpha": self.alpha.detach().cpu(), "beta": self.beta.detach().cpu(),
+        """Snapshot the adapter, optimizer, α/β, every RNG state, the data position and the logs
+        (copied to the CPU here, so later steps cannot change them) and write them to the run's
+        checkpoint folder from a background thread while training goes on: a 3B model's LoRA
+        checkpoint with AdamW state is 360 MB, about 0.3 s of disk a write. The folder is replaced
+        atomically; the previous write is finished (its error raised) first, and :meth:`train`
+        finishes the last before it returns or raises."""
+        state = _snapshot({
+            "lora": {n: p for n, p in self.bb.model.named_parameters() if p.requires_grad},
+            "optimizer": self.opt.state_dict(), "alpha": self.alpha, "beta": self.beta,
             "rng": _rng_state(), "step": self.step, "epoch": self.epoch, "micro": self.micro,
-        }
-        with atomic_dir(self.ckpt_dir, overwrite=True) as tmp:
-            torch.save(state, tmp / "state.pt")
-            self._write_logs(tmp)
+        })
+        log, weak = list(self.log), list(self.weak)
+        self.wait_for_checkpoint()
+
+        def write() -> None:
+            with atomic_dir(self.ckpt_dir, overwrite=True) as tmp:
+                torch.save(state, tmp / "state.pt")
+                self._write_logs(tmp, log, weak)
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="vlm2rec-checkpoint")
+        self._written = pool.submit(write)
+        pool.shutdown(wait=False)  # the thread ends with the write
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the checkpoint being written (if any) is on disk; raises its error."""
+        written, self._written = self._written, None
+        if written is not None:
+            written.result()
 
     def load_checkpoint(self) -> bool:
         f = self.ckpt_dir / "state.pt"
@@ -254,9 +290,10 @@ class Trainer:
             self.weak = list(w.itertuples(index=False, name=None))
         return True
 
-    def _write_logs(self, folder: Path) -> None:
-        pd.DataFrame(self.log).to_csv(folder / "train_log.csv", index=False)
-        pd.DataFrame(self.weak, columns=["step", "user", "weak"]).to_csv(folder / "weak_modality.csv", index=False)
+    def _write_logs(self, folder: Path, log: list | None = None, weak: list | None = None) -> None:
+        pd.DataFrame(self.log if log is None else log).to_csv(folder / "train_log.csv", index=False)
+        pd.DataFrame(self.weak if weak is None else weak, columns=["step", "user", "weak"]).to_csv(
+            folder / "weak_modality.csv", index=False)
 
     # ---------------------------------------------------------------- the loop
     def train(self, resume: bool = False) -> dict:
@@ -272,45 +309,48 @@ class Trainer:
             self.encoder.cache_all(progress=self.progress and dist.rank() == 0)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
                    disable=not self.progress or dist.rank() != 0 or None)
-        while self.step < self.total_steps:
-            order = self._order(self.epoch)
-            t0 = time.perf_counter()
-            fallback = self._can_fall_back()
-            if fallback:
-                rng, n_weak = _rng_state(), len(self.weak)
-            try:
-                sums, stats = self._accumulate(order)
-            except RuntimeError as e:  # torch.OutOfMemoryError is one
-                if not (fallback and out_of_memory(e)):
-                    raise
-                sums = None  # the step is redone below, outside this handler (which holds its tensors)
-            if sums is None:
-                self._fall_back_to_checkpointing(rng, n_weak)
-                continue
-            dist.average_gradients(self.lora + ([self.alpha, self.beta] if self.alpha.requires_grad else []))
-            self.opt.step()
-            with torch.no_grad():
-                self.beta.clamp_(min=0.0)  # keep β ≥ 0 (DESIGN §3)
-            self.step += 1
-            self.epoch, self.micro = self._advance(self.epoch, self.micro)
-            row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),
-                   "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": time.perf_counter() - t0,
-                   "checkpointing": self.bb.checkpointing}
-            if stats:
-                cat = {k: torch.cat(v) for k, v in stats.items()}
-                row.update({f"{k}_mean": float(v.float().mean()) for k, v in cat.items()})
-                row["image_weak_share"] = float((cat["margin_v"] < cat["margin_t"]).float().mean())
-            self.log.append(row)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if not k.startswith("cos_")})
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and dist.rank() == 0:
+        try:
+            while self.step < self.total_steps:
+                order = self._order(self.epoch)
+                t0 = time.perf_counter()
+                fallback = self._can_fall_back()
+                if fallback:
+                    rng, n_weak = _rng_state(), len(self.weak)
+                try:
+                    sums, stats = self._accumulate(order)
+                except RuntimeError as e:  # torch.OutOfMemoryError is one
+                    if not (fallback and out_of_memory(e)):
+                        raise
+                    sums = None  # the step is redone below, outside this handler (which holds its tensors)
+                if sums is None:
+                    self._fall_back_to_checkpointing(rng, n_weak)
+                    continue
+                dist.average_gradients(self.lora + ([self.alpha, self.beta] if self.alpha.requires_grad else []))
+                self.opt.step()
+                with torch.no_grad():
+                    self.beta.clamp_(min=0.0)  # keep β ≥ 0 (DESIGN §3)
+                self.step += 1
+                self.epoch, self.micro = self._advance(self.epoch, self.micro)
+                row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),
+                       "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": time.perf_counter() - t0,
+                       "checkpointing": self.bb.checkpointing}
+                if stats:
+                    cat = {k: torch.cat(v) for k, v in stats.items()}
+                    row.update({f"{k}_mean": float(v.float().mean()) for k, v in cat.items()})
+                    row["image_weak_share"] = float((cat["margin_v"] < cat["margin_t"]).float().mean())
+                self.log.append(row)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if not k.startswith("cos_")})
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and dist.rank() == 0:
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(self.step)
+            bar.close()
+            if dist.rank() == 0:
                 self.save_checkpoint()
-            if self.on_step is not None:
-                self.on_step(self.step)
-        bar.close()
-        if dist.rank() == 0:
-            self.save_checkpoint()
-            self.save_final()
+                self.save_final()
+        finally:  # a checkpoint still being written is complete before train() returns or raises
+            self.wait_for_checkpoint()
         dist.barrier()
         return self.log[-1] if self.log else {}
 
