@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check as one command (about 8 minutes on an H100), for a lent machine without internet:
+# The GPU check as one command (at most about 10 minutes: its four steps time out at 320, 100, 80 and
+# 90 s), for a lent machine without internet:
 #   bench/device_check.sh [WHEELS_DIR]
 # Installs the wheels in WHEELS_DIR (default .whl: transformers, peft and their small dependencies
 # that the machine's image lacks; fetch them beforehand with `pip download --no-deps
