@@ -406,6 +406,7 @@ def test_checkpoints_are_written_in_the_background_from_a_snapshot(synth_ds, tin
                  synth_ds, tmp_path, progress=False)
     tr.train()
     before, alpha = lora_state(tr), tr.alpha.item()
+    moments = {k: v.clone() for k, v in tr.opt.state[tr.lora[0]].items()}  # AdamW's state_dict holds references
     gate, real_save = threading.Event(), torch.save
     monkeypatch.setattr(train_mod.torch, "save", lambda *a, **kw: (gate.wait(10), real_save(*a, **kw)))
     tr.save_checkpoint()  # returns while the write waits on the gate
@@ -414,10 +415,14 @@ def test_checkpoints_are_written_in_the_background_from_a_snapshot(synth_ds, tin
         for p in tr.lora:
             p.add_(1.0)
         tr.alpha.add_(1.0)
+        for v in tr.opt.state[tr.lora[0]].values():
+            v.add_(1.0)
     gate.set()
     tr.wait_for_checkpoint()
     state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
     assert all(torch.equal(state["lora"][k], before[k]) for k in before) and state["alpha"].item() == alpha
+    saved = state["optimizer"]["state"][0]
+    assert saved.keys() == moments.keys() and all(torch.equal(saved[k], moments[k]) for k in moments)
 
     def broken(*a, **kw):
         raise OSError("No space left on device")
@@ -427,3 +432,51 @@ def test_checkpoints_are_written_in_the_background_from_a_snapshot(synth_ds, tin
     with pytest.raises(OSError, match="No space left"):
         tr.wait_for_checkpoint()
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 1  # the last good one stays
+
+
+def test_a_failed_checkpoint_write_does_not_hide_why_training_stopped(synth_ds, tiny_path, tmp_path, monkeypatch):
+    import time
+
+    import vlm2rec_lab.train as train_mod
+
+    calls = []
+
+    def nan_at_step_2(cfg, emb, alpha, beta, labels=None):
+        calls.append(1)
+        bad = float("nan") if len(calls) == 2 else 0.0
+        return ObjectiveOutput({"wpcl": emb["z_t"].sum() * 0 + bad, "crtr": emb["z_t"].sum() * 0})
+
+    def slow_broken_save(*a, **kw):
+        time.sleep(0.5)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(train_mod, "objective", nan_at_step_2)
+    monkeypatch.setattr(train_mod.torch, "save", slow_broken_save)
+    tr = Trainer(TrainConfig(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, checkpoint_every=1, grad_cos_every=0),
+                 synth_ds, tmp_path, progress=False)
+    with pytest.warns(RuntimeWarning, match="No space left"), pytest.raises(TrainingDiverged, match="step 2"):
+        tr.train()
+
+
+def test_the_logged_gradient_cosines_are_those_of_a_separate_gradient_pass(synth_ds, tiny_path, tmp_path, monkeypatch):
+    """End to end through the trainer (gradient accumulation 2, LoRA dropout on): each probed step's
+    logged cosines equal those computed with g_total from its own gradient pass of the objective on
+    the step's first micro-batch."""
+    import vlm2rec_lab.train as train_mod
+    from vlm2rec_lab.train import _flat_cos
+
+    tr = Trainer(TrainConfig(method="vlm2rec", users_k=32, batch_size=8, grad_accum=2, max_steps=2, grad_cos_every=1,
+                             checkpoint_every=0, lora_dropout=0.2), synth_ds, tmp_path, progress=False)
+    want, real = [], train_mod.modality_gradients
+
+    def modality_gradients(emb, labels, params, tau):
+        total = train_mod.objective(tr.obj, emb, tr.alpha, tr.beta, labels=labels).total
+        g_total = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+        g_t, g_v = real(emb, labels, params, tau)
+        want.append({"cos_total_t": _flat_cos(g_total, g_t), "cos_total_v": _flat_cos(g_total, g_v)})
+        return g_t, g_v
+
+    monkeypatch.setattr(train_mod, "modality_gradients", modality_gradients)
+    tr.train()
+    got = [{k: r[k] for k in ("cos_total_t", "cos_total_v")} for r in tr.log]
+    assert len(want) == 2 and got == [pytest.approx(w, abs=1e-6) for w in want]

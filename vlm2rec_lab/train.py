@@ -246,13 +246,13 @@ class Trainer:
         checkpoint with AdamW state is 360 MB, about 0.3 s of disk a write. The folder is replaced
         atomically; the previous write is finished (its error raised) first, and :meth:`train`
         finishes the last before it returns or raises."""
+        self.wait_for_checkpoint()  # first: one snapshot held at a time, and a failed write stops here
         state = _snapshot({
             "lora": {n: p for n, p in self.bb.model.named_parameters() if p.requires_grad},
-            "optimizer": self.opt.state_dict(), "alpha": self.alpha, "beta": self.beta,
+            "optimizer": self.opt.state_dict(), "alpha": self.alpha, "beta": self.beta,  # (references: copied)
             "rng": _rng_state(), "step": self.step, "epoch": self.epoch, "micro": self.micro,
         })
         log, weak = list(self.log), list(self.weak)
-        self.wait_for_checkpoint()
 
         def write() -> None:
             with atomic_dir(self.ckpt_dir, overwrite=True) as tmp:
@@ -270,6 +270,7 @@ class Trainer:
             written.result()
 
     def load_checkpoint(self) -> bool:
+        self.wait_for_checkpoint()
         f = self.ckpt_dir / "state.pt"
         if not f.exists():
             return False
@@ -341,6 +342,8 @@ class Trainer:
                 self.log.append(row)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if not k.startswith("cos_")})
+                if self._written is not None and self._written.done():
+                    self.wait_for_checkpoint()  # a failed write is raised at the first step after it
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and dist.rank() == 0:
                     self.save_checkpoint()
                 if self.on_step is not None:
@@ -349,8 +352,14 @@ class Trainer:
             if dist.rank() == 0:
                 self.save_checkpoint()
                 self.save_final()
-        finally:  # a checkpoint still being written is complete before train() returns or raises
-            self.wait_for_checkpoint()
+        except BaseException:  # a checkpoint still being written is complete before train() raises;
+            try:  # its own failure must not replace the error on its way out
+                self.wait_for_checkpoint()
+            except Exception as w:  # noqa: BLE001
+                warnings.warn(f"the checkpoint being written when training stopped was not saved: "
+                              f"{type(w).__name__}: {w}", RuntimeWarning, stacklevel=2)
+            raise
+        self.wait_for_checkpoint()  # ... and before it returns
         dist.barrier()
         return self.log[-1] if self.log else {}
 
@@ -367,7 +376,7 @@ class Trainer:
             ahead, self._ahead = self._ahead, None
             out, emb, labels = self.micro_step(sel, ahead[1] if ahead is not None and np.array_equal(ahead[0], sel) else None)
             loss = out.total / cfg.grad_accum
-            if probe and a == 0:
+            if probe and a == 0:  # (held through the backward: two LoRA-sized gradients more at its peak)
                 g_mod = modality_gradients(emb, labels, self.lora, cfg.tau)
             loss.backward()
             # the next micro-batch's token layout (CPU work) while the device runs this backward; the
