@@ -23,18 +23,22 @@ import pandas as pd
 import torch
 
 
-def write_images(folder: Path, n: int, size: int) -> list[str]:
+def write_images(folder: Path, n: int, size: int, workers: int = 0) -> list[str]:
+    """``n`` product-photo-like ``size`` px JPEGs (shifted copies of one noise image), written by
+    ``workers`` threads (0: in this thread)."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    from vlm2rec_lab.prefetch import ordered_map
+
     folder.mkdir(parents=True, exist_ok=True)
-    base = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-    paths = []
-    for i in range(n):
+    base = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
+
+    def write(i: int) -> str:
         p = folder / f"{i}.jpg"
         Image.fromarray(np.roll(base, 7 * i, axis=1)).save(p, quality=90)
-        paths.append(str(p))
-    return paths
+        return str(p)
+
+    return list(ordered_map(write, range(n), workers))
 
 
 def main() -> None:

@@ -27,28 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import BEAUTY_ITEMS, model_config, sync  # noqa: E402
-
-
-def write_jpegs(folder: Path, n: int, size: int, workers: int) -> list[str]:
-    from PIL import Image
-
-    from vlm2rec_lab.prefetch import ordered_map
-
-    folder.mkdir(parents=True, exist_ok=True)
-    base = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
-
-    def write(i: int) -> str:
-        p = folder / f"{i}.jpg"
-        Image.fromarray(np.roll(base, 7 * i, axis=1)).save(p, quality=90)
-        return str(p)
-
-    return list(ordered_map(write, range(n), workers))
+from image_cache import write_images  # noqa: E402
 
 
 def main() -> None:
@@ -97,7 +81,7 @@ def main() -> None:
     model.eval().requires_grad_(False)
     bb = Backbone(name="pipeline-bench", model=model, tokenizer=tokenizer, image_processor=processor, kind="vlm")
     t = time.perf_counter()
-    paths = write_jpegs(work / "jpeg", a.items, a.size, workers)
+    paths = write_images(work / "jpeg", a.items, a.size, workers)
     emit(figure="jpegs_written", items=a.items, px=a.size, seconds=round(time.perf_counter() - t, 2))
     items = pd.DataFrame({"item_id": [str(i) for i in range(a.items)], "title": titles, "image": paths})
 
