@@ -11,16 +11,31 @@ from vlm2rec_lab.runs import create_run, embed_run
 from vlm2rec_lab.train import Trainer
 
 
+def rank_tensors(r: int) -> list:
+    """What rank ``r`` reduces in the "reduce" mode: three dtypes, tensors large and small."""
+    return [torch.arange(12.0).reshape(3, 4) * (r + 1), torch.full((5,), r + 0.5, dtype=torch.bfloat16),
+            torch.eye(2, dtype=torch.float64) * (r - 3), torch.arange(9.0) + 10 * r, torch.tensor(float(r))]
+
+
 def main(mode: str, data: str, out: str) -> None:
     dist.init_from_env()
-    ds = Dataset.load(data)
     out = Path(out)
+    if mode == "reduce":  # the bucketed averaging on its own (buckets of at most 10 elements here)
+        mine = rank_tensors(dist.rank())
+        dist._all_reduce_mean(mine, bucket_elements=10)
+        missing = dist.average_tensors([None, mine[0]], like=[torch.ones(2, 3), None])
+        if dist.rank() == 0:
+            torch.save({"mean": mine, "missing": missing}, out / f"reduce_{dist.world_size()}.pt")
+        dist.finish(0)
+    ds = Dataset.load(data)
     if mode == "grads":
-        cfg = TrainConfig(method="vlm2rec", batch_size=8, users_k=32, lora_dropout=0.0, grad_cos_every=0)
+        cfg = TrainConfig(method="vlm2rec", batch_size=8, users_k=32, lora_dropout=0.0, grad_cos_every=1,
+                          max_steps=2, checkpoint_every=0)
         tr = Trainer(cfg, ds, out / f"run{dist.world_size()}", progress=False)
         loss, grads = tr.loss_and_gradients()
+        tr.train()  # two optimizer steps, each with the gradient-cosine probe
         if dist.rank() == 0:
-            torch.save({"loss": loss, "grads": grads}, out / f"grads_{dist.world_size()}.pt")
+            torch.save({"loss": loss, "grads": grads, "log": [{k: float(v) for k, v in row.items()} for row in tr.log]}, out / f"grads_{dist.world_size()}.pt")
     else:
         run = out / f"embed{dist.world_size()}"
         if dist.rank() == 0:

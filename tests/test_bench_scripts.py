@@ -62,3 +62,13 @@ def test_pipeline_bench_embeds_items_from_jpeg_files_both_ways_alike():
     assert runs["plain"]["batch"] == 32 and runs["project"]["batch"] == 128
     ratio, = [x for x in rows if x["figure"] == "pipeline_item_embedding_ratio"]
     assert ratio["max_rel_diff"] <= 1e-4  # fp32 on the CPU: the same embeddings from both paths
+
+
+def test_allreduce_bench_averages_the_lora_both_ways_alike():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "allreduce.py"), "--tiny", "--reps", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
+    assert row["figure"] == "gradient_averaging" and row["processes"] == 2
+    assert row["tensors"] == 2 * 7 * 2  # A and B of 7 projections in each of the tiny config's 2 layers
+    assert row["max_abs_diff"] == 0.0

@@ -28,7 +28,7 @@ def _run(nproc: int, mode: str, data, out) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_global_batch_split_4_plus_4_equals_one_batch_of_8(synth_ds, tiny_path, tmp_path):
+def test_global_batch_split_4_plus_4_equals_one_batch_of_8_with_the_probe(synth_ds, tiny_path, tmp_path):
     _run(1, "grads", synth_ds.path, tmp_path)
     _run(2, "grads", synth_ds.path, tmp_path)
     one, two = torch.load(tmp_path / "grads_1.pt"), torch.load(tmp_path / "grads_2.pt")
@@ -36,6 +36,30 @@ def test_global_batch_split_4_plus_4_equals_one_batch_of_8(synth_ds, tiny_path, 
     assert one["grads"].keys() == two["grads"].keys()
     assert max((one["grads"][k] - two["grads"][k]).abs().max().item() for k in one["grads"]) <= 1e-6
     assert max(g.abs().max().item() for g in one["grads"].values()) > 0
+    # then two optimizer steps with the gradient-cosine probe: the same logged losses (the second
+    # after an averaged update) and the same cosines, which reduce the modality gradients over ranks
+    assert len(one["log"]) == len(two["log"]) == 2
+    for a, b in zip(one["log"], two["log"]):
+        for k in ("loss", "wpcl", "crtr", "cos_total_t", "cos_total_v"):
+            assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
+        assert 0 < abs(a["cos_total_t"]) <= 1 and 0 < abs(a["cos_total_v"]) <= 1
+
+
+def test_averaging_over_processes_is_the_mean_in_buckets_per_dtype(tmp_path):
+    """Gradient averaging flattens the tensors of one dtype into buckets (here of at most 10
+    elements, so the 12-element tensor has a bucket of its own and the others share); every entry
+    comes back as the mean over ranks, in its own dtype and shape; a missing gradient is zeros."""
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import rank_tensors
+
+    _run(2, "reduce", tmp_path, tmp_path)
+    got = torch.load(tmp_path / "reduce_2.pt")
+    for g, a, b in zip(got["mean"], rank_tensors(0), rank_tensors(1)):
+        assert g.dtype == a.dtype and g.shape == a.shape
+        assert torch.equal(g, ((a.double() + b.double()) / 2).to(a.dtype))
+    zeros, mean0 = got["missing"]
+    assert torch.equal(zeros, torch.zeros(2, 3))
+    assert torch.equal(mean0, got["mean"][0])  # (already averaged: averaging again changes nothing)
 
 
 def test_two_process_embedding_writes_the_same_item_embeddings(synth_ds, tiny_path, tmp_path):

@@ -77,15 +77,19 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
         return torch.cat(all_gather(x), dim=0)
 
 
-def average_tensors(tensors) -> list:
-    """Sum over ranks, divided by the world size (see :func:`average_gradients`)."""
+def average_tensors(tensors, like=None) -> list:
+    """Sum over ranks, divided by the world size (see :func:`average_gradients`). With ``like`` (a
+    list of the same length), a None entry (no gradient) counts as zeros shaped like its ``like``
+    entry, on its device, so that every rank reduces the same buffers where NCCL needs them."""
+    tensors = list(tensors)
+    if like is not None:
+        tensors = [torch.zeros_like(ref) if t is None else t for t, ref in zip(tensors, like)]
     if not is_distributed():
-        return list(tensors)
-    out = []
-    for t in tensors:
-        t = torch.zeros(()) if t is None else t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        out.append(t / world_size())
+        return tensors
+    if any(t is None for t in tensors):
+        raise ValueError("average_tensors: a None entry needs `like` across processes")
+    out = [t.detach().clone() for t in tensors]
+    _all_reduce_mean(out)
     return out
 
 
@@ -94,12 +98,34 @@ def average_gradients(params) -> None:
     summing over ranks and dividing by W gives exactly the single-process gradient."""
     if not is_distributed():
         return
-    w = world_size()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(w)
+    _all_reduce_mean([p.grad for p in params])
+
+
+def _all_reduce_mean(tensors: list, bucket_elements: int = 1 << 26) -> None:
+    """Average ``tensors`` over ranks in place, as few collectives as possible: the tensors of one
+    dtype and device are flattened into buckets of at most ``bucket_elements`` (256 MB of fp32) and
+    each bucket is reduced in one call. The LoRA of a 3B model is about 500 tensors; one call each
+    would pay a collective's fixed latency 500 times a step. Elementwise the sums are the same."""
+    w = world_size()
+    open_: dict[tuple, tuple[list[int], int]] = {}  # (dtype, device) -> (the bucket being filled, its size)
+    buckets = []
+    for i, t in enumerate(tensors):
+        key = (t.dtype, t.device)
+        idx, size = open_.get(key, (None, 0))
+        if idx is None or size + t.numel() > bucket_elements:
+            idx, size = [], 0
+            buckets.append(idx)
+        idx.append(i)
+        open_[key] = (idx, size + t.numel())
+    for idx in buckets:
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(w)
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            tensors[i].copy_(part.view_as(tensors[i]))
 
 
 def shard(n: int) -> range:

@@ -111,8 +111,8 @@ def modality_gradients(emb: dict[str, Tensor], labels: Tensor, params: list, tau
     processes; the graph is kept for the step's own backward."""
     e_f = emb["e_t"] + emb["e_v"]
     grad = lambda loss: torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)  # noqa: E731
-    return (dist.average_tensors(grad(info_nce(emb["z_t"], e_f, tau, labels))),
-            dist.average_tensors(grad(info_nce(emb["z_v"], e_f, tau, labels))))
+    return (dist.average_tensors(grad(info_nce(emb["z_t"], e_f, tau, labels)), like=params),
+            dist.average_tensors(grad(info_nce(emb["z_v"], e_f, tau, labels)), like=params))
 
 
 def gradient_cosines(g_mod: tuple[list, list], g_total: list) -> dict[str, float]:
@@ -120,7 +120,7 @@ def gradient_cosines(g_mod: tuple[list, list], g_total: list) -> dict[str, float
     the step's backward leaves it in ``.grad`` (scaled by 1 / grad_accum, which no cosine sees)
     rather than a third gradient pass of its own (a probed step costs 1.9 instead of 2.2 plain steps
     on the CPU); averaged over processes here."""
-    g_total = dist.average_tensors(g_total)
+    g_total = dist.average_tensors(g_total, like=g_mod[0])  # (a weight without gradient: zeros)
     return {"cos_total_t": _flat_cos(g_total, g_mod[0]), "cos_total_v": _flat_cos(g_total, g_mod[1])}
 
 
