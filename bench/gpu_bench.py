@@ -147,7 +147,7 @@ def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit
         feats = {}
         for s in range(0, n, 256):
             chunk = list(range(s, min(s + 256, n)))
-            out = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
+            out = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))
             feats.update(zip(chunk, out))
         sync(device)
         t_vision = time.perf_counter() - t
@@ -192,6 +192,8 @@ def main() -> None:
                     help="titles of 15-35 tokens and histories of 3-10 items instead of 25 and 7 (real data varies)")
     ap.add_argument("--train-variants", default=None, help="comma list of training variants to run (default: all)")
     ap.add_argument("--compile", action="store_true", help="also: the project step with torch.compile'd decoder layers")
+    ap.add_argument("--compile-backend", default=None,
+                    help="torch.compile backend for --compile (default: inductor; aot_eager under --tiny)")
     ap.add_argument("--profile", action="store_true",
                     help="also: where the project's training step spends its time (torch.profiler), and the "
                          "packed language-model probe (one sequence of the step's tokens, no vision tower)")
@@ -243,26 +245,36 @@ def main() -> None:
                  beauty_s=round(BEAUTY_ITEMS / plain_rate, 1), peak_gib=peak_gib(device))
             vis = {}
             chunk = list(range(min(256, n_items)))
-            # the vision tower alone: Hugging Face's (Conv3d patch embedding, its norms, SDPA per window),
-            # then the project's stand-ins with SDPA per window, grouped SDPA, and the flash kernel
-            for mode in ("plain", "window", "grouped", "flash") * 2:
+            # the vision tower alone: Hugging Face's (Conv3d patch embedding, its norms, SDPA per window,
+            # its index tensors worked out on the device), then the project's stand-ins with SDPA per
+            # window, grouped SDPA with the index tensors from the device ("device_index") and from
+            # the CPU (grouped: the project's path), and the flash kernel
+            px, grids = shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1)
+            for mode in ("plain", "window", "device_index", "grouped", "flash") * 2:
                 set_vision_attention(model, varlen=mode not in ("plain", "window"))
                 set_varlen_kernel("flash" if mode == "flash" else "sdpa")
-                bb.mixed_precision = mode != "plain"
                 sync(device); t = time.perf_counter()
-                ref = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))
+                if mode == "plain":
+                    ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
+                elif mode == "device_index":
+                    with bb.compute(autocast=False):
+                        ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
+                else:
+                    ref = bb.image_features(px, grids)
                 sync(device)
                 vis[mode] = (len(chunk) / (time.perf_counter() - t), ref)
             set_varlen_kernel("sdpa")
-            bb.mixed_precision = True
             agree = {m: max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
-                            for x, y in zip(vis[m][1], vis["plain"][1])) for m in ("window", "grouped", "flash")}
+                            for x, y in zip(vis[m][1], vis["plain"][1])) for m in ("window", "device_index", "grouped", "flash")}
             emit(figure="vision_tower", images=len(chunk), plain_images_per_s=round(vis["plain"][0], 1),
                  per_window_images_per_s=round(vis["window"][0], 1), varlen_images_per_s=round(vis["grouped"][0], 1),
                  ratio=round(vis["grouped"][0] / vis["plain"][0], 2), stand_ins_ratio=round(vis["window"][0] / vis["plain"][0], 2),
                  max_rel_diff=round(agree["grouped"], 5), stand_ins_max_rel_diff=round(agree["window"], 5),
                  flash_images_per_s=round(vis["flash"][0], 1), flash_ratio=round(vis["flash"][0] / vis["plain"][0], 2),
-                 flash_max_rel_diff=round(agree["flash"], 5))
+                 flash_max_rel_diff=round(agree["flash"], 5),
+                 device_index_images_per_s=round(vis["device_index"][0], 1),
+                 index_on_cpu_ratio=round(vis["grouped"][0] / vis["device_index"][0], 2),
+                 device_index_max_rel_diff=round(agree["device_index"], 5))
             set_vision_attention(model, varlen=True)
             pad_rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit,
                                             path="project_padded", packed=False)
@@ -299,7 +311,7 @@ def main() -> None:
         feats = {}
         for s in range(0, len(all_items), 256):
             chunk = all_items[s:s + 256]
-            feats.update(zip(chunk, bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1).to(device))))
+            feats.update(zip(chunk, bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))))
 
     def step(sets_fn, batch, do_step=True, probe=False) -> float:
         hist, tgt = batch
@@ -373,7 +385,7 @@ def main() -> None:
         profile_step(lambda: step(proj_fn, batches[1]), device, emit)
         packed_probe(peft, n_tokens, a.steps, device, dtype, emit)
     if a.compile:  # last: compiling changes the layers in place
-        backend = "aot_eager" if a.tiny else "inductor"
+        backend = a.compile_backend or ("aot_eager" if a.tiny else "inductor")
         compiled_step(bb, lambda b, do_step=True: step(proj_fn, b, do_step), batches, a.steps, device, emit, results.get("plain_ckpt"),
                       backend=backend)
         if not a.train_only:  # item embedding with the vision blocks compiled too

@@ -158,6 +158,44 @@ def test_tiny_backbone_image_features_are_unchanged_with_batched_attention(tiny,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_vision_index_inputs_from_the_cpu_are_the_towers_own(tiny, monkeypatch, varlen):
+    """The vision tower's index tensors (rotary positions, window order, image and window bounds),
+    worked out on the CPU once per list of grids, are the ones the tower works out itself: the
+    features are bit for bit its own. The tower takes them (its own function finds them in its
+    arguments instead of computing), and a second call with the same grids reuses them."""
+    import sys
+
+    from vlm2rec_lab.backbones import _unwrap, takes_vision_index_inputs
+
+    grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4]])
+    px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
+    base = _unwrap(tiny.model)
+    assert takes_vision_index_inputs(base.visual) and not takes_vision_index_inputs(torch.nn.Linear(2, 2))
+    set_vision_attention(tiny.model, varlen=varlen)
+    with torch.no_grad(), tiny.compute(autocast=False):
+        own = base.get_image_features(px, grids, return_dict=True).pooler_output
+    mod = sys.modules[type(base.visual).__module__]
+    real, given = mod.get_vision_window_index, []
+
+    def spy(*a, kwargs=None, **k):
+        given.append(bool(kwargs) and "window_index" in kwargs)
+        return real(*a, kwargs=kwargs, **k)
+
+    monkeypatch.setattr(mod, "get_vision_window_index", spy)
+    with torch.no_grad():
+        ours = tiny.image_features(px, grids)
+        again = tiny.image_features(px, grids)
+    assert given == [False, True, True]  # computed once here, then found precomputed by the tower twice
+    assert len(ours) == len(own) == 4
+    for a, b, c in zip(ours, again, own):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    with torch.no_grad():
+        for n in range(1, 11):  # other lists of grids: the memory keeps the last 8
+            tiny.image_features(px[:64].repeat(n, 1), torch.tensor([[1, 8, 8]] * n))
+    assert len(tiny._vision_memo) == 8
+
+
 def test_mixed_precision_context_is_a_no_op_on_the_cpu(tiny):
     with tiny.compute():
         assert not torch.is_autocast_enabled("cuda")
@@ -360,6 +398,33 @@ def test_compiled_vision_blocks_give_the_same_features(tiny):
         compiled = tiny.image_features(px, grids)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kernel", ["sdpa", "flash"])
+def test_vision_tower_never_waits_for_the_device_on_gpu(synth_ds, tiny_path, kernel, monkeypatch):
+    """The vision tower with its index tensors from the CPU (grids given on the CPU) makes no device
+    sync from its first operator to the per-image split (CUDA's sync debug mode set to raise for the
+    whole call), for a list of grids seen before and for a new one; a first call outside the check
+    runs the stand-ins' one-time checks."""
+    from vlm2rec_lab.backbones import load_backbone
+
+    monkeypatch.setattr(attention, "_kernel", kernel)
+    bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
+    assert set_vision_attention(bb.model, varlen=True)
+    grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4]])
+    px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda", dtype=bb.dtype)
+    with torch.no_grad():
+        bb.image_features(px, grids)
+        torch.cuda.synchronize()
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            seen = bb.image_features(px, grids)
+            new = bb.image_features(px[:64].repeat(3, 1), grids[[0, 0, 0]])
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert len(seen) == 4 and len(new) == 3
+    torch.testing.assert_close(new[1].float(), seen[0].float(), rtol=2e-2, atol=2e-2)  # (the same image)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

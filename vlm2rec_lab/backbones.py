@@ -66,6 +66,7 @@ class Backbone:
     info: dict = field(default_factory=dict)
     mixed_precision: bool = True  # see compute(); off: PEFT's own forward and casting (the plain path)
     _fusion_cache: tuple | None = field(default=None, repr=False)  # (model, tuner layers, fused swaps, dropouts)
+    _vision_memo: dict = field(default_factory=dict, repr=False)  # see _vision_inputs
     _computing: bool = field(default=False, repr=False)  # inside compute()
 
     @property
@@ -120,10 +121,35 @@ class Backbone:
         return self.to_device(*self.prepare_pixels(images))
 
     def image_features(self, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
-        """Vision tower (+ merger) output per image: a list of (tokens_i, hidden) tensors."""
+        """Vision tower (+ merger) output per image: a list of (tokens_i, hidden) tensors. Give
+        ``grid_thw`` on the CPU: for Qwen2.5-VL the tower's index tensors are then worked out there
+        (:func:`vision_index_inputs`), and the tower runs without waiting for the device."""
         base = _unwrap(self.model)
+        pre = self._vision_inputs(grid_thw)
+        grid = grid_thw.cpu() if pre else grid_thw.to(self.device)
         with self.compute(autocast=False):
-            return list(base.get_image_features(pixel_values, grid_thw, return_dict=True).pooler_output)
+            return list(base.get_image_features(pixel_values, grid, return_dict=True, **pre).pooler_output)
+
+    def _vision_inputs(self, grid_thw: Tensor) -> dict:
+        """:func:`vision_index_inputs` for these grids on this device, remembered for the last few
+        lists of grids (a dataset's images mostly share a few sizes), with the attention plans of
+        their segment bounds worked out on the CPU; {} where the tower does not take them."""
+        from .attention import prime_plan
+
+        visual = getattr(_unwrap(self.model), "visual", None)
+        if not takes_vision_index_inputs(visual):
+            return {}
+        grid = grid_thw.cpu()
+        key = (id(visual), self.device, tuple(map(tuple, grid.tolist())))
+        memo = self._vision_memo
+        hit = memo.pop(key, None) or vision_index_inputs(visual, grid, self.device)
+        memo[key] = hit  # (most recent last)
+        while len(memo) > 8:
+            del memo[next(iter(memo))]
+        kw, bounds = hit
+        for name in ("cu_seqlens", "cu_window_seqlens"):
+            prime_plan(kw[name], bounds[name])
+        return dict(kw)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None = None,
                 pixel_values: Tensor | None = None, image_features: list[Tensor] | None = None) -> Tensor:
@@ -301,6 +327,42 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The base model under a PEFT wrapper (or the model itself)."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
+
+
+_VISION_INDEX_FUNCTIONS = ("get_vision_position_ids", "get_vision_attention_seqlens", "get_vision_window_index")
+
+
+def takes_vision_index_inputs(visual) -> bool:
+    """Whether ``visual`` is a Qwen2.5-VL vision tower whose forward takes its index tensors
+    precomputed (transformers 5 reads them from its keyword arguments, else computes them)."""
+    import sys
+
+    mod = sys.modules.get(type(visual).__module__) if visual is not None else None
+    return (mod is not None and all(hasattr(mod, f) for f in _VISION_INDEX_FUNCTIONS)
+            and all(hasattr(visual, a) for a in ("window_size", "patch_size", "spatial_merge_size", "fullatt_block_indexes")))
+
+
+def vision_index_inputs(visual, grid_thw: Tensor, device) -> tuple[dict, dict]:
+    """The Qwen2.5-VL vision tower's index tensors for the images ``grid_thw`` (on the CPU): rotary
+    positions, window order, the bounds of images and of windows and their longest segments,
+    computed on the CPU by the modeling module's own functions (so the very same values), then
+    copied to ``device`` without waiting for it. Left to the tower on the device, they are a loop of
+    small kernels per image and reads back to the host (device syncs) in every chunk of images.
+    Returns (the forward's keyword arguments, the bounds on the CPU by name)."""
+    import sys
+
+    mod = sys.modules[type(visual).__module__]
+    m = visual.spatial_merge_size
+    pos = mod.get_vision_position_ids(grid_thw, m)
+    cu, _ = mod.get_vision_attention_seqlens(grid_thw, visual.config)
+    window, cu_window = mod.get_vision_window_index(grid_thw, spatial_merge_size=m, window_size=visual.window_size,
+                                                    patch_size=visual.patch_size)
+    cu, cu_window = cu.to(torch.int32), cu_window.to(torch.int32)
+    longest = lambda c: int((c[1:] - c[:-1]).max()) if len(c) > 1 else 0  # noqa: E731
+    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    kw = {"position_ids": to(pos), "cu_seqlens": to(cu), "max_seqlen": longest(cu),
+          "window_index": to(window), "cu_window_seqlens": to(cu_window), "max_window_seqlen": longest(cu_window)}
+    return kw, {"cu_seqlens": cu, "cu_window_seqlens": cu_window}
 
 
 def lora_target_regex(kind: str) -> str:

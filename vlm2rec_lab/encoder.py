@@ -123,7 +123,7 @@ class Encoder:
                 px, grid = torch.cat([p for p, _ in got]), torch.cat([g for _, g in got])
                 # ordinary (not inference-mode) tensors, even under embed_many: training forwards reuse the cache
                 with torch.inference_mode(False), torch.no_grad():
-                    feats = self.bb.image_features(*self.bb.to_device(px, grid))
+                    feats = self.bb.image_features(px.to(self.bb.device, self.bb.dtype), grid)  # (grids stay on the CPU)
                     for i, f, g in zip(part, feats, grid):
                         self._features[i] = (f.detach().clone(), g.clone())
                 bar.update(len(part))
@@ -180,7 +180,7 @@ class Encoder:
             x = self._inputs(kind, lists, on_device=False)  # token layout on the CPU: no device syncs
             if x["pixel_values"] is not None:
                 with torch.no_grad():
-                    x["image_features"] = self.bb.image_features(x["pixel_values"], x["image_grid_thw"].to(self.bb.device))
+                    x["image_features"] = self.bb.image_features(x["pixel_values"], x["image_grid_thw"])
             mask = x["attention_mask"].bool()
             seqs += [ids[m] for ids, m in zip(x["input_ids"], mask)]
             pos += self.bb.rope_positions(x["input_ids"], x["attention_mask"], x["image_grid_thw"])
