@@ -16,7 +16,9 @@ computed once, for training the four prompt sets of a step in one forward, LoRA 
 autocast with its update folded into one addmm and RMSNorm in one kernel (``vlm2rec_lab.fused``), no
 checkpointing. The intermediate variants show what each lever gives (``project_unpacked_peft_cast``:
 the cache alone, PEFT's own forward; ``project_unpacked``: + autocast and the fused stand-ins;
-``project_packed``: + packing; ``project``: + shared prefixes).
+``project_packed``: + packing; ``project``: + shared prefixes). These have LoRA dropout 0;
+``project_paper`` is the step at the trainer's defaults for a real backbone (the paper's LoRA dropout
+0.2, so no shared prefixes), and ``train_epoch_at_defaults`` the epoch a user's run takes.
 """
 from __future__ import annotations
 
@@ -206,6 +208,7 @@ def main() -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from vlm2rec_lab.backbones import Backbone, lora_target_regex
+    from vlm2rec_lab.config import PAPER_DEFAULTS
     from vlm2rec_lab.losses import ObjectiveConfig, objective
     from vlm2rec_lab.train import gradient_cosines, modality_gradients
 
@@ -290,8 +293,18 @@ def main() -> None:
                 emit(figure="item_embedding_agreement", path=path, max_rel_diff=round(d, 5))
 
     # ---------------------------------------------------------------- training steps
-    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=lora_target_regex("vlm")))
+    # LoRA with the paper's dropout; the variants without dropout set its p to 0 (PEFT makes no dropout
+    # layer at all for 0, so that the paper's variants could not have one)
+    paper_dropout = PAPER_DEFAULTS["lora_dropout"]
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=paper_dropout, target_modules=lora_target_regex("vlm")))
     bb._fusion_cache = None  # LoRA went into bb.model in place
+    lora_dropouts = [m for n, m in peft.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
+    assert lora_dropouts, "no LoRA dropout layers found"
+
+    def set_lora_dropout(p: float) -> None:
+        for m in lora_dropouts:
+            m.p = p
+    set_lora_dropout(0.0)
     params = [p for p in peft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     obj = ObjectiveConfig(name="vlm2rec")
@@ -339,16 +352,22 @@ def main() -> None:
     emit(figure="train_loss_agreement", plain=round(l_plain, 5), project=round(l_proj, 5),
          rel_diff=round(abs(l_plain - l_proj) / abs(l_plain), 6), tokens_per_step=int(n_tokens))
     results = {}
-    variants = (("plain_ckpt", plain_fn, True), ("plain", plain_fn, False),
-                ("project_unpacked_peft_cast", unpacked_fn, False),  # cache only: four padded forwards, fp32 LoRA
-                ("project_unpacked", unpacked_fn, False),  # + bf16 LoRA under autocast
-                ("project_packed", packed_fn, False),  # + the four prompt sets packed into one forward
-                ("project", proj_fn, False),  # + each prompt kind's shared prefix computed once
-                ("project_flash", proj_fn, False),  # + PyTorch's varlen flash kernel instead of grouped SDPA
-                ("project_probe", proj_fn, False))  # project, with the trainer's gradient-cosine probe every step
+    # (name, embedding function, checkpointing, LoRA dropout); all but the last two without dropout
+    variants = (("plain_ckpt", plain_fn, True, 0.0), ("plain", plain_fn, False, 0.0),
+                ("project_unpacked_peft_cast", unpacked_fn, False, 0.0),  # cache only: four padded forwards, fp32 LoRA
+                ("project_unpacked", unpacked_fn, False, 0.0),  # + bf16 LoRA under autocast
+                ("project_packed", packed_fn, False, 0.0),  # + the four prompt sets packed into one forward
+                ("project", proj_fn, False, 0.0),  # + each prompt kind's shared prefix computed once
+                ("project_flash", proj_fn, False, 0.0),  # + PyTorch's varlen flash kernel instead of grouped SDPA
+                ("project_probe", proj_fn, False, 0.0),  # project, with the trainer's gradient-cosine probe every step
+                # the trainer's defaults: the paper's LoRA dropout, and so no shared prefixes (each
+                # prompt draws its own masks), with and without the probe
+                ("project_paper", packed_fn, False, paper_dropout),
+                ("project_paper_probe", packed_fn, False, paper_dropout))
     if a.train_variants:
         variants = tuple(v for v in variants if v[0] in a.train_variants.split(","))
-    for name, fn, ckpt in variants:
+    for name, fn, ckpt, dropout in variants:
+        set_lora_dropout(dropout)
         set_vision_attention(model, varlen=not name.startswith("plain"))
         bb.mixed_precision = not name.endswith("peft_cast")
         set_varlen_kernel("flash" if name == "project_flash" else "sdpa")
@@ -357,7 +376,7 @@ def main() -> None:
         else:
             model.model.activation_checkpointing_disable()
         peft.train()
-        probe = name == "project_probe"
+        probe = name.endswith("_probe")
         try:
             step(fn, batches[0], probe=probe)  # warm-up
             sync(device); reset_peak(device); t = time.perf_counter()
@@ -372,35 +391,52 @@ def main() -> None:
         s = (time.perf_counter() - t) / a.steps
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
-             checkpointing=bb.checkpointing,
+             checkpointing=bb.checkpointing, lora_dropout=dropout,
              peak_gib=peak_gib(device))
     set_varlen_kernel("sdpa")
+    set_lora_dropout(0.0)
     if "project" in results:
         emit(figure="train_step_ratio", **{f"vs_{k}": round(v / results["project"], 2) for k, v in results.items() if k != "project"})
-    if "project" in results and "project_probe" in results:  # the trainer's default probes every 10th step
-        s = (9 * results["project"] + results["project_probe"]) / 10
-        emit(figure="train_epoch_with_probe", grad_cos_every=10, seconds_per_step=round(s, 3),
-             beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1), probe_step_vs_step=round(results["project_probe"] / results["project"], 2))
+    for base, figure, dropout in (("project", "train_epoch_with_probe", 0.0),
+                                  ("project_paper", "train_epoch_at_defaults", paper_dropout)):
+        if base in results and f"{base}_probe" in results:  # the trainer's default probes every 10th step
+            s = (9 * results[base] + results[f"{base}_probe"]) / 10
+            emit(figure=figure, grad_cos_every=10, lora_dropout=dropout, shared_prefixes=base == "project",
+                 seconds_per_step=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
+                 vs_plain_ckpt=round(results["plain_ckpt"] / s, 2) if "plain_ckpt" in results else None,
+                 probe_step_vs_step=round(results[f"{base}_probe"] / results[base], 2))
     if a.profile:
         profile_step(lambda: step(proj_fn, batches[1]), device, emit)
         packed_probe(peft, n_tokens, a.steps, device, dtype, emit)
     if a.compile:  # last: compiling changes the layers in place
         backend = a.compile_backend or ("aot_eager" if a.tiny else "inductor")
         compiled_step(bb, lambda b, do_step=True: step(proj_fn, b, do_step), batches, a.steps, device, emit, results.get("plain_ckpt"),
-                      backend=backend)
+                      backend=backend, eager_s=results.get("project"))
         if not a.train_only:  # item embedding with the vision blocks compiled too
             bb.compile_layers(backend=backend, vision=True)
             with torch.inference_mode():
                 rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path="project_compiled")
             emit(figure="item_embedding_ratio", path="project_compiled", ratio=round(rate / plain_rate, 2))
+        # last, as it compiles the layers again (a dropout rate is a constant of the compiled graphs):
+        # the trainer's defaults compiled, the paper's LoRA dropout without shared prefixes. Its loss
+        # cannot be compared with the eager step's: the compiled graphs draw other dropout masks.
+        set_lora_dropout(paper_dropout)
+        compiled_step(bb, lambda b, do_step=True: step(packed_fn, b, do_step), batches, a.steps, device, emit,
+                      results.get("plain_ckpt"), backend=backend, path="project_paper_compiled",
+                      eager_s=results.get("project_paper"), probe_ratio=(results["project_paper_probe"] / results["project_paper"]
+                                                                         if "project_paper_probe" in results else None))
 
 
-def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str) -> None:
-    """The project step with the language model's decoder layers compiled: the first step's time
-    (compiling included) apart from the steady state, and its loss against the eager step's on the
-    same batch and weights (the first step's loss is taken before its update)."""
+def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,
+                  path: str = "project_compiled", eager_s: float | None = None, probe_ratio: float | None = None) -> None:
+    """The project step with the language model's decoder layers compiled (compiled already: compiled
+    again where a constant changed): the first step's time (compiling included) apart from the
+    steady state. For ``project_compiled``, its loss against the eager step's on the same batch and
+    weights (the first step's loss is taken before its update). With ``probe_ratio`` (a probed
+    step's time over a plain step's, eager), the epoch at the default probing (every 10th step) is
+    estimated from it."""
     try:
-        eager = run_step(batches[0], do_step=False)
+        eager = run_step(batches[0], do_step=False) if path == "project_compiled" else None
         bb.compile_layers(backend=backend)
         sync(device); t = time.perf_counter()
         compiled = run_step(batches[0])
@@ -411,13 +447,19 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
             run_step(b)
         sync(device)
     except Exception as e:  # noqa: BLE001  (a compiler failure is a figure too)
-        emit(figure="train_step", path="project_compiled", error=f"{type(e).__name__}: {str(e)[:300]}")
+        emit(figure="train_step", path=path, error=f"{type(e).__name__}: {str(e)[:300]}")
         return
     s = (time.perf_counter() - t) / steps
-    emit(figure="train_step", path="project_compiled", backend=backend, seconds=round(s, 3), first_step_s=round(first, 1),
-         beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1), peak_gib=peak_gib(device),
-         vs_plain_ckpt=round(plain_ckpt / s, 2) if plain_ckpt else None,
-         loss_eager=round(eager, 5), loss_compiled=round(compiled, 5), loss_rel_diff=round(abs(compiled - eager) / abs(eager), 6))
+    row = dict(figure="train_step", path=path, backend=backend, seconds=round(s, 3), first_step_s=round(first, 1),
+               beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1), peak_gib=peak_gib(device),
+               vs_plain_ckpt=round(plain_ckpt / s, 2) if plain_ckpt else None,
+               vs_eager=round(eager_s / s, 2) if eager_s else None)
+    if eager is not None:
+        row.update(loss_eager=round(eager, 5), loss_compiled=round(compiled, 5), loss_rel_diff=round(abs(compiled - eager) / abs(eager), 6))
+    if probe_ratio is not None:
+        est = s * (9 + probe_ratio) / 10
+        row.update(beauty_epoch_min_with_probe_est=round(est * BEAUTY_USERS / 8 / 60, 1))
+    emit(**row)
 
 
 def profile_step(run_step, device, emit, rows: int = 20) -> None:
