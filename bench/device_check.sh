@@ -9,7 +9,7 @@
 #   bench.jsonl        gpu_bench.py --profile --compile  (every figure, Beauty shapes, 3B)
 #   bench_vary.jsonl   gpu_bench.py --vary --train-only  (titles and histories of varying length)
 #   pipeline.jsonl     pipeline_embed.py                 (item embedding end to end from JPEG files, through the Encoder)
-#   pytest.txt         the GPU-only tests
+#   pytest.txt         the GPU-only tests (-k on_gpu: flash kernel, bf16 LoRA, no device syncs)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
@@ -28,7 +28,7 @@ timeout 80 python3 bench/gpu_bench.py --vary --train-only --train-variants plain
     2>"$OUT/bench_vary.err" | tee "$OUT/bench_vary.jsonl"
 if python3 -c "import pytest, pandas, pyarrow, PIL, tokenizers" 2>/dev/null; then
     timeout 75 python3 bench/pipeline_embed.py 2>"$OUT/pipeline.err" | tee "$OUT/pipeline.jsonl"
-    timeout 65 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_fused.py 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+    timeout 65 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_transfer.py -k on_gpu -rs 2>&1 | tail -15 | tee "$OUT/pytest.txt"
 else
     echo "GPU tests skipped: this machine lacks pytest, pandas, pyarrow, Pillow or tokenizers" | tee "$OUT/pytest.txt"
 fi

@@ -391,7 +391,7 @@ def main() -> None:
         s = (time.perf_counter() - t) / a.steps
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
-             checkpointing=bb.checkpointing, lora_dropout=dropout,
+             checkpointing=bb.checkpointing, lora_dropout=dropout, dropout_active=bb.dropout_active,
              peak_gib=peak_gib(device))
     set_varlen_kernel("sdpa")
     set_lora_dropout(0.0)

@@ -158,12 +158,39 @@ def test_tiny_backbone_image_features_are_unchanged_with_batched_attention(tiny,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_vision_index_inputs_joined_per_grid_equal_the_towers_functions(tiny):
+    """Index tensors joined from each distinct grid's pieces (with offsets) equal those the modeling
+    module's functions compute for the whole list: grids of several sizes, windows cut by the image
+    edge, a grid of two frames; and again from remembered pieces."""
+    import sys
+
+    from vlm2rec_lab.backbones import _unwrap, vision_index_inputs
+
+    visual = _unwrap(tiny.model).visual
+    mod = sys.modules[type(visual).__module__]
+    grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4], [1, 6, 10], [1, 2, 2], [2, 4, 6], [1, 4, 8]])
+    m = visual.spatial_merge_size
+    pos = mod.get_vision_position_ids(grids, m)
+    cu, _ = mod.get_vision_attention_seqlens(grids, visual.config)
+    window, cu_window = mod.get_vision_window_index(grids, spatial_merge_size=m, window_size=visual.window_size,
+                                                    patch_size=visual.patch_size)
+    pieces = {}
+    for _ in range(2):
+        kw, bounds = vision_index_inputs(visual, grids, "cpu", pieces)
+        assert len(pieces) == 6  # one per distinct grid
+        for name, want in (("position_ids", pos), ("cu_seqlens", cu), ("window_index", window), ("cu_window_seqlens", cu_window)):
+            assert kw[name].dtype == want.dtype and torch.equal(kw[name], want), name
+        assert kw["max_seqlen"] == int(cu.diff().max()) and kw["max_window_seqlen"] == int(cu_window.diff().max())
+        assert bounds["cu_seqlens"] is not None and torch.equal(bounds["cu_window_seqlens"], cu_window)
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_vision_index_inputs_from_the_cpu_are_the_towers_own(tiny, monkeypatch, varlen):
-    """The vision tower's index tensors (rotary positions, window order, image and window bounds),
-    worked out on the CPU once per list of grids, are the ones the tower works out itself: the
-    features are bit for bit its own. The tower takes them (its own function finds them in its
-    arguments instead of computing), and a second call with the same grids reuses them."""
+    """With the vision tower's index tensors (rotary positions, window order, image and window
+    bounds) worked out on the CPU, the features are bit for bit the tower's own. The tower takes
+    every one of them (each of its functions finds its tensors in its arguments instead of
+    computing them), none of them reaches the blocks beyond what the blocks take, and each distinct
+    grid's pieces are worked out once."""
     import sys
 
     from vlm2rec_lab.backbones import _unwrap, takes_vision_index_inputs
@@ -176,24 +203,34 @@ def test_vision_index_inputs_from_the_cpu_are_the_towers_own(tiny, monkeypatch, 
     with torch.no_grad(), tiny.compute(autocast=False):
         own = base.get_image_features(px, grids, return_dict=True).pooler_output
     mod = sys.modules[type(base.visual).__module__]
-    real, given = mod.get_vision_window_index, []
+    found = []
 
-    def spy(*a, kwargs=None, **k):
-        given.append(bool(kwargs) and "window_index" in kwargs)
-        return real(*a, kwargs=kwargs, **k)
+    def spy(name, keys):
+        real = getattr(mod, name)
 
-    monkeypatch.setattr(mod, "get_vision_window_index", spy)
-    with torch.no_grad():
-        ours = tiny.image_features(px, grids)
-        again = tiny.image_features(px, grids)
-    assert given == [False, True, True]  # computed once here, then found precomputed by the tower twice
-    assert len(ours) == len(own) == 4
+        def f(*a, kwargs=None, **k):
+            found.append((name, bool(kwargs) and all(kwargs.get(key) is not None for key in keys)))
+            return real(*a, kwargs=kwargs, **k)
+        monkeypatch.setattr(mod, name, f)
+
+    spy("get_vision_position_ids", ["position_ids"])
+    spy("get_vision_attention_seqlens", ["cu_seqlens", "max_seqlen"])
+    spy("get_vision_window_index", ["window_index", "cu_window_seqlens"])
+    block_kwargs = []
+    hook = base.visual.blocks[0].register_forward_pre_hook(lambda mod_, a, kw: block_kwargs.append(set(kw)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ours = tiny.image_features(px, grids)
+            again = tiny.image_features(px, grids)
+    finally:
+        hook.remove()
+    # three distinct grids worked out here (not found), then the tower finds all of its tensors, twice
+    assert [f for _, f in found].count(False) == 3 * 3 and len(found) == 3 * 3 + 2 * 3
+    assert all(f for _, f in found[9:])
+    assert block_kwargs and all(k <= {"cu_seqlens", "max_seqlen", "position_embeddings"} for k in block_kwargs)
+    assert len(ours) == len(own) == 4 and set(tiny._vision_memo) == {(1, 8, 8), (1, 4, 8), (1, 4, 4)}
     for a, b, c in zip(ours, again, own):
         assert torch.equal(a, c) and torch.equal(b, c)
-    with torch.no_grad():
-        for n in range(1, 11):  # other lists of grids: the memory keeps the last 8
-            tiny.image_features(px[:64].repeat(n, 1), torch.tensor([[1, 8, 8]] * n))
-    assert len(tiny._vision_memo) == 8
 
 
 def test_mixed_precision_context_is_a_no_op_on_the_cpu(tiny):

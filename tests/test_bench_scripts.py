@@ -27,7 +27,7 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
     paper = next(x for x in rows if x["figure"] == "train_step" and x.get("path") == "project_paper_compiled")
     assert "error" not in paper and paper["beauty_epoch_min_with_probe_est"] >= paper["beauty_epoch_min"]
     steps = {x["path"]: x for x in rows if x["figure"] == "train_step"}
-    assert steps["project_paper"]["lora_dropout"] == 0.2 and steps["project"]["lora_dropout"] == 0.0
+    assert steps["project_paper"]["dropout_active"] and not steps["project"]["dropout_active"]
     defaults = next(x for x in rows if x["figure"] == "train_epoch_at_defaults")
     assert defaults["lora_dropout"] == 0.2 and not defaults["shared_prefixes"]
     agree = next(x for x in rows if x["figure"] == "train_loss_agreement")

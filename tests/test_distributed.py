@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(nproc: int, mode: str, data, out) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), mode, str(data), str(out)]
     else:
@@ -54,6 +54,7 @@ def test_averaging_over_processes_is_the_mean_in_buckets_per_dtype(tmp_path):
 
     _run(2, "reduce", tmp_path, tmp_path)
     got = torch.load(tmp_path / "reduce_2.pt")
+    assert got["calls"] == [12, 5, 4, 10]  # one collective per bucket: fp32 12 | bf16 5 | fp64 4 | fp32 9 + 1
     for g, a, b in zip(got["mean"], rank_tensors(0), rank_tensors(1)):
         assert g.dtype == a.dtype and g.shape == a.shape
         assert torch.equal(g, ((a.double() + b.double()) / 2).to(a.dtype))

@@ -69,13 +69,13 @@ def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None, devic
     out = []
     for (n, tag), starts in by_key.items():
         own = torch.tensor(starts)[:, None] + torch.arange(n)[None]
-        idx = own.reshape(-1).to(device, non_blocking=True)
+        idx = _to(own.reshape(-1), device)
         if tag < 0:
             out.append(Group(n, idx, len(starts), n, idx))
             continue
         pre = torch.arange(bounds[tag], bounds[tag + 1])[None].expand(len(starts), -1)
         keys = torch.cat([pre, own], 1)
-        out.append(Group(n, idx, len(starts), keys.shape[1], keys.reshape(-1).to(device, non_blocking=True)))
+        out.append(Group(n, idx, len(starts), keys.shape[1], _to(keys.reshape(-1), device)))
     return out
 
 
@@ -107,8 +107,10 @@ def _plan(cu_seqlens: Tensor, prefix_of: list[int] | None = None, bounds: Tensor
 
 
 def _to(t: Tensor | None, device) -> Tensor | None:
-    """A CPU tensor onto ``device`` without waiting for the device (pageable memory is staged at once)."""
-    return None if t is None else t.to(device, non_blocking=True)
+    """A CPU tensor onto ``device`` without waiting for the device."""
+    from .transfer import to_device
+
+    return to_device(t, device)
 
 
 def prime_plan(cu_seqlens: Tensor, bounds: Tensor, prefix_of: list[int] | None = None) -> None:

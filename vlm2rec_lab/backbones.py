@@ -66,7 +66,7 @@ class Backbone:
     info: dict = field(default_factory=dict)
     mixed_precision: bool = True  # see compute(); off: PEFT's own forward and casting (the plain path)
     _fusion_cache: tuple | None = field(default=None, repr=False)  # (model, tuner layers, fused swaps, dropouts)
-    _vision_memo: dict = field(default_factory=dict, repr=False)  # see _vision_inputs
+    _vision_memo: dict = field(default_factory=dict, repr=False)  # grid -> the vision tower's index pieces
     _computing: bool = field(default=False, repr=False)  # inside compute()
 
     @property
@@ -131,25 +131,20 @@ class Backbone:
             return list(base.get_image_features(pixel_values, grid, return_dict=True, **pre).pooler_output)
 
     def _vision_inputs(self, grid_thw: Tensor) -> dict:
-        """:func:`vision_index_inputs` for these grids on this device, remembered for the last few
-        lists of grids (a dataset's images mostly share a few sizes), with the attention plans of
-        their segment bounds worked out on the CPU; {} where the tower does not take them."""
+        """:func:`vision_index_inputs` for these grids on this device (each distinct grid's pieces
+        remembered), with the attention plans of their segment bounds worked out on the CPU; {}
+        where the tower does not take them."""
         from .attention import prime_plan
 
         visual = getattr(_unwrap(self.model), "visual", None)
-        if not takes_vision_index_inputs(visual):
+        if not takes_vision_index_inputs(visual) or not len(grid_thw):
             return {}
-        grid = grid_thw.cpu()
-        key = (id(visual), self.device, tuple(map(tuple, grid.tolist())))
-        memo = self._vision_memo
-        hit = memo.pop(key, None) or vision_index_inputs(visual, grid, self.device)
-        memo[key] = hit  # (most recent last)
-        while len(memo) > 8:
-            del memo[next(iter(memo))]
-        kw, bounds = hit
+        if len(self._vision_memo) > 4096:  # (distinct image sizes; a few bytes of indices each)
+            self._vision_memo.clear()
+        kw, bounds = vision_index_inputs(visual, grid_thw.cpu(), self.device, self._vision_memo)
         for name in ("cu_seqlens", "cu_window_seqlens"):
             prime_plan(kw[name], bounds[name])
-        return dict(kw)
+        return kw
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None = None,
                 pixel_values: Tensor | None = None, image_features: list[Tensor] | None = None) -> Tensor:
@@ -222,6 +217,7 @@ class Backbone:
         Returns (n, d): the final hidden state at each sequence's last token — the same numbers as
         padded batches up to float rounding, with one launch per operator instead of one per batch."""
         from .attention import packed_language_model, prime_plan, shared_prefixes
+        from .transfer import to_device
 
         prefix_of, skip = None, 0
         if prefix_groups is not None:
@@ -230,15 +226,15 @@ class Backbone:
             sequences, positions, prefix_of, skip = shared_prefixes(sequences, positions, prefix_groups, stop)
             if not skip:
                 prefix_of = None
-        # the layout goes over without waiting for the device (non-blocking copies of CPU tensors,
+        # the layout goes over without waiting for the device (asynchronous copies through pinned memory,
         # the attention plan worked out on the CPU): no device sync in the language model's layers
         lengths = torch.tensor([len(x) for x in sequences])
         bounds = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-        cu = bounds.to(self.device, non_blocking=True)
+        cu = to_device(bounds, self.device)
         prime_plan(cu, bounds, prefix_of)
-        ids = torch.cat(list(sequences)).to(self.device, non_blocking=True)[None]
+        ids = to_device(torch.cat(list(sequences)), self.device)[None]
         kw: dict = {"input_ids": ids, "use_cache": False, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                    "position_ids": torch.cat(list(positions), dim=1)[:, None].to(self.device, non_blocking=True),
+                    "position_ids": to_device(torch.cat(list(positions), dim=1)[:, None], self.device),
                     "max_length_q": int(lengths.max()), "max_length_k": int(lengths.max())}
         if image_features:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -342,26 +338,44 @@ def takes_vision_index_inputs(visual) -> bool:
             and all(hasattr(visual, a) for a in ("window_size", "patch_size", "spatial_merge_size", "fullatt_block_indexes")))
 
 
-def vision_index_inputs(visual, grid_thw: Tensor, device) -> tuple[dict, dict]:
+def vision_index_inputs(visual, grid_thw: Tensor, device, pieces: dict | None = None) -> tuple[dict, dict]:
     """The Qwen2.5-VL vision tower's index tensors for the images ``grid_thw`` (on the CPU): rotary
-    positions, window order, the bounds of images and of windows and their longest segments,
-    computed on the CPU by the modeling module's own functions (so the very same values), then
-    copied to ``device`` without waiting for it. Left to the tower on the device, they are a loop of
-    small kernels per image and reads back to the host (device syncs) in every chunk of images.
+    positions, window order, the bounds of images and of windows and their longest segments. Left
+    to the tower on the device, they are a loop of small kernels per image and reads back to the
+    host (device syncs) in every chunk of images. Here each distinct grid's pieces come from the
+    modeling module's own functions on the CPU (remembered in ``pieces``, keyed by grid) and are
+    joined with offsets, which gives the very values the tower computes for the whole list (tested);
+    they go to ``device`` without waiting (:func:`~vlm2rec_lab.transfer.to_device`).
     Returns (the forward's keyword arguments, the bounds on the CPU by name)."""
     import sys
 
+    from torch.nn import functional as F
+
+    from .transfer import to_device
+
     mod = sys.modules[type(visual).__module__]
     m = visual.spatial_merge_size
-    pos = mod.get_vision_position_ids(grid_thw, m)
-    cu, _ = mod.get_vision_attention_seqlens(grid_thw, visual.config)
-    window, cu_window = mod.get_vision_window_index(grid_thw, spatial_merge_size=m, window_size=visual.window_size,
-                                                    patch_size=visual.patch_size)
-    cu, cu_window = cu.to(torch.int32), cu_window.to(torch.int32)
+    per = []
+    for g in grid_thw.tolist():
+        key = tuple(int(x) for x in g)
+        p = pieces.get(key) if pieces is not None else None
+        if p is None:
+            one = torch.tensor([key])
+            pos = mod.get_vision_position_ids(one, m)
+            cu, _ = mod.get_vision_attention_seqlens(one, visual.config)
+            window, cu_window = mod.get_vision_window_index(one, spatial_merge_size=m, window_size=visual.window_size,
+                                                            patch_size=visual.patch_size)
+            p = (pos, cu.diff().to(torch.int32), window, cu_window.diff().to(torch.int32))  # (segment lengths)
+            if pieces is not None:
+                pieces[key] = p
+        per.append(p)
+    starts = torch.tensor([0] + [len(p[2]) for p in per[:-1]]).cumsum(0)  # merged tokens before each image
+    window = torch.cat([p[2] + s for p, s in zip(per, starts.tolist())])
+    cu, cu_window = (F.pad(torch.cat([p[i] for p in per]).cumsum(0, dtype=torch.int32), (1, 0)) for i in (1, 3))
     longest = lambda c: int((c[1:] - c[:-1]).max()) if len(c) > 1 else 0  # noqa: E731
-    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    kw = {"position_ids": to(pos), "cu_seqlens": to(cu), "max_seqlen": longest(cu),
-          "window_index": to(window), "cu_window_seqlens": to(cu_window), "max_window_seqlen": longest(cu_window)}
+    kw = {"position_ids": to_device(torch.cat([p[0] for p in per]), device), "cu_seqlens": to_device(cu, device),
+          "max_seqlen": longest(cu), "window_index": to_device(window, device),
+          "cu_window_seqlens": to_device(cu_window, device), "max_window_seqlen": longest(cu_window)}
     return kw, {"cu_seqlens": cu, "cu_window_seqlens": cu_window}
 
 

@@ -83,7 +83,7 @@ def average_tensors(tensors, like=None) -> list:
     entry, on its device, so that every rank reduces the same buffers where NCCL needs them."""
     tensors = list(tensors)
     if like is not None:
-        tensors = [torch.zeros_like(ref) if t is None else t for t, ref in zip(tensors, like)]
+        tensors = [torch.zeros_like(ref) if t is None else t for t, ref in zip(tensors, like, strict=True)]
     if not is_distributed():
         return tensors
     if any(t is None for t in tensors):
@@ -110,6 +110,8 @@ def _all_reduce_mean(tensors: list, bucket_elements: int = 1 << 26) -> None:
     each bucket is reduced in one call. The LoRA of a 3B model is about 500 tensors; one call each
     would pay a collective's fixed latency 500 times a step. Elementwise the sums are the same."""
     w = world_size()
+    if any(not t.is_floating_point() for t in tensors):
+        raise TypeError("averaging over processes needs floating-point tensors")
     open_: dict[tuple, tuple[list[int], int]] = {}  # (dtype, device) -> (the bucket being filled, its size)
     buckets = []
     for i, t in enumerate(tensors):

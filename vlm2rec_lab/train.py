@@ -28,6 +28,7 @@ from .encoder import Encoder
 from .io import atomic_dir
 from .losses import ObjectiveConfig, info_nce, objective
 from .methods import get_method
+from .transfer import to_device
 
 
 class TrainingDiverged(RuntimeError):
@@ -216,7 +217,7 @@ class Trainer:
         mine = self._mine(sel)
         local = self.embeddings(self.hist[mine], self.targets[mine], layout)
         emb = {k: dist.gather_cat(v) for k, v in local.items()}
-        labels = torch.as_tensor(self.targets[sel]).to(self.bb.device, non_blocking=True)  # no wait for the forward
+        labels = to_device(torch.as_tensor(self.targets[sel]), self.bb.device)  # no wait for the forward
         return objective(self.obj, emb, self.alpha, self.beta, labels=labels), emb, labels
 
     def loss_and_gradients(self, epoch: int = 0, micro: int = 0) -> tuple[float, dict[str, Tensor]]:
