@@ -352,29 +352,34 @@ def main() -> None:
     emit(figure="train_loss_agreement", plain=round(l_plain, 5), project=round(l_proj, 5),
          rel_diff=round(abs(l_plain - l_proj) / abs(l_plain), 6), tokens_per_step=int(n_tokens))
     results = {}
-    # (name, embedding function, checkpointing, LoRA dropout); all but the last two without dropout
-    variants = (("plain_ckpt", plain_fn, True, 0.0), ("plain", plain_fn, False, 0.0),
-                ("project_unpacked_peft_cast", unpacked_fn, False, 0.0),  # cache only: four padded forwards, fp32 LoRA
-                ("project_unpacked", unpacked_fn, False, 0.0),  # + bf16 LoRA under autocast
-                ("project_packed", packed_fn, False, 0.0),  # + the four prompt sets packed into one forward
-                ("project", proj_fn, False, 0.0),  # + each prompt kind's shared prefix computed once
-                ("project_flash", proj_fn, False, 0.0),  # + PyTorch's varlen flash kernel instead of grouped SDPA
-                ("project_probe", proj_fn, False, 0.0),  # project, with the trainer's gradient-cosine probe every step
+    # (name, embedding function, checkpoint every n-th decoder layer (0: none), LoRA dropout)
+    variants = (("plain_ckpt", plain_fn, 1, 0.0), ("plain", plain_fn, 0, 0.0),
+                ("project_unpacked_peft_cast", unpacked_fn, 0, 0.0),  # cache only: four padded forwards, fp32 LoRA
+                ("project_unpacked", unpacked_fn, 0, 0.0),  # + bf16 LoRA under autocast
+                ("project_packed", packed_fn, 0, 0.0),  # + the four prompt sets packed into one forward
+                ("project", proj_fn, 0, 0.0),  # + each prompt kind's shared prefix computed once
+                ("project_flash", proj_fn, 0, 0.0),  # + PyTorch's varlen flash kernel instead of grouped SDPA
+                ("project_probe", proj_fn, 0, 0.0),  # project, with the trainer's gradient-cosine probe every step
                 # the trainer's defaults: the paper's LoRA dropout, and so no shared prefixes (each
-                # prompt draws its own masks), with and without the probe
-                ("project_paper", packed_fn, False, paper_dropout),
-                ("project_paper_probe", packed_fn, False, paper_dropout))
+                # prompt draws its own masks), with and without the probe; then what the trainer
+                # falls back to when a step runs out of memory: checkpointing every 4th layer, and
+                # (the last rung) every layer, packed all the same
+                ("project_paper", packed_fn, 0, paper_dropout),
+                ("project_paper_probe", packed_fn, 0, paper_dropout),
+                ("project_paper_ckpt4", packed_fn, 4, paper_dropout),
+                ("project_paper_ckpt", packed_fn, 1, paper_dropout))
     if a.train_variants:
         variants = tuple(v for v in variants if v[0] in a.train_variants.split(","))
-    for name, fn, ckpt, dropout in variants:
+    for name, fn, every, dropout in variants:
         set_lora_dropout(dropout)
         set_vision_attention(model, varlen=not name.startswith("plain"))
         bb.mixed_precision = not name.endswith("peft_cast")
         set_varlen_kernel("flash" if name == "project_flash" else "sdpa")
-        if ckpt:
-            bb.enable_checkpointing()
-        else:
-            model.model.activation_checkpointing_disable()
+        model.model.activation_checkpointing_disable()
+        if every and name.startswith("plain"):  # Hugging Face's own checkpointing
+            model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif every:
+            bb.enable_checkpointing(every)
         peft.train()
         probe = name.endswith("_probe")
         try:
@@ -391,10 +396,11 @@ def main() -> None:
         s = (time.perf_counter() - t) / a.steps
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
-             checkpointing=bb.checkpointing, lora_dropout=dropout, dropout_active=bb.dropout_active,
+             checkpointing=bb.checkpointing, checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.dropout_active,
              peak_gib=peak_gib(device))
     set_varlen_kernel("sdpa")
     set_lora_dropout(0.0)
+    model.model.activation_checkpointing_disable()
     if "project" in results:
         emit(figure="train_step_ratio", **{f"vs_{k}": round(v / results["project"], 2) for k, v in results.items() if k != "project"})
     for base, figure, dropout in (("project", "train_epoch_with_probe", 0.0),

@@ -310,18 +310,56 @@ def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny
             torch.testing.assert_close(results[key][1][n], g, rtol=1e-3, atol=1e-5, msg=f"{key} {n}")
 
 
-def test_packing_steps_aside_where_checkpointing_recomputes(synth_ds, tiny_path):
-    """Packing (and the compute path) step aside only for forwards that checkpointing will recompute:
-    training mode with gradients on; evaluation after a switch to checkpointing still packs."""
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tiny_path, monkeypatch, every):
+    """Gradient checkpointing (every layer, or every 2nd) with a packed forward, shared prefixes and
+    LoRA dropout: the same embeddings and LoRA gradients as without checkpointing. The backward's
+    recomputations run the packed attention (with the prefixes) and the fused LoRA stand-ins again,
+    once per checkpointed layer, draw the same dropout masks, and leave nothing swapped in."""
+    from vlm2rec_lab import attention, fused
+    from vlm2rec_lab.encoder import Encoder
+
     bb = _lora_tiny(synth_ds)
+    for m in bb.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
     bb.model.train()
-    assert bb.can_pack
-    bb.enable_checkpointing()
-    assert not bb.can_pack and bb.recomputes
-    with torch.no_grad():
-        assert bb.can_pack
-    bb.model.eval()
-    assert bb.can_pack
+    layers = bb.decoder_layers()
+    requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
+    enc = Encoder(bb, synth_ds.items, share_prefix=True)
+    calls = {"attention": 0, "lora": 0}
+    real_sdpa, real_lora = attention.varlen_sdpa, fused.fused_forward
+
+    def count(name, fn):
+        def f(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return f
+
+    monkeypatch.setattr(attention, "varlen_sdpa", count("attention", real_sdpa))
+    monkeypatch.setattr(fused, "fused_forward", count("lora", real_lora))
+    bb._fusion_cache = None  # (the stand-ins are bound from fused.fused_forward when first found)
+    results = {}
+    for ckpt in (False, True):
+        if ckpt:
+            bb.enable_checkpointing(every)
+        assert bb.checkpoint_every == (every if ckpt else 0)
+        bb.model.zero_grad()
+        torch.manual_seed(0)
+        out = enc.embed_sets(requests)
+        forward = dict(calls)
+        sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
+        recomputed = {k: calls[k] - forward[k] for k in calls}
+        calls.update(attention=0, lora=0)
+        results[ckpt] = ([o.detach() for o in out], {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad})
+        n_ckpt = len(range(0, len(layers), every)) if ckpt else 0
+        assert recomputed == {"attention": n_ckpt, "lora": n_ckpt * forward["lora"] // len(layers)}
+    assert not bb._computing and attention.packed_state() is None
+    assert not any("forward" in vars(m) for m in bb.model.modules() if hasattr(m, "lora_A"))
+    for a, b in zip(*(results[k][0] for k in (False, True))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for n, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][n], g, rtol=1e-6, atol=1e-7, msg=n)
 
 
 def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path, monkeypatch):
@@ -347,10 +385,12 @@ def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path
         assert len(calls) == expect, (share, training)
 
 
-def test_compiled_layers_give_the_same_packed_step(synth_ds, tiny_path):
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_compiled_layers_give_the_same_packed_step(synth_ds, tiny_path, checkpointed):
     """torch.compile over the decoder layers (traced through PEFT and around the packed attention;
     ``aot_eager`` here, inductor on a GPU): the same embeddings and LoRA gradients, and the state
-    dict keeps its names (adapters save and load as before)."""
+    dict keeps its names (adapters save and load as before). Also with every 2nd layer checkpointed
+    (that layer then runs uncompiled, its recomputation in its own state)."""
     from vlm2rec_lab.encoder import Encoder
 
     lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9]], [[11], [12], [13]]
@@ -359,8 +399,11 @@ def test_compiled_layers_give_the_same_packed_step(synth_ds, tiny_path):
     for compiled in (False, True):
         torch.manual_seed(0)
         bb = _lora_tiny(synth_ds)
+        bb.model.train()
         keys = set(bb.model.state_dict())
         if compiled:
+            if checkpointed:
+                bb.enable_checkpointing(2)
             assert bb.compile_layers(backend="aot_eager") == 2
             assert set(bb.model.state_dict()) == keys
         out = Encoder(bb, synth_ds.items).embed_sets(requests)

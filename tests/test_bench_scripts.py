@@ -21,13 +21,15 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
             ("train_step", "project"), ("train_step", "project_compiled"), ("item_embedding", "project_compiled"), ("vision_tower", None),
             ("train_step", "project_probe"), ("train_epoch_with_probe", None),
             ("train_step", "project_paper"), ("train_step", "project_paper_probe"), ("train_epoch_at_defaults", None),
-            ("train_step", "project_paper_compiled")} <= figures
+            ("train_step", "project_paper_compiled"), ("train_step", "project_paper_ckpt4"),
+            ("train_step", "project_paper_ckpt")} <= figures
     compiled = next(x for x in rows if x["figure"] == "train_step" and x.get("path") == "project_compiled")
     assert "error" not in compiled and compiled["loss_rel_diff"] <= 1e-4  # aot_eager: the eager step's loss
     paper = next(x for x in rows if x["figure"] == "train_step" and x.get("path") == "project_paper_compiled")
     assert "error" not in paper and paper["beauty_epoch_min_with_probe_est"] >= paper["beauty_epoch_min"]
     steps = {x["path"]: x for x in rows if x["figure"] == "train_step"}
     assert steps["project_paper"]["dropout_active"] and not steps["project"]["dropout_active"]
+    assert steps["project_paper_ckpt4"]["checkpointing"] and not steps["project_paper"]["checkpointing"]
     defaults = next(x for x in rows if x["figure"] == "train_epoch_at_defaults")
     assert defaults["lora_dropout"] == 0.2 and not defaults["shared_prefixes"]
     agree = next(x for x in rows if x["figure"] == "train_loss_agreement")

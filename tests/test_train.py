@@ -152,14 +152,16 @@ def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
     assert main(["evaluate", "--data", str(synth_ds.path)]) == 2
 
 
-def test_gradient_checkpointing_changes_memory_not_numbers(synth_ds, tiny_path, tmp_path):
-    """(Checkpointing steps packing aside, so both runs here use padded forwards.)"""
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradient_checkpointing_changes_memory_not_numbers(synth_ds, tiny_path, tmp_path, packed):
+    """Padded and packed forwards (LoRA dropout on: the recomputation draws the same masks)."""
     kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=2, grad_cos_every=0, checkpoint_every=0,
-              packed=False)
+              packed=packed, lora_dropout=0.1)
     plain = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
     plain.train()
     ckpt = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
     ckpt.train()
+    assert [r["checkpointing"] for r in ckpt.log] == [1, 1] and [r["checkpointing"] for r in plain.log] == [0, 0]
     assert [r["loss"] for r in plain.log] == pytest.approx([r["loss"] for r in ckpt.log], abs=1e-6)
     a, b = lora_state(plain), lora_state(ckpt)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
@@ -179,16 +181,28 @@ def _oom_on_call(tr, n: int):
 
 
 def test_a_step_that_runs_out_of_memory_is_redone_with_gradient_checkpointing(synth_ds, tiny_path, tmp_path):
-    """Checkpointing only when memory requires it: the second step's second micro-batch runs out of
-    memory; the step is redone with checkpointing on, from the same random state (LoRA dropout on)
-    and without the failed try's per-user log, so the run equals one checkpointed from step 2 on."""
+    """Checkpointing only as far as memory requires it: the second step's second micro-batch runs out
+    of memory, and so does the third step's first; each is redone with more layers checkpointed
+    (every 4th, then every 2nd), from the same random state (LoRA dropout on) and without the failed
+    try's per-user log, so the run equals one checkpointed from the start."""
     kw = dict(method="vlm2rec", users_k=24, batch_size=4, grad_accum=2, max_steps=3, grad_cos_every=0,
-              checkpoint_every=0, packed=False, lora_dropout=0.1)
+              checkpoint_every=0, lora_dropout=0.1)
     oom = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
-    _oom_on_call(oom, 4)
-    with pytest.warns(RuntimeWarning, match="step 2 ran out of device memory"):
+    real, calls = oom.micro_step, []
+
+    def micro_step(sel, layout=None):
+        calls.append(1)
+        if len(calls) in (4, 7):  # step 2's second micro-batch; step 3's first (after step 2's redo)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(sel, layout)
+
+    oom.micro_step = micro_step
+    with pytest.warns(RuntimeWarning, match="ran out of device memory") as caught:
         oom.train()
-    assert [r["checkpointing"] for r in oom.log] == [False, True, True] and not oom.bb.can_pack
+    said = [str(w.message) for w in caught if "device memory" in str(w.message)]
+    assert len(said) == 2 and said[0].startswith("step 2 ") and said[1].startswith("step 3 ")
+    assert "every 4th decoder layer" in said[0] and "every 2nd decoder layer" in said[1]
+    assert [r["checkpointing"] for r in oom.log] == [0, 4, 2] and oom.bb.can_pack
     ref = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
     ref.train()
     assert [r["loss"] for r in oom.log] == pytest.approx([r["loss"] for r in ref.log], abs=1e-6)
@@ -200,7 +214,7 @@ def test_a_step_that_runs_out_of_memory_is_redone_with_gradient_checkpointing(sy
 def test_out_of_memory_inside_a_packed_forward_unwinds_and_redoes_the_step(synth_ds, tiny_path, tmp_path):
     """The error raised deep inside the second step's packed forward (a LoRA layer's base product,
     within the compute path and the packed attention): every context is left as it was, the step is
-    redone unpacked with checkpointing, and the run matches one checkpointed from the start."""
+    redone, packed, with checkpointing, and the run matches one checkpointed from the start."""
     from vlm2rec_lab import attention
 
     kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=0, checkpoint_every=0)
@@ -218,9 +232,9 @@ def test_out_of_memory_inside_a_packed_forward_unwinds_and_redoes_the_step(synth
     base.forward = forward
     with pytest.warns(RuntimeWarning, match="step 2 ran out of device memory"):
         oom.train()
-    assert [r["checkpointing"] for r in oom.log] == [False, True, True]
+    assert [r["checkpointing"] for r in oom.log] == [0, 4, 4]
     assert not any("forward" in vars(m) for m in tuner) and not oom.bb._computing
-    assert attention._prefix_of.get() is None
+    assert attention._prefix_of.get() is None and attention.packed_state() is None
     ref = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
     ref.train()
     assert [r["loss"] for r in oom.log] == pytest.approx([r["loss"] for r in ref.log], rel=1e-4)

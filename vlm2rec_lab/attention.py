@@ -300,8 +300,15 @@ def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
     return varlen_sdpa(query, key, value, cu_seq_lens_q, scaling, causal, _prefix_of.get() if causal else None), None
 
 
-# the shared prefixes of the packed forward that packed_language_model wraps (per thread and task)
+# the shared prefixes of the packed forward that packed_language_model wraps (per thread and task),
+# and that context's arguments (for a recomputation under checkpointing to re-enter it)
 _prefix_of: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("vlm2rec_prefix_of", default=None)
+_packed: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("vlm2rec_packed", default=None)
+
+
+def packed_state() -> tuple | None:
+    """The (model, prefix_of) of the :func:`packed_language_model` context this code runs in, or None."""
+    return _packed.get()
 
 
 @contextmanager
@@ -317,12 +324,13 @@ def packed_language_model(model, prefix_of: list[int] | None = None):
     before = cfg._attn_implementation
     AttentionInterface.register(NAME, varlen_attention_forward)
     cfg._attn_implementation = NAME
-    token = _prefix_of.set(prefix_of)
+    token, state = _prefix_of.set(prefix_of), _packed.set((model, prefix_of))
     try:
         yield
     finally:
         cfg._attn_implementation = before
         _prefix_of.reset(token)
+        _packed.reset(state)
 
 
 def set_vision_attention(model, varlen: bool = True) -> bool:

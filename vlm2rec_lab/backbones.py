@@ -11,8 +11,9 @@ import hashlib
 import json
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -68,6 +69,8 @@ class Backbone:
     _fusion_cache: tuple | None = field(default=None, repr=False)  # (model, tuner layers, fused swaps, dropouts)
     _vision_memo: dict = field(default_factory=dict, repr=False)  # grid -> the vision tower's index pieces
     _computing: bool = field(default=False, repr=False)  # inside compute()
+    _cast_off: bool = field(default=False, repr=False)  # PEFT's input casting off in the current compute()
+    _checkpoint_every: int = field(default=1, repr=False)  # see enable_checkpointing
 
     @property
     def device(self) -> torch.device:
@@ -163,10 +166,60 @@ class Backbone:
         with self.compute():
             return self.model(**kw).last_hidden_state
 
-    def enable_checkpointing(self) -> None:
-        """Recompute the language model's activations in the backward pass (non-reentrant) instead of
-        keeping them: less memory, about a third more compute, and no packing (:attr:`can_pack`)."""
-        _unwrap(self.model).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    def enable_checkpointing(self, every: int = 1) -> None:
+        """Recompute the activations of every ``every``-th decoder layer of the language model in the
+        backward pass instead of keeping them (non-reentrant): less memory for about a third more
+        compute in those layers (``every`` > 1 trades part of the saving back for speed). Each
+        recomputation runs in the state its forward ran in (:meth:`_checkpoint_contexts`), so packed
+        forwards, shared prefixes and the compute path's stand-ins work with checkpointing too."""
+        from torch.utils.checkpoint import checkpoint
+
+        if every < 1:
+            raise ValueError(f"checkpoint every {every}-th layer: need at least 1")
+        for i, layer in enumerate(self.decoder_layers()):
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False,
+                                                         context_fn=partial(self._checkpoint_contexts, layer))
+            layer.gradient_checkpointing = i % every == 0
+        self._checkpoint_every = every
+
+    def disable_checkpointing(self) -> None:
+        _unwrap(self.model).activation_checkpointing_disable()
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Every how many decoder layers one is checkpointed (:meth:`enable_checkpointing`); 0: off."""
+        return self._checkpoint_every if self.checkpointing else 0
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The language model's decoder layers."""
+        base = _unwrap(self.model)
+        lm = getattr(base, "language_model", None) or getattr(base, "model", base)
+        layers = list(getattr(lm, "layers", None) or [])
+        if not layers:
+            raise ValueError(f"{self.name}: no decoder layers found")
+        return layers
+
+    def _checkpoint_contexts(self, layer: nn.Module) -> tuple:
+        """``torch.utils.checkpoint``'s ``context_fn`` for ``layer``, called as its forward starts:
+        the forward runs as it is; its recomputation in the backward pass (outside :meth:`compute`
+        and the packed forward by then) re-enters the state this forward runs in — the compute path's
+        stand-ins within the layer, with PEFT's input casting as it is now, and the packed attention
+        with its shared prefixes. Checkpointing itself restores autocast and the random state, so
+        the recomputation draws the same dropout masks."""
+        from .attention import packed_state
+
+        return nullcontext(), self._replayed(layer, self._computing, self._cast_off, packed_state())
+
+    @contextmanager
+    def _replayed(self, layer: nn.Module, computing: bool, cast_off: bool, packed: tuple | None):
+        from .attention import packed_language_model, packed_state
+
+        with ExitStack() as stack:
+            if computing and not self._computing:
+                stack.enter_context(self._stand_ins(cast_off, within=layer))
+            if packed is not None and packed_state() is None:
+                stack.enter_context(packed_language_model(*packed))
+            yield
 
     @property
     def dropout_active(self) -> bool:
@@ -180,19 +233,11 @@ class Backbone:
         return bool(getattr(_unwrap(self.model), "is_activation_checkpointing", False))
 
     @property
-    def recomputes(self) -> bool:
-        """Whether a forward now will be recomputed in the backward pass: gradient checkpointing is
-        on, the model is in training mode and gradients are enabled (evaluation never recomputes)."""
-        return self.checkpointing and _unwrap(self.model).training and torch.is_grad_enabled()
-
-    @property
     def can_pack(self) -> bool:
-        """Whether :meth:`forward_packed` works now: Qwen2-VL-family VLMs (multimodal rotary
-        positions from ``get_rope_index``, attention through transformers' interface), and not when
-        the forward will be recomputed (:attr:`recomputes`): that recomputation would run outside the
-        packed attention."""
+        """Whether :meth:`forward_packed` works: Qwen2-VL-family VLMs (multimodal rotary positions
+        from ``get_rope_index``, attention through transformers' interface)."""
         base = _unwrap(self.model)
-        return self.kind == "vlm" and hasattr(base, "get_rope_index") and not self.recomputes
+        return self.kind == "vlm" and hasattr(base, "get_rope_index")
 
     def rope_positions(self, input_ids: Tensor, attention_mask: Tensor, image_grid_thw: Tensor | None) -> list[Tensor]:
         """Per row of a (left- or right-) padded batch: the (3, length) multimodal rotary positions of
@@ -250,10 +295,7 @@ class Backbone:
         fuses the elementwise work around the matrix products (norms, rotary, SiLU, LoRA scaling).
         Call after LoRA is applied. Returns the number of blocks compiled."""
         base = _unwrap(self.model)
-        lm = getattr(base, "language_model", None) or getattr(base, "model", base)
-        layers = list(getattr(lm, "layers", None) or [])
-        if not layers:
-            raise ValueError(f"{self.name}: no decoder layers found to compile")
+        layers = self.decoder_layers()
         if vision:
             visual = getattr(base, "visual", None)
             if visual is None:
@@ -272,27 +314,38 @@ class Backbone:
         PEFT's input casting off, so LoRA's small matrices take bf16 activations as they are (fp32
         master weights kept) instead of copying every activation to fp32 and back (on an H100, a 3B
         training step took 0.850 s with those copies and 0.734 s without, and 15 GiB less). Off with
-        ``mixed_precision=False`` (the plain Hugging Face / PEFT path) and where the forward will be
-        recomputed under gradient checkpointing (:attr:`recomputes`), since that recomputation runs
-        outside this context."""
-        if self._computing or not self.mixed_precision or self.recomputes:
+        ``mixed_precision=False`` (the plain Hugging Face / PEFT path). A layer's recomputation under
+        checkpointing re-enters it (:meth:`_checkpoint_contexts`)."""
+        if self._computing or not self.mixed_precision:
             yield  # (nested: the outer context has set things up)
             return
         autocast = autocast and self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
-        tuners, swaps, _ = self._fusion()
-        saved = [m.__dict__.get("forward") for m, _ in swaps]  # a hook's own forward, say: put back after
-        for m, f in swaps:
-            m.forward = f
-        if autocast:
-            for m in tuners:
-                m.cast_input_dtype_enabled = False
-        self._computing = True
-        try:
+        self._cast_off = autocast
+        with self._stand_ins(cast_off=autocast):
             if autocast:
                 with torch.autocast("cuda", dtype=self.dtype):
                     yield
             else:
                 yield
+
+    @contextmanager
+    def _stand_ins(self, cast_off: bool, within: nn.Module | None = None):
+        """The fused stand-ins swapped in (for the modules inside ``within``, or all), and with
+        ``cast_off`` PEFT's input casting off; everything put back afterwards."""
+        tuners, swaps, _ = self._fusion()
+        if within is not None:
+            inside = set(map(id, within.modules()))
+            tuners = [m for m in tuners if id(m) in inside]
+            swaps = [(m, f) for m, f in swaps if id(m) in inside]
+        saved = [m.__dict__.get("forward") for m, _ in swaps]  # a hook's own forward, say: put back after
+        for m, f in swaps:
+            m.forward = f
+        if cast_off:
+            for m in tuners:
+                m.cast_input_dtype_enabled = False
+        self._computing = True
+        try:
+            yield
         finally:
             self._computing = False
             for (m, _), before in zip(swaps, saved):

@@ -335,7 +335,7 @@ class Trainer:
                 self.epoch, self.micro = self._advance(self.epoch, self.micro)
                 row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),
                        "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": time.perf_counter() - t0,
-                       "checkpointing": self.bb.checkpointing}
+                       "checkpointing": self.bb.checkpoint_every}
                 if stats:
                     cat = {k: torch.cat(v) for k, v in stats.items()}
                     row.update({f"{k}_mean": float(v.float().mean()) for k, v in cat.items()})
@@ -422,26 +422,29 @@ class Trainer:
         return (order if epoch == self.epoch else self._order(epoch))[micro * bs:(micro + 1) * bs]
 
     def _can_fall_back(self) -> bool:
-        """Gradient checkpointing is used only when memory requires it: a step that runs out of
-        device memory is redone with it on — in one process (ranks cannot agree on a retry midway
-        through their collectives) and when it is not on already."""
-        return dist.world_size() == 1 and not self.bb.checkpointing
+        """Gradient checkpointing is used only as far as memory requires it: a step that runs out of
+        device memory is redone with more of it — in one process (ranks cannot agree on a retry
+        midway through their collectives) and until every layer is checkpointed."""
+        return dist.world_size() == 1 and self.bb.checkpoint_every != 1
 
     def _fall_back_to_checkpointing(self, rng: dict, n_weak: int) -> None:
-        """After an out-of-memory step: free what it held, switch gradient checkpointing on (packing
-        steps aside with it, see ``Backbone.can_pack``) and rewind the random state and the per-user
-        log, so that the step is redone as if it had run with checkpointing from its start."""
+        """After an out-of-memory step: free what it held, checkpoint more decoder layers (none ->
+        every 4th -> every 2nd -> all; packed forwards keep working, see
+        ``Backbone.enable_checkpointing``) and rewind the random state and the per-user log, so that
+        the step is redone as if it had run with that checkpointing from its start."""
         self.opt.zero_grad(set_to_none=True)
         self._ahead = None
         del self.weak[n_weak:]
         gc.collect()  # the failed step's graph may hang on reference cycles through its traceback
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self.bb.enable_checkpointing()
+        every = {0: 4, 4: 2}.get(self.bb.checkpoint_every, 1)
+        self.bb.enable_checkpointing(every)
         _set_rng_state(rng)
-        warnings.warn(f"step {self.step + 1} ran out of device memory: gradient checkpointing is now on for the rest "
-                      f"of this run (slower, less memory); start with --gradient-checkpointing to skip the failed try",
-                      RuntimeWarning, stacklevel=2)
+        which = "every decoder layer" if every == 1 else f"every {every}{'nd' if every == 2 else 'th'} decoder layer"
+        warnings.warn(f"step {self.step + 1} ran out of device memory: gradient checkpointing is now on for {which} "
+                      f"for the rest of this run (slower, less memory); start with --gradient-checkpointing to "
+                      f"checkpoint every layer from the start", RuntimeWarning, stacklevel=2)
 
     def save_final(self) -> None:
         """The adapter (PEFT format), α/β and the logs, each written atomically."""
