@@ -399,6 +399,32 @@ def main() -> None:
              checkpointing=bb.checkpointing, checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.dropout_active,
              peak_gib=peak_gib(device))
     set_varlen_kernel("sdpa")
+    if not a.train_variants or "project_paper" in a.train_variants.split(","):
+        # the longest step an epoch can hold (every history at the 10-item cap) at the trainer's
+        # defaults: its peak memory, and where it does not fit, the fallback's rungs
+        pool = torch.tensor(all_items)
+        pick = lambda n: pool[torch.randint(0, len(pool), (n,), generator=g)].tolist()  # noqa: E731
+        longest = ([pick(10) for _ in range(8)], [[i] for i in pick(8)])
+        tokens = sum(shapes.batch(k, lst)["attention_mask"].sum().item() for k in ("T", "V") for lst in longest)
+        set_lora_dropout(paper_dropout)
+        for every in (0, 4, 2, 1):
+            model.model.activation_checkpointing_disable()
+            if every:
+                bb.enable_checkpointing(every)
+            try:
+                reset_peak(device)
+                step(packed_fn, longest)  # (warm-up)
+                sync(device); t = time.perf_counter()
+                step(packed_fn, longest)
+                sync(device)
+            except torch.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                emit(figure="train_step_longest", path="project_paper", checkpoint_every=every, tokens=int(tokens), oom=True)
+                torch.cuda.empty_cache()
+                continue
+            emit(figure="train_step_longest", path="project_paper", checkpoint_every=every, tokens=int(tokens),
+                 seconds=round(time.perf_counter() - t, 3), peak_gib=peak_gib(device))
+            break
     set_lora_dropout(0.0)
     model.model.activation_checkpointing_disable()
     if "project" in results:

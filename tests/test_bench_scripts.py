@@ -22,7 +22,7 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
             ("train_step", "project_probe"), ("train_epoch_with_probe", None),
             ("train_step", "project_paper"), ("train_step", "project_paper_probe"), ("train_epoch_at_defaults", None),
             ("train_step", "project_paper_compiled"), ("train_step", "project_paper_ckpt4"),
-            ("train_step", "project_paper_ckpt")} <= figures
+            ("train_step", "project_paper_ckpt"), ("train_step_longest", "project_paper")} <= figures
     compiled = next(x for x in rows if x["figure"] == "train_step" and x.get("path") == "project_compiled")
     assert "error" not in compiled and compiled["loss_rel_diff"] <= 1e-4  # aot_eager: the eager step's loss
     paper = next(x for x in rows if x["figure"] == "train_step" and x.get("path") == "project_paper_compiled")
@@ -34,6 +34,8 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
     assert defaults["lora_dropout"] == 0.2 and not defaults["shared_prefixes"]
     agree = next(x for x in rows if x["figure"] == "train_loss_agreement")
     assert agree["rel_diff"] <= 1e-2
+    longest = next(x for x in rows if x["figure"] == "train_step_longest")  # (histories of 10 items against 7)
+    assert longest["checkpoint_every"] == 0 and "oom" not in longest and longest["tokens"] > agree["tokens_per_step"]
     emb = [x for x in rows if x["figure"] == "item_embedding_agreement"]
     assert {x["path"] for x in emb} == {"project", "project_padded"}
     assert all(x["max_rel_diff"] <= 1e-3 for x in emb)  # fp32 on the CPU

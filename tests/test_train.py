@@ -167,6 +167,27 @@ def test_gradient_checkpointing_changes_memory_not_numbers(synth_ds, tiny_path, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_gradient_checkpointing_setting_is_every_n_th_layer(synth_ds, tiny_path, tmp_path):
+    """``--gradient-checkpointing [EVERY]`` and ``TrainConfig.gradient_checkpointing``: every n-th
+    decoder layer from the first step (True / a bare flag: every one; 0: only after running out of
+    memory); logged in ``train_log.csv``."""
+    from vlm2rec_lab.cli import _parser
+
+    def parse(*a):
+        return _parser().parse_args(["train", "--data", "d", "--method", "vlm-sft", "--out", "o", *a]).gradient_checkpointing
+
+    assert (parse(), parse("--gradient-checkpointing"), parse("--gradient-checkpointing", "3")) == (0, 1, 3)
+    assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing == 1 and TrainConfig().gradient_checkpointing == 0
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        TrainConfig(gradient_checkpointing=-1)
+    tr = Trainer(TrainConfig(method="vlm-sft", users_k=8, batch_size=4, max_steps=1, grad_cos_every=0, checkpoint_every=0,
+                             gradient_checkpointing=2), synth_ds, tmp_path, progress=False)
+    tr.train()
+    layers = tr.bb.decoder_layers()
+    assert len(layers) == 2 and [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert pd.read_csv(tmp_path / "logs" / "train_log.csv")["checkpointing"].tolist() == [2]
+
+
 def _oom_on_call(tr, n: int):
     """Make the trainer's ``n``-th micro-batch forward (1-based) raise a device out-of-memory error."""
     real, calls = tr.micro_step, []

@@ -182,9 +182,6 @@ class Backbone:
             layer.gradient_checkpointing = i % every == 0
         self._checkpoint_every = every
 
-    def disable_checkpointing(self) -> None:
-        _unwrap(self.model).activation_checkpointing_disable()
-
     @property
     def checkpoint_every(self) -> int:
         """Every how many decoder layers one is checkpointed (:meth:`enable_checkpointing`); 0: off."""

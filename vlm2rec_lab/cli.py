@@ -104,8 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--beta", type=float, default=1.0)
     tr.add_argument("--fixed-alpha-beta", action="store_true", help="keep alpha and beta fixed instead of learning them")
     tr.add_argument("--penalty-offset", action="store_true", help="w = 1 + beta (softplus - ln 2): w -> 1 when balanced")
-    tr.add_argument("--gradient-checkpointing", action="store_true",
-                    help="from the first step (otherwise only once a step has run out of device memory)")
+    tr.add_argument("--gradient-checkpointing", type=int, nargs="?", const=1, default=0, metavar="EVERY",
+                    help="checkpoint every EVERY-th decoder layer (default 1: all) from the first step; without it, "
+                         "layers are checkpointed only once a step runs out of device memory (every 4th, then 2nd, then all)")
     tr.add_argument("--no-vision-cache", action="store_true")
     tr.add_argument("--no-packing", action="store_true", help="one padded forward per prompt set (the plain path)")
     tr.add_argument("--share-prefix", choices=["auto", "on", "off"], default="auto",

@@ -144,7 +144,8 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float | None = None
-    gradient_checkpointing: bool = False  # from the first step; else on only once a step runs out of device memory
+    gradient_checkpointing: int = 0  # checkpoint every n-th decoder layer from the first step (True: every one);
+    #                                  0: only as far as memory requires, once a step runs out of device memory
     cache_vision: bool = True
     packed: bool = True  # a step's prompt sets in one forward without padding, where the backbone can
     share_prefix: bool | None = None  # packed prompts' common leading tokens once; None: not under LoRA dropout
@@ -165,6 +166,9 @@ class TrainConfig:
             raise ValueError("epochs >= 1, batch_size >= 2 (in-batch negatives) and grad_accum >= 1 are needed")
         if self.beta < 0:
             raise ValueError("beta must be >= 0")
+        self.gradient_checkpointing = int(self.gradient_checkpointing)  # (True / False from older configs: 1 / 0)
+        if self.gradient_checkpointing < 0:
+            raise ValueError(f"gradient_checkpointing: every n-th layer, n >= 1 (0: off), not {self.gradient_checkpointing}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive number of pixels, not {self.max_pixels}")
         if self.train_examples is not None and self.train_examples not in TRAIN_EXAMPLES:

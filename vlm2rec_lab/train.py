@@ -79,7 +79,7 @@ def apply_lora(bb: Backbone, cfg: TrainConfig) -> None:
                       target_modules=lora_target_regex(bb.kind))
     bb.model = get_peft_model(bb.model, lcfg)
     if cfg.gradient_checkpointing:
-        bb.enable_checkpointing()
+        bb.enable_checkpointing(cfg.gradient_checkpointing)
 
 
 def _snapshot(obj):
