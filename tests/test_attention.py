@@ -348,11 +348,16 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
         torch.manual_seed(0)
         out = enc.embed_sets(requests)
         forward = dict(calls)
-        sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
+        params = [p for p in bb.model.parameters() if p.requires_grad]
+        loss = sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out)
+        # as in a probed training step: two gradient passes that keep the graph, then the backward
+        probes = [torch.autograd.grad(part, params, retain_graph=True, allow_unused=True) for part in (out[0].sum(), out[1].sum())]
+        loss.backward()
         recomputed = {k: calls[k] - forward[k] for k in calls}
         calls.update(attention=0, lora=0)
-        results[ckpt] = ([o.detach() for o in out], {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad})
-        n_ckpt = len(range(0, len(layers), every)) if ckpt else 0
+        results[ckpt] = ([o.detach() for o in out], {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad},
+                         probes)
+        n_ckpt = 3 * len(range(0, len(layers), every)) if ckpt else 0  # (three backward passes)
         assert recomputed == {"attention": n_ckpt, "lora": n_ckpt * forward["lora"] // len(layers)}
     assert not bb._computing and attention.packed_state() is None
     assert not any("forward" in vars(m) for m in bb.model.modules() if hasattr(m, "lora_A"))
@@ -360,6 +365,14 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for n, g in results[False][1].items():
         torch.testing.assert_close(results[True][1][n], g, rtol=1e-6, atol=1e-7, msg=n)
+    for a, b in zip(results[False][2], results[True][2]):
+        for x, y in zip(a, b):
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
+    # Hugging Face's own switch afterwards: every layer, and reported so
+    bb.model.get_base_model().activation_checkpointing_enable()
+    assert bb.checkpoint_every == 1
 
 
 def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path, monkeypatch):

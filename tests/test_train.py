@@ -154,15 +154,17 @@ def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_gradient_checkpointing_changes_memory_not_numbers(synth_ds, tiny_path, tmp_path, packed):
-    """Padded and packed forwards (LoRA dropout on: the recomputation draws the same masks)."""
-    kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=2, grad_cos_every=0, checkpoint_every=0,
+    """Padded and packed forwards, LoRA dropout on (the recomputation draws the same masks) and the
+    gradient-cosine probe at every step (its gradient passes recompute the checkpointed layers too)."""
+    kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=2, grad_cos_every=1, checkpoint_every=0,
               packed=packed, lora_dropout=0.1)
     plain = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
     plain.train()
     ckpt = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
     ckpt.train()
     assert [r["checkpointing"] for r in ckpt.log] == [1, 1] and [r["checkpointing"] for r in plain.log] == [0, 0]
-    assert [r["loss"] for r in plain.log] == pytest.approx([r["loss"] for r in ckpt.log], abs=1e-6)
+    for k in ("loss", "cos_total_t", "cos_total_v"):
+        assert [r[k] for r in plain.log] == pytest.approx([r[k] for r in ckpt.log], abs=1e-6), k
     a, b = lora_state(plain), lora_state(ckpt)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
@@ -186,6 +188,13 @@ def test_gradient_checkpointing_setting_is_every_n_th_layer(synth_ds, tiny_path,
     layers = tr.bb.decoder_layers()
     assert len(layers) == 2 and [layer.gradient_checkpointing for layer in layers] == [True, False]
     assert pd.read_csv(tmp_path / "logs" / "train_log.csv")["checkpointing"].tolist() == [2]
+    # running out of memory from every 3rd layer: the next rung below, every 2nd
+    tr = Trainer(TrainConfig(method="vlm-sft", users_k=8, batch_size=4, max_steps=1, grad_cos_every=0, checkpoint_every=0,
+                             gradient_checkpointing=3), synth_ds, tmp_path / "b", progress=False)
+    _oom_on_call(tr, 1)
+    with pytest.warns(RuntimeWarning, match="every 2nd decoder layer .* --gradient-checkpointing 2 starts there"):
+        tr.train()
+    assert [r["checkpointing"] for r in tr.log] == [2]
 
 
 def _oom_on_call(tr, n: int):

@@ -66,7 +66,7 @@ class Backbone:
     merge_size: int = 2
     info: dict = field(default_factory=dict)
     mixed_precision: bool = True  # see compute(); off: PEFT's own forward and casting (the plain path)
-    _fusion_cache: tuple | None = field(default=None, repr=False)  # (model, tuner layers, fused swaps, dropouts)
+    _fusion_cache: tuple | None = field(default=None, repr=False)  # (model, tuner layers, fused swaps, dropouts, per layer)
     _vision_memo: dict = field(default_factory=dict, repr=False)  # grid -> the vision tower's index pieces
     _computing: bool = field(default=False, repr=False)  # inside compute()
     _cast_off: bool = field(default=False, repr=False)  # PEFT's input casting off in the current compute()
@@ -171,7 +171,9 @@ class Backbone:
         backward pass instead of keeping them (non-reentrant): less memory for about a third more
         compute in those layers (``every`` > 1 trades part of the saving back for speed). Each
         recomputation runs in the state its forward ran in (:meth:`_checkpoint_contexts`), so packed
-        forwards, shared prefixes and the compute path's stand-ins work with checkpointing too."""
+        forwards, shared prefixes and the compute path's stand-ins work with checkpointing too.
+        (Hugging Face's ``activation_checkpointing_enable`` on the model does not set that up: a
+        packed forward's backward then fails with a ``CheckpointError``.)"""
         from torch.utils.checkpoint import checkpoint
 
         if every < 1:
@@ -184,8 +186,15 @@ class Backbone:
 
     @property
     def checkpoint_every(self) -> int:
-        """Every how many decoder layers one is checkpointed (:meth:`enable_checkpointing`); 0: off."""
-        return self._checkpoint_every if self.checkpointing else 0
+        """Every how many decoder layers one is checkpointed (:meth:`enable_checkpointing`); 0: off.
+        (Read from the layers, should something else have switched their checkpointing.)"""
+        flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in self.decoder_layers()]
+        if not any(flags):
+            return 0
+        if flags == [i % self._checkpoint_every == 0 for i in range(len(flags))]:
+            return self._checkpoint_every
+        on = [i for i, f in enumerate(flags) if f]
+        return on[1] - on[0] if len(on) > 1 else len(flags)
 
     def decoder_layers(self) -> list[nn.Module]:
         """The language model's decoder layers."""
@@ -205,18 +214,7 @@ class Backbone:
         the recomputation draws the same dropout masks."""
         from .attention import packed_state
 
-        return nullcontext(), self._replayed(layer, self._computing, self._cast_off, packed_state())
-
-    @contextmanager
-    def _replayed(self, layer: nn.Module, computing: bool, cast_off: bool, packed: tuple | None):
-        from .attention import packed_language_model, packed_state
-
-        with ExitStack() as stack:
-            if computing and not self._computing:
-                stack.enter_context(self._stand_ins(cast_off, within=layer))
-            if packed is not None and packed_state() is None:
-                stack.enter_context(packed_language_model(*packed))
-            yield
+        return nullcontext(), _Replay(self, layer, self._computing, self._cast_off, packed_state())
 
     @property
     def dropout_active(self) -> bool:
@@ -331,9 +329,11 @@ class Backbone:
         ``cast_off`` PEFT's input casting off; everything put back afterwards."""
         tuners, swaps, _ = self._fusion()
         if within is not None:
-            inside = set(map(id, within.modules()))
-            tuners = [m for m in tuners if id(m) in inside]
-            swaps = [(m, f) for m, f in swaps if id(m) in inside]
+            per_layer = self._fusion_cache[4]
+            if id(within) not in per_layer:
+                inside = set(map(id, within.modules()))
+                per_layer[id(within)] = ([m for m in tuners if id(m) in inside], [(m, f) for m, f in swaps if id(m) in inside])
+            tuners, swaps = per_layer[id(within)]
         saved = [m.__dict__.get("forward") for m, _ in swaps]  # a hook's own forward, say: put back after
         for m, f in swaps:
             m.forward = f
@@ -364,7 +364,7 @@ class Backbone:
 
             tuners = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
             dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-            cached = (self.model, tuners, fused_forwards(self.model), dropouts)
+            cached = (self.model, tuners, fused_forwards(self.model), dropouts, {})  # (+ per layer, see _stand_ins)
             self._fusion_cache = cached
         return cached[1], cached[2], cached[3]
 
@@ -373,6 +373,35 @@ def _unwrap(model: nn.Module) -> nn.Module:
     """The base model under a PEFT wrapper (or the model itself)."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
+
+
+class _Replay:
+    """The state a checkpointed layer's forward ran in, re-entered around each recomputation of it
+    (see ``Backbone._checkpoint_contexts``). Re-enterable: a layer is recomputed once per backward
+    pass through it, three times in a step with the gradient-cosine probe (two gradient passes that
+    keep the graph, then the step's backward)."""
+
+    def __init__(self, bb: Backbone, layer: nn.Module, computing: bool, cast_off: bool, packed: tuple | None):
+        self.bb, self.layer, self.computing, self.cast_off, self.packed = bb, layer, computing, cast_off, packed
+        self._open: list[ExitStack] = []
+
+    def __enter__(self):
+        from .attention import packed_language_model, packed_state
+
+        stack = ExitStack()
+        try:
+            if self.computing and not self.bb._computing:
+                stack.enter_context(self.bb._stand_ins(self.cast_off, within=self.layer))
+            if self.packed is not None and packed_state() is None:
+                stack.enter_context(packed_language_model(*self.packed))
+        except BaseException:
+            stack.close()
+            raise
+        self._open.append(stack)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._open.pop().__exit__(*exc)
 
 
 _VISION_INDEX_FUNCTIONS = ("get_vision_position_ids", "get_vision_attention_seqlens", "get_vision_window_index")

@@ -438,13 +438,14 @@ class Trainer:
         gc.collect()  # the failed step's graph may hang on reference cycles through its traceback
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        every = {0: 4, 4: 2}.get(self.bb.checkpoint_every, 1)
+        now = self.bb.checkpoint_every
+        every = 4 if not now else max(r for r in (4, 2, 1) if r < now) if now > 1 else 1
         self.bb.enable_checkpointing(every)
         _set_rng_state(rng)
         which = "every decoder layer" if every == 1 else f"every {every}{'nd' if every == 2 else 'th'} decoder layer"
         warnings.warn(f"step {self.step + 1} ran out of device memory: gradient checkpointing is now on for {which} "
-                      f"for the rest of this run (slower, less memory); start with --gradient-checkpointing to "
-                      f"checkpoint every layer from the start", RuntimeWarning, stacklevel=2)
+                      f"for the rest of this run (slower, less memory); --gradient-checkpointing {every} starts "
+                      f"there", RuntimeWarning, stacklevel=2)
 
     def save_final(self) -> None:
         """The adapter (PEFT format), α/β and the logs, each written atomically."""
