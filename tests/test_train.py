@@ -116,6 +116,22 @@ def test_vanilla_run_embeds_and_evaluates(synth_ds, tiny_path, tmp_path):
     assert set(tidy["view"]) == {"f2f", "t2f", "v2f"} and set(tidy["seed"]) == {0, 1, 2, 3, 4}
 
 
+def test_embedding_a_run_with_compiled_layers_gives_the_same_embeddings(synth_ds, tiny_path, tmp_path):
+    """``embed --compile`` (here with the ``aot_eager`` backend): decoder layers and vision blocks
+    compiled, the same item and sequence embeddings."""
+    run = create_run(tmp_path / "v", TrainConfig(method="vlm-vanilla"), synth_ds)
+    eager = embed_run(run, synth_ds, splits=("test",), progress=False)
+    from vlm2rec_lab.runs import load_run_backbone
+
+    bb = load_run_backbone(run, synth_ds)
+    compiled = embed_run(run, synth_ds, splits=("test",), progress=False, backbone=bb, compile="aot_eager")
+    assert all(getattr(layer, "_compiled_call_impl", None) is not None
+               for layer in bb.decoder_layers() + list(bb.model.visual.blocks))
+    assert eager.keys() == compiled.keys()
+    for k in eager:
+        assert np.allclose(eager[k], compiled[k], atol=1e-5), k
+
+
 def test_item_mean_pools_normalised_item_embeddings(synth_ds, tiny_path, tmp_path):
     run = create_run(tmp_path / "im", TrainConfig(method="item-mean"), synth_ds)
     out = embed_run(run, synth_ds, splits=("test",), progress=False)

@@ -126,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     em = sub.add_parser("embed", help="item and sequence embeddings per modality (T, V, F) into RUN/embeddings")
     em.add_argument("run")
     em.add_argument("--batch-size", type=int, default=128, help="prompts per forward (packed, their shared prefix computed once a batch)")
+    em.add_argument("--compile", action="store_true",
+                    help="torch.compile the decoder layers and vision blocks first (GPU; minutes of compiling)")
 
     ds = sub.add_parser("downstream", help="Task 2: SASRec / GRU4Rec with ID or VLM-initialised item embeddings")
     ds.add_argument("--data", required=True)
@@ -309,7 +311,7 @@ def cmd_embed(a) -> int:
     from .runs import embed_run
 
     dist.init_from_env()
-    out = embed_run(a.run, batch_size=a.batch_size)
+    out = embed_run(a.run, batch_size=a.batch_size, compile=a.compile)
     if dist.rank() != 0:
         return 0
     print(f"wrote {len(out)} arrays to {Path(a.run) / 'embeddings'}: " + ", ".join(sorted(out)))

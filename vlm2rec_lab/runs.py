@@ -118,12 +118,13 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
 
 
 def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None, progress: bool = True,
-              batch_size: int = 128, root: str | Path | None = None) -> dict[str, np.ndarray]:
+              batch_size: int = 128, root: str | Path | None = None, compile: bool | str = False) -> dict[str, np.ndarray]:
     """Item and sequence embeddings per modality (T, V, F) into ``RUN/embeddings``.
 
     F is T + V for external fusion (and item-mean), the interleaved prompt for internal fusion, T
     for text-only methods. ``item-mean`` takes the zero-shot fused item embeddings and mean-pools
-    them over each history."""
+    them over each history. ``compile``: ``torch.compile`` the decoder layers and, for VLMs, the
+    vision blocks first (True: inductor; or a backend's name); minutes of compiling on a GPU."""
     from .data.dataset import Dataset
     from .encoder import Encoder
 
@@ -140,6 +141,8 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
 
     check_fusion(method, bb)
     bb.model.eval()
+    if compile:
+        bb.compile_layers(backend="inductor" if compile is True else compile, vision=bb.kind == "vlm")
     enc = Encoder(bb, ds.items, cache_vision=cfg.cache_vision, batch_size=batch_size)
     kinds = {"external": ("T", "V"), "item-mean": ("T", "V"), "internal": ("I",), "text": ("T",)}[method.fusion]
     out: dict[str, np.ndarray] = {}
