@@ -31,6 +31,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from .transfer import to_device
+
 NAME = "sdpa_flash_varlen"  # "flash" in the name: transformers then hands over cu_seqlens
 
 
@@ -69,13 +71,13 @@ def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None, devic
     out = []
     for (n, tag), starts in by_key.items():
         own = torch.tensor(starts)[:, None] + torch.arange(n)[None]
-        idx = _to(own.reshape(-1), device)
+        idx = to_device(own.reshape(-1), device)
         if tag < 0:
             out.append(Group(n, idx, len(starts), n, idx))
             continue
         pre = torch.arange(bounds[tag], bounds[tag + 1])[None].expand(len(starts), -1)
         keys = torch.cat([pre, own], 1)
-        out.append(Group(n, idx, len(starts), keys.shape[1], _to(keys.reshape(-1), device)))
+        out.append(Group(n, idx, len(starts), keys.shape[1], to_device(keys.reshape(-1), device)))
     return out
 
 
@@ -95,22 +97,15 @@ def _plan(cu_seqlens: Tensor, prefix_of: list[int] | None = None, bounds: Tensor
     cpu_groups = segment_groups(source, prefix_of, device="cpu")
     groups = []
     for g in cpu_groups:
-        q = _to(g.q_index, cu_seqlens.device)
-        groups.append(g._replace(q_index=q, k_index=q if g.k_index is g.q_index else _to(g.k_index, cu_seqlens.device)))
+        q = to_device(g.q_index, cu_seqlens.device)
+        groups.append(g._replace(q_index=q, k_index=q if g.k_index is g.q_index else to_device(g.k_index, cu_seqlens.device)))
     inverse = None
     if len(groups) > 1 or (groups and groups[0].q_index is not None):
-        inverse = _to(torch.argsort(torch.cat([g.q_index for g in cpu_groups])), cu_seqlens.device)
+        inverse = to_device(torch.argsort(torch.cat([g.q_index for g in cpu_groups])), cu_seqlens.device)
     plan = (groups, inverse, {"cpu_groups": cpu_groups})
     _RECENT.insert(0, (cu_seqlens, prefix_of, plan))
     del _RECENT[4:]
     return plan
-
-
-def _to(t: Tensor | None, device) -> Tensor | None:
-    """A CPU tensor onto ``device`` without waiting for the device."""
-    from .transfer import to_device
-
-    return to_device(t, device)
 
 
 def prime_plan(cu_seqlens: Tensor, bounds: Tensor, prefix_of: list[int] | None = None) -> None:
@@ -229,8 +224,8 @@ def _flash_layout(groups: list[Group], device) -> tuple[Tensor, Tensor, Tensor, 
     rows = [rows[i] for i in sorted(range(len(starts)), key=starts.__getitem__)]
     q_len = torch.tensor([n for n, _ in rows])
     k_len = torch.tensor([len(r) for _, r in rows])
-    cu_q, cu_k = (_to(torch.cat([x.new_zeros(1), x.cumsum(0)]), device) for x in (q_len, k_len))
-    return _to(torch.cat([r for _, r in rows]), device), cu_q, cu_k, int(q_len.max()), int(k_len.max())
+    cu_q, cu_k = (to_device(torch.cat([x.new_zeros(1), x.cumsum(0)]), device) for x in (q_len, k_len))
+    return to_device(torch.cat([r for _, r in rows]), device), cu_q, cu_k, int(q_len.max()), int(k_len.max())
 
 
 def _flash_prefixed(query: Tensor, key: Tensor, value: Tensor, plan: tuple, scaling: float | None) -> Tensor | None:

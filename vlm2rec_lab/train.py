@@ -438,8 +438,8 @@ class Trainer:
         gc.collect()  # the failed step's graph may hang on reference cycles through its traceback
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        now = self.bb.checkpoint_every
-        every = 4 if not now else max(r for r in (4, 2, 1) if r < now) if now > 1 else 1
+        now = self.bb.checkpoint_every  # (0: none; never 1 here, see _can_fall_back)
+        every = next(r for r in (4, 2, 1) if not now or r < now)
         self.bb.enable_checkpointing(every)
         _set_rng_state(rng)
         which = "every decoder layer" if every == 1 else f"every {every}{'nd' if every == 2 else 'th'} decoder layer"
