@@ -115,13 +115,10 @@ class Backbone:
         out = self.image_processor(images=images, return_tensors="pt")
         return out["pixel_values"].to(self.dtype), out["image_grid_thw"]
 
-    def to_device(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
-        """The device half of :meth:`preprocess_images`."""
-        return pixel_values.to(self.device, self.dtype), grid_thw.to(self.device)
-
     def preprocess_images(self, images: list) -> tuple[Tensor, Tensor]:
         """PIL images -> (pixel_values, image_grid_thw) on the model's device."""
-        return self.to_device(*self.prepare_pixels(images))
+        pixel_values, grid_thw = self.prepare_pixels(images)
+        return pixel_values.to(self.device, self.dtype), grid_thw.to(self.device)
 
     def image_features(self, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
         """Vision tower (+ merger) output per image: a list of (tokens_i, hidden) tensors. Give
