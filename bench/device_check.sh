@@ -24,7 +24,8 @@ fi
 export VLM2REC_CACHE=/tmp/vlm2rec_cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 370 python3 bench/gpu_bench.py --profile --compile 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
-timeout 80 python3 bench/gpu_bench.py --vary --train-only --train-variants plain,project_packed,project,project_flash \
+timeout 200 python3 bench/gpu_bench.py --vary --train-only --compile \
+    --train-variants plain,project_packed,project,project_sdpa,project_paper,project_paper_probe,project_paper_sdpa \
     2>"$OUT/bench_vary.err" | tee "$OUT/bench_vary.jsonl"
 if python3 -c "import pytest, pandas, pyarrow, PIL, tokenizers" 2>/dev/null; then
     timeout 75 python3 bench/pipeline_embed.py 2>"$OUT/pipeline.err" | tee "$OUT/pipeline.jsonl"

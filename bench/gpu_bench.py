@@ -138,11 +138,12 @@ def embed_items(hidden_fn, n: int, batch: int) -> None:
 
 
 def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit, path: str = "project",
-                      packed: bool = True) -> tuple[float, dict]:
+                      layout: str = "prefixed") -> tuple[float, dict]:
     """The project's item embedding: the vision cache (each image once, large batches), then the
     image and text prompts in batches of ``batch``, packed with their shared prefix computed once
-    (or, not ``packed``, as padded batches); a warm-up pass on a few items first (compiling, where
-    layers are compiled). Emits the figure; returns (items/s, the features)."""
+    (``layout`` "prefixed"), packed each prompt whole ("packed") or as padded batches ("padded"); a
+    warm-up pass on a few items first (compiling, where layers are compiled). Emits the figure;
+    returns (items/s, the features)."""
     for warm in (True, False):
         n = 8 if warm else n_items
         sync(device); reset_peak(device); t = time.perf_counter()
@@ -153,8 +154,8 @@ def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit
             feats.update(zip(chunk, out))
         sync(device)
         t_vision = time.perf_counter() - t
-        if packed:
-            embed_items(lambda kind, items: project_packed(bb, feats, shapes, [(kind, items)]), n, batch)
+        if layout != "padded":
+            embed_items(lambda kind, items: project_packed(bb, feats, shapes, [(kind, items)], layout == "prefixed"), n, batch)
         else:
             embed_items(lambda kind, items: project_hidden(bb, feats, shapes.batch(kind, items)), n, batch)
         sync(device)
@@ -210,7 +211,9 @@ def main() -> None:
     from vlm2rec_lab.backbones import Backbone, lora_target_regex
     from vlm2rec_lab.config import PAPER_DEFAULTS
     from vlm2rec_lab.losses import ObjectiveConfig, objective
-    from vlm2rec_lab.train import gradient_cosines, modality_gradients
+    from vlm2rec_lab.train import PROBE_APART, gradient_cosines, modality_gradients
+
+    assert [r for group in PROBE_APART for r in group] == [0, 1, 2, 3]  # (step() relies on this order)
 
     emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
     import importlib.util
@@ -232,7 +235,10 @@ def main() -> None:
     bb = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
 
     # ---------------------------------------------------------------- item embeddings
+    from vlm2rec_lab import attention
     from vlm2rec_lab.attention import set_varlen_kernel, set_vision_attention
+
+    default_kernel = attention._kernel  # the library's default (VLM2REC_VARLEN_KERNEL)
 
     if not a.train_only:
         with torch.inference_mode():
@@ -266,7 +272,7 @@ def main() -> None:
                     ref = bb.image_features(px, grids)
                 sync(device)
                 vis[mode] = (len(chunk) / (time.perf_counter() - t), ref)
-            set_varlen_kernel("sdpa")
+            set_varlen_kernel(default_kernel)
             agree = {m: max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
                             for x, y in zip(vis[m][1], vis["plain"][1])) for m in ("window", "device_index", "grouped", "flash")}
             emit(figure="vision_tower", images=len(chunk), plain_images_per_s=round(vis["plain"][0], 1),
@@ -280,13 +286,16 @@ def main() -> None:
                  device_index_max_rel_diff=round(agree["device_index"], 5))
             set_vision_attention(model, varlen=True)
             pad_rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit,
-                                            path="project_padded", packed=False)
+                                            path="project_padded", layout="padded")
+            packed_rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit,
+                                               path="project_packed", layout="packed")
             proj_rate, feats = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit)
             emit(figure="item_embedding_ratio", ratio=round(proj_rate / plain_rate, 2),
-                 padded_ratio=round(pad_rate / plain_rate, 2))
+                 padded_ratio=round(pad_rate / plain_rate, 2), packed_ratio=round(packed_rate / plain_rate, 2))
             # same numbers from the paths
             items = [[i] for i in range(4)]
             for path, fn in (("project_padded", lambda k: project_hidden(bb, feats, shapes.batch(k, items))),
+                             ("project_packed", lambda k: project_packed(bb, feats, shapes, [(k, items)], False)[0]),
                              ("project", lambda k: project_packed(bb, feats, shapes, [(k, items)])[0])):
                 d = max((plain_hidden(model, shapes, shapes.batch(k, items)).float() - fn(k).float()).abs().max().item()
                         / plain_hidden(model, shapes, shapes.batch(k, items)).float().abs().max().item() for k in ("T", "V"))
@@ -306,7 +315,7 @@ def main() -> None:
             m.p = p
     set_lora_dropout(0.0)
     params = [p for p in peft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the trainer's
     obj = ObjectiveConfig(name="vlm2rec")
     g = torch.Generator().manual_seed(1)
     batches = []
@@ -328,7 +337,11 @@ def main() -> None:
 
     def step(sets_fn, batch, do_step=True, probe=False) -> float:
         hist, tgt = batch
-        z_t, z_v, e_t, e_v = sets_fn([("T", hist), ("V", hist), ("T", tgt), ("V", tgt)])
+        requests = [("T", hist), ("V", hist), ("T", tgt), ("V", tgt)]
+        if probe:  # as the trainer's probed micro-batch: histories and targets in forwards of their own
+            z_t, z_v, e_t, e_v = [z for group in PROBE_APART for z in sets_fn([requests[r] for r in group])]
+        else:
+            z_t, z_v, e_t, e_v = sets_fn(requests)
         emb = {k: v.float() for k, v in {"z_t": z_t, "z_v": z_v, "e_t": e_t, "e_v": e_v}.items()}
         loss = objective(obj, emb).total
         if do_step:
@@ -358,7 +371,7 @@ def main() -> None:
                 ("project_unpacked", unpacked_fn, 0, 0.0),  # + bf16 LoRA under autocast
                 ("project_packed", packed_fn, 0, 0.0),  # + the four prompt sets packed into one forward
                 ("project", proj_fn, 0, 0.0),  # + each prompt kind's shared prefix computed once
-                ("project_flash", proj_fn, 0, 0.0),  # + PyTorch's varlen flash kernel instead of grouped SDPA
+                ("project_sdpa", proj_fn, 0, 0.0),  # project with grouped SDPA instead of the default kernel
                 ("project_probe", proj_fn, 0, 0.0),  # project, with the trainer's gradient-cosine probe every step
                 # the trainer's defaults: the paper's LoRA dropout, and so no shared prefixes (each
                 # prompt draws its own masks), with and without the probe; then what the trainer
@@ -366,6 +379,7 @@ def main() -> None:
                 # (the last rung) every layer, packed all the same
                 ("project_paper", packed_fn, 0, paper_dropout),
                 ("project_paper_probe", packed_fn, 0, paper_dropout),
+                ("project_paper_sdpa", packed_fn, 0, paper_dropout),
                 ("project_paper_ckpt4", packed_fn, 4, paper_dropout),
                 ("project_paper_ckpt", packed_fn, 1, paper_dropout))
     if a.train_variants:
@@ -374,7 +388,7 @@ def main() -> None:
         set_lora_dropout(dropout)
         set_vision_attention(model, varlen=not name.startswith("plain"))
         bb.mixed_precision = not name.endswith("peft_cast")
-        set_varlen_kernel("flash" if name == "project_flash" else "sdpa")
+        set_varlen_kernel("sdpa" if name.endswith("_sdpa") else default_kernel)
         model.model.activation_checkpointing_disable()
         if every and name.startswith("plain"):  # Hugging Face's own checkpointing
             model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -398,7 +412,7 @@ def main() -> None:
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
              checkpointing=bb.checkpointing, checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.dropout_active,
              peak_gib=peak_gib(device))
-    set_varlen_kernel("sdpa")
+    set_varlen_kernel(default_kernel)
     if not a.train_variants or "project_paper" in a.train_variants.split(","):
         # the longest step an epoch can hold (every history at the 10-item cap) at the trainer's
         # defaults: its peak memory, and where it does not fit, the fallback's rungs
@@ -463,7 +477,8 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
                   path: str = "project_compiled", eager_s: float | None = None, probe_ratio: float | None = None) -> None:
     """The project step with the language model's decoder layers compiled (compiled already: compiled
     again where a constant changed): the first step's time (compiling included) apart from the
-    steady state. For ``project_compiled``, its loss against the eager step's on the same batch and
+    steady state, which is timed after a second, untimed step (a step of another token count makes
+    dynamo compile once more, with dynamic sizes). For ``project_compiled``, its loss against the eager step's on the same batch and
     weights (the first step's loss is taken before its update). With ``probe_ratio`` (a probed
     step's time over a plain step's, eager), the epoch at the default probing (every 10th step) is
     estimated from it."""
@@ -474,7 +489,8 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
         compiled = run_step(batches[0])
         sync(device)
         first = time.perf_counter() - t
-        reset_peak(device); t = time.perf_counter()
+        run_step(batches[1])  # a second shape: dynamo compiles once more, with dynamic sizes (not timed)
+        sync(device); reset_peak(device); t = time.perf_counter()
         for b in batches[1:]:
             run_step(b)
         sync(device)

@@ -1,7 +1,10 @@
 """Benchmark: one training step on the tiny backbone with the vision-feature cache on and off,
-measured side by side in one run, plus the wall time of one epoch of the default demo domain.
+measured side by side in one run; a step with the gradient-cosine probe against one without, with
+the probed micro-batch's histories and targets in forwards of their own (the trainer's way,
+``train.PROBE_APART``) and in one packed forward (before); and the wall time of one epoch of the
+default demo domain.
 
-Usage: python bench/train_step.py [--steps 12] [--method vlm2rec] [--no-epoch] [--threads N]
+Usage: python bench/train_step.py [--steps 12] [--method vlm2rec] [--no-probe] [--no-epoch] [--threads N]
 Prints one JSON line per figure.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--method", default="vlm2rec")
     ap.add_argument("--data", default=None, help="a prepared dataset (default: the synthetic demo domain)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the probed-step timing")
     ap.add_argument("--no-epoch", action="store_true", help="skip the full-epoch timing")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
@@ -53,6 +57,26 @@ def main() -> None:
                           "seconds_per_step": round(per_step[cache], 4), "cache_fill_seconds": round(fill, 2) if cache else None,
                           "steps_timed": len(secs), "threads": torch.get_num_threads()}))
     print(json.dumps({"cache_speedup": round(per_step[False] / per_step[True], 2)}))
+
+    if not a.no_probe:  # median step time: every step probed against none, probed forwards apart or not
+        import statistics
+
+        from vlm2rec_lab import train
+
+        apart, probed = train.PROBE_APART, {}
+        for name, groups in (("apart", apart), ("one_forward", None)):
+            train.PROBE_APART = groups
+            secs = {}
+            for every in (0, 1):
+                cfg = TrainConfig(method=a.method, max_steps=a.steps, grad_cos_every=every, checkpoint_every=0)
+                tr = Trainer(cfg, ds, work / f"probe_{name}_{every}", progress=False)
+                tr.train()
+                secs[every] = statistics.median(r["seconds"] for r in tr.log[1:])
+            probed[name] = secs[1] / secs[0]
+            print(json.dumps({"probe": name, "seconds_per_step": round(secs[0], 4), "seconds_per_probed_step": round(secs[1], 4),
+                              "probed_vs_plain_step": round(probed[name], 3)}))
+        train.PROBE_APART = apart
+        print(json.dumps({"probe_extra_cost_ratio": round((probed["one_forward"] - 1) / (probed["apart"] - 1), 2)}))
 
     if not a.no_epoch:
         cfg = TrainConfig(method=a.method, epochs=1, grad_cos_every=0, checkpoint_every=0)

@@ -310,6 +310,43 @@ def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny
             torch.testing.assert_close(results[key][1][n], g, rtol=1e-3, atol=1e-5, msg=f"{key} {n}")
 
 
+def test_requests_packed_apart_keep_their_graphs_apart(synth_ds, tiny_path, monkeypatch):
+    """``embed_sets(apart=)``, as a probed training micro-batch uses it: text histories, image
+    histories and targets in forwards of their own give the embeddings of one packed forward, from a
+    layout worked out beforehand too; a gradient of the text histories' embeddings runs backward
+    through their forward alone (the others' outputs see no gradient), where with one forward it
+    runs through all prompts. A grouping that misses or repeats a request is an error."""
+    from vlm2rec_lab.encoder import Encoder
+
+    bb = _lora_tiny(synth_ds)
+    lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], [[11], [12], [13], [14]]
+    requests = [("T", lists), ("V", lists), ("T", items), ("V", items)]
+    enc = Encoder(bb, synth_ds.items, packed=True, share_prefix=True)
+    real, reached = bb.forward_packed, []
+
+    def forward_packed(seqs, *a, **k):  # note which forwards a backward reaches (by their prompt count)
+        out = real(seqs, *a, **k)
+        out.register_hook(lambda g, n=len(seqs): reached.append(n))
+        return out
+
+    monkeypatch.setattr(bb, "forward_packed", forward_packed)
+    whole = enc.embed_sets(requests)
+    apart = enc.embed_sets(requests, enc.layout(requests), apart=((0,), (1,), (2, 3)))
+    for a, b in zip(whole, apart):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    lora = [p for p in bb.model.parameters() if p.requires_grad]
+    g_apart = torch.autograd.grad(apart[0].sum(), lora, allow_unused=True)
+    assert reached == [4]  # the text histories' forward only: 4 prompts (shared prefixes are their own segments)
+    g_whole = torch.autograd.grad(whole[0].sum(), lora, allow_unused=True)
+    assert reached == [4, 16]  # the one forward of all 16 prompts
+    for a, b in zip(g_whole, g_apart):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+    for bad in (((0,), (1,), (2,)), ((0, 1), (1,), (2, 3))):
+        with pytest.raises(ValueError, match="exactly one group"):
+            enc.embed_sets(requests, apart=bad)
+
+
 @pytest.mark.parametrize("every", [1, 2])
 def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tiny_path, monkeypatch, every):
     """Gradient checkpointing (every layer, or every 2nd) with a packed forward, shared prefixes and
@@ -504,7 +541,7 @@ def test_vision_tower_never_waits_for_the_device_on_gpu(synth_ds, tiny_path, ker
 
     monkeypatch.setattr(attention, "_kernel", kernel)
     bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
-    assert set_vision_attention(bb.model, varlen=True)
+    assert bb.model.visual.config._attn_implementation == attention.NAME  # (load_backbone's setting)
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4]])
     px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda", dtype=bb.dtype)
     with torch.no_grad():

@@ -17,7 +17,8 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     figures = {(x["figure"], x.get("path")) for x in rows}
     assert {("item_embedding", "plain"), ("item_embedding", "project"), ("item_embedding", "project_padded"),
-            ("train_step", "plain_ckpt"), ("train_step", "project_packed"),
+            ("item_embedding", "project_packed"), ("train_step", "plain_ckpt"), ("train_step", "project_sdpa"),
+            ("train_step", "project_paper_sdpa"), ("train_step", "project_packed"),
             ("train_step", "project"), ("train_step", "project_compiled"), ("item_embedding", "project_compiled"), ("vision_tower", None),
             ("train_step", "project_probe"), ("train_epoch_with_probe", None),
             ("train_step", "project_paper"), ("train_step", "project_paper_probe"), ("train_epoch_at_defaults", None),
@@ -37,7 +38,7 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
     longest = next(x for x in rows if x["figure"] == "train_step_longest")  # (histories of 10 items against 7)
     assert longest["checkpoint_every"] == 0 and "oom" not in longest and longest["tokens"] > agree["tokens_per_step"]
     emb = [x for x in rows if x["figure"] == "item_embedding_agreement"]
-    assert {x["path"] for x in emb} == {"project", "project_padded"}
+    assert {x["path"] for x in emb} == {"project", "project_packed", "project_padded"}
     assert all(x["max_rel_diff"] <= 1e-3 for x in emb)  # fp32 on the CPU
 
 

@@ -217,11 +217,11 @@ def _oom_on_call(tr, n: int):
     """Make the trainer's ``n``-th micro-batch forward (1-based) raise a device out-of-memory error."""
     real, calls = tr.micro_step, []
 
-    def micro_step(sel, layout=None):
+    def micro_step(sel, layout=None, **kw):
         calls.append(1)
         if len(calls) == n:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(sel, layout)
+        return real(sel, layout, **kw)
 
     tr.micro_step = micro_step
 
@@ -236,11 +236,11 @@ def test_a_step_that_runs_out_of_memory_is_redone_with_gradient_checkpointing(sy
     oom = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
     real, calls = oom.micro_step, []
 
-    def micro_step(sel, layout=None):
+    def micro_step(sel, layout=None, **kw):
         calls.append(1)
         if len(calls) in (4, 7):  # step 2's second micro-batch; step 3's first (after step 2's redo)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(sel, layout)
+        return real(sel, layout, **kw)
 
     oom.micro_step = micro_step
     with pytest.warns(RuntimeWarning, match="ran out of device memory") as caught:
@@ -367,15 +367,15 @@ def test_the_next_micro_batch_is_laid_out_ahead_and_changes_nothing(synth_ds, ti
         calls.append([lst for kind, lists in requests if kind == "T" for lst in lists])
         return real_layout(self, requests)
 
-    def micro_step(self, sel, layout=None):
+    def micro_step(self, sel, layout=None, **kw):
         used.append(layout is not None)
         if layout is not None:  # the layout is these examples' own
             mine = self._mine(sel)
             fresh = real_layout(self.encoder, self.requests(self.hist[mine], self.targets[mine]))
-            assert layout.sizes == fresh.sizes and layout.kinds == fresh.kinds
+            assert (layout.sizes, layout.kinds, layout.counts) == (fresh.sizes, fresh.kinds, fresh.counts)
             assert all(torch.equal(x, y) for x, y in zip(layout.sequences, fresh.sequences))
             assert all(torch.equal(x, y) for x, y in zip(layout.positions, fresh.positions))
-        return real_micro(self, sel, layout)
+        return real_micro(self, sel, layout, **kw)
 
     monkeypatch.setattr(Encoder, "layout", layout)
     monkeypatch.setattr(Trainer, "micro_step", micro_step)
@@ -396,7 +396,7 @@ def test_a_layout_made_for_other_examples_is_not_used(synth_ds, tiny_path, tmp_p
     mine = tr._mine(other)
     tr._ahead = (other, tr.encoder.layout(tr.requests(tr.hist[mine], tr.targets[mine])))
     seen, real = [], Trainer.micro_step
-    monkeypatch.setattr(Trainer, "micro_step", lambda self, sel, layout=None: seen.append((sel, layout)) or real(self, sel, layout))
+    monkeypatch.setattr(Trainer, "micro_step", lambda self, sel, layout=None, **kw: seen.append((sel, layout)) or real(self, sel, layout, **kw))
     tr.train()
     (sel, layout), = seen
     assert np.array_equal(sel, first) and layout is None
@@ -450,6 +450,11 @@ def test_gradient_cosines_reuse_the_steps_backward(synth_ds, tiny_path, tmp_path
     got = gradient_cosines(g_mod, [p.grad for p in tr.lora])
     assert got == pytest.approx(want, abs=1e-6)
     assert abs(want["cos_total_t"] - want["cos_total_v"]) > 1e-3  # two different directions
+    # a probed micro-batch (histories and targets in forwards of their own): the same cosines
+    out, emb, labels = tr.micro_step(sel, probed=True)
+    g_mod = modality_gradients(emb, labels, tr.lora, tr.cfg.tau)
+    g_sep = torch.autograd.grad(out.total, tr.lora, allow_unused=True)
+    assert {"cos_total_t": _flat_cos(g_sep, g_mod[0]), "cos_total_v": _flat_cos(g_sep, g_mod[1])} == pytest.approx(want, abs=1e-5)
     a, b = [torch.randn(5), None, torch.randn(3)], [torch.randn(5), torch.randn(2), torch.randn(3)]
     flat = lambda v: torch.cat([v[0], v[2]])  # noqa: E731
     assert _flat_cos(a, b) == pytest.approx(float(torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0)), abs=1e-6)

@@ -36,6 +36,14 @@ class Layout(NamedTuple):
     features: list[Tensor]  # the images' features, in the order their tokens appear
     sizes: list[int]  # prompts per request
     kinds: list[str]  # prompt kind per prompt (the shared-prefix groups)
+    counts: list[int]  # image features per request
+
+    def select(self, requests: Sequence[int]) -> "Layout":
+        """The layout of some of its requests (in the order given), for a forward of their own."""
+        prompts, feats = np.cumsum([0, *self.sizes]), np.cumsum([0, *self.counts])
+        take = lambda x, bounds: [v for r in requests for v in x[bounds[r]:bounds[r + 1]]]  # noqa: E731
+        return Layout(take(self.sequences, prompts), take(self.positions, prompts), take(self.features, feats),
+                      [self.sizes[r] for r in requests], take(self.kinds, prompts), [self.counts[r] for r in requests])
 
 
 class Encoder:
@@ -175,7 +183,7 @@ class Encoder:
         micro-batch while the device still computes this one."""
         if not (self.packed and self.bb.can_pack):
             return None
-        seqs, pos, feats, sizes, kinds = [], [], [], [], []
+        seqs, pos, feats, sizes, kinds, counts = [], [], [], [], [], []
         for kind, lists in requests:
             x = self._inputs(kind, lists, on_device=False)  # token layout on the CPU: no device syncs
             if x["pixel_values"] is not None:
@@ -187,19 +195,33 @@ class Encoder:
             feats += list(x["image_features"] or [])
             sizes.append(len(lists))
             kinds += [kind] * len(lists)
-        return Layout(seqs, pos, feats, sizes, kinds)
+            counts.append(len(x["image_features"] or []))
+        return Layout(seqs, pos, feats, sizes, kinds, counts)
 
     def embed_sets(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]],
-                   layout: Layout | None = None) -> list[Tensor]:
+                   layout: Layout | None = None, apart: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
         """Several batches of prompts (e.g. a training step's text and image histories and targets)
         -> their (B_k, d) embeddings. With ``packed`` and a backbone that can pack, one forward over
         all prompts packed without padding (:meth:`Backbone.forward_packed`), prompts of one kind
         sharing their common leading tokens (see ``share_prefix``); otherwise one padded forward per
         request. All give the same embeddings up to float rounding (tested). ``layout``: these
-        requests' :meth:`layout`, worked out beforehand."""
+        requests' :meth:`layout`, worked out beforehand. ``apart``: groups of request indices
+        (covering all) packed into forwards of their own, so that their autograd graphs stay apart:
+        a gradient of one group's embeddings then costs a backward over that group's tokens only."""
         if not (self.packed and self.bb.can_pack):
             return [self.embed(kind, lists) for kind, lists in requests]
         x = layout or self.layout(requests)
+        if apart is None:
+            return self._forward_layout(x)
+        if sorted(r for g in apart for r in g) != list(range(len(requests))):
+            raise ValueError(f"apart={apart!r}: each of the {len(requests)} requests in exactly one group")
+        out: list = [None] * len(requests)
+        for group in apart:
+            for r, z in zip(group, self._forward_layout(x.select(group))):
+                out[r] = z
+        return out
+
+    def _forward_layout(self, x: Layout) -> list[Tensor]:
         share = self.share_prefix if self.share_prefix is not None else not self.bb.dropout_active
         out = self.bb.forward_packed(x.sequences, x.positions, x.features or None, x.kinds if share else None).float()
         return list(out.split(x.sizes))
