@@ -18,7 +18,11 @@ checkpointing. The intermediate variants show what each lever gives (``project_u
 the cache alone, PEFT's own forward; ``project_unpacked``: + autocast and the fused stand-ins;
 ``project_packed``: + packing; ``project``: + shared prefixes). These have LoRA dropout 0;
 ``project_paper`` is the step at the trainer's defaults for a real backbone (the paper's LoRA dropout
-0.2, so no shared prefixes), and ``train_epoch_at_defaults`` the epoch a user's run takes.
+0.2, so no shared prefixes), and ``train_epoch_at_defaults`` the epoch a user's run takes. The
+``_sdpa`` variants use grouped SDPA instead of the default varlen flash kernel. Each training figure
+gives ``host_share``: the share of the step the host took to queue its work before reading the loss
+back (near 1: the device waits for the host, or the step waits for the device midway; ``syncs``, for
+a few variants, counts those waits).
 """
 from __future__ import annotations
 
@@ -138,14 +142,16 @@ def embed_items(hidden_fn, n: int, batch: int) -> None:
 
 
 def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit, path: str = "project",
-                      layout: str = "prefixed") -> tuple[float, dict]:
+                      layout: str = "prefixed", warm_items: tuple[int, ...] = (8,)) -> tuple[float, dict]:
     """The project's item embedding: the vision cache (each image once, large batches), then the
     image and text prompts in batches of ``batch``, packed with their shared prefix computed once
     (``layout`` "prefixed"), packed each prompt whole ("packed") or as padded batches ("padded"); a
-    warm-up pass on a few items first (compiling, where layers are compiled). Emits the figure;
-    returns (items/s, the features)."""
-    for warm in (True, False):
-        n = 8 if warm else n_items
+    warm-up pass on ``warm_items`` items first (compiling, where layers are compiled: a second pass
+    of other sizes makes dynamo compile again, with dynamic sizes, before the timed pass). Emits the
+    figure; returns (items/s, the features)."""
+    warm_s = 0.0
+    for k, n in enumerate((*warm_items, n_items)):
+        warm = k < len(warm_items)
         sync(device); reset_peak(device); t = time.perf_counter()
         feats = {}
         for s in range(0, n, 256):
@@ -161,7 +167,7 @@ def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit
         sync(device)
         rate = n / (time.perf_counter() - t)
         if warm:
-            warm_s = time.perf_counter() - t
+            warm_s += time.perf_counter() - t
     emit(figure="item_embedding", path=path, batch=batch, items=n_items, items_per_s=round(rate, 1),
          vision_share=round(t_vision * rate / n_items, 3), beauty_s=round(BEAUTY_ITEMS / rate, 1),
          warm_up_s=round(warm_s, 1), peak_gib=peak_gib(device))
@@ -335,7 +341,10 @@ def main() -> None:
             chunk = all_items[s:s + 256]
             feats.update(zip(chunk, bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))))
 
+    queued: list[float] = []  # per step: host seconds until all its work was queued (before its read-back)
+
     def step(sets_fn, batch, do_step=True, probe=False) -> float:
+        t0 = time.perf_counter()
         hist, tgt = batch
         requests = [("T", hist), ("V", hist), ("T", tgt), ("V", tgt)]
         if probe:  # as the trainer's probed micro-batch: histories and targets in forwards of their own
@@ -351,6 +360,7 @@ def main() -> None:
             if probe:
                 gradient_cosines(g_mod, [p.grad for p in params])
             opt.step()
+        queued.append(time.perf_counter() - t0)
         return loss.item()
 
     plain_fn = lambda reqs: [plain_hidden(peft, shapes, shapes.batch(k, lst)) for k, lst in reqs]  # noqa: E731
@@ -398,20 +408,21 @@ def main() -> None:
         probe = name.endswith("_probe")
         try:
             step(fn, batches[0], probe=probe)  # warm-up
-            sync(device); reset_peak(device); t = time.perf_counter()
+            sync(device); reset_peak(device); queued.clear(); t = time.perf_counter()
             for b in batches[1:]:
                 step(fn, b, probe=probe)
             sync(device)
+            s, host = (time.perf_counter() - t) / a.steps, sum(queued) / len(queued)
+            syncs = count_syncs(lambda: step(fn, batches[1], probe=probe), device) if name in SYNC_COUNTED else None
         except torch.OutOfMemoryError:
             opt.zero_grad(set_to_none=True)
             emit(figure="train_step", path=name, oom=True, peak_gib=peak_gib(device))
             torch.cuda.empty_cache()
             continue
-        s = (time.perf_counter() - t) / a.steps
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
              checkpointing=bb.checkpointing, checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.dropout_active,
-             peak_gib=peak_gib(device))
+             peak_gib=peak_gib(device), host_queue_s=round(host, 3), host_share=round(host / s, 2), syncs=syncs)
     set_varlen_kernel(default_kernel)
     if not a.train_variants or "project_paper" in a.train_variants.split(","):
         # the longest step an epoch can hold (every history at the 10-item cap) at the trainer's
@@ -451,8 +462,10 @@ def main() -> None:
                  seconds_per_step=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
                  vs_plain_ckpt=round(results["plain_ckpt"] / s, 2) if "plain_ckpt" in results else None,
                  probe_step_vs_step=round(results[f"{base}_probe"] / results[base], 2))
-    if a.profile:
-        profile_step(lambda: step(proj_fn, batches[1]), device, emit)
+    if a.profile:  # the step at the trainer's defaults
+        set_lora_dropout(paper_dropout)
+        profile_step(lambda: step(packed_fn, batches[1]), device, emit)
+        set_lora_dropout(0.0)
         packed_probe(peft, n_tokens, a.steps, device, dtype, emit)
     if a.compile:  # last: compiling changes the layers in place
         backend = a.compile_backend or ("aot_eager" if a.tiny else "inductor")
@@ -461,7 +474,8 @@ def main() -> None:
         if not a.train_only:  # item embedding with the vision blocks compiled too
             bb.compile_layers(backend=backend, vision=True)
             with torch.inference_mode():
-                rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path="project_compiled")
+                rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path="project_compiled",
+                                            warm_items=(8, min(a.project_items, 256 + 8)))
             emit(figure="item_embedding_ratio", path="project_compiled", ratio=round(rate / plain_rate, 2))
         # last, as it compiles the layers again (a dropout rate is a constant of the compiled graphs):
         # the trainer's defaults compiled, the paper's LoRA dropout without shared prefixes. Its loss
@@ -471,6 +485,28 @@ def main() -> None:
                       results.get("plain_ckpt"), backend=backend, path="project_paper_compiled",
                       eager_s=results.get("project_paper"), probe_ratio=(results["project_paper_probe"] / results["project_paper"]
                                                                          if "project_paper_probe" in results else None))
+
+
+# the variants whose device syncs a step are counted (one more step under CUDA's sync debug mode)
+SYNC_COUNTED = ("project", "project_paper", "project_paper_probe")
+
+
+def count_syncs(run, device) -> int | None:
+    """How many times ``run`` makes the host wait for the device (CUDA's sync debug mode, set to warn,
+    counted); None on the CPU. A training step needs one: the loss read back at its end (the probe
+    reads its cosines back too)."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,
@@ -511,8 +547,9 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
 
 
 def profile_step(run_step, device, emit, rows: int = 20) -> None:
-    """Where one project training step spends its time: the top operators by self device (or CPU) time,
-    and the share of the step's wall time the device is busy."""
+    """Where one project training step spends its time: the top operators and kernels by self device
+    (or CPU) time, and the device's busy time (kernels; the profiler slows the host, so the wall time
+    here is longer than a step's)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -524,7 +561,10 @@ def profile_step(run_step, device, emit, rows: int = 20) -> None:
     wall = time.perf_counter() - t
     key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     avgs = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_" + key, 0.0))
-    busy = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()) / 1e6
+    from torch.autograd import DeviceType
+
+    busy = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()  # kernels only, not
+               if e.device_type != DeviceType.CPU) / 1e6  # also the operators that launched them
     emit(figure="profile_step", wall_s=round(wall, 3), device_busy_s=round(busy, 3))
     for e in avgs[:rows]:
         emit(figure="profile_op", op=e.key[:80], calls=e.count, total_ms=round(getattr(e, key, 0.0) / 1e3, 2),
