@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check as one command (at most 10 minutes: its four steps time out at 370, 80, 75 and
-# 65 s), for a lent machine without internet:
+# The GPU check as one command (under 10 minutes: its four steps time out at 60, 55, 300 and
+# 140 s, the short ones first), for a lent machine without internet:
 #   bench/device_check.sh [WHEELS_DIR]
 # Installs the wheels in WHEELS_DIR (default .whl: transformers, peft and their small dependencies
 # that the machine's image lacks; fetch them beforehand with `pip download --no-deps
 # --only-binary=:all: --python-version 3.12 transformers==5.24.0 peft==0.21.2 regex orjson`) into a
 # scratch site, then writes under $OUT (default ./device_out):
-#   bench.jsonl        gpu_bench.py --profile --compile  (every figure, Beauty shapes, 3B)
-#   bench_vary.jsonl   gpu_bench.py --vary --train-only  (titles and histories of varying length)
+#   pytest.txt         the GPU-only tests (-k on_gpu: flash kernel, bf16 LoRA, no device syncs), tracebacks included
 #   pipeline.jsonl     pipeline_embed.py                 (item embedding end to end from JPEG files, through the Encoder)
-#   pytest.txt         the GPU-only tests (-k on_gpu: flash kernel, bf16 LoRA, no device syncs)
+#   bench.jsonl        gpu_bench.py --profile --compile  (every figure, Beauty shapes, 3B; 1,024 items embedded a path)
+#   bench_vary.jsonl   gpu_bench.py --vary --train-only --compile  (titles and histories of varying length: packed
+#                      with and without shared prefixes under flash, the defaults eager and compiled)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
@@ -21,15 +22,17 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
 else
     export PYTHONPATH=.
 fi
-export VLM2REC_CACHE=/tmp/vlm2rec_cache
+export VLM2REC_CACHE=/tmp/vlm2rec_cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 370 python3 bench/gpu_bench.py --profile --compile 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
-timeout 200 python3 bench/gpu_bench.py --vary --train-only --compile \
-    --train-variants plain,project_packed,project,project_sdpa,project_paper,project_paper_probe,project_paper_sdpa \
-    2>"$OUT/bench_vary.err" | tee "$OUT/bench_vary.jsonl"
 if python3 -c "import pytest, pandas, pyarrow, PIL, tokenizers" 2>/dev/null; then
-    timeout 75 python3 bench/pipeline_embed.py 2>"$OUT/pipeline.err" | tee "$OUT/pipeline.jsonl"
-    timeout 65 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_transfer.py -k on_gpu -rs 2>&1 | tail -15 | tee "$OUT/pytest.txt"
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_transfer.py -k on_gpu -rs --tb=short \
+        >"$OUT/pytest.txt" 2>&1
+    tail -4 "$OUT/pytest.txt"
+    timeout 55 python3 bench/pipeline_embed.py 2>"$OUT/pipeline.err" | tee "$OUT/pipeline.jsonl"
 else
     echo "GPU tests skipped: this machine lacks pytest, pandas, pyarrow, Pillow or tokenizers" | tee "$OUT/pytest.txt"
 fi
+timeout 300 python3 bench/gpu_bench.py --profile --compile --project-items 1024 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
+timeout 140 python3 bench/gpu_bench.py --vary --train-only --compile \
+    --train-variants project_packed,project,project_paper,project_paper_probe \
+    2>"$OUT/bench_vary.err" | tee "$OUT/bench_vary.jsonl"

@@ -1,7 +1,7 @@
 """Benchmark: one training step on the tiny backbone with the vision-feature cache on and off,
 measured side by side in one run; a step with the gradient-cosine probe against one without, with
 the probed micro-batch's histories and targets in forwards of their own (the trainer's way,
-``train.PROBE_APART``) and in one packed forward (before); and the wall time of one epoch of the
+``Trainer.probe_apart``) and in one packed forward (before); and the wall time of one epoch of the
 default demo domain.
 
 Usage: python bench/train_step.py [--steps 12] [--method vlm2rec] [--no-probe] [--no-epoch] [--threads N]
@@ -61,21 +61,20 @@ def main() -> None:
     if not a.no_probe:  # median step time: every step probed against none, probed forwards apart or not
         import statistics
 
-        from vlm2rec_lab import train
+        from vlm2rec_lab.train import PROBE_APART
 
-        apart, probed = train.PROBE_APART, {}
-        for name, groups in (("apart", apart), ("one_forward", None)):
-            train.PROBE_APART = groups
+        probed = {}
+        for name, groups in (("apart", PROBE_APART), ("one_forward", None)):
             secs = {}
             for every in (0, 1):
                 cfg = TrainConfig(method=a.method, max_steps=a.steps, grad_cos_every=every, checkpoint_every=0)
                 tr = Trainer(cfg, ds, work / f"probe_{name}_{every}", progress=False)
+                tr.probe_apart = groups
                 tr.train()
                 secs[every] = statistics.median(r["seconds"] for r in tr.log[1:])
             probed[name] = secs[1] / secs[0]
             print(json.dumps({"probe": name, "seconds_per_step": round(secs[0], 4), "seconds_per_probed_step": round(secs[1], 4),
                               "probed_vs_plain_step": round(probed[name], 3)}))
-        train.PROBE_APART = apart
         print(json.dumps({"probe_extra_cost_ratio": round((probed["one_forward"] - 1) / (probed["apart"] - 1), 2)}))
 
     if not a.no_epoch:

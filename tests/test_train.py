@@ -53,7 +53,12 @@ def test_killed_and_resumed_run_equals_uninterrupted(synth_ds, tiny_path, tmp_pa
 def test_logs_hold_every_term_and_probe(synth_ds, tiny_path, tmp_path):
     cfg = TrainConfig(method="vlm2rec", users_k=32, batch_size=8, max_steps=4, grad_cos_every=2, checkpoint_every=0)
     tr = Trainer(cfg, synth_ds, tmp_path, progress=False)
+    real, forwards = tr.bb.forward_packed, []  # the packed forwards of each step
+    tr.bb.forward_packed = lambda seqs, *a, **k: forwards.append((tr.step, len(seqs))) or real(seqs, *a, **k)
     tr.train()
+    per_step = [[n for s, n in forwards if s == step] for step in range(4)]
+    assert per_step[1] == per_step[3] == [32]  # one forward of the four prompt sets (8 prompts each)
+    assert per_step[0] == per_step[2] == [8, 8, 16]  # probed: histories and targets apart (PROBE_APART)
     log = pd.read_csv(tmp_path / "logs" / "train_log.csv")
     for col in ("wpcl", "crtr", "loss", "alpha", "beta", "w_mean", "margin_t_mean", "margin_v_mean", "gap_mean",
                 "image_weak_share", "cos_total_t", "cos_total_v"):

@@ -167,13 +167,20 @@ _kernel = os.environ.get("VLM2REC_VARLEN_KERNEL", "flash")
 def set_varlen_kernel(name: str) -> str:
     """``flash`` (default; ``VLM2REC_VARLEN_KERNEL`` sets it at import): PyTorch's own
     variable-length flash kernel (``torch.nn.attention.varlen``), one call for all segments, on a GPU
-    in bf16/fp16; elsewhere, or where this torch lacks the kernel, ``sdpa`` is used: one SDPA call
-    per distinct segment length. Returns the previous setting."""
+    in bf16/fp16 (:func:`flash_usable`); elsewhere, or where this torch lacks the kernel, ``sdpa`` is
+    used: one SDPA call per distinct segment length. Returns the previous setting."""
     global _kernel
     if name not in KERNELS:
         raise ValueError(f"varlen kernel {name!r}: one of {KERNELS}")
     before, _kernel = _kernel, name
     return before
+
+
+@functools.cache
+def flash_usable(device: torch.device) -> bool:
+    """Whether PyTorch's flash kernels run on this CUDA device: NVIDIA, compute capability 8.0
+    (Ampere) or newer; on older cards (T4, V100) and on ROCm the grouped SDPA is used instead."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 @functools.cache
@@ -258,7 +265,8 @@ def varlen_sdpa(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, s
         raise ValueError("shared prefixes need causal attention")
     plan = _plan(cu_seqlens, prefix_of if prefixed else None)
     groups, inverse, _ = plan
-    if _kernel == "flash" and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and groups:
+    if (_kernel == "flash" and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and groups
+            and flash_usable(query.device)):
         if prefixed:
             out = _flash_prefixed(query, key, value, plan, scaling)
         else:

@@ -117,7 +117,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="largest image the processor keeps, in pixels (50176 = 224 x 224 = 64 visual tokens in "
                          "Qwen2.5-VL); default: the backbone's own policy")
     tr.add_argument("--checkpoint-every", type=int, default=50)
-    tr.add_argument("--grad-cos-every", type=int, default=10)
+    tr.add_argument("--grad-cos-every", type=int, default=10,
+                    help="the gradient-cosine probe every M steps (0: never); a probed step embeds its histories and "
+                         "targets in forwards of their own, so with LoRA dropout the masks (not their distribution) "
+                         "depend on M")
     tr.add_argument("--device", default=None)
     tr.add_argument("--config", help="a YAML TrainConfig; flags given explicitly are ignored in favour of it")
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")

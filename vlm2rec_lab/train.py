@@ -110,8 +110,10 @@ def _flat_cos(a, b) -> float:
 # The requests of an external-fusion step (Trainer.requests: text and image histories, text and image
 # targets) in the forwards a probed micro-batch gives them: g_T = ∇θ InfoNCE(z^T, e^F) needs the text
 # histories and the targets, g_V the image histories and the targets, so with the three apart each
-# gradient pass runs backward over those tokens alone instead of the whole step's (about 1.1 instead
-# of 2 backward passes of the step for the two; the step's own backward covers all three)
+# gradient pass runs backward over those tokens alone instead of the whole step's (with Beauty's
+# shapes about 1.17 instead of 2 backward passes of the step for the two; the step's own backward
+# covers all three). With LoRA dropout on, three forwards draw their masks apart, so a run's
+# trajectory depends on --grad-cos-every as it does on the seed (the same distribution, other draws).
 PROBE_APART = ((0,), (1,), (2, 3))
 
 
@@ -152,6 +154,7 @@ class Trainer:
         if not self.method.trains:
             raise ValueError(f"method {cfg.method!r} is zero-shot: nothing to train")
         self.progress, self.on_step = progress, on_step
+        self.probe_apart: tuple | None = PROBE_APART  # (None: a probed micro-batch in one forward, as before)
         seed_everything(cfg.seed)
         self.bb = backbone or load_backbone(cfg.backbone, device=cfg.device, dataset=dataset,
                                             chat_template=cfg.chat_template, max_pixels=cfg.max_pixels)
@@ -171,8 +174,8 @@ class Trainer:
         groups = [{"params": self.lora, "weight_decay": cfg.weight_decay}]
         if learn:
             groups.append({"params": [self.alpha, self.beta], "weight_decay": 0.0})
-        # fused: one kernel for all tensors instead of about a dozen multi-tensor passes (the 3B LoRA's
-        # 504 tensors took 12.6 ms of device time a step with the default on an H100)
+        # fused: one kernel for all tensors instead of about a dozen multi-tensor passes (the default's
+        # step spanned 12.6 ms of an H100's timeline for the 3B LoRA's 504 tensors)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
 
         users, hist, targets = dataset.train_examples(cfg.train_examples)
@@ -225,9 +228,9 @@ class Trainer:
         share of the rows; the embeddings are gathered (differentiably) so the loss, and its in-batch
         negatives, cover the whole global batch on every process. ``probed``: the gradient-cosine
         probe will take g_T and g_V from this micro-batch, so its text histories, image histories and
-        targets go through forwards of their own (:data:`PROBE_APART`)."""
+        targets go through forwards of their own (:data:`PROBE_APART`, ``self.probe_apart``)."""
         mine = self._mine(sel)
-        local = self.embeddings(self.hist[mine], self.targets[mine], layout, PROBE_APART if probed else None)
+        local = self.embeddings(self.hist[mine], self.targets[mine], layout, self.probe_apart if probed else None)
         emb = {k: dist.gather_cat(v) for k, v in local.items()}
         labels = to_device(torch.as_tensor(self.targets[sel]), self.bb.device)  # no wait for the forward
         return objective(self.obj, emb, self.alpha, self.beta, labels=labels), emb, labels
