@@ -207,7 +207,8 @@ class Encoder:
         request. All give the same embeddings up to float rounding (tested). ``layout``: these
         requests' :meth:`layout`, worked out beforehand. ``apart``: groups of request indices
         (covering all) packed into forwards of their own, so that their autograd graphs stay apart:
-        a gradient of one group's embeddings then costs a backward over that group's tokens only."""
+        a gradient of one group's embeddings then costs a backward over that group's tokens only (the
+        padded path's forwards, one per request, are apart already)."""
         if not (self.packed and self.bb.can_pack):
             return [self.embed(kind, lists) for kind, lists in requests]
         x = layout or self.layout(requests)
