@@ -35,6 +35,35 @@ from gpu_bench import BEAUTY_ITEMS, model_config, sync  # noqa: E402
 from image_cache import write_images  # noqa: E402
 
 
+def random_backbone(titles: list[str], tiny: bool, device: torch.device, min_px: int = 56):
+    """The benchmarks' stand-in for a real checkpoint: a Qwen2.5-VL-3B-shaped model with random
+    weights (``tiny``: the tiny config), a byte-level BPE tokenizer trained on ``titles`` (no
+    download) and Qwen's image processor capped at 224 x 224 px (64 visual tokens; at least
+    ``min_px`` a side), as a library ``Backbone``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vlm2rec_lab.attention import set_vision_attention
+    from vlm2rec_lab.backbones import SPECIAL_TOKENS, Backbone, _train_tokenizer
+    from vlm2rec_lab.prompts import prompt_words
+
+    tokenizer = _train_tokenizer(titles + prompt_words() + ["Describe this item."], 4096)
+    processor = Qwen2VLImageProcessorPil(min_pixels=min_px * min_px, max_pixels=224 * 224, patch_size=14, merge_size=2,
+                                         temporal_patch_size=2)
+    cfg = model_config(tiny)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    cfg.image_token_id, cfg.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+    cfg.vision_start_token_id, cfg.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            cfg, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).model
+    model.eval().requires_grad_(False)
+    if device.type == "cuda":  # as load_backbone does on a GPU
+        set_vision_attention(model, varlen=True)
+    return Backbone(name="pipeline-bench", model=model, tokenizer=tokenizer, image_processor=processor, kind="vlm")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="a tiny model config on the CPU (exercises the script)")
@@ -46,19 +75,13 @@ def main() -> None:
     if a.tiny:
         a.items, a.plain_items = min(a.items, 48), min(a.plain_items, 16)
     device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlm2rec_lab.attention import set_vision_attention
-    from vlm2rec_lab.backbones import SPECIAL_TOKENS, Backbone, _train_tokenizer
     from vlm2rec_lab.config import SynthConfig
     from vlm2rec_lab.data.formats import read_amazon2018
     from vlm2rec_lab.data.synthetic import generate
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.prefetch import default_workers
-    from vlm2rec_lab.prompts import prompt_words
 
     emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
     workers = default_workers() if a.workers is None else a.workers
@@ -68,18 +91,8 @@ def main() -> None:
     meta = read_amazon2018([str(raw)]).meta or {}
     titles = [m["title"] for m in meta.values() if m.get("title")][:a.items]
     titles = (titles * (a.items // len(titles) + 1))[:a.items]
-    tokenizer = _train_tokenizer(titles + prompt_words() + ["Describe this item."], 4096)
-    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, merge_size=2,
-                                         temporal_patch_size=2)
-    cfg = model_config(a.tiny)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    cfg.image_token_id, cfg.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
-    cfg.vision_start_token_id, cfg.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype).model
-    model.eval().requires_grad_(False)
-    bb = Backbone(name="pipeline-bench", model=model, tokenizer=tokenizer, image_processor=processor, kind="vlm")
+    bb = random_backbone(titles, a.tiny, device)
+    model = bb.model
     t = time.perf_counter()
     paths = write_images(work / "jpeg", a.items, a.size, workers)
     emit(figure="jpegs_written", items=a.items, px=a.size, seconds=round(time.perf_counter() - t, 2))

@@ -77,6 +77,23 @@ def test_pipeline_bench_embeds_items_from_jpeg_files_both_ways_alike():
     assert ratio["max_rel_diff"] <= 1e-4  # fp32 on the CPU: the same embeddings from both paths
 
 
+def test_pipeline_train_bench_times_the_trainer_at_its_defaults():
+    """The trainer's own steps at its defaults for a real backbone (batch 8, LoRA dropout 0.2 really
+    drawing masks, the probe every 10th step): the probed step among the timed ones, the epoch
+    from the mean step."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "pipeline_train.py"), "--tiny"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x["figure"]: x for x in map(json.loads, (line for line in r.stdout.splitlines() if line.startswith("{")))}
+    setup, steps, domain = rows["pipeline_train_setup"], rows["pipeline_train_steps"], rows["pipeline_train_domain"]
+    assert (setup["batch_size"], setup["lora_dropout"], setup["grad_cos_every"]) == (8, 0.2, 10) and setup["dropout_active"]
+    assert setup["cache_images"] == domain["items"] and 5 <= domain["history_mean"] <= 9
+    assert steps["steps"] == 11 and steps["median_probed_step_s"] is not None  # step 10 of 0-11 probed
+    # (the epoch from the unrounded mean step: 19,757 users at batch 8)
+    assert abs(steps["beauty_epoch_min"] - steps["mean_step_s"] * (19_757 // 8) / 60) < 0.1
+    assert steps["tokens_first_step"] > 8 * 2 * domain["history_mean"]  # (each history item's title or image at least)
+
+
 def test_allreduce_bench_averages_the_lora_both_ways_alike():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "allreduce.py"), "--tiny", "--reps", "1"],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
