@@ -421,7 +421,7 @@ def main() -> None:
             continue
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
-             checkpointing=bb.checkpointing, checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.dropout_active,
+             checkpointing=bb.checkpoint_every, checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.dropout_active,
              peak_gib=peak_gib(device), host_queue_s=round(host, 3), host_share=round(host / s, 2), syncs=syncs)
     set_varlen_kernel(default_kernel)
     if not a.train_variants or "project_paper" in a.train_variants.split(","):

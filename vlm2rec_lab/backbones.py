@@ -220,11 +220,6 @@ class Backbone:
         return any(m.training and m.p > 0 for m in self._fusion()[2])
 
     @property
-    def checkpointing(self) -> bool:
-        """Whether gradient checkpointing is on (:meth:`enable_checkpointing`)."""
-        return bool(getattr(_unwrap(self.model), "is_activation_checkpointing", False))
-
-    @property
     def can_pack(self) -> bool:
         """Whether :meth:`forward_packed` works: Qwen2-VL-family VLMs (multimodal rotary positions
         from ``get_rope_index``, attention through transformers' interface)."""
