@@ -3,6 +3,7 @@ segment, and the tiny backbone's image features unchanged when it is switched on
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -610,3 +611,48 @@ def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, ker
         for h in hooks:
             h.remove()
     assert all(p.grad is not None for p in bb.model.parameters() if p.requires_grad)
+
+
+def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
+    """A long run must not recompile as lengths change: once a packed training step (forward,
+    backward and the probe's forwards apart) and an item embedding pass have run, packed steps of
+    other token and segment counts and chunks of other image counts, down to one image, add no
+    graph (dynamic shapes; the attention, outside the graphs, takes the segment bounds). Compiling
+    the vision blocks routes the tower's attention through the varlen function, on the CPU too."""
+    from torch._dynamo.utils import counters
+
+    from vlm2rec_lab.encoder import Encoder
+    from vlm2rec_lab.train import PROBE_APART
+
+    torch._dynamo.reset()  # (graphs and counts of earlier tests out of the way)
+    try:
+        bb = _lora_tiny(synth_ds)
+        assert bb.compile_layers(backend="aot_eager", vision=True) == 2 + 2
+        assert bb.base_config.vision_config._attn_implementation == attention.NAME
+        enc = Encoder(bb, synth_ds.items, cache_vision=False)
+        rng = np.random.default_rng(0)
+
+        def step(n_users: int, apart=None) -> None:
+            bb.model.train()
+            lists = [rng.integers(0, len(synth_ds.items), int(k)).tolist() for k in rng.integers(1, 11, n_users)]
+            targets = [[int(i)] for i in rng.integers(0, len(synth_ds.items), n_users)]
+            out = enc.embed_sets([("T", lists), ("V", lists), ("T", targets), ("V", targets)], apart=apart)
+            sum(o.sum() for o in out).backward()
+
+        def embed(n_items: int) -> None:
+            bb.model.eval()
+            enc._features.clear()
+            with torch.no_grad():
+                for kind in ("T", "V"):
+                    enc.item_embeddings(kind, rng.choice(len(synth_ds.items), n_items, replace=False), batch_size=16)
+
+        step(4), step(4, PROBE_APART), embed(24)
+        graphs = counters["stats"]["unique_graphs"]
+        for n in (2, 7, 3):
+            step(n)
+        step(5, PROBE_APART)
+        for n in (9, 40, 1):
+            embed(n)
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()

@@ -280,13 +280,18 @@ class Backbone:
         """``torch.compile`` each decoder layer of the language model in place (dynamic shapes, so
         packed steps of varying length reuse the graphs), and with ``vision`` each vision block too:
         fuses the elementwise work around the matrix products (norms, rotary, SiLU, LoRA scaling).
-        Call after LoRA is applied. Returns the number of blocks compiled."""
+        The vision tower then attends through the varlen function (as it does on a GPU anyway):
+        its per-segment path is a Python loop over the images that a compiled block unrolls,
+        one graph per image count. Call after LoRA is applied. Returns the number of blocks compiled."""
+        from .attention import set_vision_attention
+
         base = _unwrap(self.model)
         layers = self.decoder_layers()
         if vision:
             visual = getattr(base, "visual", None)
             if visual is None:
                 raise ValueError(f"{self.name}: no vision tower to compile")
+            set_vision_attention(self.model, varlen=True)
             layers += list(visual.blocks)
         for layer in layers:
             layer.compile(backend=backend, dynamic=True)
