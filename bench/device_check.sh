@@ -12,6 +12,8 @@
 #   bench.jsonl        gpu_bench.py --profile --compile  (every figure, Beauty shapes, 3B; 1,024 items embedded a path)
 #   bench_vary.jsonl   gpu_bench.py --vary --train-only --compile  (titles and histories of varying length: packed
 #                      with and without shared prefixes under flash, the defaults eager and compiled)
+#   targets.md         bench/targets.py: the issue's targets read off those figures, met or not, and the figures
+#                      the open decisions rest on
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:-.whl}
@@ -37,3 +39,4 @@ timeout 300 python3 bench/gpu_bench.py --profile --compile --project-items 1024 
 timeout 140 python3 bench/gpu_bench.py --vary --train-only --compile \
     --train-variants project_packed,project,project_paper,project_paper_probe \
     2>"$OUT/bench_vary.err" | tee "$OUT/bench_vary.jsonl"
+python3 bench/targets.py "$OUT" | tee "$OUT/targets.md"

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
+def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--tiny", "--compile"], capture_output=True, text=True,
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -40,6 +40,44 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree():
     emb = [x for x in rows if x["figure"] == "item_embedding_agreement"]
     assert {x["path"] for x in emb} == {"project", "project_packed", "project_padded"}
     assert all(x["max_rel_diff"] <= 1e-3 for x in emb)  # fp32 on the CPU
+    (tmp_path / "bench.jsonl").write_text(r.stdout)  # the targets table reads the script's own output
+    t = subprocess.run([sys.executable, str(ROOT / "bench" / "targets.py"), str(tmp_path)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60)
+    assert t.returncode == 0, t.stderr[-2000:]
+    for target in ("item embedding", "epoch", "loss within", "peak memory", "probed step", "compiled / eager"):
+        assert target in t.stdout, target
+
+
+def test_targets_table_reads_the_figures_of_a_device_check(tmp_path):
+    """Figures of the H100 run of 2026-11-26 (A): the best project path and the plain path of the
+    same run, the ratio between them, the smallest epoch with its source, the largest loss difference."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from targets import levers, read, targets
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = [{"figure": "item_embedding", "path": "plain", "items_per_s": 78.9, "beauty_s": 118.0},
+            {"figure": "item_embedding", "path": "project_padded", "items_per_s": 238.5, "beauty_s": 39.0},
+            {"figure": "item_embedding", "path": "project", "items_per_s": 233.2, "beauty_s": 39.9},
+            {"figure": "train_loss_agreement", "plain": 2.57435, "project": 2.57007, "rel_diff": 0.001662},
+            {"figure": "train_step", "path": "plain_ckpt", "seconds": 5.674, "beauty_epoch_min": 233.5, "peak_gib": 13.25},
+            {"figure": "train_step", "path": "project_paper", "seconds": 0.379, "beauty_epoch_min": 15.6, "peak_gib": 47.06},
+            {"figure": "train_step", "path": "project_paper_probe", "seconds": 0.795, "beauty_epoch_min": 32.7},
+            {"figure": "train_epoch_at_defaults", "beauty_epoch_min": 17.3},
+            {"figure": "train_step", "path": "project_paper_compiled", "seconds": 0.34, "vs_eager": 1.11,
+             "first_step_s": 18.1, "loss_rel_diff": 0.0035, "beauty_epoch_min_with_probe_est": 15.5}]
+    (tmp_path / "bench.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\nTraceback (most recent call last):\n")
+    got = {t[0].split(" <=")[0]: t for t in targets(read(tmp_path / "bench.jsonl"))}
+    assert got["Beauty item embedding"][1:] == ("39.0 s (project_padded)", "118.0 s", "3.03x", "no")
+    assert got["Beauty epoch"][1:] == ("15.5 min (defaults, compiled (probe estimated))", "233.5 min", "15.06x", "no")
+    assert got["loss within 0.01 of plain (relative)"][1] == "0.0035 (largest)"
+    assert got["loss within 0.01 of plain (relative)"][-1] == "yes"
+    quick = [{"figure": "pipeline_train_steps", "beauty_epoch_min": 9.0}]  # the Trainer's own epoch, when it is the best
+    assert targets(rows, quick)[1][1:] == ("9.0 min (the Trainer at its defaults)", "233.5 min", "25.94x", "yes")
+    assert dict(levers(rows, []))["probed step / step at the defaults"] == "2.10"
+    (tmp_path / "bad.jsonl").write_text('{"figure": "env"}\n{"figure": \n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read(tmp_path / "bad.jsonl")
 
 
 def test_item_embedding_bench_runs_its_three_paths_and_they_agree(synth_ds, tiny_path):
