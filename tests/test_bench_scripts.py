@@ -140,3 +140,15 @@ def test_allreduce_bench_averages_the_lora_both_ways_alike():
     assert row["figure"] == "gradient_averaging" and row["processes"] == 2
     assert row["tensors"] == 2 * 7 * 2  # A and B of 7 projections in each of the tiny config's 2 layers
     assert row["max_abs_diff"] == 0.0
+
+
+def test_host_cost_bench_extrapolates_its_two_token_counts_to_none():
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "host_cost.py"), "--layers", "2", "--steps", "2"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    (a, b), last = [x for x in rows if x["figure"] == "host_step"], rows[-1]
+    assert (a["tokens"], b["tokens"], a["layers"], last["layers"]) == (128, 512, 2, 2)
+    assert last["figure"] == "host_step_no_tokens"  # the line through both points, at 0 tokens
+    assert last["ms"] == pytest.approx(a["median_ms"] - (b["median_ms"] - a["median_ms"]) / 3, abs=0.2)  # (each rounded to 0.1)
+    assert last["ms_per_layer"] == pytest.approx(last["ms"] / 2, abs=0.04)
