@@ -27,6 +27,7 @@ a few variants, counts those waits).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -107,6 +108,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def settle(device) -> None:
+    """Before a timed region: wait for the device, collect garbage and freeze what is alive, so that
+    no full collection lands inside the region. A full collection walks every object the collector
+    tracks: about 0.2 s in a process that has imported transformers (440 k objects), and under
+    ``--tiny`` one that fell inside an item-embedding batch made it 222 ms instead of 2 ms (8x off
+    for the whole figure). Frozen objects are still freed by reference counting."""
+    sync(device)
+    gc.collect()
+    gc.freeze()
+
+
 def peak_gib(device) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
 
@@ -152,7 +164,7 @@ def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit
     warm_s = 0.0
     for k, n in enumerate((*warm_items, n_items)):
         warm = k < len(warm_items)
-        sync(device); reset_peak(device); t = time.perf_counter()
+        settle(device); reset_peak(device); t = time.perf_counter()
         feats = {}
         for s in range(0, n, 256):
             chunk = list(range(s, min(s + 256, n)))
@@ -252,7 +264,7 @@ def main() -> None:
             for warm in (True, False):  # one warm-up pass of each path on a few items
                 n = 8 if warm else a.plain_items
                 bs = 32
-                sync(device); reset_peak(device); t = time.perf_counter()
+                settle(device); reset_peak(device); t = time.perf_counter()
                 embed_items(lambda kind, items: plain_hidden(model, shapes, shapes.batch(kind, items)), n, bs)
                 sync(device)
                 plain_rate = n / (time.perf_counter() - t)
@@ -268,7 +280,7 @@ def main() -> None:
             for mode in ("plain", "window", "device_index", "grouped", "flash") * 2:
                 set_vision_attention(model, varlen=mode not in ("plain", "window"))
                 set_varlen_kernel("flash" if mode == "flash" else "sdpa")
-                sync(device); t = time.perf_counter()
+                settle(device); t = time.perf_counter()
                 if mode == "plain":
                     ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
                 elif mode == "device_index":
@@ -408,7 +420,7 @@ def main() -> None:
         probe = name.endswith("_probe")
         try:
             step(fn, batches[0], probe=probe)  # warm-up
-            sync(device); reset_peak(device); queued.clear(); t = time.perf_counter()
+            settle(device); reset_peak(device); queued.clear(); t = time.perf_counter()
             for b in batches[1:]:
                 step(fn, b, probe=probe)
             sync(device)
@@ -439,7 +451,7 @@ def main() -> None:
             try:
                 reset_peak(device)
                 step(packed_fn, longest)  # (warm-up)
-                sync(device); t = time.perf_counter()
+                settle(device); t = time.perf_counter()
                 step(packed_fn, longest)
                 sync(device)
             except torch.OutOfMemoryError:
@@ -526,7 +538,7 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
         sync(device)
         first = time.perf_counter() - t
         run_step(batches[1])  # a second shape: dynamo compiles once more, with dynamic sizes (not timed)
-        sync(device); reset_peak(device); t = time.perf_counter()
+        settle(device); reset_peak(device); t = time.perf_counter()
         for b in batches[1:]:
             run_step(b)
         sync(device)
@@ -581,7 +593,7 @@ def packed_probe(peft, n_tokens: int, steps: int, device, dtype, emit) -> None:
     pos = torch.arange(n_tokens, device=device)[None].expand(3, 1, -1)
     for k in range(steps + 1):
         if k == 1:
-            sync(device); reset_peak(device); t = time.perf_counter()
+            settle(device); reset_peak(device); t = time.perf_counter()
         h = lm(inputs_embeds=x, position_ids=pos, use_cache=False).last_hidden_state
         h[0, -32:].float().pow(2).mean().backward()
     sync(device)
