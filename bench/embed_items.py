@@ -8,13 +8,16 @@ Prints one JSON line per figure (seconds are the best of ``--repeats``).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import settle  # noqa: E402
 
 
 def main() -> None:
@@ -46,8 +49,7 @@ def main() -> None:
         enc.cache_all()  # the vision tower is the same for every path: measured apart
         best = float("inf")
         for _ in range(a.repeats):
-            gc.collect()  # (no full collection, about 0.2 s, inside the timed pass)
-            gc.freeze()
+            settle(bb.device)  # (no full garbage collection inside the timed pass)
             t = time.perf_counter()
             emb = {k: enc.item_embeddings(k) for k in ("T", "V")}
             best = min(best, time.perf_counter() - t)

@@ -10,21 +10,16 @@ Prints one JSON line per figure.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-
-def quiet_heap() -> None:
-    """Collect and freeze what is alive before a timed run: a full collection walks every tracked
-    object (about 0.2 s in a process that has imported transformers) and one landing in one path's
-    steps would skew the side-by-side ratios."""
-    gc.collect()
-    gc.freeze()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import settle  # noqa: E402  (no full garbage collection inside a timed run)
 
 
 def main() -> None:
@@ -59,7 +54,7 @@ def main() -> None:
         if cache:
             tr.encoder.cache_all()
         fill = time.perf_counter() - t0
-        quiet_heap()
+        settle(torch.device("cpu"))
         tr.train()
         secs = [r["seconds"] for r in tr.log[1:]]  # the first step warms up
         per_step[cache] = sum(secs) / len(secs)
@@ -80,7 +75,7 @@ def main() -> None:
                 cfg = TrainConfig(method=a.method, max_steps=a.steps, grad_cos_every=every, checkpoint_every=0)
                 tr = Trainer(cfg, ds, work / f"probe_{name}_{every}", progress=False)
                 tr.probe_apart = groups
-                quiet_heap()
+                settle(torch.device("cpu"))
                 tr.train()
                 secs[every] = statistics.median(r["seconds"] for r in tr.log[1:])
             probed[name] = secs[1] / secs[0]
@@ -91,8 +86,8 @@ def main() -> None:
     if not a.no_epoch:
         cfg = TrainConfig(method=a.method, epochs=1, grad_cos_every=0, checkpoint_every=0)
         tr = Trainer(cfg, ds, work / "epoch", progress=False)
+        settle(torch.device("cpu"))
         t0 = time.perf_counter()
-        quiet_heap()
         tr.train()
         print(json.dumps({"epoch_seconds": round(time.perf_counter() - t0, 1), "steps": tr.step,
                           "examples": len(tr.targets), "method": a.method, "batch_size": tr.cfg.batch_size}))
