@@ -2,7 +2,9 @@
 the 3B model's (36 decoder layers, LoRA r 16 on the seven projections with dropout 0.2, autocast
 to bf16, the project's fused stand-ins, AdamW) but tiny widths, so that its arithmetic is small: the
 wall time is then mostly what a GPU step also pays on its host (Python, dispatch, autograd). It is
-measured at two token counts and extrapolated to none, which leaves the arithmetic out. Compare it
+measured at two token counts (8 prompts of 4 or 8 tokens) and extrapolated to none, which leaves
+the arithmetic out and the host's work per prompt in (the step at the defaults has 32 prompts: count
+about a quarter of a millisecond more for each prompt beyond 8). Compare it
 with a GPU step's time (``gpu_bench.py``'s ``host_share`` measures the share on the GPU itself).
 
 Usage: python bench/host_cost.py [--layers 36] [--threads 1] [--steps 10]
@@ -43,7 +45,7 @@ def main() -> None:
     model = Qwen2_5_VLForConditionalGeneration._from_config(cfg).model.train().requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.2, target_modules=lora_target_regex("vlm")))
     bb = Backbone(name="host-cost", model=model, tokenizer=None, image_processor=None, kind="vlm")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)  # as the trainer's
 
     def step(seqs: list, pos: list) -> None:
         opt.zero_grad(set_to_none=True)
@@ -54,9 +56,10 @@ def main() -> None:
         opt.step()
 
     ms = {}
-    for segments in (8, 32):  # 16 tokens each
-        seqs = [torch.randint(100, 2000, (16,)) for _ in range(segments)]
-        pos = [torch.arange(16).expand(3, -1) for _ in range(segments)]
+    for length in (4, 8):  # 8 prompts (a prompt's own host work stays in the figure) of 4 or 8 tokens: the
+        # fewest tokens, where the line is straight (from 128 tokens on the arithmetic grows faster than linearly here)
+        seqs = [torch.randint(100, 2000, (length,)) for _ in range(8)]
+        pos = [torch.arange(length).expand(3, -1) for _ in range(8)]
         for _ in range(3):
             step(seqs, pos)
         times = []
@@ -64,9 +67,9 @@ def main() -> None:
             t = time.perf_counter()
             step(seqs, pos)
             times.append(time.perf_counter() - t)
-        ms[16 * segments] = 1e3 * statistics.median(times)
-        print(json.dumps({"figure": "host_step", "layers": a.layers, "tokens": 16 * segments,
-                          "median_ms": round(ms[16 * segments], 1), "threads": a.threads}), flush=True)
+        ms[8 * length] = 1e3 * statistics.median(times)
+        print(json.dumps({"figure": "host_step", "layers": a.layers, "prompts": 8, "tokens": 8 * length,
+                          "median_ms": round(ms[8 * length], 1), "threads": a.threads}), flush=True)
     (n0, t0), (n1, t1) = sorted(ms.items())
     none = t0 - (t1 - t0) * n0 / (n1 - n0)  # the line through both, at no tokens
     print(json.dumps({"figure": "host_step_no_tokens", "layers": a.layers, "ms": round(none, 1),

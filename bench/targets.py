@@ -13,26 +13,41 @@ import sys
 from pathlib import Path
 
 ITEMS_S, EPOCH_MIN, ITEMS_RATIO, EPOCH_RATIO, LOSS_REL = 10.0, 10.0, 6.0, 15.0, 1e-2
+BEAUTY_ITEMS, BEAUTY_USERS = 9_311, 19_757  # (as gpu_bench.py)
 
 
 def read(path: Path) -> list[dict]:
-    """The JSON lines of ``path`` (other lines, e.g. a traceback's, skipped); [] if it is absent."""
+    """The JSON lines of ``path`` (other lines, e.g. a traceback's, skipped); [] if it is absent. A
+    last line cut off mid-way (a step stopped by its timeout) is skipped with a warning; a broken
+    line anywhere else is an error (file:line)."""
     if not path.exists():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.startswith("{"):
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if n == len(lines) and not text.endswith("\n"):
+                    print(f"warning: {path}:{n}: last line cut off, skipped: {line[:80]!r}", file=sys.stderr)
+                    continue
                 raise ValueError(f"{path}:{n}: not a JSON line ({e.msg}): {line[:80]!r}") from None
     return out
 
 
-def pick(rows: list[dict], figure: str, path: str | None = None) -> dict | None:
-    """The last row of ``figure`` (and ``path``), or None."""
-    hits = [r for r in rows if r.get("figure") == figure and (path is None or r.get("path") == path)]
+def pick(rows: list[dict], figure: str, path: str | None = None, has: str | None = None) -> dict | None:
+    """The last row of ``figure`` (and ``path``; with ``has``, only rows with that field: a step that
+    ran out of memory or failed to compile has no ``seconds``), or None."""
+    hits = [r for r in rows if r.get("figure") == figure and (path is None or r.get("path") == path)
+            and (has is None or r.get(has) is not None)]
     return hits[-1] if hits else None
+
+
+def _epoch_min(seconds_per_step: float) -> float:
+    """A Beauty epoch (19,757 training users at batch 8) in minutes."""
+    return seconds_per_step * BEAUTY_USERS / 8 / 60
 
 
 def _num(x, digits: int = 2) -> str:
@@ -40,40 +55,48 @@ def _num(x, digits: int = 2) -> str:
 
 
 def targets(bench: list[dict], pipeline: list[dict] | None = None) -> list[tuple[str, str, str, str, str]]:
-    """(target, measured, plain path, ratio, met) per target of the issue."""
+    """(target, measured, plain path, ratio, met) per target of the issue. Met or not is decided on
+    the finest figures a row has (items/s, seconds a step), not on the rounded Beauty times."""
     out = []
-    plain = pick(bench, "item_embedding", "plain")
-    project = [r for r in bench if r.get("figure") == "item_embedding" and str(r.get("path", "")).startswith("project")]
-    best = min(project, key=lambda r: r["beauty_s"]) if project else None
+    plain = pick(bench, "item_embedding", "plain", has="items_per_s")
+    project = [r for r in bench if r.get("figure") == "item_embedding" and str(r.get("path", "")).startswith("project")
+               and r.get("items_per_s")]
+    best = max(project, key=lambda r: r["items_per_s"]) if project else None
     if plain and best:
-        ratio = plain["beauty_s"] / best["beauty_s"]
-        met = best["beauty_s"] <= ITEMS_S and ratio >= ITEMS_RATIO
+        secs, ratio = BEAUTY_ITEMS / best["items_per_s"], best["items_per_s"] / plain["items_per_s"]
+        met = secs <= ITEMS_S and ratio >= ITEMS_RATIO
         out.append((f"Beauty item embedding <= {ITEMS_S:g} s, >= {ITEMS_RATIO:g}x plain",
-                    f"{best['beauty_s']} s ({best['path']})", f"{plain['beauty_s']} s", f"{ratio:.2f}x", "yes" if met else "no"))
-    ckpt = pick(bench, "train_step", "plain_ckpt")
+                    f"{secs:.1f} s ({best['path']})", f"{BEAUTY_ITEMS / plain['items_per_s']:.1f} s", f"{ratio:.2f}x",
+                    "yes" if met else "no"))
+    ckpt = pick(bench, "train_step", "plain_ckpt", has="seconds")
     epochs = []  # (minutes a Beauty epoch with the probe every 10th step, what gave it)
-    if (d := pick(bench, "train_epoch_at_defaults")) is not None:
-        epochs.append((d["beauty_epoch_min"], "defaults, eager"))
-    if (c := pick(bench, "train_step", "project_paper_compiled")) is not None and "beauty_epoch_min_with_probe_est" in c:
+    if (d := pick(bench, "train_epoch_at_defaults", has="seconds_per_step")) is not None:
+        epochs.append((_epoch_min(d["seconds_per_step"]), "defaults, eager"))
+    if (c := pick(bench, "train_step", "project_paper_compiled", has="beauty_epoch_min_with_probe_est")) is not None:
         epochs.append((c["beauty_epoch_min_with_probe_est"], "defaults, compiled (probe estimated)"))
-    if (p := pick(pipeline or [], "pipeline_train_steps")) is not None:
-        epochs.append((p["beauty_epoch_min"], "the Trainer at its defaults"))
-    if ckpt and epochs:
+    if (p := pick(pipeline or [], "pipeline_train_steps", has="mean_step_s")) is not None:
+        epochs.append((_epoch_min(p["mean_step_s"]), "the Trainer at its defaults"))
+    if epochs:
         minutes, what = min(epochs)
-        ratio = ckpt["beauty_epoch_min"] / minutes
-        met = minutes <= EPOCH_MIN and ratio >= EPOCH_RATIO
+        ratio = _epoch_min(ckpt["seconds"]) / minutes if ckpt else None
+        met = minutes <= EPOCH_MIN and ratio is not None and ratio >= EPOCH_RATIO
         out.append((f"Beauty epoch <= {EPOCH_MIN:g} min, >= {EPOCH_RATIO:g}x plain with checkpointing",
-                    f"{minutes} min ({what})", f"{ckpt['beauty_epoch_min']} min", f"{ratio:.2f}x", "yes" if met else "no"))
-    if (agree := pick(bench, "train_loss_agreement")) is not None:
-        diffs = [agree["rel_diff"]] + [r["loss_rel_diff"] for r in bench
-                                       if r.get("figure") == "train_step" and "loss_rel_diff" in r]
-        out.append((f"loss within {LOSS_REL:g} of plain (relative)", f"{max(diffs):.4f} (largest)", f"{agree['plain']}",
-                    "", "yes" if max(diffs) <= LOSS_REL else "no"))
-    if (paper := pick(bench, "train_step", "project_paper")) is not None:
-        peak = paper.get("peak_gib")  # (None off a GPU)
-        out.append(("peak memory reported", f"{peak} GiB (defaults)" if peak is not None else "not reported",
+                    f"{minutes:.1f} min ({what})", f"{_epoch_min(ckpt['seconds']):.1f} min" if ckpt else "not measured",
+                    f"{ratio:.2f}x" if ratio else "", "yes" if met else "no"))
+    if (agree := pick(bench, "train_loss_agreement", has="rel_diff")) is not None:
+        # the compiled step is compared with the eager one: against plain it is within the sum
+        compiled = [r["loss_rel_diff"] for r in bench if r.get("figure") == "train_step" and r.get("loss_rel_diff") is not None]
+        bound = agree["rel_diff"] + max(compiled, default=0.0)
+        shown = f"{agree['rel_diff']:.4f}" + (f"; compiled {bound:.4f} at most" if compiled else "")
+        out.append((f"loss within {LOSS_REL:g} of plain (relative)", shown, f"{agree['plain']}", "",
+                    "yes" if bound <= LOSS_REL else "no"))
+    paper = pick(bench, "train_step", "project_paper")
+    if paper is not None:
+        ran = paper.get("seconds") is not None and paper.get("peak_gib") is not None  # (None off a GPU)
+        shown = f"{paper['peak_gib']} GiB (defaults)" if ran else "out of memory" if paper.get("oom") else "not reported"
+        out.append(("peak memory reported", shown,
                     f"{ckpt['peak_gib']} GiB" if ckpt and ckpt.get("peak_gib") is not None else "", "",
-                    "yes" if peak is not None else "no"))
+                    "yes" if ran else "no"))
     return out
 
 

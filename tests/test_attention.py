@@ -617,8 +617,9 @@ def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
     """A long run must not recompile as lengths change: once a packed training step (forward,
     backward and the probe's forwards apart) and an item embedding pass have run, packed steps of
     other token and segment counts and chunks of other image counts, down to one image, add no
-    graph (dynamic shapes; the attention, outside the graphs, takes the segment bounds). Compiling
-    the vision blocks routes the tower's attention through the varlen function, on the CPU too."""
+    graph (dynamic shapes; the attention, outside the graphs, takes the segment bounds), nor does a
+    second model of the same shape. Compiling the vision blocks routes the tower's attention
+    through the varlen function, on the CPU too."""
     from torch._dynamo.utils import counters
 
     from vlm2rec_lab.encoder import Encoder
@@ -653,6 +654,11 @@ def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
         step(5, PROBE_APART)
         for n in (9, 40, 1):
             embed(n)
+        assert counters["stats"]["unique_graphs"] == graphs
+        bb = _lora_tiny(synth_ds)  # a second model of the same shape reuses the graphs
+        bb.compile_layers(backend="aot_eager", vision=True)
+        enc = Encoder(bb, synth_ds.items, cache_vision=False)
+        step(3), embed(5)
         assert counters["stats"]["unique_graphs"] == graphs
     finally:
         torch._dynamo.reset()

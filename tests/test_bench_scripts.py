@@ -48,9 +48,11 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
         assert target in t.stdout, target
 
 
-def test_targets_table_reads_the_figures_of_a_device_check(tmp_path):
-    """Figures of the H100 run of 2026-11-26 (A): the best project path and the plain path of the
-    same run, the ratio between them, the smallest epoch with its source, the largest loss difference."""
+def test_targets_table_reads_the_figures_of_a_device_check(tmp_path, capsys):
+    """Figures of the H100 run of 2026-11-26 (A): the fastest project path against the plain path of
+    the same run, from items/s; the smallest epoch with its source, from seconds a step; the loss
+    bound for the compiled step (its difference from eager added to eager's from plain); a step that
+    ran out of memory is no figure; a cut-off last line is skipped, a broken one elsewhere is not."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         from targets import levers, read, targets
@@ -63,19 +65,28 @@ def test_targets_table_reads_the_figures_of_a_device_check(tmp_path):
             {"figure": "train_step", "path": "plain_ckpt", "seconds": 5.674, "beauty_epoch_min": 233.5, "peak_gib": 13.25},
             {"figure": "train_step", "path": "project_paper", "seconds": 0.379, "beauty_epoch_min": 15.6, "peak_gib": 47.06},
             {"figure": "train_step", "path": "project_paper_probe", "seconds": 0.795, "beauty_epoch_min": 32.7},
-            {"figure": "train_epoch_at_defaults", "beauty_epoch_min": 17.3},
+            {"figure": "train_epoch_at_defaults", "seconds_per_step": 0.42, "beauty_epoch_min": 17.3},
             {"figure": "train_step", "path": "project_paper_compiled", "seconds": 0.34, "vs_eager": 1.11,
              "first_step_s": 18.1, "loss_rel_diff": 0.0035, "beauty_epoch_min_with_probe_est": 15.5}]
     (tmp_path / "bench.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\nTraceback (most recent call last):\n")
     got = {t[0].split(" <=")[0]: t for t in targets(read(tmp_path / "bench.jsonl"))}
-    assert got["Beauty item embedding"][1:] == ("39.0 s (project_padded)", "118.0 s", "3.03x", "no")
-    assert got["Beauty epoch"][1:] == ("15.5 min (defaults, compiled (probe estimated))", "233.5 min", "15.06x", "no")
-    assert got["loss within 0.01 of plain (relative)"][1] == "0.0035 (largest)"
-    assert got["loss within 0.01 of plain (relative)"][-1] == "yes"
-    quick = [{"figure": "pipeline_train_steps", "beauty_epoch_min": 9.0}]  # the Trainer's own epoch, when it is the best
+    assert got["Beauty item embedding"][1:] == ("39.0 s (project_padded)", "118.0 s", "3.02x", "no")
+    assert got["Beauty epoch"][1:] == ("15.5 min (defaults, compiled (probe estimated))", "233.5 min", "15.07x", "no")
+    assert got["loss within 0.01 of plain (relative)"][1:] == ("0.0017; compiled 0.0052 at most", "2.57435", "", "yes")
+    assert got["peak memory reported"][1] == "47.06 GiB (defaults)"
+    quick = [{"figure": "pipeline_train_steps", "mean_step_s": 0.2187}]  # the Trainer's own epoch, when it is the best
     assert targets(rows, quick)[1][1:] == ("9.0 min (the Trainer at its defaults)", "233.5 min", "25.94x", "yes")
     assert dict(levers(rows, []))["probed step / step at the defaults"] == "2.10"
-    (tmp_path / "bad.jsonl").write_text('{"figure": "env"}\n{"figure": \n')
+    # out of memory: the plain step leaves the epoch's ratio open, the paper step reports no peak
+    oom = [r for r in rows if r.get("path") not in ("plain_ckpt", "project_paper")] + [
+        {"figure": "train_step", "path": "plain_ckpt", "oom": True, "peak_gib": 79.1},
+        {"figure": "train_step", "path": "project_paper", "oom": True, "peak_gib": 79.1}]
+    got = {t[0].split(" <=")[0]: t for t in targets(oom)}
+    assert got["Beauty epoch"][2:] == ("not measured", "", "no")
+    assert got["peak memory reported"][1:] == ("out of memory", "", "", "no")
+    (tmp_path / "cut.jsonl").write_text('{"figure": "env"}\n{"figure": "item_emb')  # a timeout mid-line
+    assert read(tmp_path / "cut.jsonl") == [{"figure": "env"}] and "cut.jsonl:2" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"figure": "env"}\n{"figure": \n{"figure": "env"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read(tmp_path / "bad.jsonl")
 
@@ -148,7 +159,7 @@ def test_host_cost_bench_extrapolates_its_two_token_counts_to_none():
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     (a, b), last = [x for x in rows if x["figure"] == "host_step"], rows[-1]
-    assert (a["tokens"], b["tokens"], a["layers"], last["layers"]) == (128, 512, 2, 2)
+    assert (a["tokens"], b["tokens"], a["prompts"], a["layers"], last["layers"]) == (32, 64, 8, 2, 2)
     assert last["figure"] == "host_step_no_tokens"  # the line through both points, at 0 tokens
-    assert last["ms"] == pytest.approx(a["median_ms"] - (b["median_ms"] - a["median_ms"]) / 3, abs=0.2)  # (each rounded to 0.1)
+    assert last["ms"] == pytest.approx(2 * a["median_ms"] - b["median_ms"], abs=0.2)  # (each rounded to 0.1)
     assert last["ms_per_layer"] == pytest.approx(last["ms"] / 2, abs=0.04)
