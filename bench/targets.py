@@ -12,8 +12,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import BEAUTY_ITEMS, BEAUTY_USERS  # noqa: E402
+
 ITEMS_S, EPOCH_MIN, ITEMS_RATIO, EPOCH_RATIO, LOSS_REL = 10.0, 10.0, 6.0, 15.0, 1e-2
-BEAUTY_ITEMS, BEAUTY_USERS = 9_311, 19_757  # (as gpu_bench.py)
 
 
 def read(path: Path) -> list[dict]:
