@@ -4,8 +4,9 @@ to bf16, the project's fused stand-ins, AdamW) but tiny widths, so that its arit
 wall time is then mostly what a GPU step also pays on its host (Python, dispatch, autograd). It is
 measured at two token counts (8 prompts of 4 or 8 tokens) and extrapolated to none, which leaves
 the arithmetic out and the host's work per prompt in (the step at the defaults has 32 prompts: count
-about a quarter of a millisecond more for each prompt beyond 8). Compare it
-with a GPU step's time (``gpu_bench.py``'s ``host_share`` measures the share on the GPU itself).
+about 0.3 ms more for each prompt beyond 8, measured here as 32 prompts of 4 tokens against 8 of
+16). Compare it with a GPU step's time (``gpu_bench.py``'s ``host_share`` measures the share on the
+GPU itself).
 
 Usage: python bench/host_cost.py [--layers 36] [--threads 1] [--steps 10]
 Prints one JSON line per figure.
