@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) against one: the same global-batch loss and gradients, and the same item
 embeddings from a sharded embedding run."""
+import json
 import os
 import socket
 import subprocess
@@ -7,25 +8,38 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(nproc: int, mode: str, data, out) -> None:
+def _launch(nproc: int, args: list[str], launcher: str = "torchrun", options: tuple = ()) -> subprocess.CompletedProcess:
+    """Run ``args`` (a script and its arguments, or ``-m module ...``) in ``nproc`` CPU processes (gloo):
+    one plain process, or ``nproc`` started by torchrun or by ``accelerate launch --multi_gpu`` (which
+    starts them through torchrun's launcher, on CPUs too; without it, accelerate starts one process
+    on a machine without GPUs) with ``options`` for the launcher."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs
     if nproc == 1:
-        cmd = [sys.executable, str(WORKER), mode, str(data), str(out)]
+        cmd = [sys.executable, *args]
     else:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        port = str(sock.getsockname()[1])
         sock.close()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-               str(WORKER), mode, str(data), str(out)]
+        cmd = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                            "--master_port", port],
+               "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                              str(nproc), "--main_process_port", port]}[launcher] + list(options) + list(args)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _run(nproc: int, mode: str, data, out) -> None:
+    _launch(nproc, [str(WORKER), mode, str(data), str(out)])
 
 
 def test_global_batch_split_4_plus_4_equals_one_batch_of_8_with_the_probe(synth_ds, tiny_path, tmp_path):
@@ -70,3 +84,54 @@ def test_two_process_embedding_writes_the_same_item_embeddings(synth_ds, tiny_pa
         a = np.load(tmp_path / "embed1" / "embeddings" / f"{name}.npy")
         b = np.load(tmp_path / "embed2" / "embeddings" / f"{name}.npy")
         assert a.shape == b.shape and np.allclose(a, b, atol=1e-5), name
+
+
+# The README's commands themselves: the command line's `train` under torchrun and under accelerate
+# launch, two processes against one, two optimizer steps with the gradient-cosine probe.
+CLI = ["-m", "vlm2rec_lab.cli"]
+TRAIN = ["train", "--backbone", "tiny", "--method", "vlm2rec", "--batch-size", "8", "--max-steps", "2",
+         "--grad-cos-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(synth_ds, tiny_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "one"
+    _launch(1, [*CLI, *TRAIN, "--data", str(synth_ds.path), "--out", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_command_line_under_a_launcher_trains_and_embeds_as_one_process(launcher, one_process_run, synth_ds,
+                                                                           tmp_path):
+    out = tmp_path / launcher
+    train = [*CLI, *TRAIN, "--data", str(synth_ds.path), "--out", str(out)]
+    if launcher == "torchrun":  # train, then embed as a command of its own
+        _launch(2, [*train, "--no-embed"])
+        assert not (out / "embeddings").exists()
+        _launch(2, [*CLI, "embed", str(out)])
+    else:  # train and embed in one command; accelerate's own precision flag is said to be unused
+        r = _launch(2, train, launcher="accelerate", options=("--mixed_precision", "bf16"))
+        assert "accelerate launch --mixed_precision bf16 is not used" in r.stderr
+        assert r.stderr.count("--mixed_precision bf16 is not used") == 1  # rank 0 says it
+        assert (out / "metrics" / "task1_test.json").exists()
+    one, two = (json.loads((run / "manifest.json").read_text()) for run in (one_process_run, out))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    a, b = pd.read_csv(one_process_run / "logs" / "train_log.csv"), pd.read_csv(out / "logs" / "train_log.csv")
+    assert list(a["step"]) == list(b["step"]) == [1, 2]
+    for k in ("loss", "wpcl", "crtr", "cos_total_t", "cos_total_v"):
+        assert np.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, list(a[k]), list(b[k]))
+    for name in ("item_T", "item_V", "item_F", "seq_test_F"):
+        x = np.load(one_process_run / "embeddings" / f"{name}.npy")
+        y = np.load(out / "embeddings" / f"{name}.npy")
+        assert x.shape == y.shape and np.allclose(x, y, atol=1e-5), name
+
+
+def test_accelerate_settings_the_project_does_not_read_are_named():
+    from vlm2rec_lab.distributed import launcher_warnings
+
+    assert launcher_warnings({}) == []
+    assert launcher_warnings({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}) == []
+    notes = launcher_warnings({"ACCELERATE_MIXED_PRECISION": "fp16", "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"})
+    assert len(notes) == 2
+    assert "--mixed_precision fp16 is not used" in notes[0] and "--dynamo_backend inductor" in notes[1]
+    assert "--compile" in notes[1]

@@ -263,6 +263,12 @@ def cmd_stats(a) -> int:
     return 0
 
 
+def _launcher_warnings(dist) -> None:
+    if dist.rank() == 0:
+        for note in dist.launcher_warnings():
+            print(f"warning: {note}", file=sys.stderr)
+
+
 def cmd_train(a) -> int:
     from .config import TrainConfig, load_yaml
     from .data.dataset import Dataset
@@ -272,6 +278,7 @@ def cmd_train(a) -> int:
     from . import distributed as dist
 
     dist.init_from_env()
+    _launcher_warnings(dist)
     ds = Dataset.load(a.data)
     if a.config:
         cfg = load_yaml(TrainConfig, a.config)
@@ -314,6 +321,7 @@ def cmd_embed(a) -> int:
     from .runs import embed_run
 
     dist.init_from_env()
+    _launcher_warnings(dist)
     out = embed_run(a.run, batch_size=a.batch_size, compile=a.compile)
     if dist.rank() != 0:
         return 0

@@ -40,6 +40,24 @@ def init_from_env() -> bool:
     return True
 
 
+def launcher_warnings(env=None) -> list[str]:
+    """What ``accelerate launch`` was asked that this project does not take from it. accelerate hands
+    its ``--mixed_precision`` and ``--dynamo_backend`` to the script through the environment, for
+    its own ``Accelerator`` to read; here the backbone computes in its own dtype (bf16 autocast on
+    GPUs, fp32 on CPUs) and compiling is ``--compile``. Said once, rather than silently ignored."""
+    env = os.environ if env is None else env
+    notes = []
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if precision not in ("", "no"):
+        notes.append(f"accelerate launch --mixed_precision {precision} is not used: the backbone computes in its "
+                     "own dtype (bf16 on GPUs, fp32 on CPUs)")
+    backend = env.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower()
+    if backend not in ("", "no"):
+        notes.append(f"accelerate launch --dynamo_backend {backend} is not used: pass --compile to compile "
+                     "the decoder layers")
+    return notes
+
+
 def shutdown() -> None:
     """Leave the process group (after a barrier, so no rank tears down while another still talks)."""
     if is_distributed():

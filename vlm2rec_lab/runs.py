@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import distributed as dist
 from .config import TrainConfig, load_yaml, save_yaml
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .methods import get_method
@@ -49,7 +50,8 @@ def _git_revision() -> str | None:
 
 
 def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = False) -> Path:
-    """Make (or, with ``resume``, reopen) a run folder: config.yaml and manifest.json."""
+    """Make (or, with ``resume``, reopen) a run folder: config.yaml and manifest.json (which also
+    records how many processes made the run: torchrun's or accelerate's world size, 1 without)."""
     run = Path(run_dir)
     cfg = cfg.resolved()
     if (run / "config.yaml").exists():
@@ -69,7 +71,7 @@ def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = Fa
         backbone_path = str(build_tiny(dataset))
     atomic_write_json(run / "manifest.json", {
         "method": cfg.method, "seed": cfg.seed, "versions": _versions(), "git_revision": _git_revision(),
-        "backbone_path": backbone_path,
+        "backbone_path": backbone_path, "processes": dist.world_size(),
         "data": {"path": str(Path(dataset.path).resolve()) if dataset.path else None, "fingerprint": dataset.fingerprint,
                  "name": dataset.manifest.get("name")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -146,7 +148,6 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     enc = Encoder(bb, ds.items, cache_vision=cfg.cache_vision, batch_size=batch_size)
     kinds = {"external": ("T", "V"), "item-mean": ("T", "V"), "internal": ("I",), "text": ("T",)}[method.fusion]
     out: dict[str, np.ndarray] = {}
-    from . import distributed as dist
 
     def sharded(fn, n: int):  # each process embeds its share; all rows come back in order
         part = dist.shard(n)
