@@ -39,6 +39,17 @@ def main(mode: str, data: str, out: str) -> None:
         tr.train()  # two optimizer steps, each with the gradient-cosine probe
         if dist.rank() == 0:
             torch.save({"loss": loss, "grads": grads, "log": [{k: float(v) for k, v in row.items()} for row in tr.log]}, out / f"grads_{dist.world_size()}.pt")
+    elif mode == "resume":  # LoRA dropout on: 3 steps in one go, and 2 steps then a resumed third
+        base = dict(method="vlm2rec", batch_size=8, users_k=32, lora_dropout=0.2, grad_cos_every=0, checkpoint_every=2)
+        whole = Trainer(TrainConfig(**base, max_steps=3), ds, out / f"whole{dist.world_size()}", progress=False)
+        streams = dist.gather_objects(torch.get_rng_state())  # each process's own dropout stream
+        whole.train()
+        Trainer(TrainConfig(**base, max_steps=2), ds, out / f"part{dist.world_size()}", progress=False).train()
+        resumed = Trainer(TrainConfig(**base, max_steps=3), ds, out / f"part{dist.world_size()}", progress=False)
+        resumed.train(resume=True)
+        if dist.rank() == 0:
+            torch.save({"streams": streams, "whole": [r["loss"] for r in whole.log],
+                        "resumed": [r["loss"] for r in resumed.log]}, out / f"resume_{dist.world_size()}.pt")
     else:
         run = out / f"embed{dist.world_size()}"
         if dist.rank() == 0:

@@ -59,6 +59,21 @@ def test_global_batch_split_4_plus_4_equals_one_batch_of_8_with_the_probe(synth_
         assert 0 < abs(a["cos_total_t"]) <= 1 and 0 < abs(a["cos_total_v"]) <= 1
 
 
+def test_each_process_draws_its_own_dropout_masks_and_resumes_its_own_stream(synth_ds, tiny_path, tmp_path):
+    """At LoRA dropout 0.2: rank 0 keeps the one-process stream, rank 1 has another (one seed on every
+    rank would drop rows of both ranks at the same packed positions alike); a checkpoint holds
+    every rank's state, so 2 steps and a resumed third log the same losses as 3 steps at once."""
+    _run(1, "resume", synth_ds.path, tmp_path)
+    _run(2, "resume", synth_ds.path, tmp_path)
+    one, two = torch.load(tmp_path / "resume_1.pt"), torch.load(tmp_path / "resume_2.pt")
+    assert torch.equal(one["streams"][0], two["streams"][0])
+    assert not torch.equal(two["streams"][0], two["streams"][1])
+    for got in (one, two):
+        assert len(got["whole"]) == 3 and got["resumed"][:3] == got["whole"]
+    assert two["whole"][0] == one["whole"][0]  # (LoRA B starts at zero: no mask matters in step 1)
+    assert two["whole"][1] != one["whole"][1]  # (other masks for rank 1's rows, an equal distribution)
+
+
 def test_averaging_over_processes_is_the_mean_in_buckets_per_dtype(tmp_path):
     """Gradient averaging flattens the tensors of one dtype into buckets (here of at most 10
     elements, so the 12-element tensor has a bucket of its own and the others share); every entry

@@ -95,6 +95,15 @@ def gather_cat(x: torch.Tensor) -> torch.Tensor:
         return torch.cat(all_gather(x), dim=0)
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def average_tensors(tensors, like=None) -> list:
     """Sum over ranks, divided by the world size (see :func:`average_gradients`). With ``like`` (a
     list of the same length), a None entry (no gradient) counts as zeros shaped like its ``like``

@@ -4,7 +4,7 @@ gradient-cosine probe.
 
 A run killed at any step and resumed ends with the same adapter weights as an uninterrupted one:
 the data order is a pure function of (seed, epoch), and a checkpoint holds the adapter, the
-optimizer, α/β, every RNG state and the position in the data order.
+optimizer, α/β, every RNG state (every process's) and the position in the data order.
 """
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of process ``rank``'s own random stream (LoRA-dropout masks), drawn from ``seed``,
+    ``rank`` and ``step`` (the step a process count other than the checkpoint's resumes at)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def _rng_state() -> dict:
@@ -177,6 +183,11 @@ class Trainer:
         # fused: one kernel for all tensors instead of about a dozen multi-tensor passes (the default's
         # step spanned 12.6 ms of an H100's timeline for the 3B LoRA's 504 tensors)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+        if dist.rank() > 0:  # after the shared initialisation (every process starts from the same adapter):
+            # each process draws its own LoRA-dropout masks. With one seed everywhere, rows of two
+            # processes at the same packed positions would be dropped alike, which one process
+            # holding the whole batch never does. Rank 0 keeps the seed's stream: one process runs as before.
+            seed_everything(rank_seed(cfg.seed, dist.rank()))
 
         users, hist, targets = dataset.train_examples(cfg.train_examples)
         if cfg.users_k is not None:
@@ -261,12 +272,16 @@ class Trainer:
         checkpoint folder from a background thread while training goes on: a 3B model's LoRA
         checkpoint with AdamW state is 360 MB, about 0.3 s of disk a write. The folder is replaced
         atomically; the previous write is finished (its error raised) first, and :meth:`train`
-        finishes the last before it returns or raises."""
+        finishes the last before it returns or raises. Every process calls it (each one's RNG state
+        is gathered); rank 0 writes."""
+        rngs = dist.gather_objects(_rng_state())
+        if dist.rank() != 0:
+            return
         self.wait_for_checkpoint()  # first: one snapshot held at a time, and a failed write stops here
         state = _snapshot({
             "lora": {n: p for n, p in self.bb.model.named_parameters() if p.requires_grad},
             "optimizer": self.opt.state_dict(), "alpha": self.alpha, "beta": self.beta,  # (references: copied)
-            "rng": _rng_state(), "step": self.step, "epoch": self.epoch, "micro": self.micro,
+            "rng": rngs[0], "rng_ranks": rngs, "step": self.step, "epoch": self.epoch, "micro": self.micro,
         })
         log, weak = list(self.log), list(self.weak)
 
@@ -298,7 +313,13 @@ class Trainer:
             self.alpha.copy_(state["alpha"])
             self.beta.copy_(state["beta"])
         self.opt.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == dist.world_size():
+            _set_rng_state(ranks[dist.rank()])
+        else:  # another process count than the checkpoint's: rank 0 goes on with its stream, the others
+            _set_rng_state(state["rng"])  # start streams of their own (reproducible: seed, rank, step)
+            if dist.rank() > 0:
+                seed_everything(rank_seed(self.cfg.seed, dist.rank(), state["step"]))
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
         if (self.ckpt_dir / "train_log.csv").exists():
             self.log = pd.read_csv(self.ckpt_dir / "train_log.csv").to_dict("records")
@@ -360,13 +381,13 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if not k.startswith("cos_")})
                 if self._written is not None and self._written.done():
                     self.wait_for_checkpoint()  # a failed write is raised at the first step after it
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and dist.rank() == 0:
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self.on_step is not None:
                     self.on_step(self.step)
             bar.close()
+            self.save_checkpoint()
             if dist.rank() == 0:
-                self.save_checkpoint()
                 self.save_final()
         except BaseException:  # a checkpoint still being written is complete before train() raises;
             try:  # its own failure must not replace the error on its way out
