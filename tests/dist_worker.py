@@ -30,6 +30,17 @@ def main(mode: str, data: str, out: str) -> None:
         if dist.rank() == 0:
             torch.save({"mean": mine, "missing": missing, "calls": calls}, out / f"reduce_{dist.world_size()}.pt")
         dist.finish(0)
+    if mode in ("fail", "crash"):  # rank 1 alone fails while rank 0 waits in a collective for it
+        from vlm2rec_lab import cli
+
+        def handler(a):
+            if dist.rank() == 1:
+                raise (ValueError if mode == "fail" else RuntimeError)(f"rank 1 alone: {mode}")
+            dist.gather_cat(torch.ones(2))
+            return 0
+
+        cli.cmd_stats = handler  # "fail": the command line's own error path; "crash": an error it does not catch
+        sys.exit(cli.main(["data", "stats", data]))
     ds = Dataset.load(data)
     if mode == "grads":
         cfg = TrainConfig(method="vlm2rec", batch_size=8, users_k=32, lora_dropout=0.0, grad_cos_every=1,

@@ -2,6 +2,7 @@
 embeddings from a sharded embedding run."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,11 +17,13 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _launch(nproc: int, args: list[str], launcher: str = "torchrun", options: tuple = ()) -> subprocess.CompletedProcess:
+def _launch(nproc: int, args: list[str], launcher: str = "torchrun", options: tuple = (), expect: int = 0,
+            timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``args`` (a script and its arguments, or ``-m module ...``) in ``nproc`` CPU processes (gloo):
     one plain process, or ``nproc`` started by torchrun or by ``accelerate launch --multi_gpu`` (which
     starts them through torchrun's launcher, on CPUs too; without it, accelerate starts one process
-    on a machine without GPUs) with ``options`` for the launcher."""
+    on a machine without GPUs) with ``options`` for the launcher; ``expect``: 0, or 1 for a launch
+    that must fail."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on CPUs
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -33,8 +36,19 @@ def _launch(nproc: int, args: list[str], launcher: str = "torchrun", options: tu
                             "--master_port", port],
                "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                               str(nproc), "--main_process_port", port]}[launcher] + list(options) + list(args)
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # a launcher stops the processes it started (each in a session of its own) on SIGTERM
+            try:
+                out, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            raise AssertionError(f"the launch did not end in {timeout} s: {err[-3000:]}") from None
+    r = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    assert (r.returncode != 0) == bool(expect), r.stderr[-3000:]
     return r
 
 
@@ -72,6 +86,19 @@ def test_each_process_draws_its_own_dropout_masks_and_resumes_its_own_stream(syn
         assert len(got["whole"]) == 3 and got["resumed"][:3] == got["whole"]
     assert two["whole"][0] == one["whole"][0]  # (LoRA B starts at zero: no mask matters in step 1)
     assert two["whole"][1] != one["whole"][1]  # (other masks for rank 1's rows, an equal distribution)
+
+
+@pytest.mark.parametrize("mode", ["fail", "crash"])
+def test_a_process_that_fails_alone_ends_the_launch_instead_of_hanging_it(mode, tmp_path):
+    """Rank 1 raises while rank 0 waits for it in an all-gather: an error the command line reports
+    (exit code 2) or one it does not catch (a traceback, exit code 1). Either way rank 1 leaves at
+    once, without waiting in the exit barrier, and torchrun stops rank 0 and fails the launch, in
+    seconds (before, both waited until gloo's 30-minute timeout)."""
+    r = _launch(2, [str(WORKER), mode, str(tmp_path), str(tmp_path)], expect=1, timeout=120)
+    said = {"fail": "error: rank 1 alone: fail", "crash": "RuntimeError: rank 1 alone: crash"}[mode]
+    assert said in r.stderr
+    code = {"fail": 2, "crash": 1}[mode]  # torchrun's report of rank 1's exit
+    assert re.search(rf"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: {code} ", r.stderr), r.stderr[-2000:]
 
 
 def test_averaging_over_processes_is_the_mean_in_buckets_per_dtype(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,12 @@ def world_size() -> int:
 
 def init_from_env() -> bool:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1); NCCL on
-    GPUs, gloo on CPUs. Each rank uses cuda:LOCAL_RANK when there are GPUs."""
+    GPUs, gloo on CPUs. Each rank uses cuda:LOCAL_RANK when there are GPUs.
+
+    A process that joined and then fails must leave at once: its peers wait in a collective it
+    will never enter, and only the launcher, seeing one process end with an error, stops them. So
+    an uncaught exception prints its traceback and ends the process (exit code 1) before Python's
+    exit handlers, whose :func:`shutdown` would wait in a barrier for peers that never come."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return is_distributed()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -37,7 +43,18 @@ def init_from_env() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend)
     atexit.register(shutdown)  # a process group left alive at exit can abort the interpreter's teardown
+    sys.excepthook = _exit_after(sys.excepthook)
     return True
+
+
+def _exit_after(hook):
+    def report_and_exit(kind, value, tb):
+        hook(kind, value, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130 if issubclass(kind, KeyboardInterrupt) else 1)
+
+    return report_and_exit
 
 
 def launcher_warnings(env=None) -> list[str]:
@@ -66,16 +83,17 @@ def shutdown() -> None:
 
 
 def finish(code: int) -> int:
-    """End a process that joined a process group: leave the group, flush, and exit at once with
-    ``code``. With gloo, the interpreter's own teardown after a finished run sometimes aborts in C++
-    static destructors ("terminate called without an active exception": no Python frame, about one
-    run in ten on CPU), turning a finished run into exit code -6; a direct exit skips that teardown.
-    Without a process group, returns ``code``."""
+    """End a process that joined a process group: leave the group (after a barrier, when ``code`` is
+    0), flush, and exit at once with ``code``. A failed process (``code`` not 0) does not wait in the
+    barrier: its peers may be waiting in a collective it will never enter, and the launcher stops
+    them when it sees this process end. With gloo, the interpreter's own teardown after a finished
+    run sometimes aborts in C++ static destructors ("terminate called without an active exception":
+    no Python frame, about one run in ten on CPU), turning a finished run into exit code -6; a
+    direct exit skips that teardown. Without a process group, returns ``code``."""
     if not is_distributed():
         return code
-    import sys
-
-    shutdown()
+    if code == 0:
+        shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
