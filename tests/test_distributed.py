@@ -101,6 +101,32 @@ def test_a_process_that_fails_alone_ends_the_launch_instead_of_hanging_it(mode, 
     assert re.search(rf"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: {code} ", r.stderr), r.stderr[-2000:]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_gpu_process_group_gathers_cpu_and_cuda_tensors_on_gpu(tmp_path):
+    """On GPUs the sharded item embeddings are gathered as CPU tensors, the training embeddings and
+    gradients as CUDA tensors: the backend chosen there takes both (NCCL alone has no CPU
+    collectives). One process, so that a one-GPU machine checks it."""
+    import torch.distributed as tdist
+
+    from vlm2rec_lab.distributed import backend
+
+    tdist.init_process_group(backend(True), store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        for device in ("cpu", "cuda"):
+            x = torch.arange(6.0, device=device).reshape(2, 3)
+            out = [torch.zeros_like(x)]
+            tdist.all_gather(out, x)
+            assert out[0].device == x.device and torch.equal(out[0], x)
+            tdist.all_reduce(x)
+            assert torch.equal(x.cpu(), torch.arange(6.0).reshape(2, 3))
+        got = [None]
+        tdist.all_gather_object(got, {"rng": torch.get_rng_state()})
+        assert torch.equal(got[0]["rng"], torch.get_rng_state())
+        tdist.barrier()
+    finally:
+        tdist.destroy_process_group()
+
+
 def test_averaging_over_processes_is_the_mean_in_buckets_per_dtype(tmp_path):
     """Gradient averaging flattens the tensors of one dtype into buckets (here of at most 10
     elements, so the 12-element tensor has a bucket of its own and the others share); every entry

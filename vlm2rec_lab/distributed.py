@@ -29,8 +29,9 @@ def world_size() -> int:
 
 
 def init_from_env() -> bool:
-    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1); NCCL on
-    GPUs, gloo on CPUs. Each rank uses cuda:LOCAL_RANK when there are GPUs.
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1): NCCL for
+    CUDA tensors and gloo for CPU tensors (:func:`backend`). Each rank uses cuda:LOCAL_RANK when
+    there are GPUs.
 
     A process that joined and then fails must leave at once: its peers wait in a collective it
     will never enter, and only the launcher, seeing one process end with an error, stops them. So
@@ -38,13 +39,19 @@ def init_from_env() -> bool:
     exit handlers, whose :func:`shutdown` would wait in a barrier for peers that never come."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return is_distributed()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend(torch.cuda.is_available()))
     atexit.register(shutdown)  # a process group left alive at exit can abort the interpreter's teardown
     sys.excepthook = _exit_after(sys.excepthook)
     return True
+
+
+def backend(cuda: bool) -> str:
+    """The process group's backends: on GPUs NCCL for CUDA tensors and gloo for CPU tensors (NCCL
+    alone has no CPU collectives, and the sharded item embeddings are gathered on the CPU); gloo
+    alone without GPUs."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
 
 def _exit_after(hook):
