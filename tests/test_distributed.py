@@ -105,7 +105,7 @@ def test_a_process_that_fails_alone_ends_the_launch_instead_of_hanging_it(mode, 
 def test_the_gpu_process_group_gathers_cpu_and_cuda_tensors_on_gpu(tmp_path):
     """On GPUs the sharded item embeddings are gathered as CPU tensors, the training embeddings and
     gradients as CUDA tensors: the backend chosen there takes both (NCCL alone has no CPU
-    collectives). One process, so that a one-GPU machine checks it."""
+    collectives), and the gather's backward too. One process, so that a one-GPU machine checks it."""
     import torch.distributed as tdist
 
     from vlm2rec_lab.distributed import backend
@@ -119,6 +119,13 @@ def test_the_gpu_process_group_gathers_cpu_and_cuda_tensors_on_gpu(tmp_path):
             assert out[0].device == x.device and torch.equal(out[0], x)
             tdist.all_reduce(x)
             assert torch.equal(x.cpu(), torch.arange(6.0).reshape(2, 3))
+        # the differentiable gather of the training embeddings: with a mixed group its backward
+        # takes torch's all-to-all path (not NCCL's reduce-scatter), on CUDA tensors through NCCL
+        from torch.distributed.nn.functional import all_gather
+
+        x = torch.randn(2, 3, device="cuda", requires_grad=True)
+        (torch.cat(all_gather(x)) * 3).sum().backward()
+        assert torch.equal(x.grad, torch.full_like(x, 3.0))
         got = [None]
         tdist.all_gather_object(got, {"rng": torch.get_rng_state()})
         assert torch.equal(got[0]["rng"], torch.get_rng_state())
@@ -203,3 +210,21 @@ def test_accelerate_settings_the_project_does_not_read_are_named():
     assert len(notes) == 2
     assert "--mixed_precision fp16 is not used" in notes[0] and "--dynamo_backend inductor" in notes[1]
     assert "--compile" in notes[1]
+
+
+def test_each_process_computes_on_the_gpu_of_its_local_rank(monkeypatch):
+    """A bare cuda is the process's current GPU (torchrun's local rank, set when it joins); another
+    GPU named under a launcher is refused, with the process and the GPU it should use."""
+    from vlm2rec_lab import distributed as dist
+    from vlm2rec_lab.backbones import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # one process: any GPU it names
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    assert resolve_device("cuda") == torch.device("cuda", 1) and resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"device cuda:0 in process 1 of 4: .* \(here cuda:1\); leave --device out"):
+        resolve_device("cuda:0")

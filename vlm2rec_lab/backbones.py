@@ -466,6 +466,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` (None: :func:`default_device`) made concrete: a bare ``cuda`` is this process's
+    current GPU, which under torchrun or accelerate is the GPU of its local rank. There, naming
+    another GPU is refused: every process would compute on that one GPU."""
+    from . import distributed as dist
+
+    device = torch.device(device) if device is not None else default_device()
+    if device.type != "cuda":
+        return device
+    mine = torch.cuda.current_device()
+    if device.index is None:
+        return torch.device("cuda", mine)
+    if dist.is_distributed() and device.index != mine:
+        raise ValueError(f"device {device} in process {dist.rank()} of {dist.world_size()}: each process computes on "
+                         f"the GPU of its local rank (here cuda:{mine}); leave --device out or pass --device cuda")
+    return device
+
+
 def load_backbone(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                   chat_template: bool = True, dataset=None, cache_dir: str | Path | None = None,
                   seed: int = 0, max_pixels: int | None = None) -> Backbone:
@@ -473,7 +491,7 @@ def load_backbone(name_or_path: str, device: str | torch.device | None = None, d
     for ``dataset``. bf16 on GPU, fp32 on CPU unless ``dtype`` says otherwise."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
 
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = str(build_tiny(dataset, seed=seed, cache_dir=cache_dir)) if name_or_path == "tiny" else name_or_path
     config = AutoConfig.from_pretrained(path)
