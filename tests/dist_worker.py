@@ -39,8 +39,8 @@ def main(mode: str, data: str, out: str) -> None:
             dist.gather_cat(torch.ones(2))
             return 0
 
-        cli.cmd_stats = handler  # "fail": the command line's own error path; "crash": an error it does not catch
-        sys.exit(cli.main(["data", "stats", data]))
+        cli.cmd_embed = handler  # "fail": the command line's own error path; "crash": an error it does not catch
+        sys.exit(cli.main(["embed", data]))
     ds = Dataset.load(data)
     if mode == "grads":
         cfg = TrainConfig(method="vlm2rec", batch_size=8, users_k=32, lora_dropout=0.0, grad_cos_every=1,
@@ -50,6 +50,38 @@ def main(mode: str, data: str, out: str) -> None:
         tr.train()  # two optimizer steps, each with the gradient-cosine probe
         if dist.rank() == 0:
             torch.save({"loss": loss, "grads": grads, "log": [{k: float(v) for k, v in row.items()} for row in tr.log]}, out / f"grads_{dist.world_size()}.pt")
+    elif mode == "init":
+        import time
+
+        from vlm2rec_lab import backbones
+        from vlm2rec_lab import train as train_module
+
+        order, real_build, real_load = [], backbones.build_tiny, train_module.load_backbone
+
+        def build(*a, **k):  # rank 0 takes its time; rank 1 must come after it
+            if dist.rank() == 0:
+                time.sleep(1.0)
+                (out / "built").touch()
+                order.append([0, "built"])
+            else:
+                order.append([1, "asked after rank 0 built" if (out / "built").exists() else "asked first"])
+            return real_build(*a, **k)
+
+        def load(*a, **k):  # rank 1's random stream moves on before its adapter is made
+            bb = real_load(*a, **k)
+            if dist.rank() == 1:
+                torch.rand(7)
+            return bb
+
+        backbones.build_tiny, train_module.load_backbone = build, load
+        cfg = TrainConfig(method="vlm2rec", batch_size=8, users_k=32, alpha=0.7, checkpoint_every=0)
+        tr = Trainer(cfg, ds, out / "init", progress=False)
+        mine = torch.cat([p.detach().reshape(-1) for p in tr.lora] + [tr.alpha.detach().reshape(1), tr.beta.detach().reshape(1)])
+        every = dist.gather_objects(mine)
+        orders = dist.gather_objects(order)
+        if dist.rank() == 0:
+            torch.save({"same_start": all(torch.equal(every[0], e) for e in every),
+                        "lora_numel": mine.numel(), "order": [x for o in orders for x in o]}, out / "init_2.pt")
     elif mode == "resume":  # LoRA dropout on: 3 steps in one go, and 2 steps then a resumed third
         base = dict(method="vlm2rec", batch_size=8, users_k=32, lora_dropout=0.2, grad_cos_every=0, checkpoint_every=2)
         whole = Trainer(TrainConfig(**base, max_steps=3), ds, out / f"whole{dist.world_size()}", progress=False)

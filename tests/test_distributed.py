@@ -183,7 +183,7 @@ def test_the_command_line_under_a_launcher_trains_and_embeds_as_one_process(laun
     if launcher == "torchrun":  # train, then embed as a command of its own
         _launch(2, [*train, "--no-embed"])
         assert not (out / "embeddings").exists()
-        _launch(2, [*CLI, "embed", str(out)])
+        _launch(2, [*CLI, "embed", str(out), "--device", "cpu"])
     else:  # train and embed in one command; accelerate's own precision flag is said to be unused
         r = _launch(2, train, launcher="accelerate", options=("--mixed_precision", "bf16"))
         assert "accelerate launch --mixed_precision bf16 is not used" in r.stderr
@@ -213,18 +213,40 @@ def test_accelerate_settings_the_project_does_not_read_are_named():
 
 
 def test_each_process_computes_on_the_gpu_of_its_local_rank(monkeypatch):
-    """A bare cuda is the process's current GPU (torchrun's local rank, set when it joins); another
-    GPU named under a launcher is refused, with the process and the GPU it should use."""
+    """A bare cuda is the process's current GPU (torchrun's local rank, set when it joins). Another
+    GPU named under a launcher (by --device, or by a run's config from a one-GPU run) becomes the
+    local rank's, with a warning; a process beyond the machine's GPUs is refused one."""
     from vlm2rec_lab import distributed as dist
     from vlm2rec_lab.backbones import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda") == torch.device("cuda", 1)
     assert resolve_device("cuda:0") == torch.device("cuda", 0)  # one process: any GPU it names
     monkeypatch.setattr(dist, "is_distributed", lambda: True)
     monkeypatch.setattr(dist, "rank", lambda: 1)
     monkeypatch.setattr(dist, "world_size", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("cuda") == torch.device("cuda", 1) and resolve_device("cuda:1") == torch.device("cuda", 1)
-    with pytest.raises(ValueError, match=r"device cuda:0 in process 1 of 4: .* \(here cuda:1\); leave --device out"):
-        resolve_device("cuda:0")
+    with pytest.warns(RuntimeWarning, match=r"device cuda:0 in process 1 of 4: .*, here cuda:1"):
+        assert resolve_device("cuda:0") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match=r"local rank 2 but this machine has 2 GPU\(s\): .* --device cpu"):
+        resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_processes_start_from_rank_0s_adapter_and_one_builds_the_tiny_backbone(synth_ds, tiny_path, tmp_path):
+    """Rank 1 draws random numbers between loading the backbone and making its adapter (as a
+    process that built the tiny backbone would) and still starts from rank 0's LoRA weights and
+    α/β; under a launcher rank 1 asks for the tiny backbone only after rank 0 has it."""
+    _run(2, "init", synth_ds.path, tmp_path)
+    got = torch.load(tmp_path / "init_2.pt")
+    assert got["same_start"] and got["lora_numel"] > 0
+    assert got["order"] == [[0, "built"], [1, "asked after rank 0 built"]]
+
+
+def test_single_process_commands_refuse_a_launcher(synth_ds, tmp_path):
+    r = _launch(2, [*CLI, "data", "stats", str(synth_ds.path)], expect=1, timeout=120)
+    assert "error: data runs in one process: of the commands, train and embed run under torchrun" in r.stderr

@@ -151,6 +151,11 @@ def test_resume_refuses_a_different_config(synth_ds, tmp_path):
         create_run(tmp_path / "r", TrainConfig(method="vlm-sft", seed=0), synth_ds)
     with pytest.raises(ValueError, match="different config"):
         create_run(tmp_path / "r", TrainConfig(method="vlm-sft", seed=1), synth_ds, resume=True)
+    # where it computes is not what the run is: a run made on cuda:0 resumes on another device
+    create_run(tmp_path / "d", TrainConfig(method="vlm-sft", device="cuda:0"), synth_ds)
+    create_run(tmp_path / "d", TrainConfig(method="vlm-sft", device=None), synth_ds, resume=True)
+    with pytest.raises(ValueError, match=r"different config: \{'lr': \(0.001, 0.5\)\}$"):
+        create_run(tmp_path / "d", TrainConfig(method="vlm-sft", device="cpu", lr=0.5), synth_ds, resume=True)
 
 
 def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):

@@ -468,20 +468,27 @@ def default_device() -> torch.device:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` (None: :func:`default_device`) made concrete: a bare ``cuda`` is this process's
-    current GPU, which under torchrun or accelerate is the GPU of its local rank. There, naming
-    another GPU is refused: every process would compute on that one GPU."""
+    current GPU, which under torchrun or accelerate is the GPU of its local rank. There, another
+    GPU named (``--device cuda:0``, or a run's config written by a one-GPU run) is replaced by the
+    local rank's, with a warning: every process computing on that one GPU is never what is meant."""
     from . import distributed as dist
 
     device = torch.device(device) if device is not None else default_device()
     if device.type != "cuda":
         return device
-    mine = torch.cuda.current_device()
-    if device.index is None:
-        return torch.device("cuda", mine)
-    if dist.is_distributed() and device.index != mine:
-        raise ValueError(f"device {device} in process {dist.rank()} of {dist.world_size()}: each process computes on "
-                         f"the GPU of its local rank (here cuda:{mine}); leave --device out or pass --device cuda")
-    return device
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if dist.is_distributed() and local >= torch.cuda.device_count():
+        raise ValueError(f"process {dist.rank()} of {dist.world_size()} has local rank {local} but this machine has "
+                         f"{torch.cuda.device_count()} GPU(s): start one process a GPU, or pass --device cpu")
+    mine = torch.device("cuda", torch.cuda.current_device())
+    if device.index is not None and device.index != mine.index and dist.is_distributed():
+        import warnings
+
+        warnings.warn(f"device {device} in process {dist.rank()} of {dist.world_size()}: each process computes on the "
+                      f"GPU of its local rank, here {mine} (--device cuda says so without naming one)",
+                      RuntimeWarning, stacklevel=2)
+        return mine
+    return mine if device.index is None else device
 
 
 def load_backbone(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -493,7 +500,7 @@ def load_backbone(name_or_path: str, device: str | torch.device | None = None, d
 
     device = resolve_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    path = str(build_tiny(dataset, seed=seed, cache_dir=cache_dir)) if name_or_path == "tiny" else name_or_path
+    path = str(_tiny_once(dataset, seed, cache_dir)) if name_or_path == "tiny" else name_or_path
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if hasattr(config, "vision_config"):
@@ -577,6 +584,21 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                    chat_template=CHAT_TEMPLATE, padding_side="left")
+
+
+def _tiny_once(dataset, seed: int, cache_dir) -> Path:
+    """:func:`build_tiny`, one builder a machine under a launcher (whose processes all load the
+    backbone, so all come here): local rank 0 builds it, or finds it, while the others wait; then
+    they find it. Several processes building into one cache folder at once can read a folder that
+    another is swapping out."""
+    from . import distributed as dist
+
+    if not dist.is_distributed():
+        return build_tiny(dataset, seed=seed, cache_dir=cache_dir)
+    first = int(os.environ.get("LOCAL_RANK", dist.rank())) == 0
+    path = build_tiny(dataset, seed=seed, cache_dir=cache_dir) if first else None
+    dist.barrier()
+    return path or build_tiny(dataset, seed=seed, cache_dir=cache_dir)
 
 
 def build_tiny(dataset, seed: int = 0, cache_dir: str | Path | None = None, cfg: TinyConfig | None = None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -131,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--batch-size", type=int, default=128, help="prompts per forward (packed, their shared prefix computed once a batch)")
     em.add_argument("--compile", action="store_true",
                     help="torch.compile the decoder layers and vision blocks first (GPU; minutes of compiling)")
+    em.add_argument("--device", default=None, help="cpu or cuda (default: the run's, else cuda when available)")
 
     ds = sub.add_parser("downstream", help="Task 2: SASRec / GRU4Rec with ID or VLM-initialised item embeddings")
     ds.add_argument("--data", required=True)
@@ -322,7 +324,7 @@ def cmd_embed(a) -> int:
 
     dist.init_from_env()
     _launcher_warnings(dist)
-    out = embed_run(a.run, batch_size=a.batch_size, compile=a.compile)
+    out = embed_run(a.run, batch_size=a.batch_size, compile=a.compile, device=a.device)
     if dist.rank() != 0:
         return 0
     print(f"wrote {len(out)} arrays to {Path(a.run) / 'embeddings'}: " + ", ".join(sorted(out)))
@@ -412,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingDiverged
 
     a = _parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.command not in ("train", "embed"):
+        print(f"error: {a.command} runs in one process: of the commands, train and embed run under torchrun or "
+              f"accelerate launch (here WORLD_SIZE={os.environ['WORLD_SIZE']}); run it without a launcher", file=sys.stderr)
+        return 2
     handler = {"synth": cmd_synth, "prepare": cmd_prepare, "stats": cmd_stats}.get(getattr(a, "data_command", None)) \
         or {"evaluate": cmd_evaluate, "demo": cmd_demo, "downstream": cmd_downstream, "train": cmd_train,
            "embed": cmd_embed, "batch": cmd_batch}[a.command]

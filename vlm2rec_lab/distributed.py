@@ -39,8 +39,9 @@ def init_from_env() -> bool:
     exit handlers, whose :func:`shutdown` would wait in a barrier for peers that never come."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return is_distributed()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available() and local < torch.cuda.device_count():  # (more processes than GPUs: see
+        torch.cuda.set_device(local)  # backbones.resolve_device, which refuses them a GPU)
     dist.init_process_group(backend=backend(torch.cuda.is_available()))
     atexit.register(shutdown)  # a process group left alive at exit can abort the interpreter's teardown
     sys.excepthook = _exit_after(sys.excepthook)
@@ -156,6 +157,17 @@ def average_gradients(params) -> None:
     _all_reduce_mean([p.grad for p in params])
 
 
+def broadcast_from_first(tensors) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (in buckets, like the averaging). A
+    trainer's adapter and α/β start from rank 0's: processes whose random streams differed before
+    the adapter was made (one built the tiny backbone, drawing numbers, while another found it
+    built) would otherwise start, and stay, apart."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        _in_buckets(list(tensors), lambda flat: dist.broadcast(flat, src=0))
+
+
 def _all_reduce_mean(tensors: list, bucket_elements: int = 1 << 26) -> None:
     """Average ``tensors`` over ranks in place, as few collectives as possible: the tensors of one
     dtype and device are flattened into buckets of at most ``bucket_elements`` (256 MB of fp32) and
@@ -164,6 +176,17 @@ def _all_reduce_mean(tensors: list, bucket_elements: int = 1 << 26) -> None:
     w = world_size()
     if any(not t.is_floating_point() for t in tensors):
         raise TypeError("averaging over processes needs floating-point tensors")
+
+    def mean(flat: torch.Tensor) -> None:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(w)
+
+    _in_buckets(tensors, mean, bucket_elements)
+
+
+def _in_buckets(tensors: list, collective, bucket_elements: int = 1 << 26) -> None:
+    """Apply ``collective`` (in place on a flat tensor) to ``tensors``: those of one dtype and device
+    flattened into buckets of at most ``bucket_elements``, one call a bucket, copied back."""
     open_: dict[tuple, tuple[list[int], int]] = {}  # (dtype, device) -> (the bucket being filled, its size)
     buckets = []
     for i, t in enumerate(tensors):
@@ -176,8 +199,7 @@ def _all_reduce_mean(tensors: list, bucket_elements: int = 1 << 26) -> None:
         open_[key] = (idx, size + t.numel())
     for idx in buckets:
         flat = torch.cat([tensors[i].reshape(-1) for i in idx])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(w)
+        collective(flat)
         for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
             tensors[i].copy_(part.view_as(tensors[i]))
 

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import subprocess
@@ -58,8 +59,9 @@ def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = Fa
         if not resume:
             raise FileExistsError(f"{run}: a run already exists here (pass --resume to continue it, or another --out)")
         old = load_run_config(run)
-        if old != cfg:
-            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in vars(cfg) if getattr(old, k) != getattr(cfg, k)}
+        same_place = dataclasses.replace(cfg, device=old.device)  # where it computes is not what the run is
+        if old != same_place:
+            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in vars(cfg) if getattr(old, k) != getattr(same_place, k)}
             raise ValueError(f"{run}: --resume with a different config: {diff}")
         return run
     run.mkdir(parents=True, exist_ok=True)
@@ -120,13 +122,16 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
 
 
 def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None, progress: bool = True,
-              batch_size: int = 128, root: str | Path | None = None, compile: bool | str = False) -> dict[str, np.ndarray]:
+              batch_size: int = 128, root: str | Path | None = None, compile: bool | str = False,
+              device: str | None = None) -> dict[str, np.ndarray]:
     """Item and sequence embeddings per modality (T, V, F) into ``RUN/embeddings``.
 
     F is T + V for external fusion (and item-mean), the interleaved prompt for internal fusion, T
     for text-only methods. ``item-mean`` takes the zero-shot fused item embeddings and mean-pools
     them over each history. ``compile``: ``torch.compile`` the decoder layers and, for VLMs, the
-    vision blocks first (True: inductor; or a backend's name); minutes of compiling on a GPU."""
+    vision blocks first (True: inductor; or a backend's name); minutes of compiling on a GPU.
+    ``device``: where to embed (default: the run's config, else the GPU when there is one). Under a
+    launcher only rank 0 shows progress."""
     from .data.dataset import Dataset
     from .encoder import Encoder
 
@@ -138,7 +143,8 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     if ds.fingerprint != manifest["data"]["fingerprint"] and root is None:
         raise ValueError(f"{run}: dataset fingerprint differs from the one the run was made with "
                          f"(for another domain use cross_domain())")
-    bb = backbone or load_run_backbone(run, ds)
+    bb = backbone or load_run_backbone(run, ds, device=device)
+    progress = progress and dist.rank() == 0
     from .train import check_fusion
 
     check_fusion(method, bb)

@@ -25,7 +25,7 @@ from .backbones import Backbone, load_backbone, lora_target_regex
 from . import distributed as dist
 from .config import TrainConfig
 from .encoder import Encoder
-from .io import atomic_dir
+from .io import atomic_dir, atomic_write_text
 from .losses import ObjectiveConfig, info_nce, objective
 from .methods import get_method
 from .transfer import to_device
@@ -183,6 +183,7 @@ class Trainer:
         # fused: one kernel for all tensors instead of about a dozen multi-tensor passes (the default's
         # step spanned 12.6 ms of an H100's timeline for the 3B LoRA's 504 tensors)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+        dist.broadcast_from_first(self.lora + [self.alpha, self.beta])  # every process starts from rank 0's adapter
         if dist.rank() > 0:  # after the shared initialisation (every process starts from the same adapter):
             # each process draws its own LoRA-dropout masks. With one seed everywhere, rows of two
             # processes at the same packed positions would be dropped alike, which one process
@@ -329,9 +330,9 @@ class Trainer:
         return True
 
     def _write_logs(self, folder: Path, log: list | None = None, weak: list | None = None) -> None:
-        pd.DataFrame(self.log if log is None else log).to_csv(folder / "train_log.csv", index=False)
-        pd.DataFrame(self.weak if weak is None else weak, columns=["step", "user", "weak"]).to_csv(
-            folder / "weak_modality.csv", index=False)
+        atomic_write_text(folder / "train_log.csv", pd.DataFrame(self.log if log is None else log).to_csv(index=False))
+        atomic_write_text(folder / "weak_modality.csv", pd.DataFrame(
+            self.weak if weak is None else weak, columns=["step", "user", "weak"]).to_csv(index=False))
 
     # ---------------------------------------------------------------- the loop
     def train(self, resume: bool = False) -> dict:
@@ -427,8 +428,9 @@ class Trainer:
                 except Exception:  # noqa: BLE001  (e.g. an unreadable image: raised when that micro-batch
                     pass  # is laid out in its turn, after this one's loss has been checked)
             for name, term in out.terms.items():  # a non-finite loss stops the run before the optimizer steps
-                if not torch.isfinite(term):
-                    self._write_logs(self.run_dir)
+                if not torch.isfinite(term):  # (the same on every process: the loss sees the gathered batch)
+                    if dist.rank() == 0:
+                        self._write_logs(self.run_dir)
                     raise TrainingDiverged(f"step {self.step + 1}: loss term {name!r} is {term.item()} "
                                            f"(method {cfg.method}, lr {cfg.lr})")
                 sums[name] = sums.get(name, 0.0) + term.item() / cfg.grad_accum
