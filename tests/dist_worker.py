@@ -82,6 +82,22 @@ def main(mode: str, data: str, out: str) -> None:
         if dist.rank() == 0:
             torch.save({"same_start": all(torch.equal(every[0], e) for e in every),
                         "lora_numel": mine.numel(), "order": [x for o in orders for x in o]}, out / "init_2.pt")
+    elif mode == "cache":  # the vision cache filled before training: each process encodes its share
+        from vlm2rec_lab.backbones import load_backbone
+        from vlm2rec_lab.encoder import Encoder
+
+        bb = load_backbone("tiny", dataset=ds, device="cpu")
+        encoded, real = [], bb.image_features
+        bb.image_features = lambda px, grid: encoded.append(len(grid)) or real(px, grid)
+        enc = Encoder(bb, ds.items)
+        enc.vision_features([3, 5])  # some images already cached on one rank only
+        if dist.rank() == 1:
+            enc.vision_features([7])
+        enc.cache_all()
+        held = dist.gather_objects({i: (f.clone(), g.clone()) for i, (f, g) in enc._features.items()})
+        counts = dist.gather_objects(sum(encoded))
+        if dist.rank() == 0:
+            torch.save({"held": held, "encoded": counts}, out / f"cache_{dist.world_size()}.pt")
     elif mode == "resume":  # LoRA dropout on: 3 steps in one go, and 2 steps then a resumed third
         base = dict(method="vlm2rec", batch_size=8, users_k=32, lora_dropout=0.2, grad_cos_every=0, checkpoint_every=2)
         whole = Trainer(TrainConfig(**base, max_steps=3), ds, out / f"whole{dist.world_size()}", progress=False)

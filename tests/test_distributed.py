@@ -134,6 +134,27 @@ def test_the_gpu_process_group_gathers_cpu_and_cuda_tensors_on_gpu(tmp_path):
         tdist.destroy_process_group()
 
 
+def test_two_processes_fill_the_vision_cache_a_share_each_and_both_hold_all(synth_ds, tiny_path, tmp_path):
+    """Before training each process encodes its share of the images and the features are gathered:
+    both processes end up holding every image's features and grid, the same as one process's, and
+    the vision tower saw each missing image once over both (images 3 and 5 were cached beforehand
+    on both ranks, 7 on rank 1 only)."""
+    _run(1, "cache", synth_ds.path, tmp_path)
+    _run(2, "cache", synth_ds.path, tmp_path)
+    one, two = torch.load(tmp_path / "cache_1.pt"), torch.load(tmp_path / "cache_2.pt")
+    n_images = int(synth_ds.items["image"].notna().sum())
+    assert len(one["held"][0]) == n_images and one["encoded"] == [n_images]
+    for held in two["held"]:
+        assert held.keys() == one["held"][0].keys()
+        for i, (f, g) in one["held"][0].items():
+            assert torch.equal(held[i][1], g) and held[i][0].shape == f.shape
+            assert torch.allclose(held[i][0], f, atol=1e-5), i
+    # missing somewhere: every image but 3 and 5 (7 is missing on rank 0), split in halves; plus
+    # what each rank encoded before (2 and 3 images)
+    todo = n_images - 2
+    assert two["encoded"] == [2 + todo // 2, 3 + todo - todo // 2]
+
+
 def test_averaging_over_processes_is_the_mean_in_buckets_per_dtype(tmp_path):
     """Gradient averaging flattens the tensors of one dtype into buckets (here of at most 10
     elements, so the 12-element tensor has a bucket of its own and the others share); every entry

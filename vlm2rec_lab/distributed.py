@@ -214,13 +214,19 @@ def gather_shards(local: torch.Tensor, n: int) -> torch.Tensor:
     if not is_distributed():
         return local
     w = world_size()
-    sizes = [len(range(*_bounds(n, w, r))) for r in range(w)]
-    width = max(sizes)
-    padded = torch.zeros(width, *local.shape[1:], dtype=local.dtype)
+    return torch.cat(gather_varying(local, [len(range(*_bounds(n, w, r))) for r in range(w)]), dim=0)
+
+
+def gather_varying(local: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Every rank's ``local`` (``sizes[r]`` rows on rank r, the other dimensions alike), in rank
+    order, on the device ``local`` is on (padded to the largest for the one all-gather)."""
+    if not is_distributed():
+        return [local]
+    padded = local.new_zeros(max(sizes), *local.shape[1:])
     padded[: len(local)] = local
-    out = [torch.zeros_like(padded) for _ in range(w)]
+    out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
+    return [o[:s] for o, s in zip(out, sizes)]
 
 
 def _bounds(n: int, w: int, r: int) -> tuple[int, int]:

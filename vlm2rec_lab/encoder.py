@@ -141,8 +141,26 @@ class Encoder:
         return feats, grid
 
     def cache_all(self, progress: bool = False) -> None:
-        """Compute the vision features of every item with an image (e.g. before training)."""
-        self.vision_features([i for i in range(self.n_items) if self.image_paths[i]], progress=progress)
+        """Compute the vision features of every item with an image (e.g. before training). Under a
+        launcher each process reads and runs through the vision tower its share of the images
+        (:func:`~vlm2rec_lab.distributed.shard`) and the features are gathered, so that every
+        process holds them all: N processes read, decode and encode each image once, not N times."""
+        from . import distributed as dist
+
+        todo = [i for i in range(self.n_items) if self.image_paths[i] and i not in self._features]
+        if not dist.is_distributed():
+            self.vision_features(todo, progress=progress)
+            return
+        todo = sorted(set().union(*dist.gather_objects(todo)))  # missing anywhere (the ranks' caches may differ)
+        mine = [todo[j] for j in dist.shard(len(todo))]
+        feats, grid = self.vision_features(mine, progress=progress)
+        flat = torch.cat(feats) if feats else torch.zeros(0, self.bb.hidden_size, device=self.bb.device, dtype=self.bb.dtype)
+        # each rank's items with their token counts and grids, then its features' rows
+        theirs = dist.gather_objects([(i, len(f), g) for i, f, g in zip(mine, feats, [] if grid is None else grid.tolist())])
+        rows = dist.gather_varying(flat, [sum(n for _, n, _ in part) for part in theirs])
+        for part, block in zip(theirs, rows):
+            for (i, _, g), f in zip(part, block.split([n for _, n, _ in part])):
+                self._features[i] = (f, torch.tensor(g))
 
     # ---------------------------------------------------------------- prompts
     def prompts(self, kind: str, item_lists: Sequence[Sequence[int]]) -> list[str]:
