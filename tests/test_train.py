@@ -9,8 +9,8 @@ from vlm2rec_lab.cli import main
 from vlm2rec_lab.config import TrainConfig
 from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.losses import ObjectiveOutput
-from vlm2rec_lab.runs import (EmbeddingScorer, create_run, embed_run, load_embeddings, load_run_config,
-                              run_method)
+from vlm2rec_lab.runs import (EmbeddingScorer, create_run, embed_run, load_embeddings, load_manifest,
+                              load_run_config, run_method)
 from vlm2rec_lab.train import Trainer, TrainingDiverged
 
 
@@ -154,6 +154,8 @@ def test_resume_refuses_a_different_config(synth_ds, tmp_path):
     # where it computes is not what the run is: a run made on cuda:0 resumes on another device
     create_run(tmp_path / "d", TrainConfig(method="vlm-sft", device="cuda:0"), synth_ds)
     create_run(tmp_path / "d", TrainConfig(method="vlm-sft", device=None), synth_ds, resume=True)
+    manifest = load_manifest(tmp_path / "d")
+    assert manifest["processes"] == 1 and manifest["resumed_with_processes"] == [1]
     with pytest.raises(ValueError, match=r"different config: \{'lr': \(0.001, 0.5\)\}$"):
         create_run(tmp_path / "d", TrainConfig(method="vlm-sft", device="cpu", lr=0.5), synth_ds, resume=True)
 

@@ -466,7 +466,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def backbone_device(device: str | torch.device | None) -> torch.device:
     """``device`` (None: :func:`default_device`) made concrete: a bare ``cuda`` is this process's
     current GPU, which under torchrun or accelerate is the GPU of its local rank. There, another
     GPU named (``--device cuda:0``, or a run's config written by a one-GPU run) is replaced by the
@@ -476,7 +476,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     device = torch.device(device) if device is not None else default_device()
     if device.type != "cuda":
         return device
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but CUDA is not available")
+    local = dist.local_rank()
     if dist.is_distributed() and local >= torch.cuda.device_count():
         raise ValueError(f"process {dist.rank()} of {dist.world_size()} has local rank {local} but this machine has "
                          f"{torch.cuda.device_count()} GPU(s): start one process a GPU, or pass --device cpu")
@@ -498,7 +500,7 @@ def load_backbone(name_or_path: str, device: str | torch.device | None = None, d
     for ``dataset``. bf16 on GPU, fp32 on CPU unless ``dtype`` says otherwise."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoTokenizer
 
-    device = resolve_device(device)
+    device = backbone_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = str(_tiny_once(dataset, seed, cache_dir)) if name_or_path == "tiny" else name_or_path
     config = AutoConfig.from_pretrained(path)
@@ -587,18 +589,21 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def _tiny_once(dataset, seed: int, cache_dir) -> Path:
-    """:func:`build_tiny`, one builder a machine under a launcher (whose processes all load the
-    backbone, so all come here): local rank 0 builds it, or finds it, while the others wait; then
-    they find it. Several processes building into one cache folder at once can read a folder that
-    another is swapping out."""
+    """:func:`build_tiny`, one builder at a time under a launcher (whose processes all load the
+    backbone, so all come here): rank 0 builds it (or finds it) while the others wait; then the
+    first process of every other machine, which finds it where the cache folder is shared and
+    builds it where not; then the rest, which find it. Several processes building into one cache
+    folder at once can read a folder that another is swapping out."""
     from . import distributed as dist
 
+    build = lambda: build_tiny(dataset, seed=seed, cache_dir=cache_dir)  # noqa: E731
     if not dist.is_distributed():
-        return build_tiny(dataset, seed=seed, cache_dir=cache_dir)
-    first = int(os.environ.get("LOCAL_RANK", dist.rank())) == 0
-    path = build_tiny(dataset, seed=seed, cache_dir=cache_dir) if first else None
+        return build()
+    path = build() if dist.rank() == 0 else None
     dist.barrier()
-    return path or build_tiny(dataset, seed=seed, cache_dir=cache_dir)
+    path = path or (build() if dist.local_rank() == 0 else None)
+    dist.barrier()
+    return path or build()
 
 
 def build_tiny(dataset, seed: int = 0, cache_dir: str | Path | None = None, cfg: TinyConfig | None = None,

@@ -265,7 +265,10 @@ def cmd_stats(a) -> int:
     return 0
 
 
-def _launcher_warnings(dist) -> None:
+def _launcher_warnings() -> None:
+    """Rank 0 names the launcher settings this project does not read (once for all processes)."""
+    from . import distributed as dist
+
     if dist.rank() == 0:
         for note in dist.launcher_warnings():
             print(f"warning: {note}", file=sys.stderr)
@@ -280,7 +283,7 @@ def cmd_train(a) -> int:
     from . import distributed as dist
 
     dist.init_from_env()
-    _launcher_warnings(dist)
+    _launcher_warnings()
     ds = Dataset.load(a.data)
     if a.config:
         cfg = load_yaml(TrainConfig, a.config)
@@ -323,7 +326,7 @@ def cmd_embed(a) -> int:
     from .runs import embed_run
 
     dist.init_from_env()
-    _launcher_warnings(dist)
+    _launcher_warnings()
     out = embed_run(a.run, batch_size=a.batch_size, compile=a.compile, device=a.device)
     if dist.rank() != 0:
         return 0
@@ -409,12 +412,13 @@ def cmd_downstream(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
     from .data.images import ImagesOfflineError
     from .io import DataFormatError
     from .train import TrainingDiverged
 
     a = _parser().parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and a.command not in ("train", "embed"):
+    if distributed.launched() and a.command not in ("train", "embed"):
         print(f"error: {a.command} runs in one process: of the commands, train and embed run under torchrun or "
               f"accelerate launch (here WORLD_SIZE={os.environ['WORLD_SIZE']}); run it without a launcher", file=sys.stderr)
         return 2
@@ -427,8 +431,6 @@ def main(argv: list[str] | None = None) -> int:
             TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    from . import distributed
-
     return distributed.finish(code)  # under torchrun: leave the process group and exit here
 
 

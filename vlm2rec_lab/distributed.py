@@ -28,6 +28,17 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def launched() -> bool:
+    """Whether a launcher (torchrun, accelerate launch --multi_gpu) started this process as one of
+    several (its environment says WORLD_SIZE > 1), joined or not yet."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (the launcher's LOCAL_RANK; 0 without a launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def init_from_env() -> bool:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1): NCCL for
     CUDA tensors and gloo for CPU tensors (:func:`backend`). Each rank uses cuda:LOCAL_RANK when
@@ -37,11 +48,10 @@ def init_from_env() -> bool:
     will never enter, and only the launcher, seeing one process end with an error, stops them. So
     an uncaught exception prints its traceback and ends the process (exit code 1) before Python's
     exit handlers, whose :func:`shutdown` would wait in a barrier for peers that never come."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    if not launched() or (dist.is_available() and dist.is_initialized()):
         return is_distributed()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available() and local < torch.cuda.device_count():  # (more processes than GPUs: see
-        torch.cuda.set_device(local)  # backbones.resolve_device, which refuses them a GPU)
+    if torch.cuda.is_available() and local_rank() < torch.cuda.device_count():  # (more processes than GPUs:
+        torch.cuda.set_device(local_rank())  # see backbones.backbone_device, which refuses them a GPU)
     dist.init_process_group(backend=backend(torch.cuda.is_available()))
     atexit.register(shutdown)  # a process group left alive at exit can abort the interpreter's teardown
     sys.excepthook = _exit_after(sys.excepthook)
@@ -56,6 +66,7 @@ def backend(cuda: bool) -> str:
 
 
 def _exit_after(hook):
+    """``hook`` (an excepthook), then an immediate exit: 1, or 130 after Ctrl-C (see :func:`init_from_env`)."""
     def report_and_exit(kind, value, tb):
         hook(kind, value, tb)
         sys.stdout.flush()
@@ -76,9 +87,9 @@ def launcher_warnings(env=None) -> list[str]:
     if precision not in ("", "no"):
         notes.append(f"accelerate launch --mixed_precision {precision} is not used: the backbone computes in its "
                      "own dtype (bf16 on GPUs, fp32 on CPUs)")
-    backend = env.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower()
-    if backend not in ("", "no"):
-        notes.append(f"accelerate launch --dynamo_backend {backend} is not used: pass --compile to compile "
+    dynamo = env.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower()
+    if dynamo not in ("", "no"):
+        notes.append(f"accelerate launch --dynamo_backend {dynamo} is not used: pass --compile to compile "
                      "the decoder layers")
     return notes
 

@@ -152,10 +152,16 @@ class Encoder:
             self.vision_features(todo, progress=progress)
             return
         todo = sorted(set().union(*dist.gather_objects(todo)))  # missing anywhere (the ranks' caches may differ)
-        mine = [todo[j] for j in dist.shard(len(todo))]
-        feats, grid = self.vision_features(mine, progress=progress)
+        if todo:  # (the same on every rank)
+            mine = [todo[j] for j in dist.shard(len(todo))]
+            self._gather_features(mine, *self.vision_features(mine, progress=progress))
+
+    def _gather_features(self, mine: list[int], feats: list[Tensor], grid: Tensor | None) -> None:
+        """Every rank's share of the cache (items ``mine``, their features and grids) into every
+        rank's cache: which items with how many rows and which grids, then the rows themselves."""
+        from . import distributed as dist
+
         flat = torch.cat(feats) if feats else torch.zeros(0, self.bb.hidden_size, device=self.bb.device, dtype=self.bb.dtype)
-        # each rank's items with their token counts and grids, then its features' rows
         theirs = dist.gather_objects([(i, len(f), g) for i, f, g in zip(mine, feats, [] if grid is None else grid.tolist())])
         rows = dist.gather_varying(flat, [sum(n for _, n, _ in part) for part in theirs])
         for part, block in zip(theirs, rows):

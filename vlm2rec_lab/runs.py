@@ -51,8 +51,9 @@ def _git_revision() -> str | None:
 
 
 def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = False) -> Path:
-    """Make (or, with ``resume``, reopen) a run folder: config.yaml and manifest.json (which also
-    records how many processes made the run: torchrun's or accelerate's world size, 1 without)."""
+    """Make (or, with ``resume``, reopen) a run folder: config.yaml and manifest.json. The manifest
+    records how many processes made the run (torchrun's or accelerate's world size, 1 without) and,
+    for each resume, how many continued it (``resumed_with_processes``)."""
     run = Path(run_dir)
     cfg = cfg.resolved()
     if (run / "config.yaml").exists():
@@ -63,6 +64,9 @@ def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = Fa
         if old != same_place:
             diff = {k: (getattr(old, k), getattr(cfg, k)) for k in vars(cfg) if getattr(old, k) != getattr(same_place, k)}
             raise ValueError(f"{run}: --resume with a different config: {diff}")
+        manifest = load_manifest(run)
+        manifest["resumed_with_processes"] = manifest.get("resumed_with_processes", []) + [dist.world_size()]
+        atomic_write_json(run / "manifest.json", manifest)
         return run
     run.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run / "config.yaml")

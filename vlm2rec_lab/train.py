@@ -57,6 +57,13 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
+def _own_stream(seed: int, step: int = 0) -> None:
+    """Under a launcher, processes beyond rank 0 switch to a random stream of their own (rank 0, like
+    one process, keeps the seed's): see ``Trainer.__init__``."""
+    if dist.rank() > 0:
+        seed_everything(rank_seed(seed, dist.rank(), step))
+
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -66,8 +73,8 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s.get("cuda") is not None and torch.cuda.is_available():  # (a run moved to fewer GPUs: theirs)
+        torch.cuda.set_rng_state_all(s["cuda"][:torch.cuda.device_count()])
 
 
 def check_fusion(method, bb: Backbone) -> None:
@@ -184,11 +191,10 @@ class Trainer:
         # step spanned 12.6 ms of an H100's timeline for the 3B LoRA's 504 tensors)
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
         dist.broadcast_from_first(self.lora + [self.alpha, self.beta])  # every process starts from rank 0's adapter
-        if dist.rank() > 0:  # after the shared initialisation (every process starts from the same adapter):
-            # each process draws its own LoRA-dropout masks. With one seed everywhere, rows of two
-            # processes at the same packed positions would be dropped alike, which one process
-            # holding the whole batch never does. Rank 0 keeps the seed's stream: one process runs as before.
-            seed_everything(rank_seed(cfg.seed, dist.rank()))
+        # then each process draws its own LoRA-dropout masks. With one seed everywhere, rows of two
+        # processes at the same packed positions would be dropped alike, which one process holding
+        # the whole batch never does. Rank 0 keeps the seed's stream: one process runs as before.
+        _own_stream(cfg.seed)
 
         users, hist, targets = dataset.train_examples(cfg.train_examples)
         if cfg.users_k is not None:
@@ -301,6 +307,15 @@ class Trainer:
         if written is not None:
             written.result()
 
+    def _settle_checkpoint(self) -> None:
+        """Finish the checkpoint being written, on the way out of a failed run: its own failure is
+        a warning, so that it does not replace the error that stopped the run."""
+        try:
+            self.wait_for_checkpoint()
+        except Exception as w:  # noqa: BLE001
+            warnings.warn(f"the checkpoint being written when training stopped was not saved: "
+                          f"{type(w).__name__}: {w}", RuntimeWarning, stacklevel=3)
+
     def load_checkpoint(self) -> bool:
         self.wait_for_checkpoint()
         f = self.ckpt_dir / "state.pt"
@@ -319,8 +334,7 @@ class Trainer:
             _set_rng_state(ranks[dist.rank()])
         else:  # another process count than the checkpoint's: rank 0 goes on with its stream, the others
             _set_rng_state(state["rng"])  # start streams of their own (reproducible: seed, rank, step)
-            if dist.rank() > 0:
-                seed_everything(rank_seed(self.cfg.seed, dist.rank(), state["step"]))
+            _own_stream(self.cfg.seed, state["step"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
         if (self.ckpt_dir / "train_log.csv").exists():
             self.log = pd.read_csv(self.ckpt_dir / "train_log.csv").to_dict("records")
@@ -390,12 +404,8 @@ class Trainer:
             self.save_checkpoint()
             if dist.rank() == 0:
                 self.save_final()
-        except BaseException:  # a checkpoint still being written is complete before train() raises;
-            try:  # its own failure must not replace the error on its way out
-                self.wait_for_checkpoint()
-            except Exception as w:  # noqa: BLE001
-                warnings.warn(f"the checkpoint being written when training stopped was not saved: "
-                              f"{type(w).__name__}: {w}", RuntimeWarning, stacklevel=2)
+        except BaseException:  # a checkpoint still being written is complete before train() raises
+            self._settle_checkpoint()
             raise
         self.wait_for_checkpoint()  # ... and before it returns
         dist.barrier()
@@ -428,9 +438,13 @@ class Trainer:
                 except Exception:  # noqa: BLE001  (e.g. an unreadable image: raised when that micro-batch
                     pass  # is laid out in its turn, after this one's loss has been checked)
             for name, term in out.terms.items():  # a non-finite loss stops the run before the optimizer steps
-                if not torch.isfinite(term):  # (the same on every process: the loss sees the gathered batch)
+                if not torch.isfinite(term):
                     if dist.rank() == 0:
                         self._write_logs(self.run_dir)
+                        self._settle_checkpoint()
+                    # every process gets here (the loss sees the gathered batch, the same on all), and
+                    # none leaves before rank 0 has written: a launcher stops the rest when one ends
+                    dist.barrier()
                     raise TrainingDiverged(f"step {self.step + 1}: loss term {name!r} is {term.item()} "
                                            f"(method {cfg.method}, lr {cfg.lr})")
                 sums[name] = sums.get(name, 0.0) + term.item() / cfg.grad_accum
