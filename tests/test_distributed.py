@@ -90,7 +90,7 @@ def test_each_process_draws_its_own_dropout_masks_and_resumes_its_own_stream(syn
 
 def test_a_checkpoint_resumed_on_another_process_count_gives_each_rank_a_stream(synth_ds, tiny_path, tmp_path,
                                                                                  monkeypatch):
-    """The 2-process checkpoint (step 2) resumed by one process: rank 0 goes on with its own stream;
+    """The 2-process checkpoint (its last, step 3) resumed by one process: rank 0 goes on with its own stream;
     a rank beyond 0 on a process count other than the checkpoint's starts the stream drawn from the
     seed, its rank and the step; a checkpoint without every rank's state (an older one) too."""
     from vlm2rec_lab import distributed as dist
@@ -99,13 +99,13 @@ def test_a_checkpoint_resumed_on_another_process_count_gives_each_rank_a_stream(
 
     _run(2, "resume", synth_ds.path, tmp_path)
     state = torch.load(tmp_path / "part2" / "checkpoint" / "state.pt", weights_only=False)
-    assert state["step"] == 2 and len(state["rng_ranks"]) == 2
+    assert state["step"] == 3 and len(state["rng_ranks"]) == 2
     cfg = TrainConfig(method="vlm2rec", batch_size=8, users_k=32, lora_dropout=0.2, grad_cos_every=0,
-                      checkpoint_every=2, max_steps=3)
+                      checkpoint_every=2, max_steps=4)
     tr = Trainer(cfg, synth_ds, tmp_path / "part2", progress=False)
-    assert tr.load_checkpoint() and tr.step == 2
+    assert tr.load_checkpoint() and tr.step == 3
     assert torch.equal(torch.get_rng_state(), state["rng_ranks"][0]["torch"])
-    torch.manual_seed(rank_seed(0, 2, 2))
+    torch.manual_seed(rank_seed(0, 2, 3))
     expected = torch.get_rng_state()
     monkeypatch.setattr(dist, "rank", lambda: 2)  # rank 2 of 3, say
     for older in (False, True):
