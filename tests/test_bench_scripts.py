@@ -153,6 +153,16 @@ def test_allreduce_bench_averages_the_lora_both_ways_alike():
     assert row["max_abs_diff"] == 0.0
 
 
+def test_cache_fill_bench_fills_the_cache_both_ways_alike(synth_ds, tiny_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "cache_fill.py"), "--data", str(synth_ds.path), "--reps", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
+    assert row["figure"] == "vision_cache_fill" and row["processes"] == 2
+    assert row["images"] == int(synth_ds.items["image"].notna().sum())
+    assert row["max_abs_diff"] <= 1e-5 and row["plain_s"] > 0 and row["project_s"] > 0
+
+
 def test_host_cost_bench_extrapolates_its_two_token_counts_to_none():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "host_cost.py"), "--layers", "2", "--steps", "2"],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
