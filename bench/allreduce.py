@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -94,11 +93,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
     args = ap.parse_args()
     shapes = lora_shapes(args.tiny)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from vlm2rec_lab.distributed import free_port
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(worker, args=(args.processes, port, shapes, args.reps), nprocs=args.processes)
+    mp.spawn(worker, args=(args.processes, free_port(), shapes, args.reps), nprocs=args.processes)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -88,11 +87,10 @@ def main() -> None:
     from vlm2rec_lab.data.dataset import Dataset
 
     build_tiny(Dataset.load(data), progress=False)  # (once, before the processes start)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from vlm2rec_lab.distributed import free_port
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(worker, args=(args.processes, port, data, args.reps), nprocs=args.processes)
+    mp.spawn(worker, args=(args.processes, free_port(), data, args.reps), nprocs=args.processes)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ embeddings from a sharded embedding run."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+from vlm2rec_lab.distributed import free_port
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,10 +29,7 @@ def _launch(nproc: int, args: list[str], launcher: str = "torchrun", options: tu
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-        sock.close()
+        port = str(free_port())
         cmd = {"torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                             "--master_port", port],
                "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",

@@ -596,7 +596,9 @@ def _tiny_once(dataset, seed: int, cache_dir) -> Path:
     folder at once can read a folder that another is swapping out."""
     from . import distributed as dist
 
-    build = lambda: build_tiny(dataset, seed=seed, cache_dir=cache_dir)  # noqa: E731
+    def build() -> Path:
+        return build_tiny(dataset, seed=seed, cache_dir=cache_dir)
+
     if not dist.is_distributed():
         return build()
     path = build() if dist.rank() == 0 else None

@@ -28,6 +28,16 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now: where a benchmark or a test starts a process group of
+    local processes itself."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launched() -> bool:
     """Whether a launcher (torchrun, accelerate launch --multi_gpu) started this process as one of
     several (its environment says WORLD_SIZE > 1), joined or not yet."""
