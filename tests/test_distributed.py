@@ -71,10 +71,14 @@ def test_global_batch_split_4_plus_4_equals_one_batch_of_8_with_the_probe(synth_
         assert 0 < abs(a["cos_total_t"]) <= 1 and 0 < abs(a["cos_total_v"]) <= 1
 
 
-def test_each_process_draws_its_own_dropout_masks_and_resumes_its_own_stream(synth_ds, tiny_path, tmp_path):
+def test_each_process_draws_its_own_dropout_masks_and_resumes_its_own_stream(synth_ds, tiny_path, tmp_path,
+                                                                               monkeypatch):
     """At LoRA dropout 0.2: rank 0 keeps the one-process stream, rank 1 has another (one seed on every
     rank would drop rows of both ranks at the same packed positions alike); a checkpoint holds
-    every rank's state, so 2 steps and a resumed third log the same losses as 3 steps at once."""
+    every rank's state, so 2 steps and a resumed third log the same losses as 3 steps at once. That
+    2-process checkpoint (its last, step 3) resumed by one process: rank 0 goes on with its own
+    stream; a rank beyond 0 on a process count other than the checkpoint's starts the stream drawn
+    from the seed, its rank and the step; a checkpoint without every rank's state (an older one) too."""
     _run(1, "resume", synth_ds.path, tmp_path)
     _run(2, "resume", synth_ds.path, tmp_path)
     one, two = torch.load(tmp_path / "resume_1.pt"), torch.load(tmp_path / "resume_2.pt")
@@ -85,17 +89,11 @@ def test_each_process_draws_its_own_dropout_masks_and_resumes_its_own_stream(syn
     assert abs(two["whole"][0] - one["whole"][0]) <= 1e-6  # (LoRA B starts at zero: no mask matters in step 1)
     assert abs(two["whole"][1] - one["whole"][1]) > 1e-6  # (other masks for rank 1's rows, an equal distribution)
 
-
-def test_a_checkpoint_resumed_on_another_process_count_gives_each_rank_a_stream(synth_ds, tiny_path, tmp_path,
-                                                                                 monkeypatch):
-    """The 2-process checkpoint (its last, step 3) resumed by one process: rank 0 goes on with its own stream;
-    a rank beyond 0 on a process count other than the checkpoint's starts the stream drawn from the
-    seed, its rank and the step; a checkpoint without every rank's state (an older one) too."""
+    # the 2-process checkpoint resumed by one process (and as rank 2 of 3)
     from vlm2rec_lab import distributed as dist
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.train import Trainer, rank_seed
 
-    _run(2, "resume", synth_ds.path, tmp_path)
     state = torch.load(tmp_path / "part2" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 3 and len(state["rng_ranks"]) == 2
     cfg = TrainConfig(method="vlm2rec", batch_size=8, users_k=32, lora_dropout=0.2, grad_cos_every=0,
