@@ -1,6 +1,8 @@
 """Benchmark: embedding every item (image and text prompts) with the tiny backbone, three ways side by
 side in one run — padded batches (the plain path), packed batches, and packed batches whose prompts'
-shared leading tokens (chat template, prompt head) are computed once — with their agreement.
+shared leading tokens (chat template, prompt head) are computed once — with their agreement. Then,
+with a LoRA adapter on (as after training): the adapters as in training against their updates
+merged into the weights (``Encoder(merge_adapters=)``), both packed with shared prefixes.
 
 Usage: python bench/embed_items.py [--data PREPARED] [--batch 32] [--repeats 3] [--threads N]
 Prints one JSON line per figure (seconds are the best of ``--repeats``).
@@ -44,7 +46,8 @@ def main() -> None:
     paths = {"padded": dict(packed=False), "packed": dict(packed=True, share_prefix=False),
              "packed_shared_prefix": dict(packed=True, share_prefix=True)}
     out, secs = {}, {}
-    for name, kw in paths.items():
+
+    def measure(name: str, **kw) -> None:
         enc = Encoder(bb, ds.items, batch_size=a.batch, **kw)
         enc.cache_all()  # the vision tower is the same for every path: measured apart
         best = float("inf")
@@ -57,11 +60,30 @@ def main() -> None:
         print(json.dumps({"figure": "item_embedding", "path": name, "items": enc.n_items, "batch": a.batch,
                           "seconds": round(best, 3), "items_per_s": round(enc.n_items / best, 1),
                           "threads": torch.get_num_threads()}), flush=True)
-    ref = out["padded"]
+
+    def compare(name: str, ref: str, figure: str = "item_embedding_ratio") -> None:
+        diff = max(((out[name][k] - out[ref][k]).abs().max() / out[ref][k].abs().max()).item() for k in out[ref])
+        print(json.dumps({"figure": figure, "path": name, f"vs_{ref}": round(secs[ref] / secs[name], 2),
+                          "max_rel_diff": float(f"{diff:.2e}")}), flush=True)
+
+    for name, kw in paths.items():
+        measure(name, **kw)
     for name in ("packed", "packed_shared_prefix"):
-        diff = max(((out[name][k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in ref)
-        print(json.dumps({"figure": "item_embedding_ratio", "path": name, "vs_padded": round(secs["padded"] / secs[name], 2),
-                          "max_rel_diff": float(f"{diff:.2e}")}))
+        compare(name, "padded")
+
+    # a trained adapter (random, nonzero B): in training form against merged into the weights
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.train import apply_lora
+
+    apply_lora(bb, TrainConfig(lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(0)
+    for n, p in bb.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02, generator=gen)
+    bb.model.eval()
+    for merge in (False, True):
+        measure(f"lora_{'merged' if merge else 'unmerged'}", merge_adapters=merge)
+    compare("lora_merged", "lora_unmerged", figure="lora_merge_ratio")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ a few variants, counts those waits).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import time
@@ -188,6 +189,46 @@ def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit
     return rate, feats
 
 
+def lora_item_embedding(bb, peft, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
+    """Item embedding with a LoRA adapter on, as after training (B random instead of PEFT's zeros,
+    put back afterwards): the adapters in training form (each adapted projection's rank-16 products
+    and addmm) against their updates merged into the weights (``Backbone.merged_adapters``, what
+    ``Encoder.embed_many`` does), both packed with shared prefixes; their agreement, the time the
+    merge takes, and the merged path against the model without an adapter (``no_adapter_rate``).
+    With ``--profile``, where one batch of the merged path spends its time."""
+    gen = torch.Generator().manual_seed(2)
+    bs = [p for n, p in peft.named_parameters() if "lora_B" in n]
+    for p in bs:
+        p.data.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    items = [[i] for i in range(4)]
+    rate, out = {}, {}
+    with torch.inference_mode():
+        for merge in (False, True):
+            path = "lora_merged" if merge else "lora_unmerged"
+            with bb.merged_adapters() if merge else contextlib.nullcontext(0) as n_merged:
+                rate[path], feats = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path=path)
+                out[path] = [project_packed(bb, feats, shapes, [(k, items)])[0].float() for k in ("T", "V")]
+                if merge and a.profile:
+                    chunk = list(range(min(a.embed_batch, a.project_items)))
+
+                    def one_batch():
+                        f = dict(zip(chunk, bb.image_features(shapes.pixels[chunk].flatten(0, 1),
+                                                              shapes.grid.repeat(len(chunk), 1))))
+                        embed_items(lambda kind, lists: project_packed(bb, f, shapes, [(kind, lists)]), len(chunk), len(chunk))
+
+                    profile_step(one_batch, device, emit, figure="profile_item_batch")
+        settle(device); t = time.perf_counter()
+        with bb.merged_adapters():
+            sync(device)
+            merge_s = time.perf_counter() - t
+    d = max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(out["lora_merged"], out["lora_unmerged"]))
+    emit(figure="lora_merge", layers=n_merged, merge_s=round(merge_s, 3), max_rel_diff=round(d, 5),
+         ratio=round(rate["lora_merged"] / rate["lora_unmerged"], 3),
+         vs_no_adapter=round(rate["lora_merged"] / no_adapter_rate, 3) if no_adapter_rate else None)
+    for p in bs:
+        p.data.zero_()
+
+
 def project_packed(bb, feats: dict, shapes: Shapes, requests: list, share_prefix: bool = True) -> list:
     """The project's training path: a step's prompt sets packed into one forward, no padding, the
     leading tokens that prompts of one kind share computed once (``share_prefix``)."""
@@ -218,8 +259,9 @@ def main() -> None:
     ap.add_argument("--compile-backend", default=None,
                     help="torch.compile backend for --compile (default: inductor; aot_eager under --tiny)")
     ap.add_argument("--profile", action="store_true",
-                    help="also: where the project's training step spends its time (torch.profiler), and the "
-                         "packed language-model probe (one sequence of the step's tokens, no vision tower)")
+                    help="also: where the project's training step and an item-embedding batch (adapter merged) "
+                         "spend their time (torch.profiler), and the packed language-model probe (one sequence "
+                         "of the step's tokens, no vision tower)")
     a = ap.parse_args()
     if a.tiny:
         a.plain_items, a.project_items, a.steps, a.embed_batch = min(a.plain_items, 32), min(a.project_items, 64), min(a.steps, 2), 16
@@ -334,6 +376,8 @@ def main() -> None:
         for m in lora_dropouts:
             m.p = p
     set_lora_dropout(0.0)
+    if not a.train_only:
+        lora_item_embedding(bb, peft, shapes, a, device, emit, proj_rate)
     params = [p for p in peft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the trainer's
     obj = ObjectiveConfig(name="vlm2rec")
@@ -560,10 +604,11 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
     emit(**row)
 
 
-def profile_step(run_step, device, emit, rows: int = 20) -> None:
-    """Where one project training step spends its time: the top operators and kernels by self device
-    (or CPU) time, and the device's busy time (kernels; the profiler slows the host, so the wall time
-    here is longer than a step's)."""
+def profile_step(run_step, device, emit, rows: int = 20, figure: str = "profile_step") -> None:
+    """Where ``run_step`` (one project training step; or, with another ``figure``, an item-embedding
+    batch) spends its time: the top operators and kernels by self device (or CPU) time (``profile_op``
+    rows, with ``of``: the figure), and the device's busy time (kernels; the profiler slows the host,
+    so the wall time here is longer than a step's)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -580,9 +625,9 @@ def profile_step(run_step, device, emit, rows: int = 20) -> None:
     busy = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()  # kernels only: not the
                if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)) / 1e6  # operators
     # that launched them, nor annotated spans (the optimizer step's) on the device's timeline
-    emit(figure="profile_step", wall_s=round(wall, 3), device_busy_s=round(busy, 3))
+    emit(figure=figure, wall_s=round(wall, 3), device_busy_s=round(busy, 3))
     for e in avgs[:rows]:
-        emit(figure="profile_op", op=e.key[:80], calls=e.count, total_ms=round(getattr(e, key, 0.0) / 1e3, 2),
+        emit(figure="profile_op", of=figure, op=e.key[:80], calls=e.count, total_ms=round(getattr(e, key, 0.0) / 1e3, 2),
              self_ms=round(getattr(e, "self_" + key, 0.0) / 1e3, 2))
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--tiny", "--compile"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--tiny", "--compile", "--profile"], capture_output=True, text=True,
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -44,7 +44,11 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     t = subprocess.run([sys.executable, str(ROOT / "bench" / "targets.py"), str(tmp_path)], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert t.returncode == 0, t.stderr[-2000:]
-    for target in ("item embedding", "epoch", "loss within", "peak memory", "probed step", "compiled / eager"):
+    lora = next(x for x in rows if x["figure"] == "lora_merge")  # an adapter merged for embedding: fp32, the same numbers
+    assert lora["layers"] > 0 and lora["max_rel_diff"] <= 1e-4 and lora["ratio"] > 0
+    assert {("item_embedding", "lora_unmerged"), ("item_embedding", "lora_merged"), ("profile_item_batch", None)} <= figures
+    for target in ("item embedding", "epoch", "loss within", "peak memory", "probed step", "compiled / eager",
+                   "adapter, merged / unmerged"):
         assert target in t.stdout, target
 
 
@@ -77,6 +81,9 @@ def test_targets_table_reads_the_figures_of_a_device_check(tmp_path, capsys):
     quick = [{"figure": "pipeline_train_steps", "mean_step_s": 0.2187}]  # the Trainer's own epoch, when it is the best
     assert targets(rows, quick)[1][1:] == ("9.0 min (the Trainer at its defaults)", "233.5 min", "25.94x", "yes")
     assert dict(levers(rows, []))["probed step / step at the defaults"] == "2.10"
+    merge = [{"figure": "lora_merge", "layers": 252, "merge_s": 0.01, "max_rel_diff": 0.01, "ratio": 1.075, "vs_no_adapter": 0.98}]
+    assert dict(levers(merge, []))["item embedding with an adapter, merged / unmerged"] == \
+        "1.07 (no adapter / merged 1.02; merge 0.01 s, max rel diff 0.01)"
     # out of memory: the plain step leaves the epoch's ratio open, the paper step reports no peak
     oom = [r for r in rows if r.get("path") not in ("plain_ckpt", "project_paper")] + [
         {"figure": "train_step", "path": "plain_ckpt", "oom": True, "peak_gib": 79.1},
@@ -91,14 +98,17 @@ def test_targets_table_reads_the_figures_of_a_device_check(tmp_path, capsys):
         read(tmp_path / "bad.jsonl")
 
 
-def test_item_embedding_bench_runs_its_three_paths_and_they_agree(synth_ds, tiny_path):
+def test_item_embedding_bench_runs_its_paths_and_they_agree(synth_ds, tiny_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "embed_items.py"), "--data", str(synth_ds.path), "--repeats", "1"],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert {x["path"] for x in rows if x["figure"] == "item_embedding"} == {"padded", "packed", "packed_shared_prefix"}
+    assert {x["path"] for x in rows if x["figure"] == "item_embedding"} == {"padded", "packed", "packed_shared_prefix",
+                                                                            "lora_unmerged", "lora_merged"}
     ratios = [x for x in rows if x["figure"] == "item_embedding_ratio"]
     assert len(ratios) == 2 and all(x["max_rel_diff"] <= 1e-4 for x in ratios)
+    merge, = [x for x in rows if x["figure"] == "lora_merge_ratio"]  # (the same numbers: fp32 on the CPU)
+    assert merge["path"] == "lora_merged" and merge["vs_lora_unmerged"] > 0 and merge["max_rel_diff"] <= 1e-4
 
 
 def test_image_cache_bench_fills_the_cache_both_ways_with_the_same_features(synth_ds, tiny_path):

@@ -182,3 +182,110 @@ def test_overlapping_or_strided_convolutions_are_not_patch_embeddings():
 
     assert not is_plain_patch_embed(OverlapPatchEmbed())
     assert not is_plain_patch_embed(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("shape", [(5, 12), (2, 7, 12)])
+def test_merged_forward_is_the_adapted_layer_without_gradients(shape):
+    """x·(W + s·BA)ᵀ + bias equals the fused (and so PEFT's) forward in evaluation mode; where a
+    gradient is wanted or the dropout draws masks, the merged forward is the fused forward."""
+    from vlm2rec_lab.fused import MERGED, mergeable, merged_forward, merged_weight
+
+    layer = _lora_layer(lora_dropout=0.3).eval()
+    w0 = layer.base_layer.weight.clone()
+    assert mergeable(layer)
+    layer.__dict__[MERGED] = merged_weight(layer)
+    torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=0)  # the layer itself untouched
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        want = type(layer).forward(layer, x)
+        got = merged_forward(layer, x)
+    assert (want - layer.base_layer(x)).abs().max() > 1e-2  # the adapter does contribute
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layer.lora_B["default"].weight.data.zero_()  # stale merged weight: used only where it is asked for
+    with torch.no_grad():
+        assert (merged_forward(layer, x) - type(layer).forward(layer, x)).abs().max() > 1e-2
+    layer.lora_B["default"].weight.data.normal_(std=0.3)
+    layer.__dict__[MERGED] = merged_weight(layer)
+    xg = x.clone().requires_grad_(True)  # a gradient wanted: the adapter's own product, gradients reach it
+    y = merged_forward(layer, xg)
+    y.sum().backward()
+    assert layer.lora_A["default"].weight.grad is not None and xg.grad is not None
+    torch.testing.assert_close(y.detach(), fused_forward(layer, x), rtol=1e-5, atol=1e-5)
+    layer.train()  # dropout drawing masks: not merged
+    assert not mergeable(layer)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        a = merged_forward(layer, x)
+        torch.manual_seed(3)
+        b = fused_forward(layer, x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_merged_weight_in_bf16_agrees_with_pefts_forward_within_bf16():
+    from vlm2rec_lab.fused import merged_weight
+
+    layer = _lora_layer().eval()
+    layer.base_layer.to(torch.bfloat16)
+    w = merged_weight(layer)
+    assert w.dtype == torch.bfloat16
+    x = torch.randn(6, 12)
+    layer.cast_input_dtype_enabled = False
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        want = type(layer).forward(layer, x)
+        got = torch.nn.functional.linear(x, w, layer.base_layer.bias)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, tiny_path, monkeypatch):
+    """``Encoder.embed_many`` computes with the LoRA updates merged into the weights: the same item and
+    history embeddings as the adapters in training form (fp32), through the merged forward; afterwards
+    the weights, the swapped forwards and the memory are as before, and a changed adapter is merged
+    afresh. No merging where dropout draws masks, or where the budget is too small."""
+    from vlm2rec_lab import fused
+    from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.encoder import Encoder
+    from vlm2rec_lab.train import apply_lora
+
+    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(bb, TrainConfig(method="vlm-sft", lora_dropout=0.2).resolved())
+    for n, p in bb.model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    calls = []
+    real = fused.merged_forward
+    monkeypatch.setattr(fused, "merged_forward", lambda layer, x, *a, **k: calls.append(1) or real(layer, x, *a, **k))
+    bb.model.train()  # dropout drawing masks: nothing merges
+    with bb.merged_adapters() as n:
+        assert n == 0
+    bb.model.eval()
+    n_lora = sum(fusable(m) for m in bb.model.modules())
+    with bb.merged_adapters(budget_bytes=10) as n:  # too little memory to spare: nothing merges
+        assert n == 0
+    weights = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    hist = synth_ds.histories("test")[:9]
+    out = {}
+    for merge in (False, True, False):
+        enc = Encoder(bb, synth_ds.items, batch_size=8, merge_adapters=merge)
+        calls.clear()
+        out[merge] = [enc.item_embeddings(k, range(20)) for k in ("T", "V")] + [enc.sequence_embeddings(k, hist) for k in ("T", "V")]
+        assert bool(calls) == merge
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for k, v in bb.model.state_dict().items():
+        torch.testing.assert_close(v, weights[k], rtol=0, atol=0, msg=k)
+    assert not any(fused.MERGED in vars(m) for m in bb.model.modules())
+    assert all(f.__func__ is fused.fused_forward for m, f in bb._fusion_cache[2] if fusable(m))
+    with bb.merged_adapters() as n:
+        assert n == n_lora > 0
+    with bb.model.disable_adapter():  # the adapters do change the embeddings
+        bare = Encoder(bb, synth_ds.items, batch_size=8).item_embeddings("T", range(20))
+    assert (bare - out[True][0]).abs().max() > 1e-3
+    for n_, p in bb.model.named_parameters():  # an updated adapter: merged afresh, not a stale weight
+        if "lora_B" in n_:
+            p.data.mul_(-1)
+    enc = Encoder(bb, synth_ds.items, batch_size=8)
+    new = enc.item_embeddings("T", range(20))
+    torch.testing.assert_close(new, Encoder(bb, synth_ds.items, batch_size=8, merge_adapters=False).item_embeddings("T", range(20)),
+                               rtol=1e-5, atol=1e-5)
+    assert (new - out[True][0]).abs().max() > 1e-3

@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from types import MethodType
 
 import torch
 from torch import Tensor, nn
@@ -319,6 +320,49 @@ class Backbone:
                     yield
             else:
                 yield
+
+    @contextmanager
+    def merged_adapters(self, budget_bytes: int | None = None):
+        """For forwards without gradients inside: each plain LoRA layer whose dropout draws no masks
+        computes with its update merged into the weight, ``W + s·B·A`` made once on entry
+        (:func:`~vlm2rec_lab.fused.merged_weight`) and dropped on exit; the layer's own weights are
+        never touched. The adapters must not change inside. Forwards that want a gradient, and
+        layers that stop merging (training mode with dropout, adapters switched), keep the fused
+        LoRA forward. The merged weights take as much memory as the adapted base weights (5.2 GiB
+        in bf16 for a 3B model): where that does not fit in ``budget_bytes`` (default: on a GPU, its
+        free memory less 4 GiB for the forwards; elsewhere no limit) nothing is merged. Off on the
+        plain path (``mixed_precision=False``). Yields the number of layers merged."""
+        from .fused import MERGED, fused_forward, merged_forward, merged_weight, mergeable
+
+        cached = None
+        if self.mixed_precision and not self._computing:
+            self._fusion()
+            cached = self._fusion_cache
+        swaps = cached[2] if cached else []
+        picked = [k for k, (m, f) in enumerate(swaps) if f.__func__ is fused_forward and mergeable(m)]
+        need = sum(swaps[k][0].get_base_layer().weight.nbytes for k in picked)
+        if budget_bytes is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget_bytes = free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device) - 4 * 2**30
+        if not picked or (budget_bytes is not None and need > budget_bytes):
+            if picked:
+                log.info("%s: adapters not merged for embedding: %.1f GiB needed, %.1f GiB to spare",
+                         self.name, need / 2**30, max(budget_bytes, 0) / 2**30)
+            yield 0
+            return
+        before = {k: swaps[k] for k in picked}
+        try:
+            for k in picked:
+                m = swaps[k][0]
+                m.__dict__[MERGED] = merged_weight(m)
+                swaps[k] = (m, MethodType(merged_forward, m))
+            cached[4].clear()  # (per-layer subsets of the swaps, for checkpointed layers)
+            yield len(picked)
+        finally:
+            for k, pair in before.items():
+                swaps[k] = pair
+                pair[0].__dict__.pop(MERGED, None)
+            cached[4].clear()
 
     @contextmanager
     def _stand_ins(self, cast_off: bool, within: nn.Module | None = None):

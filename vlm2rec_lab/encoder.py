@@ -7,7 +7,7 @@ path gives the same embeddings as the uncached one (tested).
 """
 from __future__ import annotations
 
-from contextlib import closing
+from contextlib import closing, nullcontext
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -64,12 +64,16 @@ class Encoder:
         image_workers: threads that read, decode and preprocess images ahead of the vision tower
             (:mod:`~vlm2rec_lab.prefetch`); None: the usable cores, at most 8; 0: in the calling
             thread, one image after another.
+        merge_adapters: :meth:`embed_many` computes with each LoRA update merged into its weight
+            (:meth:`Backbone.merged_adapters`: no gradients there, no dropout in evaluation mode),
+            one product per adapted projection instead of three. False: the adapters as in training.
     """
 
     def __init__(self, backbone: Backbone, items, images: ImageStore | None = None, cache_vision: bool = True,
                  batch_size: int = 128, packed: bool = True, share_prefix: bool | None = None,
-                 image_workers: int | None = None):
+                 image_workers: int | None = None, merge_adapters: bool = True):
         self.bb = backbone
+        self.merge_adapters = merge_adapters
         self.image_workers = default_workers() if image_workers is None else image_workers
         self.packed = packed
         self.share_prefix = share_prefix
@@ -267,16 +271,18 @@ class Encoder:
         kept; each batch one forward (:meth:`embed_sets`: packed where the backbone can). Image
         prompts first fill the vision cache for all their images (read ahead by worker threads);
         the results stay on the device until the end, so the CPU lays out the next batch while the
-        device computes this one."""
+        device computes this one. LoRA updates are merged into their weights meanwhile (see
+        ``merge_adapters``)."""
         from tqdm.auto import tqdm
 
         if kind in ("V", "I") and self.cache_vision:
             self.vision_features(sorted({int(i) for lst in item_lists for i in lst}), progress=progress)
         bs = batch_size or self.batch_size
         order = np.argsort([-len(x) for x in item_lists], kind="stable")
-        parts = [self.embed_sets([(kind, [item_lists[k] for k in order[a:a + bs]])])[0]
-                 for a in tqdm(range(0, len(order), bs), desc=desc or f"embed {kind}", disable=not progress or None,
-                               leave=False)]
+        with self.bb.merged_adapters() if self.merge_adapters else nullcontext():
+            parts = [self.embed_sets([(kind, [item_lists[k] for k in order[a:a + bs]])])[0]
+                     for a in tqdm(range(0, len(order), bs), desc=desc or f"embed {kind}", disable=not progress or None,
+                                   leave=False)]
         out = torch.empty(len(item_lists), self.bb.hidden_size)
         if parts:
             out[torch.as_tensor(order)] = torch.cat(parts).cpu()  # one copy back, at the end

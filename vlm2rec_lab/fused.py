@@ -10,6 +10,16 @@ the only full-size tensor written is ``y``. The same function of ``x`` and the w
 against PEFT's forward, values and gradients); on an H100 it removes several memory passes over the
 (tokens x out_features) activations of each adapted projection, forward and backward.
 
+**Merged adapters, without gradients.** When nothing needs a gradient and no dropout draws masks
+(embedding items and histories with a trained adapter), the update is folded into the weight once,
+``W' = W + s·B·A`` (fp32 arithmetic, the base weight's dtype; :func:`merged_weight`), and each
+forward is one product with ``W'`` (:func:`merged_forward`): no rank-r products, no second pass
+over the (tokens x out_features) output and no casts of the adapter's fp32 weights, per projection
+and per forward. ``Backbone.merged_adapters`` makes the merged weights for the duration of an
+embedding run beside the originals (which stay untouched), as PEFT's ``merge_adapter`` would
+without its rounding back on ``unmerge``. In fp32 the same numbers up to rounding; in bf16 ``W'``
+is rounded once to the weight's precision, as any merged checkpoint is.
+
 Layers PEFT configures beyond plain LoRA (DoRA and other variants, several active adapters, merged
 weights, LoRA bias, per-call adapter names) keep PEFT's own forward.
 
@@ -61,6 +71,38 @@ def fused_forward(layer: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     flat = torch.addmm(out.reshape(-1, out.shape[-1]), u.reshape(-1, u.shape[-1]), lora_b.weight.t(),
                        alpha=layer.scaling[name])
     return flat.view(out.shape)
+
+
+def mergeable(layer: nn.Module) -> bool:
+    """Whether ``layer`` is :func:`fusable` with its dropout drawing no masks (evaluation mode or p = 0),
+    so that its forward is ``x·(W + s·BA)ᵀ + bias`` exactly."""
+    if not fusable(layer):
+        return False
+    drop = layer.lora_dropout[layer.active_adapters[0]]
+    return isinstance(drop, nn.Identity) or not drop.training or getattr(drop, "p", 1.0) == 0
+
+
+MERGED = "_vlm2rec_merged_weight"  # where Backbone.merged_adapters keeps a layer's merged weight
+
+
+@torch.no_grad()
+def merged_weight(layer: nn.Module) -> Tensor:
+    """``W + s·B·A`` of a :func:`fusable` layer: computed in fp32, returned in ``W``'s dtype on its
+    device (a new tensor; the layer is left as it is)."""
+    name = layer.active_adapters[0]
+    w = layer.get_base_layer().weight
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return torch.addmm(w.float(), b.float(), a.float(), alpha=layer.scaling[name]).to(w.dtype)
+
+
+def merged_forward(layer: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+    """``x·W'ᵀ + bias`` with the merged weight ``Backbone.merged_adapters`` made for ``layer``. Falls
+    back to :func:`fused_forward` where a gradient is wanted, where the layer no longer merges (dropout
+    drawing masks, adapters switched or disabled: checked each call) or has no merged weight."""
+    merged = layer.__dict__.get(MERGED)
+    if merged is None or args or kwargs or torch.is_grad_enabled() or not mergeable(layer):
+        return fused_forward(layer, x, *args, **kwargs)
+    return F.linear(x, merged, layer.get_base_layer().bias)
 
 
 def rms_norm_forward(norm: nn.Module, x: Tensor) -> Tensor:
