@@ -22,7 +22,10 @@ the cache alone, PEFT's own forward; ``project_unpacked``: + autocast and the fu
 ``_sdpa`` variants use grouped SDPA instead of the default varlen flash kernel. Each training figure
 gives ``host_share``: the share of the step the host took to queue its work before reading the loss
 back (near 1: the device waits for the host, or the step waits for the device midway; ``syncs``, for
-a few variants, counts those waits).
+a few variants, counts those waits). Besides the issue's figures: every user's test history embedded
+(``history_embedding``: what ``vlm2rec-lab embed`` and the evaluation add to item embedding, about
+13x its language-model tokens at Beauty's history lengths), and item embedding with a LoRA adapter
+on, in training form against merged into the weights (``lora_merge``).
 """
 from __future__ import annotations
 
@@ -189,6 +192,49 @@ def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit
     return rate, feats
 
 
+# Beauty's test histories (the 2014 5-core file in ../shared/data: the items before each user's test
+# target, at most 10): how many of its 22,363 users have 4, 5, ..., 10 items (6.25 on average)
+BEAUTY_HISTORY_LENGTHS = {4: 7162, 5: 4221, 6: 2680, 7: 1811, 8: 1366, 9: 881, 10: 4242}
+
+
+def history_embedding(model, bb, shapes: Shapes, feats: dict, n_users: int, batch: int, device, emit,
+                      plain_users: int = 32) -> None:
+    """Every user's test history embedded, text and image prompt, as ``vlm2rec-lab embed`` and the
+    evaluation do: with Beauty's history lengths about 13x the language model's tokens of item
+    embedding. Plain path: padded batches of 8 users with pixel values every call (``plain_users``
+    users); project path: the vision features from the cache that item embedding filled (``feats``),
+    batches of ``batch`` users sorted by length, packed with shared prefixes, as
+    ``Encoder.embed_many``. Emits users/s, the projected seconds for Beauty's 19,757 users, the ratio
+    and the agreement on 4 users."""
+    g = torch.Generator().manual_seed(3)
+    lengths = list(BEAUTY_HISTORY_LENGTHS)
+    draw = torch.multinomial(torch.tensor(list(BEAUTY_HISTORY_LENGTHS.values()), dtype=torch.float), n_users,
+                             replacement=True, generator=g)
+    items = sorted(feats)
+    hists = [[items[int(k)] for k in torch.randint(0, len(items), (lengths[int(d)],), generator=g)] for d in draw]
+    rates = {}
+    for path, users, bs in (("plain", hists[:plain_users], 8), ("project", hists, batch)):
+        if path == "project":
+            users = sorted(users, key=len, reverse=True)
+        settle(device); t = time.perf_counter()
+        for s in range(0, len(users), bs):
+            for kind in ("V", "T"):
+                lists = users[s:s + bs]
+                if path == "plain":
+                    plain_hidden(model, shapes, shapes.batch(kind, lists))
+                else:
+                    project_packed(bb, feats, shapes, [(kind, lists)])
+        sync(device)
+        rates[path] = len(users) / (time.perf_counter() - t)
+        emit(figure="history_embedding", path=path, users=len(users), batch=bs, users_per_s=round(rates[path], 1),
+             mean_items=round(sum(map(len, users)) / len(users), 2), beauty_s=round(BEAUTY_USERS / rates[path], 1),
+             peak_gib=peak_gib(device))
+    few = hists[:4]
+    d = max((plain_hidden(model, shapes, shapes.batch(k, few)).float() - project_packed(bb, feats, shapes, [(k, few)])[0].float())
+            .abs().max().item() / plain_hidden(model, shapes, shapes.batch(k, few)).float().abs().max().item() for k in ("T", "V"))
+    emit(figure="history_embedding_ratio", ratio=round(rates["project"] / rates["plain"], 2), max_rel_diff=round(d, 5))
+
+
 def lora_item_embedding(bb, peft, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
     """Item embedding with a LoRA adapter on, as after training (B random instead of PEFT's zeros,
     put back afterwards): the adapters in training form (each adapted projection's rank-16 products
@@ -251,6 +297,7 @@ def main() -> None:
     ap.add_argument("--project-items", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--embed-batch", type=int, default=128)
+    ap.add_argument("--users", type=int, default=512, help="users whose test histories the project path embeds")
     ap.add_argument("--train-only", action="store_true", help="skip the item-embedding figures")
     ap.add_argument("--vary", action="store_true",
                     help="titles of 15-35 tokens and histories of 3-10 items instead of 25 and 7 (real data varies)")
@@ -265,6 +312,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.tiny:
         a.plain_items, a.project_items, a.steps, a.embed_batch = min(a.plain_items, 32), min(a.project_items, 64), min(a.steps, 2), 16
+        a.users = min(a.users, 40)
     device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     from peft import LoraConfig, get_peft_model
@@ -362,6 +410,7 @@ def main() -> None:
                 d = max((plain_hidden(model, shapes, shapes.batch(k, items)).float() - fn(k).float()).abs().max().item()
                         / plain_hidden(model, shapes, shapes.batch(k, items)).float().abs().max().item() for k in ("T", "V"))
                 emit(figure="item_embedding_agreement", path=path, max_rel_diff=round(d, 5))
+            history_embedding(model, bb, shapes, feats, a.users, a.embed_batch, device, emit)
 
     # ---------------------------------------------------------------- training steps
     # LoRA with the paper's dropout; the variants without dropout set its p to 0 (PEFT makes no dropout

@@ -131,6 +131,10 @@ def levers(bench: list[dict], vary: list[dict]) -> list[tuple[str, str]]:
     if "project_compiled" in items and "project" in items:
         out.append(("item embedding, compiled / eager",
                     f"{items['project_compiled']['items_per_s'] / items['project']['items_per_s']:.2f}"))
+    hist = {r["path"]: r for r in bench if r.get("figure") == "history_embedding" and "users_per_s" in r}
+    if "project" in hist:
+        ratio = f", {hist['project']['users_per_s'] / hist['plain']['users_per_s']:.2f}x plain" if "plain" in hist else ""
+        out.append(("Beauty's test histories embedded (what `embed` adds to items)", f"{hist['project']['beauty_s']} s{ratio}"))
     if (m := pick(bench, "lora_merge", has="ratio")) is not None:
         out.append(("item embedding with an adapter, merged / unmerged",
                     f"{m['ratio']:.2f} (no adapter / merged {_num(1 / m['vs_no_adapter'] if m.get('vs_no_adapter') else None)}; "

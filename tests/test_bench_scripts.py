@@ -44,11 +44,13 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     t = subprocess.run([sys.executable, str(ROOT / "bench" / "targets.py"), str(tmp_path)], capture_output=True, text=True,
                        cwd=ROOT, timeout=60)
     assert t.returncode == 0, t.stderr[-2000:]
+    hist = next(x for x in rows if x["figure"] == "history_embedding_ratio")  # users' histories: plain and packed agree
+    assert hist["max_rel_diff"] <= 1e-3 and {("history_embedding", "plain"), ("history_embedding", "project")} <= figures
     lora = next(x for x in rows if x["figure"] == "lora_merge")  # an adapter merged for embedding: fp32, the same numbers
     assert lora["layers"] > 0 and lora["max_rel_diff"] <= 1e-4 and lora["ratio"] > 0
     assert {("item_embedding", "lora_unmerged"), ("item_embedding", "lora_merged"), ("profile_item_batch", None)} <= figures
     for target in ("item embedding", "epoch", "loss within", "peak memory", "probed step", "compiled / eager",
-                   "adapter, merged / unmerged"):
+                   "adapter, merged / unmerged", "test histories"):
         assert target in t.stdout, target
 
 
@@ -81,6 +83,9 @@ def test_targets_table_reads_the_figures_of_a_device_check(tmp_path, capsys):
     quick = [{"figure": "pipeline_train_steps", "mean_step_s": 0.2187}]  # the Trainer's own epoch, when it is the best
     assert targets(rows, quick)[1][1:] == ("9.0 min (the Trainer at its defaults)", "233.5 min", "25.94x", "yes")
     assert dict(levers(rows, []))["probed step / step at the defaults"] == "2.10"
+    hist = [{"figure": "history_embedding", "path": "plain", "users_per_s": 10.0, "beauty_s": 1975.7},
+            {"figure": "history_embedding", "path": "project", "users_per_s": 50.0, "beauty_s": 395.1}]
+    assert dict(levers(hist, []))["Beauty's test histories embedded (what `embed` adds to items)"] == "395.1 s, 5.00x plain"
     merge = [{"figure": "lora_merge", "layers": 252, "merge_s": 0.01, "max_rel_diff": 0.01, "ratio": 1.075, "vs_no_adapter": 0.98}]
     assert dict(levers(merge, []))["item embedding with an adapter, merged / unmerged"] == \
         "1.07 (no adapter / merged 1.02; merge 0.01 s, max rel diff 0.01)"
