@@ -131,9 +131,9 @@ def levers(bench: list[dict], vary: list[dict]) -> list[tuple[str, str]]:
     if "project_compiled" in items and "project" in items:
         out.append(("item embedding, compiled / eager",
                     f"{items['project_compiled']['items_per_s'] / items['project']['items_per_s']:.2f}"))
-    hist = {r["path"]: r for r in bench if r.get("figure") == "history_embedding" and "users_per_s" in r}
-    if "project" in hist:
-        ratio = f", {hist['project']['users_per_s'] / hist['plain']['users_per_s']:.2f}x plain" if "plain" in hist else ""
+    hist = {r["path"]: r for r in bench if r.get("figure") == "history_embedding" and "items_per_s" in r}
+    if "project" in hist:  # (rates per history item: the two paths' samples differ in length)
+        ratio = f", {hist['project']['items_per_s'] / hist['plain']['items_per_s']:.2f}x plain" if "plain" in hist else ""
         out.append(("Beauty's test histories embedded (what `embed` adds to items)", f"{hist['project']['beauty_s']} s{ratio}"))
     if (m := pick(bench, "lora_merge", has="ratio")) is not None:
         out.append(("item embedding with an adapter, merged / unmerged",

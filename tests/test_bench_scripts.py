@@ -83,8 +83,8 @@ def test_targets_table_reads_the_figures_of_a_device_check(tmp_path, capsys):
     quick = [{"figure": "pipeline_train_steps", "mean_step_s": 0.2187}]  # the Trainer's own epoch, when it is the best
     assert targets(rows, quick)[1][1:] == ("9.0 min (the Trainer at its defaults)", "233.5 min", "25.94x", "yes")
     assert dict(levers(rows, []))["probed step / step at the defaults"] == "2.10"
-    hist = [{"figure": "history_embedding", "path": "plain", "users_per_s": 10.0, "beauty_s": 1975.7},
-            {"figure": "history_embedding", "path": "project", "users_per_s": 50.0, "beauty_s": 395.1}]
+    hist = [{"figure": "history_embedding", "path": "plain", "items_per_s": 62.5, "users_per_s": 10.0, "beauty_s": 1975.7},
+            {"figure": "history_embedding", "path": "project", "items_per_s": 312.5, "users_per_s": 50.0, "beauty_s": 395.1}]
     assert dict(levers(hist, []))["Beauty's test histories embedded (what `embed` adds to items)"] == "395.1 s, 5.00x plain"
     merge = [{"figure": "lora_merge", "layers": 252, "merge_s": 0.01, "max_rel_diff": 0.01, "ratio": 1.075, "vs_no_adapter": 0.98}]
     assert dict(levers(merge, []))["item embedding with an adapter, merged / unmerged"] == \

@@ -221,18 +221,49 @@ def test_merged_forward_is_the_adapted_layer_without_gradients(shape):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_merged_weight_in_bf16_agrees_with_pefts_forward_within_bf16():
-    from vlm2rec_lab.fused import merged_weight
+def test_a_merged_weight_serves_only_the_adapter_and_scaling_it_was_made_for():
+    """Another adapter made active, or the scaling changed, after the merge: the merged forward is
+    the adapter's own forward again, never the stale merged weight."""
+    from vlm2rec_lab.fused import MERGED, merged_forward, merged_weight
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft = get_peft_model(nn.Sequential(nn.Linear(12, 20)), LoraConfig(r=4, lora_alpha=12, target_modules=["0"]))
+    peft.add_adapter("other", LoraConfig(r=4, lora_alpha=12, target_modules=["0"]))
+    layer = peft.base_model.model[0].eval()
+    for name in ("default", "other"):
+        nn.init.normal_(layer.lora_B[name].weight, std=0.3)
+    layer.__dict__[MERGED] = merged_weight(layer)  # made for "default"
+    stale = lambda x: torch.nn.functional.linear(x, layer.__dict__[MERGED][2], layer.base_layer.bias)  # noqa: E731
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        layer.set_adapter("other")
+        want = type(layer).forward(layer, x)
+        assert (want - stale(x)).abs().max() > 1e-2
+        torch.testing.assert_close(merged_forward(layer, x), want, rtol=1e-5, atol=1e-5)
+        layer.set_adapter("default")
+        torch.testing.assert_close(merged_forward(layer, x), type(layer).forward(layer, x), rtol=1e-5, atol=1e-5)
+        layer.scale_layer(0.5)  # the scaling changed: the merged weight no longer applies
+        want = type(layer).forward(layer, x)
+        assert (want - stale(x)).abs().max() > 1e-2
+        torch.testing.assert_close(merged_forward(layer, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_forward_in_bf16_agrees_with_pefts_forward_within_bf16():
+    from vlm2rec_lab.fused import MERGED, merged_forward, merged_weight
 
     layer = _lora_layer().eval()
     layer.base_layer.to(torch.bfloat16)
-    w = merged_weight(layer)
-    assert w.dtype == torch.bfloat16
+    layer.__dict__[MERGED] = merged_weight(layer)
+    assert layer.__dict__[MERGED][2].dtype == torch.bfloat16
     x = torch.randn(6, 12)
     layer.cast_input_dtype_enabled = False
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         want = type(layer).forward(layer, x)
-        got = torch.nn.functional.linear(x, w, layer.base_layer.bias)
+        got = merged_forward(layer, x)
+        bare = layer.base_layer(x)
+    assert got.dtype == torch.bfloat16 and (want.float() - bare.float()).abs().max() > 0.1
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -289,3 +320,42 @@ def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, 
     torch.testing.assert_close(new, Encoder(bb, synth_ds.items, batch_size=8, merge_adapters=False).item_embeddings("T", range(20)),
                                rtol=1e-5, atol=1e-5)
     assert (new - out[True][0]).abs().max() > 1e-3
+
+
+def test_embedding_goes_on_unmerged_where_a_merged_batch_runs_out_of_memory(synth_ds, tiny_path, monkeypatch):
+    """A batch that runs out of memory with the adapters merged (their copies take memory): the merged
+    weights are dropped and that batch and the rest are embedded unmerged, every row in its place;
+    out of memory without merging is the caller's error."""
+    from vlm2rec_lab import fused
+    from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.encoder import Encoder
+    from vlm2rec_lab.train import apply_lora
+
+    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
+    for n, p in bb.model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    bb.model.eval()
+    want = Encoder(bb, synth_ds.items, batch_size=4, merge_adapters=False).item_embeddings("T", range(18))
+    enc = Encoder(bb, synth_ds.items, batch_size=4)
+    real, seen = Encoder.embed_sets, []
+
+    def embed_sets(self, requests, *a, **k):
+        merged = any(fused.MERGED in vars(m) for m in bb.model.modules())
+        seen.append(merged)
+        if merged and len(seen) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, requests, *a, **k)
+
+    monkeypatch.setattr(Encoder, "embed_sets", embed_sets)
+    got = enc.item_embeddings("T", range(18))
+    assert seen == [True, True, True, False, False, False]  # 5 batches: 2 merged, the 3rd again unmerged
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any(fused.MERGED in vars(m) for m in bb.model.modules())
+    seen.clear()
+    enc.merge_adapters = False
+    monkeypatch.setattr(Encoder, "embed_sets", lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(torch.OutOfMemoryError):
+        enc.item_embeddings("T", range(18))

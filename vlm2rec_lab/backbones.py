@@ -329,9 +329,11 @@ class Backbone:
         never touched. The adapters must not change inside. Forwards that want a gradient, and
         layers that stop merging (training mode with dropout, adapters switched), keep the fused
         LoRA forward. The merged weights take as much memory as the adapted base weights (5.2 GiB
-        in bf16 for a 3B model): where that does not fit in ``budget_bytes`` (default: on a GPU, its
-        free memory less 4 GiB for the forwards; elsewhere no limit) nothing is merged. Off on the
-        plain path (``mixed_precision=False``). Yields the number of layers merged."""
+        in bf16 for a 3B model): where that does not fit in ``budget_bytes`` (default: on a CUDA
+        device, its free memory less 4 GiB for the forwards; on other devices no limit) nothing is
+        merged (:meth:`Encoder.embed_many` also goes on unmerged where a batch then runs out of
+        memory). Off on the plain path (``mixed_precision=False``). Yields the number of layers
+        merged."""
         from .fused import MERGED, fused_forward, merged_forward, merged_weight, mergeable
 
         cached = None

@@ -7,6 +7,7 @@ path gives the same embeddings as the uncached one (tested).
 """
 from __future__ import annotations
 
+import logging
 from contextlib import closing, nullcontext
 from typing import NamedTuple, Sequence
 
@@ -18,6 +19,8 @@ from .backbones import Backbone
 from .data.images import ImageStore
 from .prefetch import default_workers, ordered_map
 from .prompts import sequence_prompt
+
+log = logging.getLogger(__name__)
 
 
 def last_token_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -279,10 +282,21 @@ class Encoder:
             self.vision_features(sorted({int(i) for lst in item_lists for i in lst}), progress=progress)
         bs = batch_size or self.batch_size
         order = np.argsort([-len(x) for x in item_lists], kind="stable")
-        with self.bb.merged_adapters() if self.merge_adapters else nullcontext():
-            parts = [self.embed_sets([(kind, [item_lists[k] for k in order[a:a + bs]])])[0]
-                     for a in tqdm(range(0, len(order), bs), desc=desc or f"embed {kind}", disable=not progress or None,
-                                   leave=False)]
+        starts = range(0, len(order), bs)
+        parts: list[Tensor] = []
+        with tqdm(total=len(starts), desc=desc or f"embed {kind}", disable=not progress or None, leave=False) as bar:
+            for merge in ((True, False) if self.merge_adapters else (False,)):
+                try:  # (merged: where a batch runs out of memory, the rest goes on unmerged)
+                    with self.bb.merged_adapters() if merge else nullcontext():
+                        for a in starts[len(parts):]:
+                            parts.append(self.embed_sets([(kind, [item_lists[k] for k in order[a:a + bs]])])[0])
+                            bar.update()
+                    break
+                except torch.OutOfMemoryError:
+                    if not merge:
+                        raise
+                    log.info("embedding ran out of memory with the adapters merged: going on unmerged")
+                    torch.cuda.empty_cache()
         out = torch.empty(len(item_lists), self.bb.hidden_size)
         if parts:
             out[torch.as_tensor(order)] = torch.cat(parts).cpu()  # one copy back, at the end

@@ -82,27 +82,33 @@ def mergeable(layer: nn.Module) -> bool:
     return isinstance(drop, nn.Identity) or not drop.training or getattr(drop, "p", 1.0) == 0
 
 
-MERGED = "_vlm2rec_merged_weight"  # where Backbone.merged_adapters keeps a layer's merged weight
+MERGED = "_vlm2rec_merged"  # where Backbone.merged_adapters keeps a layer's (adapter, scaling, merged weight)
 
 
 @torch.no_grad()
-def merged_weight(layer: nn.Module) -> Tensor:
-    """``W + s·B·A`` of a :func:`fusable` layer: computed in fp32, returned in ``W``'s dtype on its
-    device (a new tensor; the layer is left as it is)."""
+def merged_weight(layer: nn.Module) -> tuple[str, float, Tensor]:
+    """(active adapter, its scaling, ``W + s·B·A``) of a :func:`fusable` layer: the weight computed in
+    fp32 and returned in ``W``'s dtype on its device (a new tensor; the layer is left as it is)."""
     name = layer.active_adapters[0]
     w = layer.get_base_layer().weight
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    return torch.addmm(w.float(), b.float(), a.float(), alpha=layer.scaling[name]).to(w.dtype)
+    s = layer.scaling[name]
+    return name, s, torch.addmm(w.float(), b.float(), a.float(), alpha=s).to(w.dtype)
 
 
 def merged_forward(layer: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
     """``x·W'ᵀ + bias`` with the merged weight ``Backbone.merged_adapters`` made for ``layer``. Falls
-    back to :func:`fused_forward` where a gradient is wanted, where the layer no longer merges (dropout
-    drawing masks, adapters switched or disabled: checked each call) or has no merged weight."""
+    back to :func:`fused_forward` where a gradient is wanted, where the layer no longer merges
+    (dropout drawing masks, adapters disabled), where the active adapter or its scaling is no longer
+    the one merged (checked each call), or where there is no merged weight. The adapter's weights
+    themselves are not compared: they must not change while the merged weight is in use."""
     merged = layer.__dict__.get(MERGED)
     if merged is None or args or kwargs or torch.is_grad_enabled() or not mergeable(layer):
         return fused_forward(layer, x, *args, **kwargs)
-    return F.linear(x, merged, layer.get_base_layer().bias)
+    name, s, w = merged
+    if layer.active_adapters[0] != name or layer.scaling[name] != s:
+        return fused_forward(layer, x)
+    return F.linear(x, w, layer.get_base_layer().bias)
 
 
 def rms_norm_forward(norm: nn.Module, x: Tensor) -> Tensor:
