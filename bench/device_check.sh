@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check as one command (under 10 minutes: its four steps time out at 60, 55, 300 and
-# 140 s, the short ones first), for a lent machine without internet:
+# The GPU check as one command (under 10 minutes: its four steps time out at 60, 55, 330 and
+# 125 s), for a lent machine without internet:
 #   bench/device_check.sh [WHEELS_DIR]
 # Installs the wheels in WHEELS_DIR (default .whl: transformers, peft and their small dependencies
 # that the machine's image lacks; fetch them beforehand with `pip download --no-deps
@@ -37,8 +37,8 @@ if python3 -c "import pytest, pandas, pyarrow, PIL, tokenizers" 2>/dev/null; the
 else
     echo "GPU tests skipped: this machine lacks pytest, pandas, pyarrow, Pillow or tokenizers" | tee "$OUT/pytest.txt"
 fi
-timeout 300 python3 bench/gpu_bench.py --profile --compile --project-items 1024 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
-timeout 140 python3 bench/gpu_bench.py --vary --train-only --compile \
+timeout 330 python3 bench/gpu_bench.py --profile --compile --project-items 1024 --users 256 2>"$OUT/bench.err" | tee "$OUT/bench.jsonl"
+timeout 125 python3 bench/gpu_bench.py --vary --train-only --compile \
     --train-variants project_packed,project,project_paper,project_paper_probe \
     2>"$OUT/bench_vary.err" | tee "$OUT/bench_vary.jsonl"
 python3 bench/targets.py "$OUT" | tee "$OUT/targets.md"
