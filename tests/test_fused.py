@@ -322,10 +322,13 @@ def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, 
     assert (new - out[True][0]).abs().max() > 1e-3
 
 
-def test_embedding_goes_on_unmerged_where_a_merged_batch_runs_out_of_memory(synth_ds, tiny_path, monkeypatch):
-    """A batch that runs out of memory with the adapters merged (their copies take memory): the merged
-    weights are dropped and that batch and the rest are embedded unmerged, every row in its place;
-    out of memory without merging is the caller's error."""
+def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_path, monkeypatch, caplog):
+    """A batch that runs out of memory is redone, and the rest embedded, first without the merged
+    weights (their copies take memory), then in batches half as large: every row in its place, the
+    same embeddings, a warning for each step down. Out of memory with one prompt a batch is an error
+    that says so; other errors pass through untouched."""
+    import logging
+
     from vlm2rec_lab import fused
     from vlm2rec_lab.backbones import load_backbone
     from vlm2rec_lab.config import TrainConfig
@@ -338,24 +341,30 @@ def test_embedding_goes_on_unmerged_where_a_merged_batch_runs_out_of_memory(synt
         if "lora_B" in n:
             nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
     bb.model.eval()
-    want = Encoder(bb, synth_ds.items, batch_size=4, merge_adapters=False).item_embeddings("T", range(18))
-    enc = Encoder(bb, synth_ds.items, batch_size=4)
+    hist = synth_ds.histories("test")[:18]
+    want = Encoder(bb, synth_ds.items, batch_size=4, merge_adapters=False).sequence_embeddings("V", hist)
+    enc = Encoder(bb, synth_ds.items, batch_size=8)
     real, seen = Encoder.embed_sets, []
 
     def embed_sets(self, requests, *a, **k):
         merged = any(fused.MERGED in vars(m) for m in bb.model.modules())
-        seen.append(merged)
-        if merged and len(seen) == 3:
+        seen.append((merged, len(requests[0][1])))
+        if (merged and len(seen) == 2) or len(requests[0][1]) > 3:  # the 2nd merged batch; batches over 3
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, requests, *a, **k)
 
     monkeypatch.setattr(Encoder, "embed_sets", embed_sets)
-    got = enc.item_embeddings("T", range(18))
-    assert seen == [True, True, True, False, False, False]  # 5 batches: 2 merged, the 3rd again unmerged
+    with caplog.at_level(logging.WARNING, logger="vlm2rec_lab.encoder"):
+        got = enc.sequence_embeddings("V", hist)
+    # 8 merged (out of memory), 8 unmerged (out), 4 (out), then batches of 2 for all 18 rows
+    assert seen == [(True, 8), (False, 8), (False, 4)] + [(False, 2)] * 9
+    assert [r.getMessage().split(":")[-1].strip() for r in caplog.records] == ["going on unmerged", "going on in batches of 4",
+                                                                               "going on in batches of 2"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not any(fused.MERGED in vars(m) for m in bb.model.modules())
-    seen.clear()
-    enc.merge_adapters = False
     monkeypatch.setattr(Encoder, "embed_sets", lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
-    with pytest.raises(torch.OutOfMemoryError):
-        enc.item_embeddings("T", range(18))
+    with pytest.raises(torch.OutOfMemoryError, match="out of device memory with one prompt a batch"):
+        enc.sequence_embeddings("V", hist)
+    monkeypatch.setattr(Encoder, "embed_sets", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+        enc.sequence_embeddings("V", hist)

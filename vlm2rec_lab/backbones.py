@@ -412,6 +412,13 @@ class Backbone:
         return cached[1], cached[2], cached[3]
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an error is the device running out of memory (some kernels report it as a plain
+    RuntimeError, e.g. cuBLAS failing to allocate its workspace)."""
+    text = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The base model under a PEFT wrapper (or the model itself)."""
     get = getattr(model, "get_base_model", None)

@@ -275,28 +275,51 @@ class Encoder:
         prompts first fill the vision cache for all their images (read ahead by worker threads);
         the results stay on the device until the end, so the CPU lays out the next batch while the
         device computes this one. LoRA updates are merged into their weights meanwhile (see
-        ``merge_adapters``)."""
+        ``merge_adapters``). Where a batch runs out of device memory it is redone, and the rest
+        embedded, first without the merged weights, then in batches half as large, down to one
+        prompt (a warning says so; a prompt's embedding does not depend on its batch)."""
         from tqdm.auto import tqdm
+
+        from .backbones import out_of_memory
 
         if kind in ("V", "I") and self.cache_vision:
             self.vision_features(sorted({int(i) for lst in item_lists for i in lst}), progress=progress)
         bs = batch_size or self.batch_size
         order = np.argsort([-len(x) for x in item_lists], kind="stable")
-        starts = range(0, len(order), bs)
         parts: list[Tensor] = []
-        with tqdm(total=len(starts), desc=desc or f"embed {kind}", disable=not progress or None, leave=False) as bar:
-            for merge in ((True, False) if self.merge_adapters else (False,)):
-                try:  # (merged: where a batch runs out of memory, the rest goes on unmerged)
+        done, merge = 0, self.merge_adapters
+        with tqdm(total=len(order), desc=desc or f"embed {kind}", unit="prompt", disable=not progress or None,
+                  leave=False) as bar:
+            while done < len(order):
+                failed = None
+                try:
                     with self.bb.merged_adapters() if merge else nullcontext():
-                        for a in starts[len(parts):]:
-                            parts.append(self.embed_sets([(kind, [item_lists[k] for k in order[a:a + bs]])])[0])
-                            bar.update()
-                    break
-                except torch.OutOfMemoryError:
-                    if not merge:
+                        while done < len(order):
+                            rows = order[done:done + bs]
+                            parts.append(self.embed_sets([(kind, [item_lists[k] for k in rows])])[0])
+                            done += len(rows)
+                            bar.update(len(rows))
+                except RuntimeError as e:  # torch.OutOfMemoryError is one
+                    if not out_of_memory(e):
                         raise
-                    log.info("embedding ran out of memory with the adapters merged: going on unmerged")
+                    if not merge and bs == 1:
+                        raise torch.OutOfMemoryError(
+                            f"embedding {kind} prompts: out of device memory with one prompt a batch (a list of "
+                            f"{len(item_lists[order[done]])} items): use a device with more memory, or smaller images "
+                            f"(fewer visual tokens)") from e
+                    failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                if failed is None:
+                    break
+                # out of memory: outside the handler, which held the failed batch's tensors
+                if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                if merge:
+                    merge = False
+                    log.warning("embedding %s prompts ran out of memory with the adapters merged (%s): going on "
+                                "unmerged", kind, failed)
+                else:
+                    bs = max(1, bs // 2)
+                    log.warning("embedding %s prompts ran out of memory (%s): going on in batches of %d", kind, failed, bs)
         out = torch.empty(len(item_lists), self.bb.hidden_size)
         if parts:
             out[torch.as_tensor(order)] = torch.cat(parts).cpu()  # one copy back, at the end

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .backbones import Backbone, load_backbone, lora_target_regex
+from .backbones import Backbone, load_backbone, lora_target_regex, out_of_memory
 from . import distributed as dist
 from .config import TrainConfig
 from .encoder import Encoder
@@ -33,13 +33,6 @@ from .transfer import to_device
 
 class TrainingDiverged(RuntimeError):
     """A loss term became NaN or infinite."""
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Whether an error is the device running out of memory (some kernels report it as a plain
-    RuntimeError, e.g. cuBLAS failing to allocate its workspace)."""
-    text = str(e)
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text
 
 
 def seed_everything(seed: int) -> None:
