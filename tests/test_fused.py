@@ -224,9 +224,9 @@ def test_merged_forward_is_the_adapted_layer_without_gradients(shape):
 def test_a_merged_weight_serves_only_the_adapter_and_scaling_it_was_made_for():
     """Another adapter made active, or the scaling changed, after the merge: the merged forward is
     the adapter's own forward again, never the stale merged weight."""
-    from vlm2rec_lab.fused import MERGED, merged_forward, merged_weight
-
     from peft import LoraConfig, get_peft_model
+
+    from vlm2rec_lab.fused import MERGED, merged_forward, merged_weight
 
     torch.manual_seed(0)
     peft = get_peft_model(nn.Sequential(nn.Linear(12, 20)), LoraConfig(r=4, lora_alpha=12, target_modules=["0"]))
@@ -267,22 +267,29 @@ def test_merged_forward_in_bf16_agrees_with_pefts_forward_within_bf16():
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+def _adapted_tiny(synth_ds, **train):
+    """The tiny backbone with a LoRA adapter whose B is random (PEFT starts it at zero), as after training."""
+    from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.train import apply_lora
+
+    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(bb, TrainConfig(method="vlm-sft", **train).resolved())
+    for n, p in bb.model.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    return bb
+
+
 def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, tiny_path, monkeypatch):
     """``Encoder.embed_many`` computes with the LoRA updates merged into the weights: the same item and
     history embeddings as the adapters in training form (fp32), through the merged forward; afterwards
     the weights, the swapped forwards and the memory are as before, and a changed adapter is merged
     afresh. No merging where dropout draws masks, or where the budget is too small."""
     from vlm2rec_lab import fused
-    from vlm2rec_lab.backbones import load_backbone
-    from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.encoder import Encoder
-    from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft", lora_dropout=0.2).resolved())
-    for n, p in bb.model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    bb = _adapted_tiny(synth_ds, lora_dropout=0.2)
     calls = []
     real = fused.merged_forward
     monkeypatch.setattr(fused, "merged_forward", lambda layer, x, *a, **k: calls.append(1) or real(layer, x, *a, **k))
@@ -330,16 +337,9 @@ def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_pa
     import logging
 
     from vlm2rec_lab import fused
-    from vlm2rec_lab.backbones import load_backbone
-    from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.encoder import Encoder
-    from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    for n, p in bb.model.named_parameters():
-        if "lora_B" in n:
-            nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
+    bb = _adapted_tiny(synth_ds)
     bb.model.eval()
     hist = synth_ds.histories("test")[:18]
     want = Encoder(bb, synth_ds.items, batch_size=4, merge_adapters=False).sequence_embeddings("V", hist)
