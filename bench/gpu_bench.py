@@ -236,19 +236,21 @@ def history_embedding(model, bb, shapes: Shapes, feats: dict, n_users: int, batc
         emit(figure="history_embedding", path=path, users=len(users), batch=bs, items_per_s=round(rates[path], 1),
              mean_items=round(sum(map(len, users)) / len(users), 2), users_per_s=round(users_per_s, 1),
              beauty_s=round(BEAUTY_USERS / users_per_s, 1), peak_gib=peak_gib(device))
-    few = hists[:4]
-    d = max((plain_hidden(model, shapes, shapes.batch(k, few)).float() - project_packed(bb, feats, shapes, [(k, few)])[0].float())
-            .abs().max().item() / plain_hidden(model, shapes, shapes.batch(k, few)).float().abs().max().item() for k in ("T", "V"))
+    few, d = hists[:4], 0.0
+    for k in ("T", "V"):
+        ref = plain_hidden(model, shapes, shapes.batch(k, few)).float()
+        d = max(d, ((ref - project_packed(bb, feats, shapes, [(k, few)])[0].float()).abs().max() / ref.abs().max()).item())
     emit(figure="history_embedding_ratio", ratio=round(rates["project"] / rates["plain"], 2), max_rel_diff=round(d, 5))
 
 
 def lora_item_embedding(bb, peft, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
     """Item embedding with a LoRA adapter on, as after training (B random instead of PEFT's zeros,
     put back afterwards): the adapters in training form (each adapted projection's base product, its
-    product with A and the addmm with B) against their updates merged into the weights (``Backbone.merged_adapters``, what
-    ``Encoder.embed_many`` does), both packed with shared prefixes; their agreement, the time the
-    merge takes, and the merged path against the model without an adapter (``no_adapter_rate``).
-    With ``--profile``, where the language model's part of one batch of the merged path spends its time."""
+    product with A and the addmm with B) against their updates merged into the weights
+    (``Backbone.merged_adapters``, what ``Encoder.embed_many`` does), both packed with shared
+    prefixes; their agreement, the time the merge takes, and the merged path against the model
+    without an adapter (``no_adapter_rate``). With ``--profile``, where the language model's part of
+    one batch of the merged path spends its time."""
     gen = torch.Generator().manual_seed(2)
     bs = [p for n, p in peft.named_parameters() if "lora_B" in n]
     for p in bs:
