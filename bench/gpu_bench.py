@@ -300,7 +300,15 @@ def project_packed(bb, feats: dict, shapes: Shapes, requests: list, share_prefix
     return list(bb.forward_packed(seqs, pos, fl or None, kinds if share_prefix else None).split(sizes))
 
 
-def main() -> None:
+# the training variants main() measures, in its order (see there)
+TRAIN_VARIANTS = ("plain_ckpt", "plain", "project_unpacked_peft_cast", "project_unpacked", "project_packed", "project",
+                  "project_sdpa", "project_probe", "project_paper", "project_paper_probe", "project_paper_sdpa",
+                  "project_paper_ckpt4", "project_paper_ckpt")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--train-variants`` names outside :data:`TRAIN_VARIANTS` are an error (a
+    misspelt one would otherwise measure nothing on a device machine's scarce minutes)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (exercises the script)")
     ap.add_argument("--plain-items", type=int, default=256)
@@ -319,7 +327,15 @@ def main() -> None:
                     help="also: where the project's training step and an item-embedding batch (adapter merged) "
                          "spend their time (torch.profiler), and the packed language-model probe (one sequence "
                          "of the step's tokens, no vision tower)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    unknown = sorted(set((a.train_variants or "").split(",")) - set(TRAIN_VARIANTS) - {""})
+    if unknown:
+        ap.error(f"--train-variants: unknown {', '.join(unknown)} (known: {', '.join(TRAIN_VARIANTS)})")
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     if a.tiny:
         a.plain_items, a.project_items, a.steps, a.embed_batch = min(a.plain_items, 32), min(a.project_items, 64), min(a.steps, 2), 16
         a.users = min(a.users, 40)
@@ -509,6 +525,7 @@ def main() -> None:
                 ("project_paper_sdpa", packed_fn, 0, paper_dropout),
                 ("project_paper_ckpt4", packed_fn, 4, paper_dropout),
                 ("project_paper_ckpt", packed_fn, 1, paper_dropout))
+    assert tuple(v[0] for v in variants) == TRAIN_VARIANTS
     if a.train_variants:
         variants = tuple(v for v in variants if v[0] in a.train_variants.split(","))
     for name, fn, every, dropout in variants:

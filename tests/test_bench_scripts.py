@@ -188,3 +188,29 @@ def test_host_cost_bench_extrapolates_its_two_token_counts_to_none():
     assert last["figure"] == "host_step_no_tokens"  # the line through both points, at 0 tokens
     assert last["ms"] == pytest.approx(2 * a["median_ms"] - b["median_ms"], abs=0.2)  # (each rounded to 0.1)
     assert last["ms_per_layer"] == pytest.approx(last["ms"] / 2, abs=0.04)
+
+
+def test_the_device_checks_command_lines_are_valid(capsys):
+    """Every command ``bench/device_check.sh`` runs names files that exist and, for ``gpu_bench.py``,
+    flags and training variants the script takes: a misspelt one would cost a lent GPU's minutes."""
+    import shlex
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    script = (ROOT / "bench" / "device_check.sh").read_text().replace("\\\n", " ")
+    runs = [shlex.split(line.split("2>")[0].split("|")[0].split(">", 1)[0])
+            for line in script.splitlines() if "python3 " in line and not line.lstrip().startswith("#")]
+    runs = [r[r.index("python3") + 1:] for r in runs if "python3" in r]
+    files = [a for r in runs for a in r if a.endswith(".py") or a.startswith("tests/")]
+    assert files and all((ROOT / f).exists() for f in files), files
+    bench = [r[1:] for r in runs if r and r[0] == "bench/gpu_bench.py"]
+    assert len(bench) == 2
+    for argv in bench:
+        a = gpu_bench.parse_args(argv)
+        assert not a.tiny and (a.train_variants is None or set(a.train_variants.split(",")) <= set(gpu_bench.TRAIN_VARIANTS))
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--train-variants", "project,project_papr"])
+    assert "unknown project_papr" in capsys.readouterr().err
