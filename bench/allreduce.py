@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -56,29 +55,24 @@ def per_tensor(tensors: list) -> None:
 def worker(rank: int, world: int, port: int, shapes: list, reps: int) -> None:
     import torch.distributed as tdist
 
+    from gpu_bench import median_side_by_side
+
     from vlm2rec_lab import distributed as dist
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     gen = torch.Generator().manual_seed(rank)
     base = [torch.randn(s, generator=gen) for s in shapes]
-    paths = {"plain": per_tensor, "project": dist._all_reduce_mean}
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    results = {}
-    for rep in range(reps + 1):  # rep 0 warms up
-        for name, fn in paths.items():
-            ts = [t.clone() for t in base]
-            tdist.barrier()
-            t0 = time.perf_counter()
-            fn(ts)
-            tdist.barrier()
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-            results[name] = ts
+    def averaging(fn):  # fresh copies each run; the run keeps its averaged tensors
+        ts = [t.clone() for t in base]
+        return lambda: (fn(ts), ts)[1]
+
+    secs, results = median_side_by_side({"plain": lambda: averaging(per_tensor),
+                                         "project": lambda: averaging(dist._all_reduce_mean)}, reps, tdist.barrier)
     diff = max((a - b).abs().max().item() for a, b in zip(results["plain"], results["project"]))
     if rank == 0:
         n = sum(t.numel() for t in base)
-        plain, project = (sorted(times[k])[len(times[k]) // 2] for k in ("plain", "project"))
+        plain, project = secs["plain"], secs["project"]
         print(json.dumps({"figure": "gradient_averaging", "backend": "gloo", "processes": world, "tensors": len(base),
                           "parameters": n, "plain_s": round(plain, 5), "project_s": round(project, 5),
                           "ratio": round(plain / project, 2), "max_abs_diff": diff, "reps": reps}), flush=True)

@@ -16,13 +16,14 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import median_side_by_side  # noqa: E402
 
 
 def worker(rank: int, world: int, port: int, data: str, reps: int) -> None:
@@ -38,22 +39,15 @@ def worker(rank: int, world: int, port: int, data: str, reps: int) -> None:
     ds = Dataset.load(data)
     bb = load_backbone("tiny", dataset=ds, device="cpu")
     images = [i for i, p in enumerate(ds.items["image"].tolist()) if isinstance(p, str) and p]
-    paths = {"plain": lambda enc: enc.vision_features(images), "project": lambda enc: enc.cache_all()}
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    held = {}
-    for rep in range(reps + 1):  # rep 0 warms up
-        for name, fill in paths.items():
-            enc = Encoder(bb, ds.items, image_workers=1)
-            dist.barrier()
-            t0 = time.perf_counter()
-            fill(enc)
-            dist.barrier()
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-            held[name] = enc._features
+    def filling(fill):  # a fresh encoder (an empty cache) each run; the run keeps its features
+        enc = Encoder(bb, ds.items, image_workers=1)
+        return lambda: (fill(enc), enc._features)[1]
+
+    secs, held = median_side_by_side({"plain": lambda: filling(lambda enc: enc.vision_features(images)),
+                                      "project": lambda: filling(lambda enc: enc.cache_all())}, reps, dist.barrier)
     diff = max((held["plain"][i][0] - held["project"][i][0]).abs().max().item() for i in images)
     if rank == 0:
-        plain, project = (sorted(times[k])[len(times[k]) // 2] for k in paths)
+        plain, project = secs["plain"], secs["project"]
         print(json.dumps({"figure": "vision_cache_fill", "backend": "gloo", "processes": world, "images": len(images),
                           "plain_s": round(plain, 4), "project_s": round(project, 4), "ratio": round(plain / project, 2),
                           "max_abs_diff": diff, "reps": reps}), flush=True)

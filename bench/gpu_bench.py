@@ -125,6 +125,25 @@ def settle(device) -> None:
     gc.freeze()
 
 
+def median_side_by_side(paths: dict, reps: int, barrier) -> tuple[dict[str, float], dict]:
+    """Benchmarks run by N processes together: each path's median seconds over ``reps`` rounds after
+    one warm-up round, the paths taking turns within a round, every process starting and stopping
+    each timed run together (``barrier``); and each path's result from the last round. A path is a
+    function that prepares a run (untimed) and returns it: a function whose result is kept."""
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    results = {}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for name, prepare in paths.items():
+            run = prepare()
+            barrier()
+            t0 = time.perf_counter()
+            results[name] = run()
+            barrier()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}, results
+
+
 def peak_gib(device) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
 
