@@ -392,6 +392,7 @@ def main() -> None:
     # ---------------------------------------------------------------- item embeddings
     from vlm2rec_lab import attention
     from vlm2rec_lab.attention import set_varlen_kernel, set_vision_attention
+    from vlm2rec_lab.fused import vision_attention_forward
 
     default_kernel = attention._kernel  # the library's default (VLM2REC_VARLEN_KERNEL)
 
@@ -414,9 +415,10 @@ def main() -> None:
             # window, grouped SDPA with the index tensors from the device ("device_index") and from
             # the CPU (grouped: the project's path), and the flash kernel
             px, grids = shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1)
-            for mode in ("plain", "window", "device_index", "grouped", "flash") * 2:
+            # (hf_rotary: the flash path with Hugging Face's vision attention, fp32 rotary, instead of the stand-in's)
+            for mode in ("plain", "window", "device_index", "grouped", "flash", "hf_rotary") * 2:
                 set_vision_attention(model, varlen=mode not in ("plain", "window"))
-                set_varlen_kernel("flash" if mode == "flash" else "sdpa")
+                set_varlen_kernel("flash" if mode in ("flash", "hf_rotary") else "sdpa")
                 settle(device); t = time.perf_counter()
                 if mode == "plain":
                     ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
@@ -424,12 +426,14 @@ def main() -> None:
                     with bb.compute(autocast=False):
                         ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
                 else:
-                    ref = bb.image_features(px, grids)
+                    with without_stand_in(bb, vision_attention_forward) if mode == "hf_rotary" else contextlib.nullcontext():
+                        ref = bb.image_features(px, grids)
                 sync(device)
                 vis[mode] = (len(chunk) / (time.perf_counter() - t), ref)
             set_varlen_kernel(default_kernel)
             agree = {m: max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
-                            for x, y in zip(vis[m][1], vis["plain"][1])) for m in ("window", "device_index", "grouped", "flash")}
+                            for x, y in zip(vis[m][1], vis["plain"][1]))
+                     for m in ("window", "device_index", "grouped", "flash", "hf_rotary")}
             emit(figure="vision_tower", images=len(chunk), plain_images_per_s=round(vis["plain"][0], 1),
                  per_window_images_per_s=round(vis["window"][0], 1), varlen_images_per_s=round(vis["grouped"][0], 1),
                  ratio=round(vis["grouped"][0] / vis["plain"][0], 2), stand_ins_ratio=round(vis["window"][0] / vis["plain"][0], 2),
@@ -438,7 +442,10 @@ def main() -> None:
                  flash_max_rel_diff=round(agree["flash"], 5),
                  device_index_images_per_s=round(vis["device_index"][0], 1),
                  index_on_cpu_ratio=round(vis["grouped"][0] / vis["device_index"][0], 2),
-                 device_index_max_rel_diff=round(agree["device_index"], 5))
+                 device_index_max_rel_diff=round(agree["device_index"], 5),
+                 hf_rotary_images_per_s=round(vis["hf_rotary"][0], 1),
+                 rotary_ratio=round(vis["flash"][0] / vis["hf_rotary"][0], 2),
+                 hf_rotary_max_rel_diff=round(agree["hf_rotary"], 5))
             set_vision_attention(model, varlen=True)
             pad_rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit,
                                             path="project_padded", layout="padded")
@@ -660,6 +667,21 @@ def count_syncs(run, device) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return sum("called a synchronizing" in str(w.message) for w in caught)  # (not the mode's own notice)
+
+
+@contextlib.contextmanager
+def without_stand_in(bb, forward):
+    """The backbone's compute path without one of its stand-ins (``forward``, a function of
+    ``vlm2rec_lab.fused``): the modules it stands in for run their own forward inside."""
+    swaps = bb._fusion()[1]
+    kept = list(swaps)
+    swaps[:] = [(m, f) for m, f in kept if getattr(f, "__func__", None) is not forward]
+    bb._fusion_cache[4].clear()
+    try:
+        yield len(kept) - len(swaps)
+    finally:
+        swaps[:] = kept
+        bb._fusion_cache[4].clear()
 
 
 def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,

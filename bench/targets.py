@@ -135,6 +135,9 @@ def levers(bench: list[dict], vary: list[dict]) -> list[tuple[str, str]]:
     if "project" in hist:  # (rates per history item: the two paths' samples differ in length)
         ratio = f", {hist['project']['items_per_s'] / hist['plain']['items_per_s']:.2f}x plain" if "plain" in hist else ""
         out.append(("Beauty's test histories embedded (what `embed` adds to items)", f"{hist['project']['beauty_s']} s{ratio}"))
+    if (v := pick(bench, "vision_tower", has="rotary_ratio")) is not None:
+        out.append(("vision tower, the stand-in's rotary / Hugging Face's (flash path)",
+                    f"{v['rotary_ratio']:.2f} ({v.get('flash_images_per_s')} against {v.get('hf_rotary_images_per_s')} images/s)"))
     if (m := pick(bench, "lora_merge", has="ratio")) is not None:
         out.append(("item embedding with an adapter, merged / unmerged",
                     f"{m['ratio']:.2f} (no adapter / merged {_num(1 / m['vs_no_adapter'] if m.get('vs_no_adapter') else None)}; "

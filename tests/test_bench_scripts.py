@@ -49,8 +49,10 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     lora = next(x for x in rows if x["figure"] == "lora_merge")  # an adapter merged for embedding: fp32, the same numbers
     assert lora["layers"] > 0 and lora["max_rel_diff"] <= 1e-4 and lora["ratio"] > 0
     assert {("item_embedding", "lora_unmerged"), ("item_embedding", "lora_merged"), ("profile_item_batch", None)} <= figures
+    vision = next(x for x in rows if x["figure"] == "vision_tower")  # fp32: the stand-in's rotary is HF's
+    assert vision["hf_rotary_max_rel_diff"] <= 1e-4 and vision["max_rel_diff"] <= 1e-4 and vision["rotary_ratio"] > 0
     for target in ("item embedding", "epoch", "loss within", "peak memory", "probed step", "compiled / eager",
-                   "adapter, merged / unmerged", "test histories"):
+                   "adapter, merged / unmerged", "test histories", "rotary"):
         assert target in t.stdout, target
 
 
@@ -214,3 +216,17 @@ def test_the_device_checks_command_lines_are_valid(capsys):
     with pytest.raises(SystemExit):
         gpu_bench.parse_args(["--train-variants", "project,project_papr"])
     assert "unknown project_papr" in capsys.readouterr().err
+
+
+def test_vision_traffic_counts_fewer_bytes_with_the_rotary_stand_in():
+    """The tiny vision block: the stand-in's attention moves fewer bytes than Hugging Face's (its
+    fp32 copies, rotate_half and the sum are gone) and gives the same block output within bf16."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "vision_traffic.py"), "--tiny", "--repeats", "1"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    plain, rotary = (next(x for x in rows if x["figure"] == "vision_block_traffic" and x["path"] == p) for p in ("plain", "rotary"))
+    assert rotary["stand_ins"] == ["Qwen2_5_VLVisionAttention"] and not plain["stand_ins"]
+    assert "cat" in plain["top"] and "addcmul_" in rotary["top"]  # (rotate_half's concatenation, the stand-in's multiply-add)
+    ratio = next(x for x in rows if x["figure"] == "vision_block_traffic_ratio")
+    assert ratio["traffic_ratio"] > 1.2 and ratio["saved_mb_per_image"] > 0 and ratio["max_rel_diff"] <= 2e-2

@@ -1,5 +1,7 @@
 """The compute path's fused stand-ins: LoRA's update folded into one addmm and RMSNorm in one kernel,
 each the same function as the forward it replaces (values and gradients), used only where it is."""
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -368,3 +370,142 @@ def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_pa
     monkeypatch.setattr(Encoder, "embed_sets", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="^shape mismatch$"):
         enc.sequence_embeddings("V", hist)
+
+
+def _vision_attention(dtype=torch.float32, heads=4, width=32):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+
+    torch.manual_seed(0)
+    attn = Qwen2_5_VLVisionAttention(Qwen2_5_VLVisionConfig(hidden_size=width, num_heads=heads)).to(dtype).eval()
+    attn.config._attn_implementation = "sdpa"
+    return attn
+
+
+def _angles(n, dim, seed=1):
+    a = torch.randn(n, dim // 2, generator=torch.Generator().manual_seed(seed)) * 3
+    a = torch.cat([a, a], -1)  # the vision rotary's layout: the same angles in both halves
+    return a.cos(), a.sin()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_hugging_faces_vision_rotary(dtype):
+    """``rotary`` on q and k taken as views of a fused qkv output (Hugging Face's layout) against
+    ``apply_rotary_pos_emb_vision``: fp32 to float rounding; bf16 within one unit in bf16's last place
+    of the largest value (HF rounds once at the end, the stand-in once more per half)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    from vlm2rec_lab.fused import rotary
+
+    qkv = (torch.randn(50, 3, 4, 16, generator=torch.Generator().manual_seed(0)) * 2).to(dtype)
+    q, k, _ = qkv.unbind(1)
+    cos, sin = _angles(50, 16)
+    want = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    for x, w in zip((q, k), want):
+        got = rotary(x, cos[:, None], sin[:, None])
+        assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+        scale = float(x.float().abs().max())
+        tol = 1e-6 * scale if dtype == torch.float32 else 2 ** -7 * scale
+        assert float((got.float() - w.float()).abs().max()) <= tol
+    # the halves are not interchangeable: distinct angles per half still give HF's numbers
+    a = torch.randn(50, 16, generator=torch.Generator().manual_seed(5))
+    got = rotary(q.float(), a.cos()[:, None], a.sin()[:, None])
+    torch.testing.assert_close(got, apply_rotary_pos_emb_vision(q.float(), k.float(), a.cos(), a.sin())[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_attention_stand_in_is_the_modules_forward(dtype):
+    """The vision attention with ``rotary``, attending through the varlen function, against the
+    module's own forward through the same function: two images' windows of several lengths."""
+    from vlm2rec_lab.attention import NAME, register_varlen
+    from vlm2rec_lab.fused import is_plain_vision_attention, vision_attention_forward
+
+    attn = _vision_attention(dtype)
+    assert is_plain_vision_attention(attn)
+    assert attn.config._attn_implementation == "sdpa"  # (the probe put it back)
+    register_varlen()
+    attn.config._attn_implementation = NAME
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(3)).to(dtype)
+    cu = torch.tensor([0, 16, 24, 40], dtype=torch.int32)
+    pe = _angles(40, 8)
+    with torch.no_grad():
+        want = attn(x, cu, position_embeddings=pe)
+        got = vision_attention_forward(attn, x, cu, position_embeddings=pe)
+    assert got.dtype == want.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.float().abs().max()))
+
+
+def test_vision_attention_stand_in_falls_back_where_it_does_not_apply(monkeypatch):
+    """The module's own forward (and no ``rotary``) where the tower attends per window through SDPA;
+    where a gradient is wanted, the module's gradients; attentions computing something else fail
+    the probe."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
+
+    from vlm2rec_lab import fused
+    from vlm2rec_lab.attention import NAME, register_varlen
+
+    attn = _vision_attention()
+    calls = []
+    real = fused.rotary
+    monkeypatch.setattr(fused, "rotary", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    cu, pe = torch.tensor([0, 8, 16], dtype=torch.int32), _angles(16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.vision_attention_forward(attn, x, cu, position_embeddings=pe),
+                                   attn(x, cu, position_embeddings=pe))
+    assert not calls  # SDPA per window: the module's forward
+    register_varlen()
+    attn.config._attn_implementation = NAME
+    grads = []
+    for f in (attn, partial(fused.vision_attention_forward, attn)):
+        xg = x.clone().requires_grad_()
+        g = torch.autograd.grad((f(xg, cu, position_embeddings=pe) * torch.linspace(-1, 1, 32)).sum(),
+                                [xg, attn.qkv.weight])
+        grads.append(g)
+    assert len(calls) == 2  # q and k, in the differentiable form
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+    class InterleavedVisionAttention(Qwen2_5_VLVisionAttention):  # rotary on (even, odd) pairs: another function
+        def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kw):
+            cos, sin = position_embeddings
+            n = hidden_states.shape[0]
+            q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).unbind(1)
+
+            def rot(t):
+                pairs = torch.stack([-t[..., 1::2], t[..., ::2]], -1).flatten(-2)
+                return t * cos[:, None] + pairs * sin[:, None]
+
+            out = torch.nn.functional.scaled_dot_product_attention(*(u.transpose(0, 1) for u in (rot(q), rot(k), v)))
+            return self.proj(out.transpose(0, 1).reshape(n, -1))
+
+    odd = InterleavedVisionAttention(attn.config)
+    assert not fused.is_plain_vision_attention(odd)
+    assert not fused.is_plain_vision_attention(nn.Linear(4, 4))
+    assert odd.config._attn_implementation == NAME  # (left as it was)
+
+
+def test_tiny_vision_tower_with_the_rotary_stand_in_is_the_towers_own(tiny, monkeypatch):
+    """The tiny backbone's vision tower on the compute path (stand-ins in, varlen attention) against
+    Hugging Face's own modules with the same attention: images of several sizes, the stand-in in
+    every block."""
+    from vlm2rec_lab import fused
+    from vlm2rec_lab.attention import set_vision_attention
+    from vlm2rec_lab.backbones import _unwrap
+
+    base = _unwrap(tiny.model)
+    set_vision_attention(tiny.model, varlen=True)
+    grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 4, 4]])
+    px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
+    tiny.image_features(px[-16:], grids[2:])  # (finds the stand-ins: their probes run the rotary too)
+    calls = []
+    real = fused.rotary
+    monkeypatch.setattr(fused, "rotary", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        own = base.get_image_features(px, grids, return_dict=True).pooler_output
+        assert not calls
+        got = tiny.image_features(px, grids)
+    assert len(calls) == 2 * len(base.visual.blocks)
+    for a, b in zip(got, own):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

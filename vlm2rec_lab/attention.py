@@ -323,13 +323,11 @@ def packed_language_model(model, prefix_of: list[int] | None = None):
     """Within this context the language model of a Qwen2-VL-family model attends through
     :func:`varlen_sdpa` (causal, per packed sequence given by ``cu_seq_lens_q``; segments that
     continue a shared prefix, per ``prefix_of``, see its keys too: :func:`shared_prefixes`)."""
-    from transformers import AttentionInterface
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm = getattr(base, "language_model", None) or base.model.language_model
     cfg = lm.config
     before = cfg._attn_implementation
-    AttentionInterface.register(NAME, varlen_attention_forward)
+    register_varlen()
     cfg._attn_implementation = NAME
     token, state = _prefix_of.set(prefix_of), _packed.set((model, prefix_of))
     try:
@@ -340,12 +338,17 @@ def packed_language_model(model, prefix_of: list[int] | None = None):
         _packed.reset(state)
 
 
+def register_varlen() -> None:
+    """Register :func:`varlen_attention_forward` with transformers' ``AttentionInterface`` as :data:`NAME`."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+
+
 def set_vision_attention(model, varlen: bool = True) -> bool:
     """Route the vision tower's attention of a Qwen2-VL-family model through :func:`varlen_sdpa`
     (registered once), or back to SDPA's per-segment calls (``varlen=False``, the plain path). Leaves
     models that use flash-attn, or have no vision tower, alone; returns whether it changed anything."""
-    from transformers import AttentionInterface
-
     visual = getattr(model, "visual", None) or getattr(getattr(model, "model", None), "visual", None)
     if visual is None:
         return False
@@ -353,6 +356,6 @@ def set_vision_attention(model, varlen: bool = True) -> bool:
     current = str(getattr(cfg, "_attn_implementation", ""))
     if "flash" in current and current != NAME:
         return False
-    AttentionInterface.register(NAME, varlen_attention_forward)
+    register_varlen()
     cfg._attn_implementation = NAME if varlen else "sdpa"
     return current != cfg._attn_implementation

@@ -34,6 +34,18 @@ is swapped only after a probe shows it computes exactly that (variants such as G
 the flattened patches with the flattened kernel. cuDNN runs such a convolution through a generic
 (im2col) algorithm that is many times slower than the GEMM for some GPU, dtype and version
 combinations (transformers issue #45750, sglang PR #21014); ``F.linear`` always takes the GEMM.
+
+**Vision rotary.** Qwen's vision attention rotates queries and keys with Hugging Face's
+``apply_rotary_pos_emb_vision``: both copied to fp32, ``rotate_half`` (a negation and a
+concatenation), two products, a sum and a cast back — counted per (tokens x width) bf16 tensor,
+about 26 passes over memory for q and as many for k, a third of the vision block's traffic (95.7 MB an
+image a block of the 3B tower, 34 of them the rotary). :func:`rotary` computes the same
+``x·cos + rotate_half(x)·sin`` half by half into one output of x's dtype: a product and a
+multiply-add per half, the arithmetic in fp32 inside each kernel (5 passes). In fp32 the same
+numbers; in bf16 the half's product is rounded once before the multiply-add (HF rounds once at the
+end), an error of at most a few units in bf16's last place. :func:`vision_attention_forward` is
+that attention with this rotary, swapped in only where the tower attends through the project's
+varlen function and after a probe shows it computes the module's own function.
 """
 from __future__ import annotations
 
@@ -161,10 +173,87 @@ def is_plain_patch_embed(embed: nn.Module) -> bool:
         return False
 
 
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x·cos + rotate_half(x)·sin`` (rotary position embedding, ``rotate_half(x) = [-x₂, x₁]``)
+    in ``x``'s dtype, written half by half: ``[x₁·cos₁ − x₂·sin₁, x₂·cos₂ + x₁·sin₂]``. ``x``: (..., d),
+    any strides (a view of a fused qkv output); ``cos``/``sin`` broadcast against it, in any float
+    dtype (fp32 from the rotary module: the products are computed in fp32 and rounded to ``x``'s
+    dtype). Four elementwise kernels, no fp32 copy of ``x``. Inside a compiled graph, and where a
+    gradient is wanted (kernels writing into an output take neither), the same halves as one
+    expression rounded once, which the compiler fuses into one kernel."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad
+                                                                       or sin.requires_grad)):
+        return torch.cat((x1 * cos[..., :h] - x2 * sin[..., :h], x2 * cos[..., h:] + x1 * sin[..., h:]), -1).to(x.dtype)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.mul(x1, cos[..., :h], out=out[..., :h]).addcmul_(x2, sin[..., :h], value=-1)
+    torch.mul(x2, cos[..., h:], out=out[..., h:]).addcmul_(x1, sin[..., h:])
+    return out
+
+
+def vision_attention_forward(attn: nn.Module, hidden_states: Tensor, cu_seqlens: Tensor,
+                             position_embeddings: tuple[Tensor, Tensor] | None = None, max_seqlen: int | None = None,
+                             **kwargs) -> Tensor:
+    """Qwen2/2.5-VL's vision attention (fused qkv, rotary, attention within ``cu_seqlens``'s
+    segments, output projection) with :func:`rotary`, attending through the project's varlen
+    function. Falls back to the module's own forward where the tower attends otherwise (SDPA per
+    window, flash-attn: checked each call, as :func:`~vlm2rec_lab.attention.set_vision_attention`
+    switches it), without position embeddings, or with attention dropout in training."""
+    from .attention import NAME, varlen_attention_forward
+
+    if (position_embeddings is None or getattr(attn.config, "_attn_implementation", None) != NAME
+            or (attn.training and getattr(attn, "attention_dropout", 0.0))):
+        return type(attn).forward(attn, hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                                  max_seqlen=max_seqlen, **kwargs)
+    n = hidden_states.shape[0]
+    q, k, v = attn.qkv(hidden_states).reshape(n, 3, attn.num_heads, -1).unbind(1)  # (tokens, heads, dim) views
+    cos, sin = (t.unsqueeze(-2) for t in position_embeddings)
+    q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+    out, _ = varlen_attention_forward(attn, *(t.transpose(0, 1)[None] for t in (q, k, v)), scaling=attn.scaling,
+                                      cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, is_causal=False, **kwargs)
+    return attn.proj(out.reshape(n, -1))
+
+
+@torch.no_grad()
+def is_plain_vision_attention(attn: nn.Module) -> bool:
+    """Whether ``attn`` is a vision attention that :func:`vision_attention_forward` stands in for:
+    its structure (``qkv`` and ``proj`` linear layers, ``num_heads``, ``scaling``), then its own
+    forward against the stand-in's on a probe input of two segments with random rotary angles,
+    both attending through the varlen function."""
+    from .attention import NAME, register_varlen
+
+    qkv, proj, heads = getattr(attn, "qkv", None), getattr(attn, "proj", None), getattr(attn, "num_heads", None)
+    cfg = getattr(attn, "config", None)
+    if not (type(attn).__name__.endswith("VisionAttention") and isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+            and isinstance(heads, int) and isinstance(getattr(attn, "scaling", None), float) and cfg is not None
+            and qkv.out_features == 3 * qkv.in_features and qkv.weight.device.type != "meta"):
+        return False
+    before = getattr(cfg, "_attn_implementation", None)
+    try:
+        register_varlen()
+        cfg._attn_implementation = NAME
+        g = torch.Generator().manual_seed(0)
+        dim, n = qkv.in_features // heads, 6
+        w = qkv.weight
+        x = torch.randn(n, qkv.in_features, generator=g).to(w.device, w.dtype)
+        angles = torch.randn(n, dim, generator=g).to(w.device) * 3
+        cu = torch.tensor([0, 2, n], dtype=torch.int32, device=w.device)
+        pe = (angles.cos(), angles.sin())
+        want = type(attn).forward(attn, x, cu, position_embeddings=pe, max_seqlen=4)
+        got = vision_attention_forward(attn, x, cu, position_embeddings=pe, max_seqlen=4)
+        return want.shape == got.shape and want.dtype == got.dtype and \
+            bool(torch.allclose(want.float(), got.float(), rtol=2e-2, atol=2e-2 * float(want.float().abs().max())))
+    except Exception:  # noqa: BLE001  (an attention of this name that takes other inputs)
+        return False
+    finally:
+        cfg._attn_implementation = before
+
+
 def fused_forwards(model: nn.Module) -> list[tuple[nn.Module, MethodType]]:
     """(module, forward) for every module of ``model`` that has a fused stand-in: plain LoRA layers
-    (:func:`fused_forward`), plain RMSNorms (:func:`rms_norm_forward`) and non-overlapping patch
-    embeddings (:func:`patch_embed_forward`). Each forward is bound once as a method: compiled
+    (:func:`fused_forward`), plain RMSNorms (:func:`rms_norm_forward`), non-overlapping patch
+    embeddings (:func:`patch_embed_forward`) and Qwen's vision attention (:func:`vision_attention_forward`). Each forward is bound once as a method: compiled
     graphs guard on a module's ``forward`` by its code, the same for every layer, so the swap
     costs no recompilation."""
     out = []
@@ -175,4 +264,6 @@ def fused_forwards(model: nn.Module) -> list[tuple[nn.Module, MethodType]]:
             out.append((m, MethodType(rms_norm_forward, m)))
         elif is_plain_patch_embed(m):
             out.append((m, MethodType(patch_embed_forward, m)))
+        elif is_plain_vision_attention(m):
+            out.append((m, MethodType(vision_attention_forward, m)))
     return out
