@@ -6,7 +6,7 @@
 # that the machine's image lacks; fetch them beforehand with `pip download --no-deps
 # --only-binary=:all: --python-version 3.12 transformers==5.24.0 peft==0.21.2 regex orjson`) into a
 # scratch site, then writes under $OUT (default ./device_out):
-#   pytest.txt         the GPU-only tests (-k on_gpu: flash kernel, bf16 LoRA, no device syncs, the process
+#   pytest.txt         the GPU-only tests (-k on_gpu: flash kernel, bf16 LoRA, no device syncs, the vision rotary, the process
 #                      group's CPU and CUDA collectives), tracebacks included
 #   pipeline.jsonl     pipeline_train.py                 (the Trainer's own steps at its defaults, synthetic domain at
 #                      224 px; pipeline_embed.py, item embedding end to end, was measured on 2026-11-26: 43.9 s)
@@ -30,7 +30,7 @@ fi
 export VLM2REC_CACHE=/tmp/vlm2rec_cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 if python3 -c "import pytest, pandas, pyarrow, PIL, tokenizers" 2>/dev/null; then
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_transfer.py tests/test_distributed.py -k on_gpu -rs --tb=short \
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_transfer.py tests/test_distributed.py tests/test_fused.py -k on_gpu -rs --tb=short \
         >"$OUT/pytest.txt" 2>&1
     tail -4 "$OUT/pytest.txt"
     timeout 55 python3 bench/pipeline_train.py 2>"$OUT/pipeline.err" | tee "$OUT/pipeline.jsonl"

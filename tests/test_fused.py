@@ -509,3 +509,25 @@ def test_tiny_vision_tower_with_the_rotary_stand_in_is_the_towers_own(tiny, monk
     assert len(calls) == 2 * len(base.visual.blocks)
     for a, b in zip(got, own):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_vision_attention_stand_in_on_gpu():
+    """On a GPU in bf16, at the 3B tower's width: the probe accepts the module (mixed-dtype kernels
+    writing into bf16 halves work there), and the stand-in's output through the flash path is the
+    module's own within bf16, for 4 images of 224 px in windows of 64 patches."""
+    from vlm2rec_lab.attention import NAME, register_varlen
+    from vlm2rec_lab.fused import is_plain_vision_attention, vision_attention_forward
+
+    attn = _vision_attention(torch.bfloat16, heads=16, width=1280).cuda()
+    assert is_plain_vision_attention(attn)
+    register_varlen()
+    attn.config._attn_implementation = NAME
+    x = torch.randn(1024, 1280, generator=torch.Generator().manual_seed(3)).to("cuda", torch.bfloat16)
+    cu = torch.arange(0, 1025, 64, dtype=torch.int32, device="cuda")
+    pe = tuple(t.cuda() for t in _angles(1024, 80))
+    with torch.no_grad():
+        want = attn(x, cu, position_embeddings=pe)
+        got = vision_attention_forward(attn, x, cu, position_embeddings=pe)
+    assert got.dtype == torch.bfloat16 and got.is_cuda
+    assert float((got.float() - want.float()).abs().max()) <= 2e-2 * float(want.float().abs().max())
