@@ -644,7 +644,8 @@ def main() -> None:
         compiled_step(bb, lambda b, do_step=True: step(packed_fn, b, do_step), batches, a.steps, device, emit,
                       results.get("plain_ckpt"), backend=backend, path="project_paper_compiled",
                       eager_s=results.get("project_paper"), probe_ratio=(results["project_paper_probe"] / results["project_paper"]
-                                                                         if "project_paper_probe" in results else None))
+                                                                         if "project_paper_probe" in results else None),
+                      profile=a.profile)
 
 
 # the variants whose device syncs a step are counted (one more step under CUDA's sync debug mode)
@@ -685,14 +686,16 @@ def without_stand_in(bb, forward):
 
 
 def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,
-                  path: str = "project_compiled", eager_s: float | None = None, probe_ratio: float | None = None) -> None:
+                  path: str = "project_compiled", eager_s: float | None = None, probe_ratio: float | None = None,
+                  profile: bool = False) -> None:
     """The project step with the language model's decoder layers compiled (compiled already: compiled
     again where a constant changed): the first step's time (compiling included) apart from the
     steady state, which is timed after a second, untimed step (a step of another token count makes
     dynamo compile once more, with dynamic sizes). For ``project_compiled``, its loss against the eager step's on the same batch and
     weights (the first step's loss is taken before its update). With ``probe_ratio`` (a probed
     step's time over a plain step's, eager), the epoch at the default probing (every 10th step) is
-    estimated from it."""
+    estimated from it. With ``profile``, one more step is profiled (``profile_step_compiled``): where
+    the compiled step's time goes."""
     try:
         eager = run_step(batches[0], do_step=False) if path == "project_compiled" else None
         bb.compile_layers(backend=backend)
@@ -719,6 +722,8 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
         est = s * (9 + probe_ratio) / 10
         row.update(beauty_epoch_min_with_probe_est=round(est * BEAUTY_USERS / 8 / 60, 1))
     emit(**row)
+    if profile:
+        profile_step(lambda: run_step(batches[1]), device, emit, figure="profile_step_compiled")
 
 
 def profile_step(run_step, device, emit, rows: int = 20, figure: str = "profile_step") -> None:

@@ -48,7 +48,9 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     assert hist["max_rel_diff"] <= 1e-3 and {("history_embedding", "plain"), ("history_embedding", "project")} <= figures
     lora = next(x for x in rows if x["figure"] == "lora_merge")  # an adapter merged for embedding: fp32, the same numbers
     assert lora["layers"] > 0 and lora["max_rel_diff"] <= 1e-4 and lora["ratio"] > 0
-    assert {("item_embedding", "lora_unmerged"), ("item_embedding", "lora_merged"), ("profile_item_batch", None)} <= figures
+    assert {("item_embedding", "lora_unmerged"), ("item_embedding", "lora_merged"), ("profile_item_batch", None),
+            ("profile_step", None), ("profile_step_compiled", None)} <= figures
+    assert {x.get("of") for x in rows if x["figure"] == "profile_op"} >= {"profile_step", "profile_step_compiled", "profile_item_batch"}
     vision = next(x for x in rows if x["figure"] == "vision_tower")  # fp32: the stand-in's rotary is HF's
     assert vision["hf_rotary_max_rel_diff"] <= 1e-4 and vision["max_rel_diff"] <= 1e-4 and vision["rotary_ratio"] > 0
     for target in ("item embedding", "epoch", "loss within", "peak memory", "probed step", "compiled / eager",
