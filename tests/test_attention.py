@@ -283,24 +283,32 @@ def _lora_tiny(synth_ds):
 def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny_path, monkeypatch):
     """A training step's four prompt sets (histories of different lengths, text and image) packed into
     one forward, with and without shared prefixes: the same embeddings and the same LoRA gradients
-    as four padded forwards. The prefixes are really shared (one per prompt kind)."""
+    as four padded forwards. The prefixes are really shared (one per prompt kind). In a packed
+    forward the last layer's MLP runs on the 20 prompts' last tokens only (the padded forwards: on
+    every token)."""
     from vlm2rec_lab import attention
     from vlm2rec_lab.encoder import Encoder
 
     bb = _lora_tiny(synth_ds)
     lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], [[11], [12], [13], [14]]
     requests = [("T", lists), ("V", lists), ("T", items), ("V", items), ("I", lists)]
-    seen = []
+    seen, last_mlp_rows = [], []
     real = attention.shared_prefixes
     monkeypatch.setattr(attention, "shared_prefixes", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    bb.decoder_layers()[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[:-1]))
     results = {}
     for packed, share in ((False, False), (True, False), (True, True)):
         enc = Encoder(bb, synth_ds.items, packed=packed, share_prefix=share)
         bb.model.zero_grad()
+        last_mlp_rows.clear()
         out = enc.embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
         grads = {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad}
         results[packed, share] = ([o.detach() for o in out], grads)
+        if packed:
+            assert last_mlp_rows == [(1, 20)]
+        else:  # (one padded forward per prompt set, every position)
+            assert len(last_mlp_rows) == 5 and all(r[0] == 4 and r[1] > 10 for r in last_mlp_rows)
     (seqs, _, prefix_of, n_prefixes), = seen
     assert n_prefixes == 3 and prefix_of.count(-1) == 3  # T, V and I prompts each share their head
     assert all(len(seqs[k]) > 10 for k in range(3))  # system turn and prompt head at least
@@ -356,7 +364,8 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
     """Gradient checkpointing (every layer, or every 2nd) with a packed forward, shared prefixes and
     LoRA dropout: the same embeddings and LoRA gradients as without checkpointing. The backward's
     recomputations run the packed attention (with the prefixes) and the fused LoRA stand-ins again,
-    once per checkpointed layer, draw the same dropout masks, and leave nothing swapped in."""
+    once per checkpointed layer, draw the same dropout masks, and leave nothing swapped in. The last
+    layer's recomputed MLP, like its forward, runs on the prompts' last tokens only."""
     from vlm2rec_lab import attention, fused
     from vlm2rec_lab.encoder import Encoder
 
@@ -380,6 +389,8 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
     monkeypatch.setattr(attention, "varlen_sdpa", count("attention", real_sdpa))
     monkeypatch.setattr(fused, "fused_forward", count("lora", real_lora))
     bb._fusion_cache = None  # (the stand-ins are bound from fused.fused_forward when first found)
+    last_mlp_rows = []
+    layers[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[1]))
     results = {}
     for ckpt in (False, True):
         if ckpt:
@@ -400,6 +411,9 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
                          probes)
         n_ckpt = 3 * len(range(0, len(layers), every)) if ckpt else 0  # (three backward passes)
         assert recomputed == {"attention": n_ckpt, "lora": n_ckpt * forward["lora"] // len(layers)}
+        last_recomputed = ckpt and (len(layers) - 1) % every == 0
+        assert last_mlp_rows == [8] * (1 + 3 * last_recomputed)  # 8 prompts, in the forward and each recomputation
+        last_mlp_rows.clear()
     assert not bb._computing and attention.packed_state() is None
     assert not any("forward" in vars(m) for m in bb.model.modules() if hasattr(m, "lora_A"))
     for a, b in zip(*(results[k][0] for k in (False, True))):

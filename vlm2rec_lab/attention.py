@@ -307,34 +307,44 @@ def varlen_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
     return varlen_sdpa(query, key, value, cu_seq_lens_q, scaling, causal, _prefix_of.get() if causal else None), None
 
 
-# the shared prefixes of the packed forward that packed_language_model wraps (per thread and task),
-# and that context's arguments (for a recomputation under checkpointing to re-enter it)
+# the shared prefixes and read rows of the packed forward that packed_language_model wraps (per
+# thread and task), and that context's arguments (for a recomputation under checkpointing to re-enter it)
 _prefix_of: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("vlm2rec_prefix_of", default=None)
+_rows: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("vlm2rec_rows", default=None)
 _packed: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("vlm2rec_packed", default=None)
 
 
 def packed_state() -> tuple | None:
-    """The (model, prefix_of) of the :func:`packed_language_model` context this code runs in, or None."""
+    """The (model, prefix_of, rows) of the :func:`packed_language_model` context this code runs in, or None."""
     return _packed.get()
 
 
+def packed_rows() -> Tensor | None:
+    """The packed sequence's positions whose final hidden states the packed forward reads (each
+    prompt's last token), as :func:`packed_language_model` was given them; None outside it."""
+    return _rows.get()
+
+
 @contextmanager
-def packed_language_model(model, prefix_of: list[int] | None = None):
+def packed_language_model(model, prefix_of: list[int] | None = None, rows: Tensor | None = None):
     """Within this context the language model of a Qwen2-VL-family model attends through
     :func:`varlen_sdpa` (causal, per packed sequence given by ``cu_seq_lens_q``; segments that
-    continue a shared prefix, per ``prefix_of``, see its keys too: :func:`shared_prefixes`)."""
+    continue a shared prefix, per ``prefix_of``, see its keys too: :func:`shared_prefixes`). ``rows``
+    (positions in the packed sequence) are the only ones whose final hidden states are read
+    (:func:`packed_rows`; the last layer's MLP skips the others, ``fused.read_rows_forward``)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm = getattr(base, "language_model", None) or base.model.language_model
     cfg = lm.config
     before = cfg._attn_implementation
     register_varlen()
     cfg._attn_implementation = NAME
-    token, state = _prefix_of.set(prefix_of), _packed.set((model, prefix_of))
+    token, rows_token, state = _prefix_of.set(prefix_of), _rows.set(rows), _packed.set((model, prefix_of, rows))
     try:
         yield
     finally:
         cfg._attn_implementation = before
         _prefix_of.reset(token)
+        _rows.reset(rows_token)
         _packed.reset(state)
 
 

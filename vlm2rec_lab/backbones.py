@@ -273,9 +273,10 @@ class Backbone:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 
             kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(image_features))}
-        with self.compute(), packed_language_model(self.model, prefix_of):
+        rows = to_device(bounds[1 + skip:].long() - 1, self.device)  # each prompt's last token
+        with self.compute(), packed_language_model(self.model, prefix_of, rows):
             hidden = self.model(**kw).last_hidden_state[0]
-        return hidden[cu[1 + skip:].long() - 1]
+        return hidden[rows]
 
     def compile_layers(self, backend: str = "inductor", vision: bool = False) -> int:
         """``torch.compile`` each decoder layer of the language model in place (dynamic shapes, so
@@ -403,11 +404,15 @@ class Backbone:
         if cached is None or cached[0] is not self.model:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            from .fused import fused_forwards
+            from .fused import fused_forwards, read_rows_forward
 
             tuners = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
             dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-            cached = (self.model, tuners, fused_forwards(self.model), dropouts, {})  # (+ per layer, see _stand_ins)
+            swaps = fused_forwards(self.model)
+            last = self.decoder_layers()[-1] if self.can_pack else None
+            if isinstance(getattr(last, "mlp", None), nn.Module):  # packed forwards read a few final hidden states
+                swaps.append((last.mlp, MethodType(read_rows_forward, last.mlp)))
+            cached = (self.model, tuners, swaps, dropouts, {})  # (+ per layer, see _stand_ins)
             self._fusion_cache = cached
         return cached[1], cached[2], cached[3]
 

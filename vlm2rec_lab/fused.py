@@ -250,6 +250,24 @@ def is_plain_vision_attention(attn: nn.Module) -> bool:
         cfg._attn_implementation = before
 
 
+@torch.compiler.disable  # (eager: the row count, which varies, never enters a compiled graph)
+def read_rows_forward(mlp: nn.Module, x: Tensor) -> Tensor:
+    """The last decoder layer's MLP inside a packed forward: computed on the rows whose final
+    hidden states are read (:func:`~vlm2rec_lab.attention.packed_rows`, each prompt's last token)
+    and zero on the others, whose final hidden states nobody reads (the residual stream passes them
+    on unchanged). The rows read get exactly the MLP's output; a 3B model's last MLP is about 2.4%
+    of its matrix work, skipped for all tokens but a few. Outside a packed forward (``x`` not one
+    packed row, or no rows given) the module's own forward. In a compiled layer it runs eagerly, in
+    a graph break: a few rows' products gain nothing from compiling, and a graph would specialise
+    on their count."""
+    from .attention import packed_rows
+
+    rows = packed_rows()
+    if rows is None or x.dim() != 3 or x.shape[0] != 1:
+        return type(mlp).forward(mlp, x)
+    return torch.zeros_like(x).index_copy(1, rows, type(mlp).forward(mlp, x.index_select(1, rows)))
+
+
 def fused_forwards(model: nn.Module) -> list[tuple[nn.Module, MethodType]]:
     """(module, forward) for every module of ``model`` that has a fused stand-in: plain LoRA layers
     (:func:`fused_forward`), plain RMSNorms (:func:`rms_norm_forward`), non-overlapping patch
