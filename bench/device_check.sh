@@ -11,7 +11,8 @@
 #   pipeline.jsonl     pipeline_train.py                 (the Trainer's own steps at its defaults, synthetic domain at
 #                      224 px; pipeline_embed.py, item embedding end to end, was measured on 2026-11-26: 43.9 s)
 #   bench.jsonl        gpu_bench.py --profile --compile  (every figure, Beauty shapes, 3B; 1,024 items embedded a path,
-#                      with a LoRA adapter too: in training form and merged; profiles of a step, eager and compiled, and an item batch)
+#                      with a LoRA adapter too: in training form and merged; the vision rotary against HF's;
+#                      profiles of a step, eager and compiled, and of an item batch)
 #   bench_vary.jsonl   gpu_bench.py --vary --train-only --compile  (titles and histories of varying length: packed
 #                      with and without shared prefixes under flash, the defaults eager and compiled)
 #   targets.md         bench/targets.py: the targets read off those figures, met or not, and the figures

@@ -46,8 +46,9 @@ class Traffic(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        if not func.is_view:  # (an out= tensor is written, not read: counted with the outputs)
+            kw = {k: v for k, v in (kwargs or {}).items() if k != "out"}
+            ins = [t for t in tree_flatten((args, kw))[0] if isinstance(t, torch.Tensor)]
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             self.per_op[func.overloadpacket.__name__] += sum(map(moved_bytes, ins + outs))
         return out

@@ -391,8 +391,9 @@ def _angles(n, dim, seed=1):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_is_hugging_faces_vision_rotary(dtype):
     """``rotary`` on q and k taken as views of a fused qkv output (Hugging Face's layout) against
-    ``apply_rotary_pos_emb_vision``: fp32 to float rounding; bf16 within one unit in bf16's last place
-    of the largest value (HF rounds once at the end, the stand-in once more per half)."""
+    ``apply_rotary_pos_emb_vision``: fp32 to float rounding; bf16 within two units in bf16's last
+    place of the largest value (HF rounds once at the end, the stand-in once more per half). Angles
+    that broadcast ``x`` to a larger shape (a leading batch) give HF's larger result too."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
     from vlm2rec_lab.fused import rotary
@@ -411,6 +412,10 @@ def test_rotary_is_hugging_faces_vision_rotary(dtype):
     a = torch.randn(50, 16, generator=torch.Generator().manual_seed(5))
     got = rotary(q.float(), a.cos()[:, None], a.sin()[:, None])
     torch.testing.assert_close(got, apply_rotary_pos_emb_vision(q.float(), k.float(), a.cos(), a.sin())[0])
+    batched = torch.stack([a, a.flip(0)])[:, :, None]  # (2, tokens, 1, dim) against (tokens, heads, dim)
+    got = rotary(q.float(), batched.cos(), batched.sin())
+    assert got.shape == (2, 50, 4, 16)
+    torch.testing.assert_close(got, q.float() * batched.cos() + torch.cat([-q[..., 8:], q[..., :8]], -1).float() * batched.sin())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -420,9 +425,16 @@ def test_vision_attention_stand_in_is_the_modules_forward(dtype):
     from vlm2rec_lab.attention import NAME, register_varlen
     from vlm2rec_lab.fused import is_plain_vision_attention, vision_attention_forward
 
+    from vlm2rec_lab.attention import _plan, prime_plan
+
     attn = _vision_attention(dtype)
+    primed = [torch.tensor([0, 3, 3 + k], dtype=torch.int32) for k in range(1, 5)]  # four plans a forward primed
+    for cu in primed:
+        prime_plan(cu, cu.clone())
+    plans = [_plan(cu) for cu in primed]
     assert is_plain_vision_attention(attn)
     assert attn.config._attn_implementation == "sdpa"  # (the probe put it back)
+    assert all(_plan(cu) is p for cu, p in zip(primed, plans))  # and kept the primed plans
     register_varlen()
     attn.config._attn_implementation = NAME
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(3)).to(dtype)

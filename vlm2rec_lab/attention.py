@@ -111,6 +111,17 @@ def _plan(cu_seqlens: Tensor, prefix_of: list[int] | None = None, bounds: Tensor
     return plan
 
 
+@contextmanager
+def plans_kept():
+    """The remembered plans as they were on entry, afterwards: plans made inside (a probe's, say)
+    do not push out those that forwards about to run have primed."""
+    saved = list(_RECENT)
+    try:
+        yield
+    finally:
+        _RECENT[:] = saved
+
+
 def prime_plan(cu_seqlens: Tensor, bounds: Tensor, prefix_of: list[int] | None = None) -> None:
     """Work out the attention plan of the device boundaries ``cu_seqlens`` from the same boundaries
     on the CPU, so that a packed forward's layers find it without reading the device: no device
