@@ -1,5 +1,7 @@
-"""The compute path's fused stand-ins: LoRA's update folded into one addmm and RMSNorm in one kernel,
-each the same function as the forward it replaces (values and gradients), used only where it is."""
+"""The compute path's fused stand-ins: LoRA's update folded into one addmm (or merged into the weight),
+RMSNorm in one kernel, the patch embedding as a GEMM, the vision attention's rotary without fp32
+copies, each the same function as the forward it replaces (values and gradients), used only where it
+is."""
 from functools import partial
 
 import pytest
@@ -382,6 +384,15 @@ def _vision_attention(dtype=torch.float32, heads=4, width=32):
     return attn
 
 
+def _count_rotary(monkeypatch) -> list:
+    """Calls of ``fused.rotary`` from now on (one per tensor rotated), as a list that grows."""
+    from vlm2rec_lab import fused
+
+    calls, real = [], fused.rotary
+    monkeypatch.setattr(fused, "rotary", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def _angles(n, dim, seed=1):
     a = torch.randn(n, dim // 2, generator=torch.Generator().manual_seed(seed)) * 3
     a = torch.cat([a, a], -1)  # the vision rotary's layout: the same angles in both halves
@@ -421,11 +432,10 @@ def test_rotary_is_hugging_faces_vision_rotary(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vision_attention_stand_in_is_the_modules_forward(dtype):
     """The vision attention with ``rotary``, attending through the varlen function, against the
-    module's own forward through the same function: two images' windows of several lengths."""
-    from vlm2rec_lab.attention import NAME, register_varlen
+    module's own forward through the same function: two images' windows of several lengths. The
+    probe puts the attention setting back and keeps the attention plans a forward has primed."""
+    from vlm2rec_lab.attention import NAME, _plan, prime_plan, register_varlen
     from vlm2rec_lab.fused import is_plain_vision_attention, vision_attention_forward
-
-    from vlm2rec_lab.attention import _plan, prime_plan
 
     attn = _vision_attention(dtype)
     primed = [torch.tensor([0, 3, 3 + k], dtype=torch.int32) for k in range(1, 5)]  # four plans a forward primed
@@ -458,9 +468,7 @@ def test_vision_attention_stand_in_falls_back_where_it_does_not_apply(monkeypatc
     from vlm2rec_lab.attention import NAME, register_varlen
 
     attn = _vision_attention()
-    calls = []
-    real = fused.rotary
-    monkeypatch.setattr(fused, "rotary", lambda *a: calls.append(1) or real(*a))
+    calls = _count_rotary(monkeypatch)
     x = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
     cu, pe = torch.tensor([0, 8, 16], dtype=torch.int32), _angles(16, 8)
     with torch.no_grad():
@@ -502,7 +510,6 @@ def test_tiny_vision_tower_with_the_rotary_stand_in_is_the_towers_own(tiny, monk
     """The tiny backbone's vision tower on the compute path (stand-ins in, varlen attention) against
     Hugging Face's own modules with the same attention: images of several sizes, the stand-in in
     every block."""
-    from vlm2rec_lab import fused
     from vlm2rec_lab.attention import set_vision_attention
     from vlm2rec_lab.backbones import _unwrap
 
@@ -511,9 +518,7 @@ def test_tiny_vision_tower_with_the_rotary_stand_in_is_the_towers_own(tiny, monk
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 4, 4]])
     px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
     tiny.image_features(px[-16:], grids[2:])  # (finds the stand-ins: their probes run the rotary too)
-    calls = []
-    real = fused.rotary
-    monkeypatch.setattr(fused, "rotary", lambda *a: calls.append(1) or real(*a))
+    calls = _count_rotary(monkeypatch)
     with torch.no_grad():
         own = base.get_image_features(px, grids, return_dict=True).pooler_output
         assert not calls
