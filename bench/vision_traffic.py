@@ -116,5 +116,6 @@ def main() -> None:
                       "cpu_ratio": round(rows["plain"][1] / best, 2),
                       "max_rel_diff": round(float((out.float() - ref).abs().max() / ref.abs().max()), 5)}))
 
+
 if __name__ == "__main__":
     main()
