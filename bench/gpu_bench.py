@@ -645,7 +645,7 @@ def main() -> None:
                       results.get("plain_ckpt"), backend=backend, path="project_paper_compiled",
                       eager_s=results.get("project_paper"), probe_ratio=(results["project_paper_probe"] / results["project_paper"]
                                                                          if "project_paper_probe" in results else None),
-                      profile=a.profile)
+                      profile=a.profile, run_probed=lambda b: step(packed_fn, b, probe=True))
 
 
 # the variants whose device syncs a step are counted (one more step under CUDA's sync debug mode)
@@ -687,18 +687,19 @@ def without_stand_in(bb, forward):
 
 def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,
                   path: str = "project_compiled", eager_s: float | None = None, probe_ratio: float | None = None,
-                  profile: bool = False) -> None:
+                  profile: bool = False, run_probed=None) -> None:
     """The project step with the language model's decoder layers compiled (compiled already: compiled
     again where a constant changed): the first step's time (compiling included) apart from the
     steady state, which is timed after a second, untimed step (a step of another token count makes
     dynamo compile once more, with dynamic sizes). For ``project_compiled``, its loss against the eager step's on the same batch and
     weights (the first step's loss is taken before its update). With ``probe_ratio`` (a probed
     step's time over a plain step's, eager), the epoch at the default probing (every 10th step) is
-    estimated from it. With ``profile``, one more step is profiled (``profile_step_compiled``): where
-    the compiled step's time goes."""
+    estimated from it; with ``run_probed`` (a probed step, compiled too: the trainer's default where
+    ``--compile auto`` compiles) it is measured, after one untimed probed step. With ``profile``, one
+    more step is profiled (``profile_step_compiled``): where the compiled step's time goes."""
     try:
         eager = run_step(batches[0], do_step=False) if path == "project_compiled" else None
-        bb.compile_layers(backend=backend)
+        bb.compile_layers(backend=backend, retained_backward=run_probed is not None)  # (as the trainer does)
         sync(device); t = time.perf_counter()
         compiled = run_step(batches[0])
         sync(device)
@@ -708,10 +709,18 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
         for b in batches[1:]:
             run_step(b)
         sync(device)
+        s = (time.perf_counter() - t) / steps
+        probed = None
+        if run_probed is not None:
+            run_probed(batches[0])  # (untimed: the probe's forwards apart may compile once more)
+            settle(device); t = time.perf_counter()
+            for b in batches[1:]:
+                run_probed(b)
+            sync(device)
+            probed = (time.perf_counter() - t) / steps
     except Exception as e:  # noqa: BLE001  (a compiler failure is a figure too)
         emit(figure="train_step", path=path, error=f"{type(e).__name__}: {str(e)[:300]}")
         return
-    s = (time.perf_counter() - t) / steps
     row = dict(figure="train_step", path=path, backend=backend, seconds=round(s, 3), first_step_s=round(first, 1),
                beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1), peak_gib=peak_gib(device),
                vs_plain_ckpt=round(plain_ckpt / s, 2) if plain_ckpt else None,
@@ -721,6 +730,9 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
     if probe_ratio is not None:
         est = s * (9 + probe_ratio) / 10
         row.update(beauty_epoch_min_with_probe_est=round(est * BEAUTY_USERS / 8 / 60, 1))
+    if probed is not None:
+        row.update(probe_seconds=round(probed, 3), probe_step_vs_step=round(probed / s, 2),
+                   beauty_epoch_min_with_probe=round((9 * s + probed) / 10 * BEAUTY_USERS / 8 / 60, 1))
     emit(**row)
     if profile:
         profile_step(lambda: run_step(batches[1]), device, emit, figure="profile_step_compiled")

@@ -8,7 +8,9 @@ tensors; this one is the trainer's own.
 
 Figures: the vision cache's fill (images/s), the steps' tokens, the median plain and probed step,
 and the mean step over the run (probes and checkpoint writes at their share) with the Beauty epoch
-it makes (19,757 training users at batch 8), apart from the time the fill adds.
+it makes (19,757 training users at batch 8), apart from the time the fill adds. A run this short
+does not compile its layers (``--compile auto`` does from 1,000 steps on: a Beauty epoch is 2,469),
+so its epoch is the eager one; ``gpu_bench.py --compile`` measures the compiled step.
 
 Usage: python bench/pipeline_train.py [--tiny] [--steps 40] [--users 800] [--items 1000] [--mean-len 14]
 Prints one JSON line per figure.
@@ -71,7 +73,7 @@ def main() -> None:
     emit(figure="pipeline_train_setup", trainer_s=round(setup, 1), cache_images=n_images, cache_fill_s=round(fill, 2),
          images_per_s=round(n_images / fill, 1), beauty_fill_s=round(BEAUTY_ITEMS * fill / n_images, 1),
          lora_dropout=tr.cfg.lora_dropout, batch_size=tr.cfg.batch_size, grad_cos_every=tr.cfg.grad_cos_every,
-         checkpoint_every=tr.cfg.checkpoint_every, dropout_active=tr.bb.dropout_active)
+         checkpoint_every=tr.cfg.checkpoint_every, dropout_active=tr.bb.dropout_active, compiled=tr.compiled)
     sel = tr._order(0)[:tr.cfg.batch_size]
     layout = tr.encoder.layout(tr.requests(tr.hist[sel], tr.targets[sel]))
     tokens = sum(len(s) for s in layout.sequences) if layout is not None else None

@@ -74,7 +74,9 @@ def targets(bench: list[dict], pipeline: list[dict] | None = None) -> list[tuple
     epochs = []  # (minutes a Beauty epoch with the probe every 10th step, what gave it)
     if (d := pick(bench, "train_epoch_at_defaults", has="seconds_per_step")) is not None:
         epochs.append((_epoch_min(d["seconds_per_step"]), "defaults, eager"))
-    if (c := pick(bench, "train_step", "project_paper_compiled", has="beauty_epoch_min_with_probe_est")) is not None:
+    if (c := pick(bench, "train_step", "project_paper_compiled", has="beauty_epoch_min_with_probe")) is not None:
+        epochs.append((c["beauty_epoch_min_with_probe"], "defaults, compiled"))
+    elif (c := pick(bench, "train_step", "project_paper_compiled", has="beauty_epoch_min_with_probe_est")) is not None:
         epochs.append((c["beauty_epoch_min_with_probe_est"], "defaults, compiled (probe estimated)"))
     if (p := pick(pipeline or [], "pipeline_train_steps", has="mean_step_s")) is not None:
         epochs.append((_epoch_min(p["mean_step_s"]), "the Trainer at its defaults"))
@@ -110,6 +112,8 @@ def levers(bench: list[dict], vary: list[dict]) -> list[tuple[str, str]]:
     if "project_paper" in steps and "project_paper_probe" in steps:
         out.append(("probed step / step at the defaults",
                     f"{steps['project_paper_probe']['seconds'] / steps['project_paper']['seconds']:.2f}"))
+    if (c := steps.get("project_paper_compiled", {})).get("probe_step_vs_step") is not None:
+        out.append(("probed step / step at the defaults, compiled", f"{c['probe_step_vs_step']:.2f}"))
     for name, table in (("fixed lengths", steps), ("varying lengths", vsteps)):
         if "project" in table and "project_packed" in table:
             out.append((f"shared prefixes, {name}: step without / with",

@@ -28,6 +28,7 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     assert "error" not in compiled and compiled["loss_rel_diff"] <= 1e-4  # aot_eager: the eager step's loss
     paper = next(x for x in rows if x["figure"] == "train_step" and x.get("path") == "project_paper_compiled")
     assert "error" not in paper and paper["beauty_epoch_min_with_probe_est"] >= paper["beauty_epoch_min"]
+    assert paper["probe_seconds"] > paper["seconds"] and paper["beauty_epoch_min_with_probe"] >= paper["beauty_epoch_min"]
     steps = {x["path"]: x for x in rows if x["figure"] == "train_step"}
     assert steps["project_paper"]["dropout_active"] and not steps["project"]["dropout_active"]
     assert steps["project_paper_ckpt4"]["checkpointing"] and not steps["project_paper"]["checkpointing"]
@@ -54,6 +55,7 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     vision = next(x for x in rows if x["figure"] == "vision_tower")  # fp32: the stand-in's rotary is HF's
     assert vision["hf_rotary_max_rel_diff"] <= 1e-4 and vision["max_rel_diff"] <= 1e-4 and vision["rotary_ratio"] > 0
     for target in ("item embedding", "epoch", "loss within", "peak memory", "probed step", "compiled / eager",
+                   "probed step / step at the defaults, compiled",
                    "adapter, merged / unmerged", "test histories", "rotary"):
         assert target in t.stdout, target
 
@@ -87,6 +89,10 @@ def test_targets_table_reads_the_figures_of_a_device_check(tmp_path, capsys):
     quick = [{"figure": "pipeline_train_steps", "mean_step_s": 0.2187}]  # the Trainer's own epoch, when it is the best
     assert targets(rows, quick)[1][1:] == ("9.0 min (the Trainer at its defaults)", "233.5 min", "25.94x", "yes")
     assert dict(levers(rows, []))["probed step / step at the defaults"] == "2.10"
+    # the compiled probe measured (the trainer's default where --compile auto compiles): it is the epoch's source
+    measured = rows[:-1] + [{**rows[-1], "probe_seconds": 0.612, "probe_step_vs_step": 1.8, "beauty_epoch_min_with_probe": 15.1}]
+    assert targets(measured)[1][1:] == ("15.1 min (defaults, compiled)", "233.5 min", "15.47x", "no")
+    assert dict(levers(measured, []))["probed step / step at the defaults, compiled"] == "1.80"
     hist = [{"figure": "history_embedding", "path": "plain", "items_per_s": 62.5, "users_per_s": 10.0, "beauty_s": 1975.7},
             {"figure": "history_embedding", "path": "project", "items_per_s": 312.5, "users_per_s": 50.0, "beauty_s": 395.1}]
     assert dict(levers(hist, []))["Beauty's test histories embedded (what `embed` adds to items)"] == "395.1 s, 5.00x plain"

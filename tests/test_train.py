@@ -158,6 +158,8 @@ def test_resume_refuses_a_different_config(synth_ds, tmp_path):
     assert manifest["processes"] == 1 and manifest["resumed_with_processes"] == [1]
     with pytest.raises(ValueError, match=r"different config: \{'lr': \(0.001, 0.5\)\}$"):
         create_run(tmp_path / "d", TrainConfig(method="vlm-sft", device="cpu", lr=0.5), synth_ds, resume=True)
+    # nor whether it is compiled (the step log's "compiled" column says which steps were)
+    create_run(tmp_path / "d", TrainConfig(method="vlm-sft", compile="on"), synth_ds, resume=True)
 
 
 def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
@@ -167,6 +169,13 @@ def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trained vlm-sft for 2 steps" in out and "v2f:" in out
     assert load_run_config(run).share_prefix is True and load_run_config(run).max_pixels == 100352
+    assert load_run_config(run).compile is None  # auto: this CPU run was not compiled
+    assert pd.read_csv(run / "logs" / "train_log.csv")["compiled"].tolist() == [False, False]
+    from vlm2rec_lab.cli import _parser
+
+    words = {tuple(w): _parser().parse_args(["train", "--data", "d", "--method", "vlm2rec", "--out", "o", *w]).compile
+             for w in ((), ("--compile",), ("--compile", "off"), ("--compile", "auto"))}
+    assert words == {(): "auto", ("--compile",): "on", ("--compile", "off"): "off", ("--compile", "auto"): "auto"}
     from vlm2rec_lab.runs import load_run_backbone
 
     assert load_run_backbone(run, synth_ds).image_processor.size["longest_edge"] == 100352  # embedding uses it too
@@ -312,6 +321,84 @@ def test_out_of_memory_is_not_retried_where_it_cannot_be(synth_ds, tiny_path, tm
     tr = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "b", progress=False)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     assert not tr._can_fall_back()
+
+
+def test_compile_auto_compiles_where_it_was_measured_to_pay():
+    """``--compile auto`` (the default): inductor on a CUDA device for a model of 1B+ parameters over
+    1,000+ optimizer steps, nowhere else; on, off and a backend's name as said; the words at the edge."""
+    from types import SimpleNamespace
+
+    from vlm2rec_lab.train import compile_backend
+
+    big = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(10**9, device="meta"))])  # (no memory)
+    small = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(10**9 - 1, device="meta"))])
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_backend(None, SimpleNamespace(device=gpu, model=big), 1000) == "inductor"
+    assert compile_backend(None, SimpleNamespace(device=gpu, model=big), 999) is None
+    assert compile_backend(None, SimpleNamespace(device=gpu, model=small), 10**6) is None
+    assert compile_backend(None, SimpleNamespace(device=cpu, model=big), 10**6) is None
+    assert compile_backend(True, SimpleNamespace(device=cpu, model=small), 1) == "inductor"
+    assert compile_backend(False, SimpleNamespace(device=gpu, model=big), 10**6) is None
+    assert compile_backend("aot_eager", SimpleNamespace(device=cpu, model=small), 1) == "aot_eager"
+    assert [TrainConfig(compile=w).compile for w in ("auto", "on", "off", "aot_eager")] == [None, True, False, "aot_eager"]
+    assert TrainConfig().compile is None
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match="compile: auto, on, off"):
+            TrainConfig(compile=bad)
+
+
+def test_compiled_layers_train_like_uncompiled_ones(synth_ds, tiny_path, tmp_path):
+    """``compile`` set (here the ``aot_eager`` backend): the decoder layers are compiled before the
+    first step, the probed steps included, and the run logs the same losses as an uncompiled one."""
+    kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=2, checkpoint_every=0)
+    tr = Trainer(TrainConfig(compile="aot_eager", **kw), synth_ds, tmp_path / "a", progress=False)
+    assert tr.compiled == "aot_eager" and all(layer._compiled_call_impl is not None for layer in tr.bb.decoder_layers())
+    tr.train()
+    ref = Trainer(TrainConfig(compile="off", **kw), synth_ds, tmp_path / "b", progress=False)
+    assert ref.compiled is None
+    ref.train()
+    assert [r["compiled"] for r in tr.log] == [True] * 3 and [r["compiled"] for r in ref.log] == [False] * 3
+    assert [r["loss"] for r in tr.log] == pytest.approx([r["loss"] for r in ref.log], abs=1e-5)
+    assert [r["cos_total_t"] for r in tr.log[::2]] == pytest.approx([r["cos_total_t"] for r in ref.log[::2]], abs=1e-4)
+
+
+def _broken_backend() -> str:
+    """A torch.compile backend that fails as inductor does without a working triton (registered once)."""
+    import torch._dynamo
+
+    name = "vlm2rec_test_broken"
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        @torch._dynamo.register_backend(name=name)
+        def broken(gm, example_inputs):
+            raise RuntimeError("Cannot find a working triton installation (simulated)")
+    return name
+
+
+def test_a_step_torch_compile_fails_on_is_redone_uncompiled(synth_ds, tiny_path, tmp_path):
+    """A backend that fails: the first step is redone with the layers uncompiled from its start (the
+    random state rewound, LoRA dropout on; the probe's per-user log not doubled), with a warning that
+    says why, and the run equals one never compiled. Where a retry cannot be agreed on (several
+    processes) the error is raised, saying how to train without compiling."""
+    kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=2, checkpoint_every=0,
+              lora_dropout=0.1)
+    tr = Trainer(TrainConfig(compile=_broken_backend(), **kw), synth_ds, tmp_path / "a", progress=False)
+    with pytest.warns(RuntimeWarning, match=r"step 1: torch.compile \(vlm2rec_test_broken\) failed, so the 2 compiled "
+                                            r"decoder layers run uncompiled .*working triton installation"):
+        tr.train()
+    assert tr.compiled is None and all(layer._compiled_call_impl is None for layer in tr.bb.decoder_layers())
+    ref = Trainer(TrainConfig(compile=False, **kw), synth_ds, tmp_path / "b", progress=False)
+    ref.train()
+    assert [r["compiled"] for r in tr.log] == [False] * 3
+    assert [r["loss"] for r in tr.log] == pytest.approx([r["loss"] for r in ref.log], abs=1e-6)
+    assert tr.weak == ref.weak and len(tr.weak) == 3 * 8
+    a, b = lora_state(tr), lora_state(ref)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    tr = Trainer(TrainConfig(compile=_broken_backend(), **kw), synth_ds, tmp_path / "c", progress=False)
+    tr._can_fall_back_to_eager = lambda: False  # (as with several processes)
+    with pytest.raises(RuntimeError, match="working triton") as raised:
+        tr.train()
+    assert "--compile off trains without it" in "".join(getattr(raised.value, "__notes__", []))
 
 
 def test_packed_steps_train_like_padded_ones(synth_ds, tiny_path, tmp_path):

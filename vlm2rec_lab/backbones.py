@@ -278,14 +278,23 @@ class Backbone:
             hidden = self.model(**kw).last_hidden_state[0]
         return hidden[rows]
 
-    def compile_layers(self, backend: str = "inductor", vision: bool = False) -> int:
+    def compile_layers(self, backend: str = "inductor", vision: bool = False, retained_backward: bool = False) -> int:
         """``torch.compile`` each decoder layer of the language model in place (dynamic shapes, so
         packed steps of varying length reuse the graphs), and with ``vision`` each vision block too:
         fuses the elementwise work around the matrix products (norms, rotary, SiLU, LoRA scaling).
         The vision tower then attends through the varlen function (as it does on a GPU anyway):
         its per-segment path is a Python loop over the images that a compiled block unrolls,
-        one graph per image count. Call after LoRA is applied. Returns the number of blocks compiled."""
+        one graph per image count. ``retained_backward``: a graph's backward may run more than once
+        (``retain_graph=True``, as the gradient-cosine probe's gradient passes do), which
+        AOTAutograd's donated buffers forbid: they are turned off, process-wide
+        (``torch._functorch.config.donated_buffer``), for the graphs compiled from then on. Call
+        after LoRA is applied. Returns the number of blocks compiled."""
         from .attention import set_vision_attention
+
+        if retained_backward:
+            import torch._functorch.config
+
+            torch._functorch.config.donated_buffer = False
 
         base = _unwrap(self.model)
         layers = self.decoder_layers()
@@ -298,6 +307,16 @@ class Backbone:
         for layer in layers:
             layer.compile(backend=backend, dynamic=True)
         return len(layers)
+
+    def uncompile_layers(self) -> int:
+        """Undo :meth:`compile_layers`: each compiled decoder layer and vision block runs its own
+        forward again. Returns how many were compiled."""
+        visual = getattr(_unwrap(self.model), "visual", None)
+        compiled = [b for b in self.decoder_layers() + list(getattr(visual, "blocks", None) or [])
+                    if getattr(b, "_compiled_call_impl", None) is not None]
+        for b in compiled:
+            b._compiled_call_impl = None  # (what nn.Module.compile set; __call__ then takes the module's own path)
+        return len(compiled)
 
     @contextmanager
     def compute(self, autocast: bool = True):

@@ -113,7 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--share-prefix", choices=["auto", "on", "off"], default="auto",
                     help="packed prompts' common leading tokens computed once: auto = where it changes nothing "
                          "(not while LoRA dropout is on); on = also then (prompts share the prefix's dropout mask)")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the language model's decoder layers")
+    tr.add_argument("--compile", choices=["auto", "on", "off"], nargs="?", const="on", default="auto",
+                    help="torch.compile the language model's decoder layers: auto = on a CUDA device for a model of "
+                         "1B+ parameters over 1,000+ steps (measured to pay for the first step's compiling); "
+                         "in one process a step it fails on is redone uncompiled, with a warning")
     tr.add_argument("--max-pixels", type=int, default=None,
                     help="largest image the processor keeps, in pixels (50176 = 224 x 224 = 64 visual tokens in "
                          "Qwen2.5-VL); default: the backbone's own policy")

@@ -108,6 +108,7 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, data)
 
 
+COMPILE_WORDS = {"auto": None, "on": True, "off": False}  # TrainConfig.compile's words (CLI, YAML)
 
 # Where the paper's defaults (lr 1e-5, batch 8, 3 epochs, LoRA dropout 0.2) cannot train the tiny
 # CPU backbone in minutes, the embedded default uses these (ours; measured on the synthetic domain).
@@ -149,7 +150,9 @@ class TrainConfig:
     cache_vision: bool = True
     packed: bool = True  # a step's prompt sets in one forward without padding, where the backbone can
     share_prefix: bool | None = None  # packed prompts' common leading tokens once; None: not under LoRA dropout
-    compile: bool = False  # torch.compile the language model's decoder layers (GPU; minutes of compiling)
+    compile: bool | str | None = None  # torch.compile the language model's decoder layers: None ("auto"):
+    #                                    where it pays (train.compile_backend); True ("on"): inductor; a
+    #                                    backend's name: that backend; False ("off"): never
     checkpoint_every: int = 50
     grad_cos_every: int = 10  # gradient-cosine probe every M steps (0: never)
     device: str | None = None
@@ -169,6 +172,9 @@ class TrainConfig:
         self.gradient_checkpointing = int(self.gradient_checkpointing)  # (True / False from older configs: 1 / 0)
         if self.gradient_checkpointing < 0:
             raise ValueError(f"gradient_checkpointing: every n-th layer, n >= 1 (0: off), not {self.gradient_checkpointing}")
+        self.compile = COMPILE_WORDS.get(self.compile, self.compile) if isinstance(self.compile, str) else self.compile
+        if not (self.compile is None or isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
+            raise ValueError(f"compile: auto, on, off or a torch.compile backend's name, not {self.compile!r}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive number of pixels, not {self.max_pixels}")
         if self.train_examples is not None and self.train_examples not in TRAIN_EXAMPLES:

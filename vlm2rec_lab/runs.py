@@ -60,7 +60,8 @@ def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = Fa
         if not resume:
             raise FileExistsError(f"{run}: a run already exists here (pass --resume to continue it, or another --out)")
         old = load_run_config(run)
-        same_place = dataclasses.replace(cfg, device=old.device)  # where it computes is not what the run is
+        # where and whether compiled it computes is not what the run is (the step log's "compiled" says which)
+        same_place = dataclasses.replace(cfg, device=old.device, compile=old.compile)
         if old != same_place:
             diff = {k: (getattr(old, k), getattr(cfg, k)) for k in vars(cfg) if getattr(old, k) != getattr(same_place, k)}
             raise ValueError(f"{run}: --resume with a different config: {diff}")
