@@ -73,7 +73,7 @@ def main() -> None:
     emit(figure="pipeline_train_setup", trainer_s=round(setup, 1), cache_images=n_images, cache_fill_s=round(fill, 2),
          images_per_s=round(n_images / fill, 1), beauty_fill_s=round(BEAUTY_ITEMS * fill / n_images, 1),
          lora_dropout=tr.cfg.lora_dropout, batch_size=tr.cfg.batch_size, grad_cos_every=tr.cfg.grad_cos_every,
-         checkpoint_every=tr.cfg.checkpoint_every, dropout_active=tr.bb.dropout_active, compiled=tr.compiled)
+         checkpoint_every=tr.cfg.checkpoint_every, dropout_active=tr.bb.dropout_active)
     sel = tr._order(0)[:tr.cfg.batch_size]
     layout = tr.encoder.layout(tr.requests(tr.hist[sel], tr.targets[sel]))
     tokens = sum(len(s) for s in layout.sequences) if layout is not None else None
@@ -88,7 +88,7 @@ def main() -> None:
     emit(figure="pipeline_train_steps", steps=len(rows), tokens_first_step=tokens,
          median_step_s=round(statistics.median(plain), 3),
          median_probed_step_s=round(statistics.median(probed), 3) if probed else None,
-         mean_step_s=round(mean, 3), beauty_epoch_min=round(mean * epoch_steps / 60, 1),
+         mean_step_s=round(mean, 3), beauty_epoch_min=round(mean * epoch_steps / 60, 1), compiled=any(r["compiled"] for r in rows),
          train_call_s=round(total, 1), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None)
     tmp.cleanup()
 

@@ -348,12 +348,18 @@ def test_compile_auto_compiles_where_it_was_measured_to_pay():
 
 
 def test_compiled_layers_train_like_uncompiled_ones(synth_ds, tiny_path, tmp_path):
-    """``compile`` set (here the ``aot_eager`` backend): the decoder layers are compiled before the
-    first step, the probed steps included, and the run logs the same losses as an uncompiled one."""
+    """``compile`` set (here the ``aot_eager`` backend): the decoder layers run compiled while
+    train() runs, the probed steps included (their gradient passes run a backward more than once),
+    the run logs the same losses and cosines as an uncompiled one, and the layers are uncompiled
+    when train() returns (embedding afterwards is eager unless asked)."""
     kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=2, checkpoint_every=0)
-    tr = Trainer(TrainConfig(compile="aot_eager", **kw), synth_ds, tmp_path / "a", progress=False)
-    assert tr.compiled == "aot_eager" and all(layer._compiled_call_impl is not None for layer in tr.bb.decoder_layers())
+    seen = []
+    tr = Trainer(TrainConfig(compile="aot_eager", **kw), synth_ds, tmp_path / "a", progress=False,
+                 on_step=lambda step: seen.append((tr.compiled, [layer._compiled_call_impl is not None
+                                                                 for layer in tr.bb.decoder_layers()])))
     tr.train()
+    assert seen == [("aot_eager", [True, True])] * 3
+    assert tr.compiled is None and not any(layer._compiled_call_impl for layer in tr.bb.decoder_layers())
     ref = Trainer(TrainConfig(compile="off", **kw), synth_ds, tmp_path / "b", progress=False)
     assert ref.compiled is None
     ref.train()

@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                          "(not while LoRA dropout is on); on = also then (prompts share the prefix's dropout mask)")
     tr.add_argument("--compile", choices=["auto", "on", "off"], nargs="?", const="on", default="auto",
                     help="torch.compile the language model's decoder layers: auto = on a CUDA device for a model of "
-                         "1B+ parameters over 1,000+ steps (measured to pay for the first step's compiling); "
+                         "1B+ parameters with 1,000+ steps to run (measured to pay for the first step's compiling); "
                          "in one process a step it fails on is redone uncompiled, with a warning")
     tr.add_argument("--max-pixels", type=int, default=None,
                     help="largest image the processor keeps, in pixels (50176 = 224 x 224 = 64 visual tokens in "

@@ -256,9 +256,7 @@ class Trainer:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.step, self.epoch, self.micro = 0, 0, 0
         self.probes = bool(cfg.grad_cos_every) and self.method.fusion == "external"  # the gradient-cosine probe
-        self.compiled = compile_backend(cfg.compile, self.bb, self.total_steps)  # (None: eager)
-        if self.compiled:  # (the gradient-cosine probe runs a step's backward more than once)
-            self.bb.compile_layers(backend=self.compiled, retained_backward=self.probes)
+        self.compiled: str | None = None  # the backend of the decoder layers while train() runs them compiled
         self._ahead: tuple[np.ndarray, object] | None = None  # (examples, layout) of the next micro-batch
         self._written: Future | None = None  # the checkpoint being written in the background
         self.log: list[dict] = []
@@ -405,6 +403,9 @@ class Trainer:
         self.bb.model.train()
         if cfg.cache_vision and self.method.fusion in ("external", "internal"):
             self.encoder.cache_all(progress=self.progress and dist.rank() == 0)
+        self.compiled = compile_backend(cfg.compile, self.bb, self.total_steps - self.step)
+        if self.compiled:  # until train() returns (embedding is eager unless asked); the probe runs
+            self.bb.compile_layers(backend=self.compiled, retained_backward=self.probes)  # a backward more than once
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
                    disable=not self.progress or dist.rank() != 0 or None)
         try:
@@ -459,6 +460,10 @@ class Trainer:
         except BaseException:  # a checkpoint still being written is complete before train() raises
             self._settle_checkpoint()
             raise
+        finally:
+            if self.compiled:
+                self.bb.uncompile_layers()
+                self.compiled = None
         self.wait_for_checkpoint()  # ... and before it returns
         dist.barrier()
         return self.log[-1] if self.log else {}
