@@ -712,7 +712,7 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
             run_step(b)
         sync(device)
         s = (time.perf_counter() - t) / steps
-        probed = None
+        peak, probed = peak_gib(device), None  # (the step's own peak, as in the other rows)
         if run_probed is not None:
             run_probed(batches[0])  # (untimed: the probe's forwards apart may compile once more)
             settle(device); t = time.perf_counter()
@@ -724,7 +724,7 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
         emit(figure="train_step", path=path, error=f"{type(e).__name__}: {str(e)[:300]}")
         return
     row = dict(figure="train_step", path=path, backend=backend, seconds=round(s, 3), first_step_s=round(first, 1),
-               beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1), peak_gib=peak_gib(device),
+               beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1), peak_gib=peak,
                vs_plain_ckpt=round(plain_ckpt / s, 2) if plain_ckpt else None,
                vs_eager=round(eager_s / s, 2) if eager_s else None)
     if eager is not None:
@@ -733,7 +733,7 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
         est = s * (9 + probe_ratio) / 10
         row.update(beauty_epoch_min_with_probe_est=round(est * BEAUTY_USERS / 8 / 60, 1))
     if probed is not None:
-        row.update(probe_seconds=round(probed, 3), probe_step_vs_step=round(probed / s, 2),
+        row.update(probe_seconds=round(probed, 3), probe_step_vs_step=round(probed / s, 2), probe_peak_gib=peak_gib(device),
                    beauty_epoch_min_with_probe=round((9 * s + probed) / 10 * BEAUTY_USERS / 8 / 60, 1))
     emit(**row)
     if profile:

@@ -72,6 +72,7 @@ class Backbone:
     _computing: bool = field(default=False, repr=False)  # inside compute()
     _cast_off: bool = field(default=False, repr=False)  # PEFT's input casting off in the current compute()
     _checkpoint_every: int = field(default=1, repr=False)  # see enable_checkpointing
+    _compiled_blocks: list = field(default_factory=list, repr=False)  # what compile_layers compiled
 
     @property
     def device(self) -> torch.device:
@@ -294,7 +295,8 @@ class Backbone:
         if retained_backward:
             import torch._functorch.config
 
-            torch._functorch.config.donated_buffer = False
+            if hasattr(torch._functorch.config, "donated_buffer"):  # (torch 2.5+)
+                torch._functorch.config.donated_buffer = False
 
         base = _unwrap(self.model)
         layers = self.decoder_layers()
@@ -306,14 +308,13 @@ class Backbone:
             layers += list(visual.blocks)
         for layer in layers:
             layer.compile(backend=backend, dynamic=True)
+            self._compiled_blocks.append(layer)
         return len(layers)
 
     def uncompile_layers(self) -> int:
-        """Undo :meth:`compile_layers`: each compiled decoder layer and vision block runs its own
-        forward again. Returns how many were compiled."""
-        visual = getattr(_unwrap(self.model), "visual", None)
-        compiled = [b for b in self.decoder_layers() + list(getattr(visual, "blocks", None) or [])
-                    if getattr(b, "_compiled_call_impl", None) is not None]
+        """The blocks :meth:`compile_layers` compiled run their own forward again (the vision
+        attention's setting and the donated buffers stay as it left them). Returns how many."""
+        compiled, self._compiled_blocks = self._compiled_blocks, []
         for b in compiled:
             b._compiled_call_impl = None  # (what nn.Module.compile set; __call__ then takes the module's own path)
         return len(compiled)

@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                          "(not while LoRA dropout is on); on = also then (prompts share the prefix's dropout mask)")
     tr.add_argument("--compile", choices=["auto", "on", "off"], nargs="?", const="on", default="auto",
                     help="torch.compile the language model's decoder layers: auto = on a CUDA device for a model of "
-                         "1B+ parameters with 1,000+ steps to run (measured to pay for the first step's compiling); "
+                         "1B+ parameters with 2,000+ steps to run, not checkpointing every layer (where it was measured to pay "
+                         "for the first step's compiling); "
                          "in one process a step it fails on is redone uncompiled, with a warning")
     tr.add_argument("--max-pixels", type=int, default=None,
                     help="largest image the processor keeps, in pixels (50176 = 224 x 224 = 64 visual tokens in "
@@ -278,7 +279,7 @@ def _launcher_warnings() -> None:
 
 
 def cmd_train(a) -> int:
-    from .config import TrainConfig, load_yaml
+    from .config import AUTO_ON_OFF, TrainConfig, load_yaml
     from .data.dataset import Dataset
     from .runs import create_run, embed_run, evaluate_run
     from .train import Trainer
@@ -297,7 +298,7 @@ def cmd_train(a) -> int:
                           learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
                           gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
                           packed=not a.no_packing, compile=a.compile,
-                          share_prefix={"auto": None, "on": True, "off": False}[a.share_prefix],
+                          share_prefix=AUTO_ON_OFF[a.share_prefix],
                           checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device,
                           max_pixels=a.max_pixels)
     if dist.rank() == 0:

@@ -108,7 +108,7 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, data)
 
 
-COMPILE_WORDS = {"auto": None, "on": True, "off": False}  # TrainConfig.compile's words (CLI, YAML)
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # the words of three-way settings (CLI, YAML)
 
 # Where the paper's defaults (lr 1e-5, batch 8, 3 epochs, LoRA dropout 0.2) cannot train the tiny
 # CPU backbone in minutes, the embedded default uses these (ours; measured on the synthetic domain).
@@ -172,7 +172,8 @@ class TrainConfig:
         self.gradient_checkpointing = int(self.gradient_checkpointing)  # (True / False from older configs: 1 / 0)
         if self.gradient_checkpointing < 0:
             raise ValueError(f"gradient_checkpointing: every n-th layer, n >= 1 (0: off), not {self.gradient_checkpointing}")
-        self.compile = COMPILE_WORDS.get(self.compile, self.compile) if isinstance(self.compile, str) else self.compile
+        if isinstance(self.compile, str):  # auto / on / off (any case), else a backend's name
+            self.compile = AUTO_ON_OFF.get(self.compile.strip().lower(), self.compile)
         if not (self.compile is None or isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
             raise ValueError(f"compile: auto, on, off or a torch.compile backend's name, not {self.compile!r}")
         if self.max_pixels is not None and self.max_pixels < 1:

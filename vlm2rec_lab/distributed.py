@@ -90,7 +90,7 @@ def launcher_warnings(env=None) -> list[str]:
     """What ``accelerate launch`` was asked that this project does not take from it. accelerate hands
     its ``--mixed_precision`` and ``--dynamo_backend`` to the script through the environment, for
     its own ``Accelerator`` to read; here the backbone computes in its own dtype (bf16 autocast on
-    GPUs, fp32 on CPUs) and compiling is ``--compile``. Said once, rather than silently ignored."""
+    GPUs, fp32 on CPUs) and compiling is ``--compile``'s. Said once, rather than silently ignored."""
     env = os.environ if env is None else env
     notes = []
     precision = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
@@ -99,8 +99,8 @@ def launcher_warnings(env=None) -> list[str]:
                      "own dtype (bf16 on GPUs, fp32 on CPUs)")
     dynamo = env.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower()
     if dynamo not in ("", "no"):
-        notes.append(f"accelerate launch --dynamo_backend {dynamo} is not used: pass --compile to compile "
-                     "the decoder layers")
+        notes.append(f"accelerate launch --dynamo_backend {dynamo} is not used: --compile compiles the decoder "
+                     "layers (auto by default: see train --help)")
     return notes
 
 

@@ -72,52 +72,66 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"][:torch.cuda.device_count()])
 
 
-# where `--compile auto` compiles: what was measured to pay for the first step's compiling
-COMPILE_AUTO_MIN_STEPS = 1000
+# where `--compile auto` compiles: where compiling was measured to pay for the first step's compiling
+COMPILE_AUTO_MIN_STEPS = 2000
 COMPILE_AUTO_MIN_PARAMS = 10**9
 
 
 def compile_backend(setting: bool | str | None, bb: Backbone, steps: int) -> str | None:
     """The ``torch.compile`` backend for a run's decoder layers, or None. ``setting`` is
     ``TrainConfig.compile``: True is inductor, False none, a string that backend, and None ("auto")
-    inductor where compiling was measured to pay, on a CUDA device for a model of at least
-    :data:`COMPILE_AUTO_MIN_PARAMS` parameters over at least :data:`COMPILE_AUTO_MIN_STEPS` optimizer
-    steps. On an H100 a Qwen2.5-VL-3B step at the trainer's defaults took 0.306 s compiled against
-    0.356 s eager (0.340 against 0.379 s in another run), after 18-44 s of compiling in the first
-    step: about 900 steps' gain at least."""
+    inductor on a CUDA device, for a model of at least :data:`COMPILE_AUTO_MIN_PARAMS` parameters
+    and a run of at least :data:`COMPILE_AUTO_MIN_STEPS` optimizer steps (``steps``), unless every
+    decoder layer is checkpointed (a checkpointed layer runs uncompiled). On an H100 a
+    Qwen2.5-VL-3B step at the trainer's defaults took 0.306 s compiled against 0.356 s eager (0.340
+    against 0.379 s in another run) after 18-44 s of compiling: paid back after 360-1,130 steps."""
     if setting is None:
         big = sum(p.numel() for p in bb.model.parameters()) >= COMPILE_AUTO_MIN_PARAMS
-        return "inductor" if bb.device.type == "cuda" and big and steps >= COMPILE_AUTO_MIN_STEPS else None
+        pays = bb.device.type == "cuda" and big and steps >= COMPILE_AUTO_MIN_STEPS and bb.checkpoint_every != 1
+        return "inductor" if pays else None
     if isinstance(setting, bool):
         return "inductor" if setting else None
     return setting
 
 
+def check_compile_backend(setting: bool | str | None) -> None:
+    """Refuse a backend name torch.compile does not know, before any model is loaded."""
+    if isinstance(setting, str):
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if setting not in known:
+            raise ValueError(f"compile: {setting!r} is not auto, on, off or a torch.compile backend ({', '.join(known)})")
+
+
 _COMPILER_PARTS = ("torch._dynamo", "torch._inductor", "torch._functorch", "triton")
+# where checks and operators that others call raise from (torch._check, ...): their caller says who failed
+_HELPERS = ("torch._ops", "torch._prims_common", "torch.utils")
+
+
+def _within(module: str, packages: tuple[str, ...], exact: tuple[str, ...] = ()) -> bool:
+    return module in exact or any(module == p or module.startswith(p + ".") for p in packages)
 
 
 def compile_error(e: BaseException) -> bool:
-    """Whether ``e`` (or an error it was raised from) came out of torch.compile's machinery, rather
-    than the model's own code: an exception class of dynamo, inductor, AOTAutograd or triton, or one
-    raised inside them (a backward graph compiled on its first use, a missing triton)."""
+    """Whether ``e`` (or an error it was raised from) came out of torch.compile's machinery: an
+    exception class of dynamo, inductor, AOTAutograd or triton, or one raised inside them (say, a
+    backward graph compiled on its first use, a missing triton, a check of AOTAutograd's runtime)
+    rather than in the model's own code or in an operator it called. An error dynamo meets while
+    tracing the model's code counts too, whoever's it is: redone uncompiled, the model's own is
+    raised again."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if type(e).__module__.startswith(_COMPILER_PARTS):
+        if _within(type(e).__module__, _COMPILER_PARTS):
             return True
-        frames = traceback.extract_tb(e.__traceback__)
-        if frames and _module_of(frames[-1].filename).startswith(_COMPILER_PARTS):
+        modules = [frame.f_globals.get("__name__", "") for frame, _ in traceback.walk_tb(e.__traceback__)]
+        while modules and _within(modules[-1], _HELPERS, exact=("torch",)):
+            modules.pop()
+        if modules and _within(modules[-1], _COMPILER_PARTS):
             return True
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return False
-
-
-def _module_of(filename: str) -> str:
-    """``.../site-packages/torch/_inductor/graph.py`` -> ``torch._inductor.graph`` (the dotted path
-    from the last ``torch`` or ``triton`` package in it; "" for other files)."""
-    parts = Path(filename).with_suffix("").parts
-    starts = [i for i, part in enumerate(parts) if part in ("torch", "triton")]
-    return ".".join(parts[starts[-1]:]) if starts else ""
 
 
 def check_fusion(method, bb: Backbone) -> None:
@@ -205,6 +219,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dataset, run_dir: str | Path, backbone: Backbone | None = None,
                  progress: bool = True, on_step: Callable[[int], None] | None = None):
         cfg = cfg.resolved()
+        check_compile_backend(cfg.compile)
         self.cfg, self.ds, self.run_dir = cfg, dataset, Path(run_dir)
         self.method = get_method(cfg.method)
         if not self.method.trains:
@@ -403,12 +418,14 @@ class Trainer:
         self.bb.model.train()
         if cfg.cache_vision and self.method.fusion in ("external", "internal"):
             self.encoder.cache_all(progress=self.progress and dist.rank() == 0)
-        self.compiled = compile_backend(cfg.compile, self.bb, self.total_steps - self.step)
-        if self.compiled:  # until train() returns (embedding is eager unless asked); the probe runs
-            self.bb.compile_layers(backend=self.compiled, retained_backward=self.probes)  # a backward more than once
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}",
                    disable=not self.progress or dist.rank() != 0 or None)
         try:
+            # compiled until train() returns (embedding is eager unless asked), decided on the whole
+            # run so that a resumed run compiles as it did (compiled graphs draw other dropout masks)
+            self.compiled = compile_backend(cfg.compile, self.bb, self.total_steps)
+            if self.compiled:  # (the probe runs a step's backward more than once)
+                self.bb.compile_layers(backend=self.compiled, retained_backward=self.probes)
             while self.step < self.total_steps:
                 order = self._order(self.epoch)
                 t0 = time.perf_counter()
@@ -425,8 +442,8 @@ class Trainer:
                         why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
                         redo = functools.partial(self._fall_back_to_eager, why=why)
                     else:
-                        if self.compiled and compile_error(e):
-                            e.add_note(f"torch.compile ({self.compiled}) failed; --compile off trains without it")
+                        if self.compiled and compile_error(e) and hasattr(e, "add_note"):  # (Python 3.11+)
+                            e.add_note(f"raised within torch.compile ({self.compiled}): --compile off trains without it")
                         raise
                 if redo is not None:
                     redo(rng, n_weak)
@@ -439,7 +456,8 @@ class Trainer:
                 self.epoch, self.micro = self._advance(self.epoch, self.micro)
                 row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),
                        "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": time.perf_counter() - t0,
-                       "checkpointing": self.bb.checkpoint_every, "compiled": self.compiled is not None}
+                       "checkpointing": self.bb.checkpoint_every,
+                       "compiled": self.compiled is not None and self.bb.checkpoint_every != 1}  # (see compile_backend)
                 if stats:
                     cat = {k: torch.cat(v) for k, v in stats.items()}
                     row.update({f"{k}_mean": float(v.float().mean()) for k, v in cat.items()})
@@ -559,9 +577,9 @@ class Trainer:
         self._rewind(rng, n_weak)
         n = self.bb.uncompile_layers()
         backend, self.compiled = self.compiled, None
-        warnings.warn(f"step {self.step + 1}: torch.compile ({backend}) failed, so the {n} compiled decoder layers run "
-                      f"uncompiled for the rest of this run (slower; --compile off starts that way): {why}",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"step {self.step + 1}: torch.compile ({backend}) raised an error, so the {n} compiled decoder "
+                      f"layers run uncompiled for the rest of this run (slower; --compile off starts that way; were it "
+                      f"the model's own, the step redone raises it again): {why}", RuntimeWarning, stacklevel=2)
 
     def _fall_back_to_checkpointing(self, rng: dict, n_weak: int) -> None:
         """After an out-of-memory step: checkpoint more decoder layers (none -> every 4th -> every
