@@ -9,7 +9,7 @@ tensors; this one is the trainer's own.
 Figures: the vision cache's fill (images/s), the steps' tokens, the median plain and probed step,
 and the mean step over the run (probes and checkpoint writes at their share) with the Beauty epoch
 it makes (19,757 training users at batch 8), apart from the time the fill adds. A run this short
-does not compile its layers (``--compile auto`` does from 1,000 steps on: a Beauty epoch is 2,469),
+does not compile its layers (``--compile auto`` does in runs of 2,000 steps or more: a Beauty epoch is 2,469),
 so its epoch is the eager one; ``gpu_bench.py --compile`` measures the compiled step.
 
 Usage: python bench/pipeline_train.py [--tiny] [--steps 40] [--users 800] [--items 1000] [--mean-len 14]

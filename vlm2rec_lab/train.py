@@ -72,7 +72,7 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"][:torch.cuda.device_count()])
 
 
-# where `--compile auto` compiles: where compiling was measured to pay for the first step's compiling
+# the bounds of `--compile auto` (compile_backend): where the first step's compiling was measured to be repaid
 COMPILE_AUTO_MIN_STEPS = 2000
 COMPILE_AUTO_MIN_PARAMS = 10**9
 
