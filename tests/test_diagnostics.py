@@ -5,7 +5,8 @@ import pytest
 
 from vlm2rec_lab.config import PrepareConfig, SynthConfig, TrainConfig
 from vlm2rec_lab.diagnostics import (
-    alignment, cold_start, geometry, geometry_table, gradient_cosines, modality_dropout_table, sweep, uniformity,
+    alignment, cold_start, geometry, geometry_table, gradient_cosines, modality_dropout_table, run_embeddings, sweep,
+    uniformity,
     weak_modality,
 )
 
@@ -55,11 +56,33 @@ def trained(synth_ds, tiny_path, tmp_path_factory):
 
 def test_geometry_and_dropout_tables_have_the_paper_shape(synth_ds, trained):
     t = geometry_table(trained, synth_ds)
-    assert list(t.columns) == ["A_pos", "A_neg", "U", "S"]
+    assert list(t.columns) == ["A_pos", "A_neg", "U", "S", "A_pos_std", "A_neg_std", "U_std", "S_std", "seeds"]
     assert set(t.index) == {(s, m) for s in trained for m in ("F", "T", "V")}
     assert (t["A_pos"] >= 0).all() and (t["A_pos"] <= 4).all() and (t["U"] <= 0).all()
     d = modality_dropout_table(trained)
     assert set(d.index.get_level_values("view")) == {"f2f", "t2f", "v2f"}
+
+
+def test_tables_over_training_seeds_are_mean_and_std_of_each_seeds_run(synth_ds, trained):
+    # a set of two "runs" (the same folder standing for seeds 0 and 1): each is measured on its own
+    # seed's negatives, so the two rows differ by the negatives alone; the table is their mean and std
+    sets = {"VLM2Rec": {0: trained["VLM2Rec"], 1: trained["VLM2Rec"]}}
+    seq, items = run_embeddings(trained["VLM2Rec"], "V")
+    by_hand = [geometry(seq, items, synth_ds.targets("test"), synth_ds.negatives(s), seed=s)["S"] for s in (0, 1)]
+    t = geometry_table(sets, synth_ds, modalities=("V",))
+    assert t.loc[("VLM2Rec", "V"), "S"] == pytest.approx(np.mean(by_hand))
+    assert t.loc[("VLM2Rec", "V"), "S_std"] == pytest.approx(np.std(by_hand, ddof=1))
+    assert t.loc[("VLM2Rec", "V"), "seeds"] == 2
+    from vlm2rec_lab.evaluate import evaluate
+    from vlm2rec_lab.runs import EmbeddingScorer
+
+    sc = EmbeddingScorer(np.load(trained["VLM2Rec"] / "embeddings" / "seq_test_histories.npy"),
+                         np.load(trained["VLM2Rec"] / "embeddings" / "seq_test_V.npy"),
+                         np.load(trained["VLM2Rec"] / "embeddings" / "item_F.npy"))
+    hr = evaluate(synth_ds, sc, seeds=[0, 1], progress=False).sampled["HR@10"]
+    d = modality_dropout_table(sets)
+    assert d.loc[("VLM2Rec", "v2f"), "HR@10"] == pytest.approx(hr.mean())
+    assert d.loc[("VLM2Rec", "v2f"), "HR@10_std"] == pytest.approx(hr.std(ddof=1))
 
 
 def test_gradient_cosines_and_weak_modality_from_the_logs(synth_ds, trained):

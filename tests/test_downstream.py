@@ -15,7 +15,8 @@ import torch
 from vlm2rec_lab.cli import main
 from vlm2rec_lab.data.synthetic import load_latents
 from vlm2rec_lab.downstream import (
-    DownstreamConfig, ItemTable, ModelScorer, SeqRec, left_align, load_item_embeddings, rows, run, train,
+    DownstreamConfig, ItemTable, ModelScorer, SeqRec, left_align, load_item_embeddings, prepare_init_table, rows,
+    run, train,
     training_windows,
 )
 from vlm2rec_lab.evaluate import evaluate
@@ -166,7 +167,53 @@ def test_item_table_from_embeddings_is_a_trainable_projection_of_frozen_vectors(
     assert names == {"proj.weight", "proj.bias"} and "frozen" in dict(t.named_buffers())
     w = t.weight()
     assert w.shape == (8, 4) and w[0].abs().sum() == 0
-    torch.testing.assert_close(w[1:], t.proj(torch.nn.functional.normalize(torch.as_tensor(e), dim=1)))
+    torch.testing.assert_close(w[1:], t.proj(t.frozen))
+    # the default: centred and whitened with shrinkage ε = 1, by hand through the SVD c = U S V^T
+    # (eigenvalues S²/n); compared as Gram matrices, which do not depend on the eigenvectors' signs
+    c = e.astype(np.float64) - e.mean(0)
+    u, sv, _ = np.linalg.svd(c, full_matrices=False)
+    lam = sv ** 2 / len(c)
+    by_hand = u * sv / np.sqrt(lam + 1.0 * lam.sum() / c.shape[1])
+    frozen = t.frozen.double().numpy()
+    np.testing.assert_allclose(frozen @ frozen.T, by_hand @ by_hand.T, atol=1e-5)
+    st = ItemTable(7, 4, e, transform="standardize", eps=1e-6).frozen.double().numpy()
+    np.testing.assert_allclose(st, c / np.sqrt(c.var(0) + 1e-6 * c.var(0).mean()), atol=1e-5)
+    raw = ItemTable(7, 4, e, transform="raw")
+    torch.testing.assert_close(raw.weight()[1:], raw.proj(torch.as_tensor(e)))
+    l2 = ItemTable(7, 4, e, transform="l2")
+    torch.testing.assert_close(l2.weight()[1:], l2.proj(torch.nn.functional.normalize(torch.as_tensor(e), dim=1)))
+
+
+def test_init_transforms_undo_a_shared_direction():
+    # 50 items in a narrow cone, as VLM item embeddings are: one shared direction plus small spread
+    rng = np.random.default_rng(1)
+    spread = rng.normal(size=(50, 8)) * np.array([1, 1, 1, 1, 0.5, 0.5, 0.1, 0.1])
+    e = (np.full(8, 30.0) + spread).astype(np.float32)
+    unit = e / np.linalg.norm(e, axis=1, keepdims=True)
+    assert (unit @ unit.T).mean() > 0.99  # L2 normalisation alone leaves the rows nearly identical
+    st = prepare_init_table(e, "standardize", eps=1e-6).astype(np.float64)
+    np.testing.assert_allclose(st.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(st.std(0), 1.0, rtol=1e-4)
+    wh = prepare_init_table(e, "whiten", eps=1e-6).astype(np.float64)
+    np.testing.assert_allclose(wh.T @ wh / len(wh), np.eye(8), atol=1e-4)  # identity covariance (full rank, small ε)
+    # with shrinkage ε, direction k's variance is λ_k / (λ_k + ε·mean λ): near 1 for the strong, λ-proportional for the weak
+    shrunk = prepare_init_table(e, "whiten", eps=1.0).astype(np.float64)
+    lam = np.linalg.eigvalsh(np.cov((e - e.mean(0)).T, bias=True))
+    np.testing.assert_allclose(np.sort(shrunk.var(0)), np.sort(lam / (lam + lam.mean())), rtol=1e-3)
+    for x in (st, wh):
+        u = x / np.linalg.norm(x, axis=1, keepdims=True)
+        assert abs((u @ u.T)[~np.eye(50, dtype=bool)].mean()) < 0.05  # the shared direction is gone
+    # ε is relative: a scaled table gives the same standardised table
+    np.testing.assert_allclose(prepare_init_table(e * 1e-3, "standardize"), prepare_init_table(e, "standardize"), atol=1e-4)
+    np.testing.assert_allclose(np.abs(prepare_init_table(e * 1e-3)), np.abs(prepare_init_table(e)), atol=1e-4)
+    # a constant dimension stays 0 instead of dividing by zero
+    const = e.copy()
+    const[:, 0] = 7.0
+    assert np.isfinite(prepare_init_table(const, "standardize")).all() and np.abs(prepare_init_table(const, "standardize")[:, 0]).max() == 0
+    assert np.isfinite(prepare_init_table(const)).all()
+    np.testing.assert_array_equal(prepare_init_table(e, "raw"), e)
+    with pytest.raises(ValueError, match="init_transform"):
+        DownstreamConfig(init_transform="pca")
 
 
 # --------------------------------------------------------------------------- embeddings on disk

@@ -121,16 +121,36 @@ def test_results_table_marks_best_second_and_significance():
     }
     t = results_table(per_seed, baseline="base", metrics=("HR@10", "NDCG@10"))
     cells = t.to_frame()
-    assert cells.loc["ours", "HR@10"] == "0.5120*"
-    assert cells.loc["base", "HR@10"] == "0.4080" and not cells.loc["meh", "HR@10"].endswith("*")
+    # mean ± sample std over the 5 seeds: ours 0.512 ± sqrt(0.00017) = 0.0130
+    assert cells.loc["ours", "HR@10"] == "0.5120 ± 0.0130*"
+    assert cells.loc["base", "HR@10"] == "0.4080 ± 0.0084" and not cells.loc["meh", "HR@10"].endswith("*")
     md = t.to_markdown()
-    assert "| ours | **0.5120*** |" in md and "<u>0.4080</u>" in md
+    assert "| ours | **0.5120 ± 0.0130*** |" in md and "<u>0.4080 ± 0.0084</u>" in md and "mean ± std over seeds" in md
     tex = t.to_latex()
-    assert r"\textbf{0.5120*}" in tex and r"\underline{0.4080}" in tex and r"\begin{tabular}{lrr}" in tex
+    assert r"\textbf{0.5120 ± 0.0130*}" in tex and r"\underline{0.4080 ± 0.0084}" in tex and r"\begin{tabular}{lrr}" in tex
+    summary = t.summary()
+    assert summary.loc[("ours", "HR@10"), "std"] == pytest.approx(np.std([0.50, 0.52, 0.51, 0.53, 0.50], ddof=1))
+    assert summary.loc[("ours", "HR@10"), "seeds"] == 5 and np.isnan(summary.loc[("base", "HR@10"), "p"])
     assert best_method(per_seed, exclude=["ours"]) == "base"
     with pytest.raises(KeyError):
         results_table(per_seed, baseline="missing")
-    assert t.style() is not None
+    styled = t.style().to_html()
+    assert "font-weight: bold" in styled and "0.5120" in styled
+
+
+def test_the_paired_test_pairs_methods_by_seed_not_by_row_order():
+    # hand-made per-training-seed values; the second method's rows are stored in another order and
+    # it has a seed the first lacks. Pairing by seed: differences 0.10, 0.12, 0.09, 0.14 (seeds 0-3).
+    a = pd.DataFrame({"HR@10": [0.50, 0.52, 0.49, 0.56]}, index=pd.Index([0, 1, 2, 3], name="seed"))
+    b = pd.DataFrame({"HR@10": [0.42, 0.40, 0.30, 0.40, 0.40]}, index=pd.Index([3, 0, 4, 1, 2], name="seed"))
+    t = results_table({"a": a, "b": b}, baseline="b", metrics=("HR@10",))
+    d = np.array([0.10, 0.12, 0.09, 0.14])
+    t_stat = d.mean() / (d.std(ddof=1) / np.sqrt(4))  # the paired t statistic by hand, df 3
+    from scipy.stats import t as student
+
+    assert t.pvalues.loc["a", "HR@10"] == pytest.approx(2 * student.sf(t_stat, 3), rel=1e-9)
+    assert t.pvalues.loc["a", "HR@10"] == pytest.approx(ttest_rel([0.50, 0.52, 0.49, 0.56], [0.40, 0.40, 0.40, 0.42]).pvalue)
+    assert t.seeds == {"a": [0, 1, 2, 3], "b": [3, 0, 4, 1, 2]}
 
 
 def test_bucket_metrics_split_users_by_value():

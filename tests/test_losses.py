@@ -116,20 +116,106 @@ def test_objective_variants_name_their_terms():
         out = objective(ObjectiveConfig(name=v, lam=0.5), emb, alpha=1.0, beta=1.0)
         names[v] = sorted(out.terms)
         assert torch.isfinite(out.total)
+        assert set(out.stats) >= {"margin_t", "margin_v"}  # every external objective logs the margins
     assert names == {"sft": ["info_nce"], "vlm2rec": ["crtr", "wpcl"], "no_stopgrad": ["crtr", "wpcl"],
-                     "no_penalty": ["crtr", "wpcl"], "no_crtr": ["wpcl"], "crtr_only": ["crtr", "info_nce"]}
-    lam_crtr = objective(ObjectiveConfig(name="vlm2rec", lam=0.5), emb).terms["crtr"]
-    assert lam_crtr.item() == pytest.approx(0.5 * crtr(emb["z_t"], emb["z_v"], emb["e_t"], emb["e_v"], 0.1).item())
-    # w = 1 makes WPCL InfoNCE: the two ablations coincide (documented)
-    a = objective(ObjectiveConfig(name="no_penalty"), emb).total
-    b = objective(ObjectiveConfig(name="crtr_only"), emb).total
-    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+                     "no_penalty": ["crtr", "wpcl"], "no_crtr": ["wpcl"], "crtr_only": ["crtr"]}
     single = objective(ObjectiveConfig(name="sft"), {"z": emb["z_t"], "e": emb["e_t"]})
     assert single.total.item() == pytest.approx(info_nce(emb["z_t"], emb["e_t"], 0.1).item())
     with pytest.raises(ValueError, match="external fusion"):
         objective(ObjectiveConfig(name="vlm2rec"), {"z": emb["z_t"], "e": emb["e_t"]})
     with pytest.raises(ValueError):
         ObjectiveConfig(name="nope")
+
+
+# --------------------------------------------------------------------------- Table 5, pinned
+# An independent definition of each row, written row by row in float64 from the paper's equations
+# (Eq. 3, 6-14), with the false-negative mask of DESIGN §3. Nothing here calls the library's losses.
+
+def _cos(a, b):
+    return (a @ b) / (a.norm() * b.norm())
+
+
+def _reference(name, z_t, z_v, e_t, e_v, labels, tau, tau_crtr, lam, alpha, beta):
+    B = len(z_t)
+    negs = [[j for j in range(B) if j != b and labels[j] != labels[b]] for b in range(B)]
+
+    def margin(z, e, b):  # Eq. 6
+        return _cos(z[b], e[b]) - sum(_cos(z[b], e[j]) for j in negs[b]) / max(len(negs[b]), 1)
+
+    def contrastive(b, w):  # Eq. 10 (w = 1: Eq. 3's InfoNCE) on fused embeddings
+        zf, ef = z_t[b] + z_v[b], [e_t[j] + e_v[j] for j in range(B)]
+        pos = torch.exp(_cos(zf, ef[b]) / tau)
+        return -torch.log(pos / (pos + w * sum(torch.exp(_cos(zf, ef[j]) / tau) for j in negs[b])))
+
+    def penalty(b, stop_grad):  # Eq. 7-9
+        m_t, m_v = margin(z_t, e_t, b), margin(z_v, e_v, b)
+        strong, weak = (m_t, m_v) if m_t >= m_v else (m_v, m_t)
+        gap = (strong.detach() if stop_grad else strong) - weak
+        return 1 + beta * torch.log1p(torch.exp(alpha * gap))
+
+    def crtr_ref():  # Eq. 11-13
+        total = 0.0
+        for i in range(B):
+            p_t = torch.softmax(torch.stack([_cos(z_t[i], e_t[j]) for j in range(B)]) / tau_crtr, 0)
+            p_v = torch.softmax(torch.stack([_cos(z_v[i], e_v[j]) for j in range(B)]) / tau_crtr, 0)
+            total = total + (p_t * (p_t / p_v).log()).sum() + (p_v * (p_v / p_t).log()).sum()
+        return total / (2 * B)
+
+    mean = lambda xs: sum(xs) / B  # noqa: E731
+    if name == "sft":
+        return mean([contrastive(b, 1.0) for b in range(B)])
+    if name == "crtr_only":  # "w/o L_WPCL": no contrastive term at all
+        return lam * crtr_ref()
+    if name == "no_penalty":  # "w/ WPCL w/o w_pen": w = 1
+        return mean([contrastive(b, 1.0) for b in range(B)]) + lam * crtr_ref()
+    stop_grad = name != "no_stopgrad"
+    wpcl_ref = mean([contrastive(b, penalty(b, stop_grad)) for b in range(B)])
+    return wpcl_ref if name == "no_crtr" else wpcl_ref + lam * crtr_ref()
+
+
+TABLE5 = ("vlm2rec", "crtr_only", "no_stopgrad", "no_penalty", "no_crtr")
+
+
+def _table5_case():
+    g = torch.Generator().manual_seed(5)
+    emb = {k: torch.randn(6, 4, generator=g, dtype=torch.float64) for k in ("z_t", "z_v", "e_t", "e_v")}
+    labels = torch.tensor([3, 1, 3, 4, 5, 1])  # two shared targets: the false-negative mask matters
+    # distinct temperatures and λ, α, β away from 1, so that a swapped hyperparameter shows
+    hp = {"tau": 0.2, "tau_crtr": 0.7, "lam": 0.3, "alpha": 1.7, "beta": 0.6}
+    return emb, labels, hp
+
+
+@pytest.mark.parametrize("name", TABLE5 + ("sft",))
+def test_each_objective_equals_its_definition_in_value_and_gradient(name):
+    emb, labels, hp = _table5_case()
+    leaves = {k: v.clone().requires_grad_(True) for k, v in emb.items()}
+    cfg = ObjectiveConfig(name=name, tau=hp["tau"], tau_crtr=hp["tau_crtr"], lam=hp["lam"])
+    got = objective(cfg, leaves, hp["alpha"], hp["beta"], labels=labels).total
+    got_grad = torch.autograd.grad(got, list(leaves.values()))
+    ref_leaves = {k: v.clone().requires_grad_(True) for k, v in emb.items()}
+    want = _reference(name, ref_leaves["z_t"], ref_leaves["z_v"], ref_leaves["e_t"], ref_leaves["e_v"],
+                      labels.tolist(), **hp)
+    want_grad = torch.autograd.grad(want, list(ref_leaves.values()))
+    assert got.item() == pytest.approx(want.item(), rel=1e-9)
+    for k, a, b in zip(leaves, got_grad, want_grad):
+        assert torch.allclose(a, b, rtol=1e-7, atol=1e-10), (name, k)
+
+
+def test_the_five_table5_objectives_are_five_different_objectives():
+    emb, labels, hp = _table5_case()
+    outs = {}
+    for name in TABLE5:
+        leaves = {k: v.clone().requires_grad_(True) for k, v in emb.items()}
+        cfg = ObjectiveConfig(name=name, tau=hp["tau"], tau_crtr=hp["tau_crtr"], lam=hp["lam"])
+        total = objective(cfg, leaves, hp["alpha"], hp["beta"], labels=labels).total
+        outs[name] = (total.item(), torch.cat([g.ravel() for g in torch.autograd.grad(total, list(leaves.values()))]))
+    for i, a in enumerate(TABLE5):
+        for b in TABLE5[i + 1:]:
+            same_value = outs[a][0] == pytest.approx(outs[b][0], rel=1e-9)
+            same_grad = torch.allclose(outs[a][1], outs[b][1], rtol=1e-7, atol=1e-10)
+            assert not (same_value and same_grad), f"{a} and {b} are the same objective"
+    # the stop-gradient changes the gradient only: the value is the same with and without it
+    assert outs["vlm2rec"][0] == pytest.approx(outs["no_stopgrad"][0], rel=1e-12)
 
 
 def test_learnable_alpha_beta_receive_gradients():

@@ -75,11 +75,33 @@ def test_logs_hold_every_term_and_probe(synth_ds, tiny_path, tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
-def test_beta_is_kept_non_negative(synth_ds, tiny_path, tmp_path):
-    cfg = TrainConfig(method="vlm2rec", users_k=32, batch_size=8, max_steps=3, beta=0.0, lr=0.5, grad_cos_every=0)
+def test_alpha_and_beta_are_kept_non_negative(synth_ds, tiny_path, tmp_path):
+    # The loss's gradient on α and β is >= 0, so AdamW walks both down by about lr a step: from 0.2 at
+    # lr 0.5 the first step alone would take each to about -0.3. Once β is 0, α's gradient is 0 but
+    # Adam's momentum keeps pushing it: the projection has to hold both at 0 at every step.
+    cfg = TrainConfig(method="vlm2rec", users_k=32, batch_size=8, max_steps=4, alpha=0.2, beta=0.2, lr=0.5,
+                      grad_cos_every=0)
     tr = Trainer(cfg, synth_ds, tmp_path, progress=False)
     tr.train()
-    assert tr.beta.item() == 0.0  # the gradient pushes beta down; the projection holds it at 0
+    log = pd.DataFrame(tr.log)
+    assert (log["alpha"] >= 0).all() and (log["beta"] >= 0).all()
+    assert tr.alpha.item() == 0.0 and tr.beta.item() == 0.0
+    with pytest.raises(ValueError, match="alpha and beta must be >= 0"):
+        TrainConfig(alpha=-0.1)
+
+
+def test_alpha_and_beta_learn_only_where_the_objective_has_a_penalty(synth_ds, tiny_path, tmp_path):
+    for method, learns in (("vlm2rec", True), ("vlm2rec-no-crtr", True), ("vlm2rec-no-stopgrad", True),
+                           ("vlm2rec-no-penalty", False), ("vlm2rec-crtr-only", False), ("vlm-sft", False)):
+        tr = Trainer(TrainConfig(method=method, users_k=16, batch_size=8, max_steps=1, lr=0.1, grad_cos_every=0),
+                     synth_ds, tmp_path / method, progress=False)
+        tr.train()
+        moved = (tr.alpha.item(), tr.beta.item()) != (1.0, 1.0)
+        assert moved == learns, method
+    fixed = Trainer(TrainConfig(method="vlm2rec", users_k=16, batch_size=8, max_steps=1, lr=0.1, grad_cos_every=0,
+                                learn_alpha_beta=False), synth_ds, tmp_path / "fixed", progress=False)
+    fixed.train()
+    assert (fixed.alpha.item(), fixed.beta.item()) == (1.0, 1.0)
 
 
 def test_nan_loss_stops_with_step_and_term(synth_ds, tiny_path, tmp_path, monkeypatch):
@@ -164,12 +186,54 @@ def test_resume_refuses_a_different_config(synth_ds, tmp_path):
     create_run(tmp_path / "d", TrainConfig(method="vlm-sft", compile="on"), synth_ds, resume=True)
 
 
+def test_train_seeds_makes_one_training_run_per_seed_and_compare_pairs_them_by_seed(synth_ds, tiny_path, tmp_path, capsys):
+    from scipy.stats import ttest_rel
+
+    from vlm2rec_lab.runs import find_runs, seed_metrics
+
+    common = ["--data", str(synth_ds.path), "--max-steps", "3", "--batch-size", "8", "--users-k", "16",
+              "--grad-cos-every", "0", "--checkpoint-every", "0"]
+    assert main(["train", *common, "--method", "vlm-sft", "--seeds", "0-2", "--out", str(tmp_path / "sft")]) == 0
+    assert main(["train", *common, "--method", "vlm2rec", "--seeds", "0,1,2", "--out", str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs in" in out and "mean ± std over training seeds" in out
+    sft = find_runs(tmp_path / "sft")
+    assert sft == {s: tmp_path / "sft" / f"seed{s}" for s in (0, 1, 2)}
+    assert [load_run_config(r).seed for r in sft.values()] == [0, 1, 2]
+    # two training seeds are two different runs: other LoRA init and data order, other weights and embeddings
+    from safetensors.torch import load_file
+
+    w0, w1 = (load_file(sft[s] / "adapter" / "adapter_model.safetensors") for s in (0, 1))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    assert not np.allclose(load_embeddings(sft[0], "item_F"), load_embeddings(sft[1], "item_F"))
+    # run s is evaluated on negative set s only
+    assert list(json.loads((sft[1] / "metrics" / "task1_test.json").read_text())["views"]["f2f"]["sampled"]["per_seed"]) == ["1"]
+    assert main(["compare", str(tmp_path / "ours"), str(tmp_path / "sft"), "--against", str(tmp_path / "sft"),
+                 "--views", "f2f,v2f", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ours = seed_metrics(find_runs(tmp_path / "ours"), "v2f")
+    theirs = seed_metrics(sft, "v2f")
+    row = next(r for r in got["v2f"]["summary"] if r["method"] == "ours" and r["metric"] == "HR@10")
+    assert row["mean"] == pytest.approx(ours["HR@10"].mean()) and row["std"] == pytest.approx(ours["HR@10"].std(ddof=1))
+    if not np.allclose(ours["HR@10"], theirs["HR@10"]):
+        assert row["p"] == pytest.approx(ttest_rel(ours.loc[[0, 1, 2], "HR@10"], theirs.loc[[0, 1, 2], "HR@10"]).pvalue)
+    assert got["v2f"]["baseline"] == "sft" and set(got["v2f"]["per_seed"]["ours"]) == {"0", "1", "2"}
+    assert main(["compare", str(tmp_path / "ours"), "--against", str(tmp_path / "sft"), "--per-seed"]) == 0
+    text = capsys.readouterr().out
+    assert "paired t-test by training seed against sft" in text and "per training seed" in text
+    assert main(["compare", str(tmp_path / "nothing")]) == 2
+    assert "nothing: no such run folder or run set" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["compare", str(tmp_path / "empty")]) == 2
+    assert "neither a run folder nor a folder of runs" in capsys.readouterr().err
+
+
 def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
     run = tmp_path / "cli"
     assert main(["train", "--data", str(synth_ds.path), "--method", "vlm-sft", "--out", str(run), "--max-steps", "2",
                  "--batch-size", "4", "--users-k", "8", "--share-prefix", "on", "--max-pixels", "100352"]) == 0
     out = capsys.readouterr().out
-    assert "trained vlm-sft for 2 steps" in out and "v2f:" in out
+    assert "trained vlm-sft (seed 0) for 2 steps" in out and "v2f (seed 0's negatives):" in out
     assert load_run_config(run).share_prefix is True and load_run_config(run).max_pixels == 100352
     assert load_run_config(run).compile is None  # auto: this CPU run was not compiled
     assert pd.read_csv(run / "logs" / "train_log.csv")["compiled"].tolist() == [False, False]

@@ -10,14 +10,16 @@ PARAMS = '''DATA_DIR: str = "demo_out/data"  # prepared dataset folder (absolute
 OUT_DIR: str = "notebook_out/{name}"  # this notebook's figures and tables
 RUNS_DIR: str = "notebook_out/runs"  # run folders, shared by the notebooks
 BACKBONE: str = "tiny"  # "tiny", a Hugging Face id, or a local path
-SEED: int = 0  # training seed
+SEEDS: str = "0-4"  # training seeds: one run per method and seed, run s ranked against negative set s
 QUICK: bool = False  # a few training steps on a few users (smoke runs)'''
 
-SETUP = '''from vlm2rec_lab.data.dataset import Dataset
+SETUP = '''from vlm2rec_lab.config import parse_seeds
+from vlm2rec_lab.data.dataset import Dataset
 from vlm2rec_lab.notebook import record, resolve, save_figure, save_table, train_config
 
 ds = Dataset.load(resolve(DATA_DIR))
 out, runs_dir = resolve(OUT_DIR), resolve(RUNS_DIR)
+seeds = parse_seeds(SEEDS)
 ds.stats_table()'''
 
 def nb(name, title, intro, steps, extra_params=""):
@@ -43,66 +45,68 @@ nb("01_data_overview", "Data overview", "Statistics in the format of the paper's
     ("md", "## Sequence lengths and popularity"),
     ("code", "from vlm2rec_lab import viz\n\nfig = viz.length_histogram(ds)\nsave_figure(fig, out, 'lengths')"),
     ("code", "fig = viz.popularity_curve(ds)\nsave_figure(fig, out, 'popularity')"),
-    ("md", "## Sample items"), ("code", "fig = viz.sample_grid(ds, n=12, seed=SEED)\nsave_figure(fig, out, 'samples')"),
+    ("md", "## Sample items"), ("code", "fig = viz.sample_grid(ds, n=12, seed=seeds[0])\nsave_figure(fig, out, 'samples')"),
     ("md", "## Record"), ("code", "record(**ds.stats())")])
 
-RUN3 = '''from vlm2rec_lab.runs import ensure_run
+RUN3 = '''from vlm2rec_lab.runs import ensure_runs
 
 STATES = {"Vanilla": "vlm-vanilla", "SFT": "vlm-sft", "VLM2Rec": "vlm2rec"}
-runs = {state: runs_dir / f"{method}-seed{SEED}" for state, method in STATES.items()}
-results = {state: ensure_run(ds, train_config(method, BACKBONE, SEED, QUICK), runs[state]) for state, method in STATES.items()}'''
+# one run per (method, training seed), shared by every notebook: runs[state][seed]
+runs = {state: ensure_runs(ds, train_config(method, BACKBONE, quick=QUICK), runs_dir / method, seeds)
+        for state, method in STATES.items()}'''
 
 nb("02_modality_collapse", "Modality collapse: Vanilla vs SFT vs VLM2Rec",
-   "The paper's §3 analysis: the modality-dropout test (Fig. 1a), gradient alignment per modality over training (Fig. 1b) and the geometry of each modality's embeddings (Table 1).",
+   "The paper's §3 analysis: the modality-dropout test (Fig. 1a), gradient alignment per modality over training (Fig. 1b) and the geometry of each modality's embeddings (Table 1), each as mean ± std over training seeds.",
    [("md", "## Runs"), ("code", RUN3),
     ("md", "## Modality dropout (Fig. 1a)\nf2f: fused history; t2f: text-only history; v2f: image-only history; items fused."),
     ("code", "from vlm2rec_lab import diagnostics, viz\nfrom vlm2rec_lab.evaluate import chance_metrics\n\ndropout = diagnostics.modality_dropout_table(runs)\nsave_table(dropout, out, 'modality_dropout')\nfig = viz.modality_dropout_bars(dropout, chance=chance_metrics(100)['HR@10'])\nsave_figure(fig, out, 'fig1a_modality_dropout')\ndropout"),
     ("md", "## Gradient alignment (Fig. 1b)"),
-    ("code", "curves = {s: diagnostics.gradient_cosines(runs[s]) for s in ('SFT', 'VLM2Rec')}\nfig = viz.gradient_cosine_curves(curves)\nsave_figure(fig, out, 'fig1b_gradient_cosines')"),
+    ("code", "curves = {s: {seed: diagnostics.gradient_cosines(r) for seed, r in runs[s].items()} for s in ('SFT', 'VLM2Rec')}\nfig = viz.gradient_cosine_curves(curves)\nsave_figure(fig, out, 'fig1b_gradient_cosines')"),
     ("md", "## Geometry (Table 1)"),
     ("code", "geometry = diagnostics.geometry_table(runs, ds)\nsave_table(geometry, out, 'table1_geometry')\ngeometry.round(4)"),
     ("md", "## Record"),
-    ("code", "record(**{f'{s}_{v}_HR@10': dropout.loc[(s, v), 'HR@10'] for s, v in dropout.index},\n       **{f'{s}_{m}_S': geometry.loc[(s, m), 'S'] for s, m in geometry.index})")])
+    ("code", "record(seeds=len(seeds), **{f'{s}_{v}_HR@10': dropout.loc[(s, v), 'HR@10'] for s, v in dropout.index},\n       **{f'{s}_{v}_HR@10_std': dropout.loc[(s, v), 'HR@10_std'] for s, v in dropout.index},\n       **{f'{s}_{m}_S': geometry.loc[(s, m), 'S'] for s, m in geometry.index})")])
 
 nb("03_training", "Training dynamics", "Loss terms, α, β, the mean penalty weight w, the margins per modality and the share of users whose weak modality is the image, over training steps.",
    [("md", "## Runs"), ("code", RUN3.replace('"Vanilla": "vlm-vanilla", ', "")),
     ("md", "## Curves"),
-    ("code", "import pandas as pd\nfrom vlm2rec_lab import diagnostics, viz\n\nlogs = {s: pd.read_csv(runs[s] / 'logs' / 'train_log.csv') for s in runs}\nfor s, log in logs.items():\n    save_figure(viz.training_curves(log), out, f'training_{s}')"),
+    ("md", "Curves of the first training seed's runs; the last step's values over every seed below."),
+    ("code", "import pandas as pd\nfrom vlm2rec_lab import diagnostics, viz\n\nfirst = seeds[0]\nlogs = {s: {seed: pd.read_csv(r / 'logs' / 'train_log.csv') for seed, r in runs[s].items()} for s in runs}\nfor s in logs:\n    save_figure(viz.training_curves(logs[s][first]), out, f'training_{s}_seed{first}')\nlast = {s: pd.DataFrame({seed: log.iloc[-1] for seed, log in logs[s].items()}).T for s in logs}\nsave_table(last['VLM2Rec'], out, 'last_step_per_seed')\nlast['VLM2Rec'][['loss', 'alpha', 'beta', 'w_mean', 'margin_t_mean', 'margin_v_mean', 'image_weak_share']]"),
     ("md", "## Weak modality per user"),
-    ("code", "weak = diagnostics.weak_modality(runs['VLM2Rec'], ds)\nfor part in ('over_training', 'by_length', 'by_category', 'final_image_weak_share'):\n    save_table(weak[part], out, f'weak_{part}')\ndisplay(weak['final_image_weak_share'], weak['by_length'])\nweak['by_category']"),
+    ("code", "weak_all = {seed: diagnostics.weak_modality(r, ds) for seed, r in runs['VLM2Rec'].items()}\nshares = pd.Series({seed: float(w['final_image_weak_share']['share'].iloc[0]) for seed, w in weak_all.items()}, name='final image-weak share')\nweak = weak_all[first]\nfor part in ('over_training', 'by_length', 'by_category'):\n    save_table(weak[part], out, f'weak_{part}_seed{first}')\nsave_table(shares.to_frame(), out, 'final_image_weak_share_per_seed')\ndisplay(shares.to_frame(), weak['by_length'])\nweak['by_category']"),
     ("md", "## Record"),
-    ("code", "last = logs['VLM2Rec'].iloc[-1]\nrecord(alpha=last['alpha'], beta=last['beta'], w_mean=last['w_mean'], image_weak_share=last['image_weak_share'],\n       final_image_weak_share=float(weak['final_image_weak_share']['share'].iloc[0]),\n       sft_final_loss=logs['SFT'].iloc[-1]['loss'], vlm2rec_final_loss=last['loss'])")])
+    ("code", "mean = last['VLM2Rec'].mean()\nrecord(seeds=len(seeds), alpha=mean['alpha'], beta=mean['beta'], w_mean=mean['w_mean'], image_weak_share=mean['image_weak_share'],\n       final_image_weak_share=float(shares.mean()), sft_final_loss=last['SFT']['loss'].mean(), vlm2rec_final_loss=mean['loss'])")])
 
-nb("04_task1", "Task 1: direct ranking", "A Table 2-style comparison: reference scorers and the VLM methods under the sampled protocol (100 negatives, seeds 0–4), with a paired t-test against the best baseline.",
+nb("04_task1", "Task 1: direct ranking", "A Table 2-style comparison: reference scorers and the VLM methods under the sampled protocol (100 negatives), mean ± std over training seeds (run s ranked against negative set s), with a paired t-test by seed against the best baseline.",
    [("md", "## Methods"),
-    ("code", 'from vlm2rec_lab.evaluate import best_method, evaluate, results_table\nfrom vlm2rec_lab.runs import ensure_run, per_seed_frame\nfrom vlm2rec_lab.scorers import SCORERS, make_scorer\n\nMETHODS = ["vlm-vanilla", "vlm-sft", "vlm2rec"] + ([] if QUICK else ["vlm-vanilla-internal", "vlm-sft-internal", "llm-sft", "item-mean"])\nper_seed = {name: evaluate(ds, make_scorer(name, ds), name=name, progress=False).sampled for name in SCORERS}\nfor m in METHODS:\n    res = ensure_run(ds, train_config(m, BACKBONE, SEED, QUICK), runs_dir / f"{m}-seed{SEED}")\n    per_seed[m] = per_seed_frame(res)'),
+    ("code", 'from vlm2rec_lab.evaluate import best_method, evaluate, results_table\nfrom vlm2rec_lab.runs import ensure_runs, seed_metrics\nfrom vlm2rec_lab.scorers import SCORERS, make_scorer\n\nMETHODS = ["vlm-vanilla", "vlm-sft", "vlm2rec"] + ([] if QUICK else ["vlm-vanilla-internal", "vlm-sft-internal", "llm-sft", "item-mean"])\nper_seed = {name: evaluate(ds, make_scorer(name, ds), seeds=seeds, name=name, progress=False).sampled for name in SCORERS}\nfor m in METHODS:\n    per_seed[m] = seed_metrics(ensure_runs(ds, train_config(m, BACKBONE, quick=QUICK), runs_dir / m, seeds))'),
     ("md", "## Table"),
-    ("code", 'from IPython.display import Markdown\n\nbaseline = best_method(per_seed, exclude=["vlm2rec"])\ntable = results_table(per_seed, baseline=baseline)\nsave_table(table.to_frame(), out, "task1")\n(out / "task1.tex").write_text(table.to_latex())\nMarkdown(table.to_markdown())'),
+    ("code", 'from IPython.display import Markdown\n\nbaseline = best_method(per_seed, exclude=["vlm2rec"])\ntable = results_table(per_seed, baseline=baseline if len(seeds) > 1 else None)\nsave_table(table.to_frame(), out, "task1")\n(out / "task1.tex").write_text(table.to_latex())\nMarkdown(table.to_markdown())'),
     ("md", "## Record"),
-    ("code", 'record(baseline=baseline, **{f"{m}_NDCG@10": table.means.loc[m, "NDCG@10"] for m in table.means.index})')])
+    ("code", 'record(baseline=baseline, seeds=len(seeds), **{f"{m}_NDCG@10": table.means.loc[m, "NDCG@10"] for m in table.means.index},\n       **{f"{m}_NDCG@10_p": table.pvalues.loc[m, "NDCG@10"] for m in table.means.index if m != baseline and len(seeds) > 1})')])
 
-nb("06_ablation_sensitivity", "Ablations, sensitivity and few-shot", "Table 5 (ablations of VLM2Rec), Fig. 5 (sensitivity to τ_WPCL, τ_CRTR and λ over the paper's grids) and Table 7 (few-shot: K training users).",
+nb("06_ablation_sensitivity", "Ablations, sensitivity and few-shot", "Table 5 (ablations of VLM2Rec, mean ± std over training seeds, paired t-tests against SFT), Fig. 5 (sensitivity to τ_WPCL, τ_CRTR and λ over the paper's grids) and Table 7 (few-shot: K training users); the sensitivity and few-shot runs use the first training seed only.",
    [("md", "## Ablations (Table 5)"),
-    ("code", 'import pandas as pd\nfrom vlm2rec_lab import diagnostics, viz\nfrom vlm2rec_lab.runs import ensure_run\n\nABLATIONS = ["vlm2rec", "vlm2rec-no-stopgrad", "vlm2rec-no-penalty", "vlm2rec-no-crtr", "vlm2rec-crtr-only", "vlm-sft"]\nrows = {}\nfor m in ABLATIONS[:2] if QUICK else ABLATIONS:\n    res = ensure_run(ds, train_config(m, BACKBONE, SEED, QUICK), runs_dir / f"{m}-seed{SEED}")\n    rows[m] = {v: r["sampled"]["mean"]["NDCG@10"] for v, r in res["views"].items()}\nablation = pd.DataFrame(rows).T\nsave_table(ablation, out, "table5_ablation")\nablation.round(4)'),
+    ("code", 'import pandas as pd\nfrom vlm2rec_lab import diagnostics, viz\nfrom vlm2rec_lab.evaluate import results_table\nfrom vlm2rec_lab.runs import ensure_runs, seed_metrics\n\n# the paper\'s Table 5 rows: full, w/o L_WPCL (CRTR alone), w/o stop-gradient, w/o w_pen, w/o L_CRTR; and SFT\nABLATIONS = ["vlm2rec", "vlm2rec-crtr-only", "vlm2rec-no-stopgrad", "vlm2rec-no-penalty", "vlm2rec-no-crtr", "vlm-sft"]\nchosen = ["vlm2rec", "vlm2rec-crtr-only", "vlm-sft"] if QUICK else ABLATIONS\nsets = {m: ensure_runs(ds, train_config(m, BACKBONE, quick=QUICK), runs_dir / m, seeds) for m in chosen}\ntables = {view: results_table({m: seed_metrics(sets[m], view) for m in chosen}, baseline="vlm-sft" if len(seeds) > 1 else None,\n                              metrics=("HR@10", "NDCG@10")) for view in ("f2f", "t2f", "v2f")}\nablation = pd.concat({view: t.to_frame() for view, t in tables.items()}, axis=1)\nsave_table(ablation, out, "table5_ablation")\nsave_table(pd.concat({view: t.summary() for view, t in tables.items()}, names=["view"]), out, "table5_ablation_summary")\nablation'),
     ("md", "## Sensitivity (Fig. 5) and few-shot (Table 7)"),
-    ("code", 'grid = {"lam": [0.1, 1.0]} if QUICK else diagnostics.PAPER_GRID\nsens = diagnostics.sweep(ds, train_config("vlm2rec", BACKBONE, SEED, QUICK), runs_dir / f"sweep-seed{SEED}", grid)\nsave_table(sens, out, "fig5_sensitivity")\nsave_figure(viz.sweep_plot(sens), out, "fig5_sensitivity")'),
-    ("code", 'ks = [16, 32] if QUICK else [50, 100, 200, 500]\nfew = diagnostics.sweep(ds, train_config("vlm2rec", BACKBONE, SEED, QUICK), runs_dir / f"fewshot-seed{SEED}", {"users_k": ks})\nsave_table(few, out, "table7_few_shot")\nfew[few["view"] == "f2f"].round(4)'),
+    ("code", 'grid = {"lam": [0.1, 1.0]} if QUICK else diagnostics.PAPER_GRID\nsens = diagnostics.sweep(ds, train_config("vlm2rec", BACKBONE, seeds[0], QUICK), runs_dir / f"sweep-seed{seeds[0]}", grid)\nsave_table(sens, out, "fig5_sensitivity")\nsave_figure(viz.sweep_plot(sens), out, "fig5_sensitivity")'),
+    ("code", 'ks = [16, 32] if QUICK else [50, 100, 200, 500]\nfew = diagnostics.sweep(ds, train_config("vlm2rec", BACKBONE, seeds[0], QUICK), runs_dir / f"fewshot-seed{seeds[0]}", {"users_k": ks})\nsave_table(few, out, "table7_few_shot")\nfew[few["view"] == "f2f"].round(4)'),
     ("md", "## Record"),
-    ("code", 'record(**{f"{m}_f2f_NDCG@10": ablation.loc[m, "f2f"] for m in ablation.index},\n       **{f"fewshot_{int(k)}_NDCG@10": v for k, v in few[few["view"] == "f2f"].set_index("value")["NDCG@10"].items()})')])
+    ("code", 'record(seeds=len(seeds), **{f"{m}_{v}_NDCG@10": t.means.loc[m, "NDCG@10"] for v, t in tables.items() for m in t.means.index},\n       **{f"fewshot_{int(k)}_NDCG@10": v for k, v in few[few["view"] == "f2f"].set_index("value")["NDCG@10"].items()})')])
 
 nb("07_embedding_explorer", "Embedding explorer", "A UMAP map of item embeddings per run and modality, coloured by category, popularity, weak modality or split; select an item to see its title, image and nearest neighbours in the other modality's space.",
    [("md", "## Runs"), ("code", RUN3),
     ("md", "## Explorer"),
-    ("code", "from vlm2rec_lab.viz import embedding_explorer\n\nexplorer = embedding_explorer(runs, ds, sample_size=min(300, ds.n_items), reducer='pca' if QUICK else 'umap')\nexplorer"),
+    ("code", "from vlm2rec_lab.viz import embedding_explorer\n\nexplorer = embedding_explorer({state: r[seeds[0]] for state, r in runs.items()}, ds, sample_size=min(300, ds.n_items), reducer='pca' if QUICK else 'umap')\nexplorer"),
     ("md", "## Record"),
     ("code", "ex = explorer.explorer\nrecord(points=len(ex.points), selected=str(ex.selection['item_id']), neighbours=len(ex.selection['neighbours']['T']))")],
    extra_params="")
 
 nb("05_task2", "Task 2: downstream initialisation", "A Table 4-style comparison: SASRec or GRU4Rec with a learnable ID table against item tables initialised from frozen VLM item embeddings (a trainable Linear over them), same split, negatives and metrics; and cold-start buckets by the target item's training frequency (Fig. 3).",
    [("md", "## Embedders whose item embeddings initialise the model"),
-    ("code", 'from vlm2rec_lab.runs import ensure_run\n\nINITS = {"Vanilla": "vlm-vanilla", "SFT": "vlm-sft", "VLM2Rec": "vlm2rec"}\nruns = {k: runs_dir / f"{m}-seed{SEED}" for k, m in INITS.items()}\nfor k, m in INITS.items():\n    ensure_run(ds, train_config(m, BACKBONE, SEED, QUICK), runs[k])'),
+    ("code", 'from vlm2rec_lab.runs import ensure_runs\n\nINITS = {"Vanilla": "vlm-vanilla", "SFT": "vlm-sft", "VLM2Rec": "vlm2rec"}\n# the embedder\'s run of training seed s initialises the downstream model of seed s\nruns = {k: ensure_runs(ds, train_config(m, BACKBONE, quick=QUICK), runs_dir / m, seeds) for k, m in INITS.items()}'),
     ("md", "## Train the downstream model per seed"),
-    ("code", 'from vlm2rec_lab import downstream\n\ncfg = downstream.DownstreamConfig(model=MODEL, epochs=2 if QUICK else 200)\nseeds = [SEED] if QUICK else [0, 1, 2, 3, 4]\nresults = {"ID": downstream.run(ds, cfg, seeds)}\nfor k, run in runs.items():\n    results[f"{k} init"] = downstream.run(ds, cfg, seeds, downstream.load_item_embeddings(ds, run, modality="F"))'),
+    ("code", 'from vlm2rec_lab import downstream\n\ncfg = downstream.DownstreamConfig(model=MODEL, epochs=2 if QUICK else 200)\nresults = {"ID": downstream.run(ds, cfg, seeds)}\nfor k, by_seed in runs.items():\n    tables = {s: downstream.load_item_embeddings(ds, r, modality="F") for s, r in by_seed.items()}\n    results[f"{k} init"] = downstream.run(ds, cfg, seeds, tables)'),
     ("md", "## Table 4 and cold start (Fig. 3)"),
     ("code", 'import pandas as pd\nfrom IPython.display import Markdown\nfrom vlm2rec_lab.evaluate import results_table\n\ntable = results_table({k: r.test.sampled for k, r in results.items()}, baseline="ID" if len(seeds) > 1 else None)\nsave_table(table.to_frame(), out, "table4_task2")\ncold = pd.concat({k: r.cold_start for k, r in results.items()}, names=["init"])\nsave_table(cold, out, "fig3_cold_start")\nMarkdown(table.to_markdown())'),
     ("md", "## Record"),

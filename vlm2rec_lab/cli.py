@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import FORMATS, PrepareConfig, SynthConfig
+from .config import FORMATS, PrepareConfig, SynthConfig, parse_seeds
 
 
 def _yes_no(v: str) -> bool:
@@ -21,17 +21,10 @@ def _yes_no(v: str) -> bool:
 
 
 def _seeds(v: str) -> list[int]:
-    out: list[int] = []
     try:
-        for part in v.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds: expected e.g. 0-4 or 0,2,3, got {v!r}") from None
-    return out
+        return parse_seeds(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=None)
     tr.add_argument("--batch-size", type=int, default=None)
     tr.add_argument("--grad-accum", type=int, default=1)
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=0, help="the training seed (LoRA init, data order, dropout)")
+    tr.add_argument("--seeds", type=_seeds, default=None, metavar="0-4",
+                    help="train one run per seed into OUT/seed{s} (a run set; each evaluated on its own seed's "
+                         "negatives), then print mean ± std over the seeds; `compare` tests two sets")
     tr.add_argument("--users-k", type=int, default=None, help="few-shot: train on K sampled users")
     tr.add_argument("--tau", type=float, default=0.1)
     tr.add_argument("--tau-crtr", type=float, default=0.1)
@@ -131,6 +127,15 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     tr.add_argument("--no-embed", action="store_true", help="skip embedding and evaluation after training")
 
+    cp = sub.add_parser("compare", help="Task 1 over run sets: mean ± std over training seeds, paired t-tests by seed")
+    cp.add_argument("sets", nargs="+", help="run sets (folders of seed{s}/ runs, as `train --seeds` writes) or run folders")
+    cp.add_argument("--against", help="the set the others are tested against (default: the first)")
+    cp.add_argument("--views", default="f2f,t2f,v2f", help="comma list of f2f, t2f, v2f (views a method lacks are left out)")
+    cp.add_argument("--metrics", default="HR@10,NDCG@10,HR@20,NDCG@20")
+    cp.add_argument("--split", choices=("test", "valid"), default="test")
+    cp.add_argument("--per-seed", action="store_true", help="also print each training seed's values")
+    cp.add_argument("--json", action="store_true")
+
     em = sub.add_parser("embed", help="item and sequence embeddings per modality (T, V, F) into RUN/embeddings")
     em.add_argument("run")
     em.add_argument("--batch-size", type=int, default=128, help="prompts per forward (packed, their shared prefix computed once a batch)")
@@ -141,7 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("downstream", help="Task 2: SASRec / GRU4Rec with ID or VLM-initialised item embeddings")
     ds.add_argument("--data", required=True)
     ds.add_argument("--model", required=True, choices=("sasrec", "gru4rec"))
-    ds.add_argument("--init", default="id", help="id, a run folder (its embeddings/), or FILE.npy (with --item-ids)")
+    ds.add_argument("--init", default="id", help="id, a run folder (its embeddings/), a run set (seed s's run "
+                                                  "initialises seed s), or FILE.npy (with --item-ids)")
+    ds.add_argument("--init-transform", choices=("whiten", "standardize", "l2", "raw"), default=None,
+                    help="the frozen table before the trainable Linear (default whiten: centred, whitened with shrinkage)")
+    ds.add_argument("--init-eps", type=float, default=None, help="its epsilon, relative to the mean variance")
     ds.add_argument("--item-ids", help="text file, one item id per line, rows of the .npy")
     ds.add_argument("--modality", choices=("F", "T", "V"), default="F", help="which embeddings of a run folder")
     ds.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4])
@@ -278,50 +287,146 @@ def _launcher_warnings() -> None:
             print(f"warning: {note}", file=sys.stderr)
 
 
-def cmd_train(a) -> int:
+def _train_config(a):
     from .config import AUTO_ON_OFF, TrainConfig, load_yaml
-    from .data.dataset import Dataset
+
+    if a.config:
+        return load_yaml(TrainConfig, a.config)
+    return TrainConfig(method=a.method, backbone=a.backbone, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr,
+                       batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed, users_k=a.users_k, tau=a.tau,
+                       tau_crtr=a.tau_crtr, lam=a.lam, alpha=a.alpha, beta=a.beta,
+                       learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
+                       gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
+                       packed=not a.no_packing, compile=a.compile,
+                       share_prefix=AUTO_ON_OFF[a.share_prefix],
+                       checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device,
+                       max_pixels=a.max_pixels)
+
+
+def _train_one(a, cfg, ds, run: Path) -> dict | None:
+    """Train (where the method trains), embed and evaluate one run; its Task 1 results on rank 0."""
+    from . import distributed as dist
+    from .methods import get_method
     from .runs import create_run, embed_run, evaluate_run
     from .train import Trainer
 
-    from . import distributed as dist
-
-    dist.init_from_env()
-    _launcher_warnings()
-    ds = Dataset.load(a.data)
-    if a.config:
-        cfg = load_yaml(TrainConfig, a.config)
-    else:
-        cfg = TrainConfig(method=a.method, backbone=a.backbone, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr,
-                          batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed, users_k=a.users_k, tau=a.tau,
-                          tau_crtr=a.tau_crtr, lam=a.lam, alpha=a.alpha, beta=a.beta,
-                          learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
-                          gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
-                          packed=not a.no_packing, compile=a.compile,
-                          share_prefix=AUTO_ON_OFF[a.share_prefix],
-                          checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device,
-                          max_pixels=a.max_pixels)
     if dist.rank() == 0:
-        create_run(a.out, cfg, ds, resume=a.resume)
+        create_run(run, cfg, ds, resume=a.resume)
     dist.barrier()
-    run = Path(a.out)
-    from .methods import get_method
-
     bb = None
     if get_method(cfg.method).trains:
         t = Trainer(cfg, ds, run)
         last = t.train(resume=a.resume)
         if dist.rank() == 0:
-            print(f"trained {cfg.method} for {t.step} steps -> {run}; last step: " +
+            print(f"trained {cfg.method} (seed {cfg.seed}) for {t.step} steps -> {run}; last step: " +
                   ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
         bb = t.bb
-    if not a.no_embed:
-        embed_run(run, ds, backbone=bb)
-        if dist.rank() != 0:
-            return 0
-        res = evaluate_run(run, ds)
-        for view, r in res["views"].items():
-            print(f"{view}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["sampled"]["mean"].items()))
+    if a.no_embed:
+        return None
+    embed_run(run, ds, backbone=bb)
+    if dist.rank() != 0:
+        return None
+    res = evaluate_run(run, ds)
+    for view, r in res["views"].items():
+        print(f"{view} (seed {cfg.seed}'s negatives): " + ", ".join(f"{k} {v:.4f}" for k, v in r["sampled"]["mean"].items()))
+    return res
+
+
+def cmd_train(a) -> int:
+    import dataclasses
+
+    from . import distributed as dist
+    from .data.dataset import Dataset
+    from .runs import seed_dir
+
+    dist.init_from_env()
+    _launcher_warnings()
+    ds = Dataset.load(a.data)
+    cfg = _train_config(a)
+    if a.seeds is None:
+        _train_one(a, cfg, ds, Path(a.out))
+        return 0
+    missing = [s for s in a.seeds if s not in ds.seeds]
+    if missing and not a.no_embed:
+        raise ValueError(f"--seeds {missing}: {a.data} has negatives for seeds {list(ds.seeds)} only "
+                         f"(a run of seed s is evaluated on negative set s; prepare with --seeds)")
+    t0 = time.perf_counter()
+    for k, seed in enumerate(a.seeds):
+        if dist.rank() == 0:
+            print(f"[seed {seed}: {k + 1}/{len(a.seeds)}, {time.perf_counter() - t0:.0f}s] -> {seed_dir(a.out, seed)}")
+        _train_one(a, dataclasses.replace(cfg, seed=seed), ds, seed_dir(a.out, seed))
+    if dist.rank() == 0 and not a.no_embed:
+        print(f"{len(a.seeds)} runs in {time.perf_counter() - t0:.0f}s; over training seeds {a.seeds}:")
+        _print_comparison(compare_sets([a.out], None, ("f2f", "t2f", "v2f"), ("HR@10", "NDCG@10", "HR@20", "NDCG@20")))
+    return 0
+
+
+def compare_sets(sets: list[str | Path], against: str | Path | None, views, metrics, split: str = "test") -> dict:
+    """{view: ResultsTable} over run sets named by their folders, tested against ``against``
+    (default: none when one set, else the first), pairing runs by training seed."""
+    from .batch import dataset_names
+    from .evaluate import results_table
+    from .runs import find_runs, seed_metrics
+
+    paths = [Path(p) for p in sets]
+    if against is not None and Path(against).resolve() not in [p.resolve() for p in paths]:
+        paths.append(Path(against))
+    names = dict(zip([p.resolve() for p in paths], dataset_names(paths)))
+    base = names[Path(against or paths[0]).resolve()] if len(paths) > 1 else None
+    runs = {names[p.resolve()]: find_runs(p) for p in paths}
+    out = {}
+    for view in views:
+        per_seed = {}
+        for name, by_seed in runs.items():
+            try:
+                per_seed[name] = seed_metrics(by_seed, view, split)[list(metrics)]
+            except ValueError as e:
+                if "no " + view + " view" not in str(e):
+                    raise
+        if not per_seed:
+            continue
+        with_base = base if base in per_seed else None
+        if with_base is not None and any(len(v.index.intersection(per_seed[base].index)) < 2
+                                         for k, v in per_seed.items() if k != base):
+            raise ValueError(f"a paired t-test needs 2+ training seeds shared with {base}: "
+                             + ", ".join(f"{k} has {list(v.index)}" for k, v in per_seed.items()))
+        out[view] = (results_table(per_seed, baseline=with_base, metrics=metrics), per_seed)
+    return out
+
+
+def _print_comparison(tables: dict, per_seed: bool = False) -> None:
+    for view, (table, frames) in tables.items():
+        cells = table.to_frame()
+        for m in table.means.columns:
+            if table.baseline is not None:
+                cells[f"p {m}"] = [("" if k == table.baseline else f"{table.pvalues.loc[k, m]:.3g}") for k in cells.index]
+        cells["seeds"] = [",".join(map(str, table.seeds[k])) for k in cells.index]
+        against = f", p: paired t-test by training seed against {table.baseline}" if table.baseline else ""
+        print(f"\n{view} — mean ± std over training seeds{against}")
+        print(cells.to_string())
+        if per_seed:
+            for name, df in frames.items():
+                print(f"  {name}, per training seed:\n" + df.round(4).to_string().replace("\n", "\n    ").join(["    ", ""]))
+
+
+def cmd_compare(a) -> int:
+    views = [v.strip() for v in a.views.split(",") if v.strip()]
+    bad = [v for v in views if v not in ("f2f", "t2f", "v2f")]
+    if bad:
+        raise ValueError(f"--views: {bad} are not among f2f, t2f, v2f")
+    metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
+    from .evaluate import METRIC_NAMES
+
+    if any(m not in METRIC_NAMES for m in metrics):
+        raise ValueError(f"--metrics: expected some of {', '.join(METRIC_NAMES)}, got {a.metrics!r}")
+    tables = compare_sets(a.sets, a.against, views, metrics, a.split)
+    if a.json:
+        out = {view: {"baseline": t.baseline, "summary": t.summary().reset_index().to_dict(orient="records"),
+                      "per_seed": {k: {str(s): row.to_dict() for s, row in df.iterrows()} for k, df in frames.items()}}
+               for view, (t, frames) in tables.items()}
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        _print_comparison(tables, a.per_seed)
     return 0
 
 
@@ -428,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = {"synth": cmd_synth, "prepare": cmd_prepare, "stats": cmd_stats}.get(getattr(a, "data_command", None)) \
         or {"evaluate": cmd_evaluate, "demo": cmd_demo, "downstream": cmd_downstream, "train": cmd_train,
-           "embed": cmd_embed, "batch": cmd_batch}[a.command]
+           "embed": cmd_embed, "batch": cmd_batch, "compare": cmd_compare}[a.command]
     try:
         code = handler(a)
     except (DataFormatError, ImagesOfflineError, FileNotFoundError, FileExistsError, ValueError, KeyError,

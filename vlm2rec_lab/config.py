@@ -82,6 +82,29 @@ class SynthConfig:
 T = TypeVar("T")
 
 
+def parse_seeds(spec: str | int | list) -> list[int]:
+    """Seeds from ``0-4``, ``0,2,3``, ``1-2,5``, one int, or a list: ``"0-2,5"`` -> [0, 1, 2, 5]."""
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, (list, tuple)):
+        return [int(s) for s in spec]
+    out: list[int] = []
+    try:
+        for part in str(spec).replace(" ", "").split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"seeds: expected e.g. 0-4 or 0,2,3, got {spec!r}") from None
+    if not out:
+        raise ValueError(f"seeds: no seed in {spec!r}")
+    if len(set(out)) < len(out):
+        raise ValueError(f"seeds: {spec!r} lists a seed twice")
+    return out
+
+
 def to_dict(cfg) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
 
@@ -167,8 +190,8 @@ class TrainConfig:
         if (self.epochs is not None and self.epochs < 1) or (self.batch_size is not None and self.batch_size < 2) \
                 or self.grad_accum < 1:
             raise ValueError("epochs >= 1, batch_size >= 2 (in-batch negatives) and grad_accum >= 1 are needed")
-        if self.beta < 0:
-            raise ValueError("beta must be >= 0")
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"alpha and beta must be >= 0 (a negative alpha flips the penalty), got {self.alpha}, {self.beta}")
         self.gradient_checkpointing = int(self.gradient_checkpointing)  # (True / False from older configs: 1 / 0)
         if self.gradient_checkpointing < 0:
             raise ValueError(f"gradient_checkpointing: every n-th layer, n >= 1 (0: off), not {self.gradient_checkpointing}")

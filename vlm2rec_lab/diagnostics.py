@@ -60,33 +60,80 @@ def run_embeddings(run_dir: str | Path, modality: str, split: str = "test") -> t
     return load_embeddings(run_dir, f"seq_{split}_{modality}"), load_embeddings(run_dir, f"item_{modality}")
 
 
-def geometry_table(runs: Mapping[str, str | Path], dataset, split: str = "test", seed: int = 0,
-                   modalities: Sequence[str] = MODALITIES) -> pd.DataFrame:
-    """Table 1: one row per (state, modality) — e.g. states Vanilla, SFT, VLM2Rec — with A_pos,
-    A_neg, U, S. Modalities a run lacks (internal fusion has no T/V split) are skipped."""
-    targets, negatives = dataset.targets(split), dataset.negatives(seed)
+RunSets = Mapping[str, "Mapping[int, str | Path] | str | Path"]  # state -> {training seed: run} (or one run)
+
+
+def _by_seed(runs: RunSets) -> dict[str, dict[int, Path]]:
+    """Each state's runs by training seed; a single run folder stands for its own seed."""
+    from .runs import load_run_config
+
+    out = {}
+    for state, r in runs.items():
+        out[state] = ({int(k): Path(v) for k, v in r.items()} if isinstance(r, Mapping)
+                      else {int(load_run_config(r).seed): Path(r)})
+    return out
+
+
+def _mean_std(per_seed: pd.DataFrame, keys: list[str], values: Sequence[str]) -> pd.DataFrame:
+    """Mean, sample std (0 for one seed) and seed count of ``values`` over the seeds of each ``keys`` group."""
+    g = per_seed.groupby(keys, sort=False)[list(values)]
+    out = g.mean()
+    std = g.std(ddof=1).fillna(0.0)
+    for v in values:
+        out[f"{v}_std"] = std[v]
+    out["seeds"] = g.size()
+    return out
+
+
+def geometry_per_seed(runs: RunSets, dataset, split: str = "test",
+                      modalities: Sequence[str] = MODALITIES) -> pd.DataFrame:
+    """Table 1 per training seed: rows (state, modality, seed) with A_pos, A_neg, U, S; run s measured
+    against negative set s. Modalities a run lacks (internal fusion has no T/V split) are skipped."""
+    targets = dataset.targets(split)
     rows = []
-    for state, run in runs.items():
-        for m in modalities:
+    for state, by_seed in _by_seed(runs).items():
+        for seed, run in by_seed.items():
+            negatives = dataset.negatives(seed)
+            for m in modalities:
+                try:
+                    seq, items = run_embeddings(run, m, split)
+                except FileNotFoundError:
+                    continue
+                rows.append({"state": state, "modality": m, "seed": seed,
+                             **geometry(seq, items, targets, negatives, seed=seed)})
+    return pd.DataFrame(rows)
+
+
+def geometry_table(runs: RunSets, dataset, split: str = "test", modalities: Sequence[str] = MODALITIES) -> pd.DataFrame:
+    """Table 1: one row per (state, modality) — e.g. states Vanilla, SFT, VLM2Rec — with A_pos, A_neg,
+    U, S as mean over training seeds, their std (``S_std``, …) and the number of seeds."""
+    per_seed = geometry_per_seed(runs, dataset, split, modalities)
+    return _mean_std(per_seed, ["state", "modality"], ["A_pos", "A_neg", "U", "S"])
+
+
+def modality_dropout_per_seed(runs: RunSets, split: str = "test",
+                              metrics: Sequence[str] = ("HR@10", "NDCG@10")) -> pd.DataFrame:
+    """Fig. 1a per training seed: rows (state, view, seed) with f2f / t2f / v2f Task 1 metrics, run s
+    on negative set s (:func:`vlm2rec_lab.runs.seed_metrics`)."""
+    from .runs import VIEWS, seed_metrics
+
+    frames = []
+    for state, by_seed in _by_seed(runs).items():
+        for view in VIEWS:
             try:
-                seq, items = run_embeddings(run, m, split)
-            except FileNotFoundError:
-                continue
-            rows.append({"state": state, "modality": m, **geometry(seq, items, targets, negatives, seed=seed)})
-    return pd.DataFrame(rows).set_index(["state", "modality"])
+                df = seed_metrics(by_seed, view, split)
+            except ValueError as e:
+                if f"no {view} view" in str(e):
+                    continue
+                raise
+            frames.append(df[list(metrics)].reset_index().assign(state=state, view=view))
+    return pd.concat(frames, ignore_index=True)[["state", "view", "seed", *metrics]]
 
 
-def modality_dropout_table(runs: Mapping[str, str | Path], split: str = "test",
+def modality_dropout_table(runs: RunSets, split: str = "test",
                            metrics: Sequence[str] = ("HR@10", "NDCG@10")) -> pd.DataFrame:
-    """Fig. 1a: f2f / t2f / v2f Task 1 metrics (mean over seeds) of each run, from RUN/metrics."""
-    import json
-
-    rows = []
-    for state, run in runs.items():
-        res = json.loads((Path(run) / "metrics" / f"task1_{split}.json").read_text())
-        for view, r in res["views"].items():
-            rows.append({"state": state, "view": view, **{k: r["sampled"]["mean"][k] for k in metrics}})
-    return pd.DataFrame(rows).set_index(["state", "view"])
+    """Fig. 1a: f2f / t2f / v2f Task 1 metrics of each state, mean and std over training seeds."""
+    return _mean_std(modality_dropout_per_seed(runs, split, metrics), ["state", "view"], metrics)
 
 
 def gradient_cosines(run_dir: str | Path) -> pd.DataFrame:

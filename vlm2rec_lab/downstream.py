@@ -32,6 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -46,6 +47,7 @@ MODELS = ("sasrec", "gru4rec")
 LOSSES = ("ce", "bce")
 MODALITIES = ("F", "T", "V")
 COLD_START_EDGES = (0, 5, 10, 20, 50, math.inf)
+INIT_TRANSFORMS = ("whiten", "standardize", "l2", "raw")
 EVAL_BATCH = 512  # users per scoring call: the (B, 101, H) candidate gather stays small (measured on CPU)
 
 
@@ -66,7 +68,8 @@ class DownstreamConfig:
     batch_size: int = 256  # training windows per step
     lr: float = 4e-3
     weight_decay: float = 0.0
-    normalize_init: bool = True  # L2-normalise frozen embeddings before the Linear (ours)
+    init_transform: str = "whiten"  # the frozen table before the Linear (ours): see prepare_init_table
+    init_eps: float = 1.0  # ε of whiten / standardize, relative to the mean variance
     device: str | None = None  # None: cuda when available, else cpu
     matmul: str = "auto"  # precision of the training softmax's matmuls: auto, float32, bfloat16
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
@@ -84,6 +87,10 @@ class DownstreamConfig:
             raise ValueError(f"max_len: {self.max_len} must be >= 1")
         if self.matmul not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"matmul: {self.matmul!r} is not auto, float32 or bfloat16")
+        if self.init_transform not in INIT_TRANSFORMS:
+            raise ValueError(f"init_transform: {self.init_transform!r} is not one of {', '.join(INIT_TRANSFORMS)}")
+        if self.init_eps <= 0:
+            raise ValueError(f"init_eps: {self.init_eps} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: {self.dropout} is outside [0, 1)")
 
@@ -300,14 +307,51 @@ def matmul_dtype(device: str, setting: str = "auto") -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def prepare_init_table(e: np.ndarray, transform: str = "whiten", eps: float = 1.0) -> np.ndarray:
+    """Frozen item vectors as the Task 2 Linear sees them, computed once over the catalogue (ours).
+
+    VLM embeddings are anisotropic: item vectors crowd a narrow cone around one shared direction,
+    and after L2 normalisation alone a ``Linear(d -> hidden)`` can hardly tell such rows apart.
+
+    - ``whiten`` (default): centre on the catalogue mean, rotate onto the covariance's
+      eigenvectors and scale each by ``1 / sqrt(λ_k + ε·mean(λ))``: whitening with shrinkage. At the
+      default ε = 1 the dominant directions come out near unit variance and the weak ones keep
+      their proportion (ε → 0 is plain PCA whitening, which lifts directions of noise to unit scale
+      as well; ε → ∞ only centres).
+    - ``standardize``: centre, divide each dimension by ``sqrt(σ² + ε·mean(σ²))``.
+    - ``l2``: rows scaled to unit length (the earlier default).
+    - ``raw``: as stored.
+    ``eps`` is relative to the mean variance, so the transform does not depend on the embeddings' scale.
+    """
+    e = np.asarray(e, dtype=np.float64)
+    if transform == "raw":
+        out = e
+    elif transform == "l2":
+        out = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    elif transform in ("standardize", "whiten"):
+        c = e - e.mean(0, keepdims=True)
+        var = c.var(0)
+        floor = eps * max(float(var.mean()), np.finfo(np.float64).tiny)
+        if transform == "standardize":
+            out = c / np.sqrt(var + floor)
+        else:
+            lam, vec = np.linalg.eigh(c.T @ c / len(c))
+            lam = np.maximum(lam, 0.0)
+            out = (c @ vec) / np.sqrt(lam + eps * max(float(lam.mean()), np.finfo(np.float64).tiny))
+    else:
+        raise ValueError(f"init transform: {transform!r} is not one of {', '.join(INIT_TRANSFORMS)}")
+    return out.astype(np.float32)
+
+
 class ItemTable(nn.Module):
     """Item vectors ``(n_items + 1, hidden)``, row 0 the (zero) padding row.
 
     ID: a learnable table (normal init, std 0.02). Init: ``Linear(d -> hidden)`` (trainable) over
-    the frozen embeddings (DESIGN §4), L2-normalised first when ``normalize`` (ours).
+    the frozen embeddings (DESIGN §4), after :func:`prepare_init_table` (``transform``, ours).
     """
 
-    def __init__(self, n_items: int, hidden: int, embeddings: np.ndarray | None = None, normalize: bool = True):
+    def __init__(self, n_items: int, hidden: int, embeddings: np.ndarray | None = None,
+                 transform: str = "whiten", eps: float = 1.0):
         super().__init__()
         self.n_items = n_items
         if embeddings is None:
@@ -317,11 +361,9 @@ class ItemTable(nn.Module):
                 self.table.weight[0].zero_()
             self.proj = None
         else:
-            e = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
-            if e.shape[0] != n_items:
-                raise ValueError(f"embeddings have {e.shape[0]} rows for {n_items} items")
-            if normalize:
-                e = F.normalize(e, dim=1)
+            if len(embeddings) != n_items:
+                raise ValueError(f"embeddings have {len(embeddings)} rows for {n_items} items")
+            e = torch.as_tensor(prepare_init_table(embeddings, transform, eps))
             self.register_buffer("frozen", e)  # (n_items, d), not a parameter
             self.proj = nn.Linear(e.shape[1], hidden)
             self.table = None
@@ -403,7 +445,7 @@ class SeqRec(nn.Module):
         super().__init__()
         self.loss_type = cfg.loss
         self.ce_dtype = torch.float32  # train() sets the fast dtype for its device
-        self.items = ItemTable(n_items, cfg.hidden, embeddings, cfg.normalize_init)
+        self.items = ItemTable(n_items, cfg.hidden, embeddings, cfg.init_transform, cfg.init_eps)
         self.input_scale = math.sqrt(cfg.hidden)  # inputs scaled by sqrt(H) as in SASRec; for the GRU too (ours)
         if cfg.model == "sasrec":
             self.encoder = SASRecEncoder(cfg.hidden, max_len, cfg.layers, cfg.heads, cfg.dropout)
@@ -612,13 +654,20 @@ def _concat(evals: list[Evaluation], name: str, split: str) -> Evaluation:
                       pd.concat(full) if full else None, {s: r for e in evals for s, r in e.ranks.items()})
 
 
-def run(dataset, cfg: DownstreamConfig, seeds=(0, 1, 2, 3, 4), embeddings: ItemEmbeddings | None = None,
-        log=None) -> DownstreamResult:
+def run(dataset, cfg: DownstreamConfig, seeds=(0, 1, 2, 3, 4),
+        embeddings: ItemEmbeddings | Mapping[int, ItemEmbeddings] | None = None, log=None) -> DownstreamResult:
     """Train one model per seed, evaluate each with that seed's frozen negatives (test: sampled and
-    full ranking; valid: sampled), and bucket the test ranks by the target's training frequency."""
+    full ranking; valid: sampled), and bucket the test ranks by the target's training frequency.
+
+    ``embeddings``: one frozen table for every seed, or {seed: table} so that the embedder's run of
+    training seed s initialises the downstream model of seed s (DESIGN §4: a seed is a training run)."""
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("at least one seed is needed")
+    per_seed = embeddings if isinstance(embeddings, Mapping) else {s: embeddings for s in seeds}
+    lacking = [s for s in seeds if s not in per_seed]
+    if lacking:
+        raise ValueError(f"no item embeddings for seeds {lacking} (an embedder run per training seed is needed)")
     missing = [s for s in seeds if s not in dataset.seeds]
     if missing:
         raise ValueError(f"seeds {missing} have no frozen negatives in {dataset.path}; prepared seeds: {dataset.seeds}")
@@ -628,7 +677,7 @@ def run(dataset, cfg: DownstreamConfig, seeds=(0, 1, 2, 3, 4), embeddings: ItemE
     name = f"{cfg.model}-{'id' if embeddings is None else 'init'}"
     tests, valids, runs, models = [], [], [], {}
     for s in seeds:
-        res = train(dataset, cfg, s, None if embeddings is None else embeddings.matrix,
+        res = train(dataset, cfg, s, None if per_seed[s] is None else per_seed[s].matrix,
                     log=None if log is None else (lambda rec, s=s: log({"seed": s, **rec})))
         sc = ModelScorer(res.model, L, device, name)
         tests.append(evaluate(view, sc, "test", [s], full_ranking=True, batch_size=EVAL_BATCH, name=name, progress=False))
@@ -640,7 +689,13 @@ def run(dataset, cfg: DownstreamConfig, seeds=(0, 1, 2, 3, 4), embeddings: ItemE
     buckets = [bucket_metrics(test.ranks[s], freq, COLD_START_EDGES) for s in seeds]
     cold = pd.concat(buckets).groupby(level=0, sort=False).mean()
     cold["users"] = cold["users"].astype(int)
-    init = {"kind": "id"} if embeddings is None else {"kind": "embeddings", **embeddings.summary()}
+    if embeddings is None:
+        init = {"kind": "id"}
+    elif isinstance(embeddings, Mapping):
+        init = {"kind": "embeddings", "per_seed": {str(s): per_seed[s].summary() for s in seeds},
+                "transform": cfg.init_transform, "eps": cfg.init_eps}
+    else:
+        init = {"kind": "embeddings", **embeddings.summary(), "transform": cfg.init_transform, "eps": cfg.init_eps}
     return DownstreamResult(test, valid, cold, runs, cfg, init, models)
 
 
@@ -666,8 +721,23 @@ def config_from_args(a) -> DownstreamConfig:
     """CLI flags -> :class:`DownstreamConfig` (``None`` flags keep the config's defaults)."""
     given = {"model": a.model, "max_len": a.max_len, "loss": a.loss, "epochs": a.epochs, "patience": a.patience,
              "batch_size": a.batch_size, "lr": a.lr, "device": a.device,
-             "threads": getattr(a, "threads", None)}
+             "threads": getattr(a, "threads", None), "init_transform": getattr(a, "init_transform", None),
+             "init_eps": getattr(a, "init_eps", None)}
     return DownstreamConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def load_run_set_embeddings(dataset, run_set: str | Path, modality: str = "F", on_missing: str = "error",
+                            seeds=None) -> dict[int, ItemEmbeddings]:
+    """{training seed: item embeddings} of a run set (``SET/seed{s}/``, see :mod:`vlm2rec_lab.runs`):
+    the embedder's run of seed s initialises the downstream model of seed s."""
+    from .runs import find_runs
+
+    runs = find_runs(run_set)
+    lacking = [s for s in (seeds or []) if s not in runs]
+    if lacking:
+        raise ValueError(f"{run_set}: no run of training seed {lacking} (it has seeds {list(runs)})")
+    return {s: load_item_embeddings(dataset, r, modality=modality, on_missing=on_missing)
+            for s, r in runs.items() if seeds is None or s in seeds}
 
 
 def run_cli(a) -> int:
@@ -677,7 +747,10 @@ def run_cli(a) -> int:
     cfg = config_from_args(a)
     ds = Dataset.load(a.data)
     emb = None
-    if str(a.init) != "id":
+    init = Path(str(a.init))
+    if str(a.init) != "id" and init.is_dir() and not (init / "embeddings").is_dir() and not a.item_ids:
+        emb = load_run_set_embeddings(ds, init, a.modality, getattr(a, "on_missing", "error"), seeds=a.seeds)
+    elif str(a.init) != "id":
         emb = load_item_embeddings(ds, a.init, a.item_ids, a.modality, on_missing=getattr(a, "on_missing", "error"))
     elif a.item_ids:
         raise ValueError("--item-ids goes with --init FILE.npy (or a run folder), not with --init id")

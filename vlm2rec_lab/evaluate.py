@@ -196,10 +196,11 @@ def paired_ttest(a: pd.DataFrame, b: pd.DataFrame) -> pd.Series:
 
 @dataclass
 class ResultsTable:
-    """Methods x metrics (mean over seeds), with p-values of a paired t-test against ``baseline``.
+    """Methods x metrics: mean ± std over seeds (training seeds, for trained methods), with p-values
+    of a paired t-test against ``baseline`` that pairs the methods by seed.
 
-    Marks: best per metric in bold, second underlined, ``*`` where p < ``alpha`` and the method's
-    mean beats the baseline's.
+    Marks: best mean per metric in bold, second underlined, ``*`` where p < ``alpha`` and the
+    method's mean beats the baseline's.
     """
 
     means: pd.DataFrame
@@ -207,6 +208,18 @@ class ResultsTable:
     baseline: str | None = None
     alpha: float = 0.05
     digits: int = 4
+    stds: pd.DataFrame | None = None  # sample std (ddof 1) over seeds; 0 for a single seed
+    seeds: dict[str, list[int]] = field(default_factory=dict)  # the seeds behind each row
+
+    def summary(self) -> pd.DataFrame:
+        """Long form: one row per (method, metric) with mean, std, p against the baseline, and n seeds."""
+        rows = []
+        for method in self.means.index:
+            for m in self.means.columns:
+                rows.append({"method": method, "metric": m, "mean": self.means.loc[method, m],
+                             "std": self.stds.loc[method, m] if self.stds is not None else np.nan,
+                             "p": self.pvalues.loc[method, m], "seeds": len(self.seeds.get(method, []))})
+        return pd.DataFrame(rows).set_index(["method", "metric"])
 
     def _cells(self, bold: Callable[[str], str], under: Callable[[str], str]) -> pd.DataFrame:
         cells = pd.DataFrame(index=self.means.index, columns=self.means.columns, dtype=object)
@@ -217,6 +230,8 @@ class ResultsTable:
             second = next((v for v in order if v < best), None) if best is not None else None
             for method, v in col.items():
                 txt = f"{v:.{self.digits}f}"
+                if self.stds is not None:
+                    txt += f" ± {self.stds.loc[method, m]:.{self.digits}f}"
                 p = self.pvalues.loc[method, m] if method in self.pvalues.index else np.nan
                 if self.baseline is not None and method != self.baseline and p == p and p < self.alpha \
                         and v > self.means.loc[self.baseline, m]:
@@ -237,7 +252,9 @@ class ResultsTable:
         head = "| Method | " + " | ".join(cells.columns) + " |"
         sep = "|---|" + "---:|" * len(cells.columns)
         rows = [f"| {idx} | " + " | ".join(r) + " |" for idx, r in zip(cells.index, cells.to_numpy())]
-        note = f"\n\n`*` p < {self.alpha} (paired t-test over seeds) against {self.baseline}." if self.baseline else ""
+        note = f"\n\n`*` p < {self.alpha} (paired t-test, pairs by seed) against {self.baseline}." if self.baseline else ""
+        if self.stds is not None:
+            note = "\n\nmean ± std over seeds." + note.replace("\n\n", " ")
         return "\n".join([head, sep, *rows]) + note
 
     def to_latex(self) -> str:
@@ -265,16 +282,20 @@ def results_table(
     alpha: float = 0.05,
     digits: int = 4,
 ) -> ResultsTable:
-    """Build a :class:`ResultsTable` from {method: per-seed metrics (seeds as index)}."""
+    """Build a :class:`ResultsTable` from {method: per-seed metrics (seeds as index)}: mean ± std
+    over each method's seeds, p of a paired t-test against ``baseline`` over the seeds both share."""
     if baseline is not None and baseline not in per_seed:
         raise KeyError(f"baseline {baseline!r} is not among the methods {list(per_seed)}")
     means = pd.DataFrame({k: v[list(metrics)].mean() for k, v in per_seed.items()}).T
+    stds = pd.DataFrame({k: v[list(metrics)].std(ddof=1) if len(v) > 1 else v[list(metrics)].iloc[0] * 0.0
+                         for k, v in per_seed.items()}).T
     pvals = pd.DataFrame(np.nan, index=means.index, columns=means.columns)
     if baseline is not None:
         for k, v in per_seed.items():
             if k != baseline:
                 pvals.loc[k] = paired_ttest(v[list(metrics)], per_seed[baseline][list(metrics)])
-    return ResultsTable(means, pvals, baseline, alpha, digits)
+    seeds = {k: [int(s) for s in v.index] for k, v in per_seed.items()}
+    return ResultsTable(means, pvals, baseline, alpha, digits, stds, seeds)
 
 
 def best_method(per_seed: Mapping[str, pd.DataFrame], exclude: Iterable[str] = (), metric: str = "NDCG@10") -> str:

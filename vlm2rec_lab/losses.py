@@ -151,10 +151,16 @@ def objective(
     - ``sft``: InfoNCE (Eq. 3) on fused embeddings.
     - ``vlm2rec``: WPCL + λ·CRTR (Eq. 14).
     - ``no_stopgrad``: WPCL without the stop-gradient + λ·CRTR.
-    - ``no_penalty``: WPCL with w = 1 + λ·CRTR.
-    - ``no_crtr``: WPCL alone.
-    - ``crtr_only`` ("w/o WPCL"): InfoNCE on fused embeddings + λ·CRTR. With DESIGN's definitions
-      this equals ``no_penalty`` (WPCL with w = 1 is InfoNCE); both names are kept for Table 5.
+    - ``no_penalty`` ("→ w/ WPCL w/o w_pen"): WPCL with w_b = 1, i.e. InfoNCE on fused embeddings,
+      + λ·CRTR.
+    - ``no_crtr`` ("w/o L_CRTR"): WPCL alone.
+    - ``crtr_only`` ("w/o L_WPCL"): λ·CRTR alone, no contrastive term at all. The paper's Table 5
+      reports this row as its sharpest drop, "confirming [WPCL's] fundamental role in injecting CF
+      signals", which only a row without any contrastive term can show.
+
+    The five Table 5 rows (``vlm2rec``, ``crtr_only``, ``no_stopgrad``, ``no_penalty``,
+    ``no_crtr``) are five different objectives in value or in gradient. Objectives without a
+    contrastive WPCL term still report the per-modality margins (``stats``) for the logs.
     """
     if "z" in emb:
         if cfg.name != "sft":
@@ -164,7 +170,8 @@ def objective(
     terms: dict[str, Tensor] = {}
     stats: dict[str, Tensor] = {}
     if cfg.name in ("sft", "crtr_only"):
-        terms["info_nce"] = info_nce(z_t + z_v, e_t + e_v, cfg.tau, labels)
+        if cfg.name == "sft":
+            terms["info_nce"] = info_nce(z_t + z_v, e_t + e_v, cfg.tau, labels)
         with torch.no_grad():
             neg = negative_mask(len(z_t), labels, z_t.device).float()
             stats["margin_t"] = modality_margins(z_t, e_t, neg)

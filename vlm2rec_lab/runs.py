@@ -5,7 +5,12 @@
     RUN/adapter/, alpha_beta.json   LoRA adapter (PEFT format) and the learned α, β
     RUN/checkpoint/, logs/          resumable state; per-step logs and per-user weak modality
     RUN/embeddings/                 item_{T,V,F}.npy + item_ids.txt; seq_{split}_{T,V,F}.npy + seq_{split}_histories.npy
-    RUN/metrics/                    task1.json, task1_per_seed.csv (tidy)
+    RUN/metrics/                    task1_{split}.json, task1_{split}_per_seed.csv (tidy)
+
+A *run set* is one method trained once per training seed: ``SET/seed{s}/`` holds the run trained
+with seed s (LoRA init, data order, dropout), evaluated on negative set s (DESIGN §4: a seed is a
+training run). Tables over seeds report mean ± std over these runs, and paired t-tests pair two
+sets by training seed.
 """
 from __future__ import annotations
 
@@ -244,13 +249,22 @@ class EmbeddingScorer:
 def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=None, full_ranking: bool = False,
                  progress: bool = False, root: str | Path | None = None) -> dict:
     """Task 1 metrics of a run: f2f (the method's own scores) and the modality-dropout views t2f,
-    v2f where the method has separate text and image embeddings. Writes RUN/metrics/."""
+    v2f where the method has separate text and image embeddings. Writes RUN/metrics/.
+
+    ``seeds``: the negative sets to rank against; by default the run's own training seed's (run s
+    on negative set s, DESIGN §4). Other negative sets measure only the sampling of negatives."""
     from .data.dataset import Dataset
     from .evaluate import evaluate
 
     run = Path(run_dir)
     manifest = load_manifest(run)
     ds = dataset or Dataset.load(manifest["data"]["path"])
+    if seeds is None:
+        seed = int(load_run_config(run).seed)
+        if seed not in ds.seeds:
+            raise ValueError(f"{run}: trained with seed {seed}, but {ds.path} has negatives for seeds "
+                             f"{list(ds.seeds)} only (prepare it with --seeds, or evaluate with --seeds)")
+        seeds = [seed]
     run = Path(root or run)
     hist = load_embeddings(run, f"seq_{split}_histories")
     item_f = load_embeddings(run, "item_F")
@@ -322,3 +336,65 @@ def per_seed_frame(result: dict, view: str = "f2f", protocol: str = "sampled") -
     df = pd.DataFrame(result["views"][view][protocol]["per_seed"]).T
     df.index = df.index.astype(int)
     return df.rename_axis("seed")
+
+
+# --------------------------------------------------------------------------- run sets: one run per training seed
+
+
+def seed_dir(run_set: str | Path, seed: int) -> Path:
+    """Where a run set keeps the run trained with ``seed``."""
+    return Path(run_set) / f"seed{int(seed)}"
+
+
+def ensure_runs(dataset, cfg: TrainConfig, run_set: str | Path, seeds, progress: bool = False) -> dict[int, Path]:
+    """One run of ``cfg`` per training seed, ``run_set/seed{s}`` trained with seed s (each reused
+    when finished with the same config and data, see :func:`ensure_run`). Returns {seed: run}."""
+    runs = {}
+    for s in seeds:
+        runs[int(s)] = seed_dir(run_set, s)
+        ensure_run(dataset, dataclasses.replace(cfg, seed=int(s)), runs[int(s)], progress=progress)
+    return runs
+
+
+def find_runs(path: str | Path) -> dict[int, Path]:
+    """The runs of a run set by training seed: ``path`` itself when it is a run folder, else the run
+    folders directly inside it (each one's seed read from its config). Two runs of one seed, runs of
+    different methods, or no run at all are errors."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        folders = [path]
+    else:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such run folder or run set")
+        folders = sorted(p for p in path.iterdir() if (p / "manifest.json").exists())
+        if not folders:
+            raise FileNotFoundError(f"{path}: neither a run folder nor a folder of runs (no manifest.json in it "
+                                    f"or in its subfolders; `vlm2rec-lab train --seeds 0-4 --out {path}` makes one)")
+    runs: dict[int, Path] = {}
+    methods = set()
+    for f in folders:
+        cfg = load_run_config(f)
+        methods.add(cfg.method)
+        if cfg.seed in runs:
+            raise ValueError(f"{path}: two runs with training seed {cfg.seed}: {runs[cfg.seed]} and {f}")
+        runs[int(cfg.seed)] = f
+    if len(methods) > 1:
+        raise ValueError(f"{path}: runs of different methods in one set: {sorted(methods)}")
+    return dict(sorted(runs.items()))
+
+
+def seed_metrics(runs: dict[int, Path], view: str = "f2f", split: str = "test", protocol: str = "sampled",
+                 dataset=None) -> pd.DataFrame:
+    """Task 1 metrics of a run set, one row per training seed: run s on negative set s (evaluated
+    now where its stored metrics lack that seed). Index: the training seed."""
+    rows = {}
+    for seed, run in runs.items():
+        f = Path(run) / "metrics" / f"task1_{split}.json"
+        res = json.loads(f.read_text()) if f.exists() else None
+        have = res is not None and str(seed) in res["views"].get(view, {}).get(protocol, {}).get("per_seed", {})
+        if not have:
+            res = evaluate_run(run, dataset, split=split, seeds=[seed], full_ranking=protocol == "full")
+        if view not in res["views"]:
+            raise ValueError(f"{run}: no {view} view (its method has {sorted(res['views'])})")
+        rows[seed] = res["views"][view][protocol]["per_seed"][str(seed)]
+    return pd.DataFrame(rows).T.rename_axis("seed").astype(float)

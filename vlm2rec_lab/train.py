@@ -450,8 +450,9 @@ class Trainer:
                     continue
                 dist.average_gradients(self.lora + ([self.alpha, self.beta] if self.alpha.requires_grad else []))
                 self.opt.step()
-                with torch.no_grad():
-                    self.beta.clamp_(min=0.0)  # keep β ≥ 0 (DESIGN §3)
+                with torch.no_grad():  # projected onto α ≥ 0, β ≥ 0 (DESIGN §3): below 0, α flips the penalty
+                    self.alpha.clamp_(min=0.0)
+                    self.beta.clamp_(min=0.0)
                 self.step += 1
                 self.epoch, self.micro = self._advance(self.epoch, self.micro)
                 row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),

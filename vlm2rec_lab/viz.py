@@ -74,28 +74,39 @@ def sample_grid(dataset, n: int = 12, seed: int = 0, cols: int = 6):
 
 
 def modality_dropout_bars(table: pd.DataFrame, metric: str = "HR@10", chance: float | None = None):
-    """Fig. 1a: grouped bars of f2f / t2f / v2f per state (from diagnostics.modality_dropout_table)."""
+    """Fig. 1a: grouped bars of f2f / t2f / v2f per state (from diagnostics.modality_dropout_table),
+    the mean over training seeds with ±1 std error bars where the table has ``{metric}_std``."""
     plt = _plt()
     wide = table[metric].unstack("view")
+    err = table[f"{metric}_std"].unstack("view").reindex_like(wide) if f"{metric}_std" in table else None
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    wide.plot.bar(ax=ax, rot=0)
+    wide.plot.bar(ax=ax, rot=0, yerr=err, capsize=3)
     if chance is not None:
         ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
-    ax.set(ylabel=metric, xlabel="", title=f"Modality dropout ({metric})")
+    seeds = f", mean ± std over {int(table['seeds'].max())} training seeds" if "seeds" in table else ""
+    ax.set(ylabel=metric, xlabel="", title=f"Modality dropout ({metric}{seeds})")
     ax.legend(fontsize=8)
     return fig
 
 
-def gradient_cosine_curves(curves: Mapping[str, pd.DataFrame]):
-    """Fig. 1b: cos(g_total, g_T) and cos(g_total, g_V) over training steps, one colour per run."""
+def gradient_cosine_curves(curves: Mapping[str, "pd.DataFrame | Mapping[int, pd.DataFrame]"]):
+    """Fig. 1b: cos(g_total, g_T) and cos(g_total, g_V) over training steps, one colour per state;
+    a state given as {training seed: curve} draws the mean over seeds with a band of ±1 std."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for k, (name, df) in enumerate(curves.items()):
-        c = f"C{k}"
-        ax.plot(df["step"], df["cos_total_t"], color=c, label=f"{name}: text")
-        ax.plot(df["step"], df["cos_total_v"], color=c, ls="--", label=f"{name}: image")
+    for k, (name, runs) in enumerate(curves.items()):
+        frames = runs if isinstance(runs, Mapping) else {0: runs}
+        both = pd.concat(frames.values())
+        for col, ls, label in (("cos_total_t", "-", "text"), ("cos_total_v", "--", "image")):
+            g = both.groupby("step")[col]
+            mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+            ax.plot(mean.index, mean, color=f"C{k}", ls=ls, label=f"{name}: {label}")
+            if len(frames) > 1:
+                ax.fill_between(mean.index, mean - std, mean + std, color=f"C{k}", alpha=0.15, lw=0)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set(xlabel="step", ylabel="cosine with the total gradient", title="Gradient alignment per modality")
+    n = max(len(r) if isinstance(r, Mapping) else 1 for r in curves.values())
+    ax.set(xlabel="step", ylabel="cosine with the total gradient",
+           title="Gradient alignment per modality" + (f" (band: ±1 std over {n} seeds)" if n > 1 else ""))
     ax.legend(fontsize=7)
     return fig
 
