@@ -42,6 +42,7 @@ def test_sasrec_from_whitened_vlm2rec_embeddings_learns_beyond_every_control(syn
                                      for s, t in vlm2rec_tables.items()})
     l2 = _ndcg(synth_ds, DownstreamConfig(epochs=30, patience=3, batch_size=64, init_transform="l2"), vlm2rec_tables)
     seen = f"ID {by_id:.4f}, popularity {pop:.4f}, whitened {init:.4f}, L2 {l2:.4f}, gauss {gauss:.4f}, shuffled {shuffled:.4f}"
+    print(f"\n[Task 2, tiny backbone, SASRec test NDCG@10 over seeds {SEEDS}] {seen}")
     assert by_id > pop, seen
     assert init > max(pop, gauss, shuffled), seen
     assert init - pop >= 0.25 * (by_id - pop), seen  # at least a quarter of the popularity-to-ID gap
