@@ -15,6 +15,22 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def test_seed_lists_are_read_or_refused_with_the_reason():
+    from vlm2rec_lab.config import parse_seeds
+
+    assert parse_seeds("0-2,5") == [0, 1, 2, 5] and parse_seeds(3) == [3] and parse_seeds([1, "2"]) == [1, 2]
+    for bad, why in (("4-0", "runs backwards"), ("a", "expected e.g. 0-4"), ("0,0", "twice"), ("", "no seed")):
+        with pytest.raises(ValueError, match=why):
+            parse_seeds(bad)
+    code, _, err = run_cli_parse_error(["train", "--data", "d", "--method", "vlm2rec", "--out", "o", "--seeds", "4-0"])
+    assert code == 2 and "runs backwards" in err
+
+
+def run_cli_parse_error(argv):
+    proc = subprocess.run([sys.executable, "-m", "vlm2rec_lab.cli", *argv], capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 def test_synth_prepare_stats_evaluate(tmp_path, capsys):
     raw, data = tmp_path / "raw", tmp_path / "data"
     code, out, _ = run(capsys, "data", "synth", "--out", raw, "--users", 200, "--items", 300, "--image-signal", 0, "--seed", 2)

@@ -15,9 +15,8 @@ import torch
 from vlm2rec_lab.cli import main
 from vlm2rec_lab.data.synthetic import load_latents
 from vlm2rec_lab.downstream import (
-    DownstreamConfig, ItemTable, ModelScorer, SeqRec, left_align, load_item_embeddings, prepare_init_table, rows,
-    run, train,
-    training_windows,
+    DownstreamConfig, ItemEmbeddings, ItemTable, ModelScorer, SeqRec, left_align, load_item_embeddings,
+    prepare_init_table, rows, run, train, training_windows,
 )
 from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.scorers import PopularityScorer
@@ -182,6 +181,29 @@ def test_item_table_from_embeddings_is_a_trainable_projection_of_frozen_vectors(
     torch.testing.assert_close(raw.weight()[1:], raw.proj(torch.as_tensor(e)))
     l2 = ItemTable(7, 4, e, transform="l2")
     torch.testing.assert_close(l2.weight()[1:], l2.proj(torch.nn.functional.normalize(torch.as_tensor(e), dim=1)))
+
+
+def test_per_seed_tables_initialise_the_downstream_model_of_their_seed(synth_ds, monkeypatch):
+    import vlm2rec_lab.downstream as downstream
+
+    seen = {}
+    real_train = downstream.train
+
+    def recording_train(dataset, cfg, seed=0, embeddings=None, log=None):
+        seen[seed] = None if embeddings is None else float(embeddings[0, 0])
+        return real_train(dataset, cfg, seed, embeddings, log)
+
+    monkeypatch.setattr(downstream, "train", recording_train)
+    rng = np.random.default_rng(0)
+    tables = {s: ItemEmbeddings(np.full((synth_ds.n_items, 4), float(s)) + rng.normal(size=(synth_ds.n_items, 4)) * 1e-3, f"s{s}")
+              for s in (0, 1)}
+    tables = {s: ItemEmbeddings(t.matrix.astype(np.float32), t.source) for s, t in tables.items()}
+    cfg = DownstreamConfig(epochs=1, batch_size=64)
+    res = run(synth_ds, cfg, [1, 0], tables)
+    assert seen == {1: pytest.approx(float(tables[1].matrix[0, 0])), 0: pytest.approx(float(tables[0].matrix[0, 0]))}
+    assert res.init["per_seed"]["1"]["source"] == "s1"
+    with pytest.raises(ValueError, match=r"no item embeddings for seeds \[2\]"):
+        run(synth_ds, cfg, [0, 2], tables)
 
 
 def test_init_transforms_undo_a_shared_direction():

@@ -127,7 +127,9 @@ def test_results_table_marks_best_second_and_significance():
     md = t.to_markdown()
     assert "| ours | **0.5120 ± 0.0130*** |" in md and "<u>0.4080 ± 0.0084</u>" in md and "mean ± std over seeds" in md
     tex = t.to_latex()
-    assert r"\textbf{0.5120 ± 0.0130*}" in tex and r"\underline{0.4080 ± 0.0084}" in tex and r"\begin{tabular}{lrr}" in tex
+    assert r"\textbf{0.5120 $\pm$ 0.0130*}" in tex and r"\underline{0.4080 $\pm$ 0.0084}" in tex and r"\begin{tabular}{lrr}" in tex
+    one = results_table({"a": _frame([0.5]), "b": _frame([0.4])}, metrics=("HR@10",)).to_frame()
+    assert one.loc["a", "HR@10"] == "0.5000"  # one seed: no spread to show
     summary = t.summary()
     assert summary.loc[("ours", "HR@10"), "std"] == pytest.approx(np.std([0.50, 0.52, 0.51, 0.53, 0.50], ddof=1))
     assert summary.loc[("ours", "HR@10"), "seeds"] == 5 and np.isnan(summary.loc[("base", "HR@10"), "p"])

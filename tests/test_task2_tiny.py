@@ -13,6 +13,7 @@ from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.runs import ensure_runs
 from vlm2rec_lab.scorers import PopularityScorer
 
+pytestmark = pytest.mark.slow  # three full tiny trainings and 15 downstream ones: about 90 s on 2 cores
 SEEDS = [0, 1, 2]
 
 

@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--scorer", help="random, popularity, cooccurrence, or oracle-{text,image,both,latent} (synthetic data, with --latents)")
     ev.add_argument("--latents", help="a synthetic domain's raw folder (or its oracle/latents.json), for the oracle scorers")
     ev.add_argument("--split", choices=("test", "valid"), default="test")
-    ev.add_argument("--seeds", type=_seeds, default=None)
+    ev.add_argument("--seeds", type=_seeds, default=None,
+                    help="negative sets to rank against (default: a run's own training seed's; a scorer's: all prepared)")
     ev.add_argument("--full-ranking", action="store_true", help="also rank over all items, history masked")
     ev.add_argument("--json", action="store_true")
 
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=None)
     tr.add_argument("--batch-size", type=int, default=None)
     tr.add_argument("--grad-accum", type=int, default=1)
-    tr.add_argument("--seed", type=int, default=0, help="the training seed (LoRA init, data order, dropout)")
+    tr.add_argument("--seed", type=int, default=None, help="the training seed (LoRA init, data order, dropout; default 0)")
     tr.add_argument("--seeds", type=_seeds, default=None, metavar="0-4",
                     help="train one run per seed into OUT/seed{s} (a run set; each evaluated on its own seed's "
                          "negatives), then print mean ± std over the seeds; `compare` tests two sets")
@@ -130,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="Task 1 over run sets: mean ± std over training seeds, paired t-tests by seed")
     cp.add_argument("sets", nargs="+", help="run sets (folders of seed{s}/ runs, as `train --seeds` writes) or run folders")
     cp.add_argument("--against", help="the set the others are tested against (default: the first)")
-    cp.add_argument("--views", default="f2f,t2f,v2f", help="comma list of f2f, t2f, v2f (views a method lacks are left out)")
+    cp.add_argument("--views", default="f2f,t2f,v2f", help="comma list of f2f, t2f, v2f (a view a method lacks is left out)")
     cp.add_argument("--metrics", default="HR@10,NDCG@10,HR@20,NDCG@20")
     cp.add_argument("--split", choices=("test", "valid"), default="test")
     cp.add_argument("--per-seed", action="store_true", help="also print each training seed's values")
@@ -293,7 +294,7 @@ def _train_config(a):
     if a.config:
         return load_yaml(TrainConfig, a.config)
     return TrainConfig(method=a.method, backbone=a.backbone, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr,
-                       batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed, users_k=a.users_k, tau=a.tau,
+                       batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed or 0, users_k=a.users_k, tau=a.tau,
                        tau_crtr=a.tau_crtr, lam=a.lam, alpha=a.alpha, beta=a.beta,
                        learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
                        gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
@@ -303,8 +304,12 @@ def _train_config(a):
                        max_pixels=a.max_pixels)
 
 
-def _train_one(a, cfg, ds, run: Path) -> dict | None:
-    """Train (where the method trains), embed and evaluate one run; its Task 1 results on rank 0."""
+def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None) -> dict | None:
+    """Train (where the method trains), embed and evaluate one run; its Task 1 results on rank 0.
+    ``embeddings_from``: a zero-shot method's run of another seed (the same model): its embeddings
+    are copied instead of embedding again."""
+    import shutil
+
     from . import distributed as dist
     from .methods import get_method
     from .runs import create_run, embed_run, evaluate_run
@@ -312,7 +317,11 @@ def _train_one(a, cfg, ds, run: Path) -> dict | None:
 
     if dist.rank() == 0:
         create_run(run, cfg, ds, resume=a.resume)
+        if embeddings_from is not None:
+            shutil.copytree(embeddings_from / "embeddings", run / "embeddings", dirs_exist_ok=True)
     dist.barrier()
+    if embeddings_from is not None:
+        return evaluate_run(run, ds) if dist.rank() == 0 else None
     bb = None
     if get_method(cfg.method).trains:
         t = Trainer(cfg, ds, run)
@@ -337,52 +346,69 @@ def cmd_train(a) -> int:
 
     from . import distributed as dist
     from .data.dataset import Dataset
-    from .runs import seed_dir
+    from .evaluate import METRIC_NAMES
+    from .methods import get_method
+    from .runs import VIEWS, check_seed, is_finished, seed_dir
 
     dist.init_from_env()
     _launcher_warnings()
+    if a.seeds is not None and a.seed is not None:
+        raise ValueError("--seed and --seeds: give one (--seeds trains one run per seed)")
     ds = Dataset.load(a.data)
     cfg = _train_config(a)
     if a.seeds is None:
+        if not a.no_embed:
+            check_seed(ds, cfg.seed, "--seed: a run")
         _train_one(a, cfg, ds, Path(a.out))
         return 0
-    missing = [s for s in a.seeds if s not in ds.seeds]
-    if missing and not a.no_embed:
-        raise ValueError(f"--seeds {missing}: {a.data} has negatives for seeds {list(ds.seeds)} only "
-                         f"(a run of seed s is evaluated on negative set s; prepare with --seeds)")
+    if not a.no_embed:
+        for seed in a.seeds:
+            check_seed(ds, seed, "--seeds: the run")
     t0 = time.perf_counter()
+    first = None  # a zero-shot method's first run: the other seeds hold the same model
     for k, seed in enumerate(a.seeds):
-        if dist.rank() == 0:
-            print(f"[seed {seed}: {k + 1}/{len(a.seeds)}, {time.perf_counter() - t0:.0f}s] -> {seed_dir(a.out, seed)}")
-        _train_one(a, dataclasses.replace(cfg, seed=seed), ds, seed_dir(a.out, seed))
+        run, seed_cfg = seed_dir(a.out, seed), dataclasses.replace(cfg, seed=seed)
+        if a.resume and is_finished(run, seed_cfg, ds):
+            if dist.rank() == 0:
+                print(f"[seed {seed}: {k + 1}/{len(a.seeds)}] {run} is finished: kept")
+        else:
+            if dist.rank() == 0:
+                print(f"[seed {seed}: {k + 1}/{len(a.seeds)}, {time.perf_counter() - t0:.0f}s] -> {run}")
+            reuse = first if (first is not None and not a.no_embed and not get_method(cfg.method).trains) else None
+            _train_one(a, seed_cfg, ds, run, embeddings_from=reuse)
+        first = first or run
     if dist.rank() == 0 and not a.no_embed:
         print(f"{len(a.seeds)} runs in {time.perf_counter() - t0:.0f}s; over training seeds {a.seeds}:")
-        _print_comparison(compare_sets([a.out], None, ("f2f", "t2f", "v2f"), ("HR@10", "NDCG@10", "HR@20", "NDCG@20")))
+        _print_comparison(compare_sets([a.out], None, tuple(VIEWS), METRIC_NAMES, seeds=a.seeds))
     return 0
 
 
-def compare_sets(sets: list[str | Path], against: str | Path | None, views, metrics, split: str = "test") -> dict:
-    """{view: ResultsTable} over run sets named by their folders, tested against ``against``
-    (default: none when one set, else the first), pairing runs by training seed."""
+def compare_sets(sets: list[str | Path], against: str | Path | None, views, metrics, split: str = "test",
+                 seeds=None) -> dict:
+    """{view: (ResultsTable, {set: per-seed frame})} over run sets named by their folders, tested
+    against ``against`` (default: none when one set, else the first), pairing runs by training
+    seed; ``seeds`` keeps those training seeds only."""
     from .batch import dataset_names
     from .evaluate import results_table
-    from .runs import find_runs, seed_metrics
+    from .runs import MissingViewError, find_runs, seed_metrics
 
     paths = [Path(p) for p in sets]
-    if against is not None and Path(against).resolve() not in [p.resolve() for p in paths]:
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError("compare: a run set is listed twice")
+    if against is not None and Path(against).resolve() not in resolved:
         paths.append(Path(against))
     names = dict(zip([p.resolve() for p in paths], dataset_names(paths)))
     base = names[Path(against or paths[0]).resolve()] if len(paths) > 1 else None
-    runs = {names[p.resolve()]: find_runs(p) for p in paths}
+    runs = {names[p.resolve()]: {s: r for s, r in find_runs(p).items() if seeds is None or s in seeds} for p in paths}
     out = {}
     for view in views:
         per_seed = {}
         for name, by_seed in runs.items():
             try:
                 per_seed[name] = seed_metrics(by_seed, view, split)[list(metrics)]
-            except ValueError as e:
-                if "no " + view + " view" not in str(e):
-                    raise
+            except MissingViewError:
+                continue
         if not per_seed:
             continue
         with_base = base if base in per_seed else None
@@ -451,7 +477,7 @@ def cmd_evaluate(a) -> int:
         from .runs import cross_domain, evaluate_run
 
         if a.data:  # Table 6: zero-shot on another prepared dataset, embedded with the run's model
-            res = cross_domain(a.run, Dataset.load(a.data), name=Path(a.data).resolve().name)
+            res = cross_domain(a.run, Dataset.load(a.data), name=Path(a.data).resolve().name, seeds=a.seeds)
         else:
             res = evaluate_run(a.run, split=a.split, seeds=a.seeds, full_ranking=a.full_ranking)
         if a.json:

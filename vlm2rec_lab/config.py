@@ -93,10 +93,14 @@ def parse_seeds(spec: str | int | list) -> list[int]:
         for part in str(spec).replace(" ", "").split(","):
             if "-" in part:
                 a, b = part.split("-")
+                if int(b) < int(a):
+                    raise ValueError(f"seeds: the range {part!r} runs backwards (write {b}-{a})")
                 out.extend(range(int(a), int(b) + 1))
             elif part:
                 out.append(int(part))
-    except ValueError:
+    except ValueError as e:
+        if "backwards" in str(e):
+            raise
         raise ValueError(f"seeds: expected e.g. 0-4 or 0,2,3, got {spec!r}") from None
     if not out:
         raise ValueError(f"seeds: no seed in {spec!r}")

@@ -115,17 +115,15 @@ def modality_dropout_per_seed(runs: RunSets, split: str = "test",
                               metrics: Sequence[str] = ("HR@10", "NDCG@10")) -> pd.DataFrame:
     """Fig. 1a per training seed: rows (state, view, seed) with f2f / t2f / v2f Task 1 metrics, run s
     on negative set s (:func:`vlm2rec_lab.runs.seed_metrics`)."""
-    from .runs import VIEWS, seed_metrics
+    from .runs import VIEWS, MissingViewError, seed_metrics
 
     frames = []
     for state, by_seed in _by_seed(runs).items():
         for view in VIEWS:
             try:
                 df = seed_metrics(by_seed, view, split)
-            except ValueError as e:
-                if f"no {view} view" in str(e):
-                    continue
-                raise
+            except MissingViewError:
+                continue
             frames.append(df[list(metrics)].reset_index().assign(state=state, view=view))
     return pd.concat(frames, ignore_index=True)[["state", "view", "seed", *metrics]]
 
@@ -181,7 +179,8 @@ def weak_modality(run_dir: str | Path, dataset, length_edges: Sequence[float] = 
 def sweep(dataset, base, out_root: str | Path, grid: Mapping[str, Sequence], progress: bool = False) -> pd.DataFrame:
     """Train and evaluate one run per value of each parameter in ``grid`` (one at a time, the others
     at ``base``): hyperparameter sensitivity (Fig. 5: tau, tau_crtr, lam) and the few-shot curve
-    (Table 7: ``{"users_k": [...]}``). Returns a tidy frame: param, value, view, metrics."""
+    (Table 7: ``{"users_k": [...]}``). One training seed (``base.seed``), each run ranked against
+    that seed's negative set. Returns a tidy frame: param, value, view, metrics."""
     import dataclasses
 
     from .runs import run_method

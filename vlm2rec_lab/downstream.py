@@ -4,8 +4,10 @@ item representations, trained per seed and evaluated through the Task 1 protocol
 * Item representation (:class:`ItemTable`): a learnable ID table, or a trainable
   ``Linear(d -> hidden)`` over frozen item embeddings read from a run folder
   (``RUN/embeddings/item_{F,T,V}.npy`` whose rows follow ``RUN/embeddings/item_ids.txt``) or from a
-  ``.npy`` plus an id file (:func:`load_item_embeddings`). The same vectors serve as input
-  embeddings and as output item vectors (score = dot product with the sequence state).
+  ``.npy`` plus an id file (:func:`load_item_embeddings`), transformed once over the catalogue
+  first (:func:`prepare_init_table`: whitened with shrinkage by default, ours). The same vectors
+  serve as input embeddings and as output item vectors (score = dot product with the sequence
+  state). A run set gives one table per training seed (:func:`load_run_set_embeddings`).
 * Encoders: SASRec (Kang & McAuley, 2018: causal self-attention, learned positions, pre-norm
   blocks) and GRU4Rec (Hidasi et al., 2016: embedding -> dropout -> GRU), behind RecBole's interface
   ``forward(item_seq, seq_len)``, ``calculate_loss(batch)``, ``predict(batch)``.
@@ -748,7 +750,8 @@ def run_cli(a) -> int:
     ds = Dataset.load(a.data)
     emb = None
     init = Path(str(a.init))
-    if str(a.init) != "id" and init.is_dir() and not (init / "embeddings").is_dir() and not a.item_ids:
+    is_run = (init / "manifest.json").exists() or (init / "embeddings").is_dir()
+    if str(a.init) != "id" and init.is_dir() and not is_run and not a.item_ids:
         emb = load_run_set_embeddings(ds, init, a.modality, getattr(a, "on_missing", "error"), seeds=a.seeds)
     elif str(a.init) != "id":
         emb = load_item_embeddings(ds, a.init, a.item_ids, a.modality, on_missing=getattr(a, "on_missing", "error"))

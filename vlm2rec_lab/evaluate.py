@@ -221,7 +221,7 @@ class ResultsTable:
                              "p": self.pvalues.loc[method, m], "seeds": len(self.seeds.get(method, []))})
         return pd.DataFrame(rows).set_index(["method", "metric"])
 
-    def _cells(self, bold: Callable[[str], str], under: Callable[[str], str]) -> pd.DataFrame:
+    def _cells(self, bold: Callable[[str], str], under: Callable[[str], str], pm: str = " ± ") -> pd.DataFrame:
         cells = pd.DataFrame(index=self.means.index, columns=self.means.columns, dtype=object)
         for m in self.means.columns:
             col = self.means[m]
@@ -230,8 +230,8 @@ class ResultsTable:
             second = next((v for v in order if v < best), None) if best is not None else None
             for method, v in col.items():
                 txt = f"{v:.{self.digits}f}"
-                if self.stds is not None:
-                    txt += f" ± {self.stds.loc[method, m]:.{self.digits}f}"
+                if self.stds is not None and len(self.seeds.get(method, [])) > 1:  # (no spread from one seed)
+                    txt += f"{pm}{self.stds.loc[method, m]:.{self.digits}f}"
                 p = self.pvalues.loc[method, m] if method in self.pvalues.index else np.nan
                 if self.baseline is not None and method != self.baseline and p == p and p < self.alpha \
                         and v > self.means.loc[self.baseline, m]:
@@ -259,7 +259,7 @@ class ResultsTable:
 
     def to_latex(self) -> str:
         esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")  # noqa: E731
-        cells = self._cells(lambda s: rf"\textbf{{{s}}}", lambda s: rf"\underline{{{s}}}")
+        cells = self._cells(lambda s: rf"\textbf{{{s}}}", lambda s: rf"\underline{{{s}}}", pm=r" $\pm$ ")
         lines = [r"\begin{tabular}{l" + "r" * len(cells.columns) + "}", r"\toprule",
                  "Method & " + " & ".join(esc(c) for c in cells.columns) + r" \\", r"\midrule"]
         lines += [esc(i) + " & " + " & ".join(r) + r" \\" for i, r in zip(cells.index, cells.to_numpy())]

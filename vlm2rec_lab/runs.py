@@ -34,6 +34,19 @@ from .methods import get_method
 VIEWS = {"f2f": "F", "t2f": "T", "v2f": "V"}  # modality dropout (DESIGN §5): history view vs fused items
 
 
+class MissingViewError(ValueError):
+    """A run has no embeddings for a modality-dropout view (internal fusion and text-only methods
+    have f2f only)."""
+
+
+def check_seed(dataset, seed: int, what: str = "a run") -> None:
+    """A run of training seed s is ranked against negative set s: the dataset must have it."""
+    if int(seed) not in dataset.seeds:
+        raise ValueError(f"{what} of training seed {seed} is ranked against negative set {seed}, but "
+                         f"{dataset.path} has negatives for seeds {list(dataset.seeds)} only "
+                         f"(prepare it with --seeds, or train with those seeds)")
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -207,12 +220,14 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     return out
 
 
-def cross_domain(run_dir: str | Path, dataset, name: str | None = None, progress: bool = False) -> dict:
+def cross_domain(run_dir: str | Path, dataset, name: str | None = None, progress: bool = False,
+                 seeds=None) -> dict:
     """Table 6, zero-shot cross-domain: embed another prepared dataset (its own items) with this run's
-    backbone and adapter, and evaluate it. Written under RUN/cross/<name>/."""
+    backbone and adapter, and evaluate it (on the run's own seed's negative set of that dataset,
+    unless ``seeds``). Written under RUN/cross/<name>/."""
     root = Path(run_dir) / "cross" / (name or dataset.manifest.get("name") or "other")
     embed_run(run_dir, dataset, splits=("test",), progress=progress, root=root)
-    return evaluate_run(run_dir, dataset, root=root)
+    return evaluate_run(run_dir, dataset, root=root, seeds=seeds)
 
 
 def load_embeddings(run_dir: str | Path, name: str) -> np.ndarray:
@@ -260,11 +275,8 @@ def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=N
     manifest = load_manifest(run)
     ds = dataset or Dataset.load(manifest["data"]["path"])
     if seeds is None:
-        seed = int(load_run_config(run).seed)
-        if seed not in ds.seeds:
-            raise ValueError(f"{run}: trained with seed {seed}, but {ds.path} has negatives for seeds "
-                             f"{list(ds.seeds)} only (prepare it with --seeds, or evaluate with --seeds)")
-        seeds = [seed]
+        seeds = [int(load_run_config(run).seed)]
+        check_seed(ds, seeds[0], f"{run}, a run")
     run = Path(root or run)
     hist = load_embeddings(run, f"seq_{split}_histories")
     item_f = load_embeddings(run, "item_F")
@@ -291,11 +303,20 @@ def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=N
 
 
 def run_method(dataset, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-               backbone=None, evaluate: bool = True) -> dict:
-    """Train (when the method trains), embed and evaluate one method: the whole of a Task 1 row."""
+               backbone=None, evaluate: bool = True, embeddings_from: str | Path | None = None) -> dict:
+    """Train (when the method trains), embed and evaluate one run: one training seed of a Task 1 row,
+    ranked against that seed's negative set. ``embeddings_from``: a zero-shot method's run of
+    another seed whose embeddings are the same model's, copied instead of embedding again."""
+    import shutil
+
     from .train import Trainer
 
+    if evaluate:
+        check_seed(dataset, cfg.seed, f"{run_dir}, a run")
     run = create_run(run_dir, cfg, dataset, resume=resume)
+    if embeddings_from is not None and not get_method(cfg.method).trains:
+        shutil.copytree(Path(embeddings_from) / "embeddings", run / "embeddings", dirs_exist_ok=True)
+        return evaluate_run(run, dataset) if evaluate else {}
     bb = backbone
     if get_method(cfg.method).trains:
         tr = Trainer(cfg, dataset, run, backbone=backbone, progress=progress)
@@ -307,20 +328,25 @@ def run_method(dataset, cfg: TrainConfig, run_dir: str | Path, resume: bool = Fa
 
 
 
-def ensure_run(dataset, cfg: TrainConfig, run_dir: str | Path, progress: bool = False) -> dict:
+def is_finished(run_dir: str | Path, cfg: TrainConfig, dataset) -> bool:
+    """Whether a run folder holds a finished, evaluated run of ``cfg`` on ``dataset``."""
+    run = Path(run_dir)
+    return ((run / "metrics" / "task1_test.json").exists() and (run / "config.yaml").exists()
+            and load_run_config(run) == cfg.resolved() and _run_fingerprint(run) == dataset.fingerprint)
+
+
+def ensure_run(dataset, cfg: TrainConfig, run_dir: str | Path, progress: bool = False,
+               embeddings_from: str | Path | None = None) -> dict:
     """The Task 1 results of a run, reusing a finished run folder with the same config (notebooks
     share runs this way); otherwise train, embed and evaluate it afresh."""
-    import json
     import shutil
 
     run = Path(run_dir)
-    metrics = run / "metrics" / "task1_test.json"
-    if (metrics.exists() and (run / "config.yaml").exists() and load_run_config(run) == cfg.resolved()
-            and _run_fingerprint(run) == dataset.fingerprint):
-        return json.loads(metrics.read_text())
+    if is_finished(run, cfg, dataset):
+        return json.loads((run / "metrics" / "task1_test.json").read_text())
     if run.exists():
         shutil.rmtree(run)
-    return run_method(dataset, cfg, run, progress=progress)
+    return run_method(dataset, cfg, run, progress=progress, embeddings_from=embeddings_from)
 
 
 def _run_fingerprint(run: Path) -> str | None:
@@ -329,13 +355,6 @@ def _run_fingerprint(run: Path) -> str | None:
         return load_manifest(run)["data"]["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def per_seed_frame(result: dict, view: str = "f2f", protocol: str = "sampled") -> pd.DataFrame:
-    """Per-seed metrics of one view from a run's Task 1 results, seeds as an int index."""
-    df = pd.DataFrame(result["views"][view][protocol]["per_seed"]).T
-    df.index = df.index.astype(int)
-    return df.rename_axis("seed")
 
 
 # --------------------------------------------------------------------------- run sets: one run per training seed
@@ -349,10 +368,15 @@ def seed_dir(run_set: str | Path, seed: int) -> Path:
 def ensure_runs(dataset, cfg: TrainConfig, run_set: str | Path, seeds, progress: bool = False) -> dict[int, Path]:
     """One run of ``cfg`` per training seed, ``run_set/seed{s}`` trained with seed s (each reused
     when finished with the same config and data, see :func:`ensure_run`). Returns {seed: run}."""
-    runs = {}
+    seeds = [int(s) for s in seeds]
     for s in seeds:
-        runs[int(s)] = seed_dir(run_set, s)
-        ensure_run(dataset, dataclasses.replace(cfg, seed=int(s)), runs[int(s)], progress=progress)
+        check_seed(dataset, s, f"{run_set}: the run")
+    runs: dict[int, Path] = {}
+    for s in seeds:
+        # a zero-shot method's runs hold the same model: embedded once, ranked against each seed's negatives
+        first = next(iter(runs.values()), None) if not get_method(cfg.method).trains else None
+        runs[s] = seed_dir(run_set, s)
+        ensure_run(dataset, dataclasses.replace(cfg, seed=s), runs[s], progress=progress, embeddings_from=first)
     return runs
 
 
@@ -371,30 +395,37 @@ def find_runs(path: str | Path) -> dict[int, Path]:
             raise FileNotFoundError(f"{path}: neither a run folder nor a folder of runs (no manifest.json in it "
                                     f"or in its subfolders; `vlm2rec-lab train --seeds 0-4 --out {path}` makes one)")
     runs: dict[int, Path] = {}
-    methods = set()
+    first = None
     for f in folders:
         cfg = load_run_config(f)
-        methods.add(cfg.method)
         if cfg.seed in runs:
             raise ValueError(f"{path}: two runs with training seed {cfg.seed}: {runs[cfg.seed]} and {f}")
         runs[int(cfg.seed)] = f
-    if len(methods) > 1:
-        raise ValueError(f"{path}: runs of different methods in one set: {sorted(methods)}")
+        # where and whether compiled it ran is not what the run is; everything else must agree
+        same = dataclasses.replace(cfg, seed=0, device=None, compile=None)
+        if first is None:
+            first = (f, same)
+        elif same != first[1]:
+            diff = {k: (getattr(first[1], k), getattr(same, k)) for k in vars(same) if getattr(first[1], k) != getattr(same, k)}
+            raise ValueError(f"{path}: its runs differ in more than the seed ({first[0].name} against {f.name}: {diff}); "
+                             f"a run set is one config trained once per seed")
     return dict(sorted(runs.items()))
 
 
 def seed_metrics(runs: dict[int, Path], view: str = "f2f", split: str = "test", protocol: str = "sampled",
                  dataset=None) -> pd.DataFrame:
     """Task 1 metrics of a run set, one row per training seed: run s on negative set s (evaluated
-    now where its stored metrics lack that seed). Index: the training seed."""
+    now where its stored metrics lack that seed). Index: the training seed. A view the runs have
+    no embeddings for raises :class:`MissingViewError`."""
     rows = {}
     for seed, run in runs.items():
+        if not (Path(run) / "embeddings" / f"seq_{split}_{VIEWS[view]}.npy").exists():
+            raise MissingViewError(f"{run}: no {view} view (no embeddings/seq_{split}_{VIEWS[view]}.npy; "
+                                   f"only external fusion has t2f and v2f; `vlm2rec-lab embed` a run first)")
         f = Path(run) / "metrics" / f"task1_{split}.json"
         res = json.loads(f.read_text()) if f.exists() else None
         have = res is not None and str(seed) in res["views"].get(view, {}).get(protocol, {}).get("per_seed", {})
         if not have:
             res = evaluate_run(run, dataset, split=split, seeds=[seed], full_ranking=protocol == "full")
-        if view not in res["views"]:
-            raise ValueError(f"{run}: no {view} view (its method has {sorted(res['views'])})")
         rows[seed] = res["views"][view][protocol]["per_seed"][str(seed)]
     return pd.DataFrame(rows).T.rename_axis("seed").astype(float)
