@@ -436,12 +436,14 @@ def _print_comparison(tables: dict, per_seed: bool = False) -> None:
 
 
 def cmd_compare(a) -> int:
-    views = [v.strip() for v in a.views.split(",") if v.strip()]
-    bad = [v for v in views if v not in ("f2f", "t2f", "v2f")]
-    if bad:
-        raise ValueError(f"--views: {bad} are not among f2f, t2f, v2f")
-    metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
     from .evaluate import METRIC_NAMES
+    from .runs import VIEWS
+
+    views = [v.strip() for v in a.views.split(",") if v.strip()]
+    bad = [v for v in views if v not in VIEWS]
+    if bad:
+        raise ValueError(f"--views: {bad} are not among {', '.join(VIEWS)}")
+    metrics = [m.strip() for m in a.metrics.split(",") if m.strip()]
 
     if any(m not in METRIC_NAMES for m in metrics):
         raise ValueError(f"--metrics: expected some of {', '.join(METRIC_NAMES)}, got {a.metrics!r}")
