@@ -68,6 +68,11 @@ def _git_revision() -> str | None:
         return None
 
 
+def config_diff(a: TrainConfig, b: TrainConfig) -> dict:
+    """{field: (a's value, b's value)} where two configs differ."""
+    return {k: (getattr(a, k), getattr(b, k)) for k in vars(a) if getattr(a, k) != getattr(b, k)}
+
+
 def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = False) -> Path:
     """Make (or, with ``resume``, reopen) a run folder: config.yaml and manifest.json. The manifest
     records how many processes made the run (torchrun's or accelerate's world size, 1 without) and,
@@ -81,7 +86,7 @@ def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = Fa
         # where and whether compiled it computes is not what the run is (the step log's "compiled" says which)
         same_place = dataclasses.replace(cfg, device=old.device, compile=old.compile)
         if old != same_place:
-            diff = {k: (getattr(old, k), getattr(cfg, k)) for k in vars(cfg) if getattr(old, k) != getattr(same_place, k)}
+            diff = config_diff(old, same_place)
             raise ValueError(f"{run}: --resume with a different config: {diff}")
         manifest = load_manifest(run)
         manifest["resumed_with_processes"] = manifest.get("resumed_with_processes", []) + [dist.world_size()]
@@ -382,8 +387,8 @@ def ensure_runs(dataset, cfg: TrainConfig, run_set: str | Path, seeds, progress:
 
 def find_runs(path: str | Path) -> dict[int, Path]:
     """The runs of a run set by training seed: ``path`` itself when it is a run folder, else the run
-    folders directly inside it (each one's seed read from its config). Two runs of one seed, runs of
-    different methods, or no run at all are errors."""
+    folders directly inside it (each one's seed read from its config). Two runs of one seed, runs
+    that differ in more than the seed (device and compiling aside), or no run at all are errors."""
     path = Path(path)
     if (path / "manifest.json").exists():
         folders = [path]
@@ -406,7 +411,7 @@ def find_runs(path: str | Path) -> dict[int, Path]:
         if first is None:
             first = (f, same)
         elif same != first[1]:
-            diff = {k: (getattr(first[1], k), getattr(same, k)) for k in vars(same) if getattr(first[1], k) != getattr(same, k)}
+            diff = config_diff(first[1], same)
             raise ValueError(f"{path}: its runs differ in more than the seed ({first[0].name} against {f.name}: {diff}); "
                              f"a run set is one config trained once per seed")
     return dict(sorted(runs.items()))
