@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,6 +28,14 @@ def _seeds(v: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _synth_knobs(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`SynthConfig` knob (``--text-signal`` for ``text_signal``), its default shown."""
+    for f in dataclasses.fields(SynthConfig):
+        default = f.default
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0], int)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, help=f"default: {default}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm2rec-lab", description="VLM2Rec lab: modality collapse in VLM embedders for sequential recommendation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -34,15 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="synthesize, prepare and describe datasets").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write the synthetic planted-modality domain (Amazon 2018 raw + PNG images)")
     s.add_argument("--out", required=True)
-    s.add_argument("--users", type=int, default=SynthConfig.users)
-    s.add_argument("--items", type=int, default=SynthConfig.items)
-    s.add_argument("--categories", type=int, default=SynthConfig.categories)
-    s.add_argument("--styles", type=int, default=SynthConfig.styles)
-    s.add_argument("--text-signal", type=float, default=SynthConfig.text_signal)
-    s.add_argument("--image-signal", type=float, default=SynthConfig.image_signal)
-    s.add_argument("--seed", type=int, default=SynthConfig.seed)
-    s.add_argument("--image-size", type=int, default=SynthConfig.image_size)
-    s.add_argument("--name", default=SynthConfig.name)
+    _synth_knobs(s)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--no-report", action="store_true", help="skip the oracle report")
 
@@ -213,9 +214,7 @@ def _print_eval(ev, as_json: bool) -> None:
 def cmd_synth(a) -> int:
     from .data.synthetic import generate
 
-    cfg = SynthConfig(users=a.users, items=a.items, categories=a.categories, styles=a.styles,
-                      text_signal=a.text_signal, image_signal=a.image_signal, seed=a.seed,
-                      image_size=a.image_size, name=a.name)
+    cfg = SynthConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(SynthConfig)})
     t0 = time.perf_counter()
     out = generate(cfg, a.out, overwrite=a.overwrite)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s ({cfg.users} users, {cfg.items} items)")

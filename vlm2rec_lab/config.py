@@ -59,6 +59,8 @@ class SynthConfig:
     image_signal: float = 1.0  # share of items whose image shows their true style
     stay: float = 0.5  # chance a latent keeps its value from one item to the next
     noise: float = 0.1  # chance the next item is drawn uniformly, ignoring the latents
+    shared: float = 0.0  # share of items whose style is tied to their category (one latent, one chain)
+    shortcut: float = 0.0  # chance the next item is the current item's series partner (a code in both titles)
     min_len: int = 5
     mean_len: float = 9.0
     image_size: int = 64
@@ -67,12 +69,15 @@ class SynthConfig:
     vocab_seed: int | None = None  # category vocabulary; defaults to seed (new seed => new words)
 
     def __post_init__(self):
-        for k in ("text_signal", "image_signal", "stay", "noise"):
+        for k in ("text_signal", "image_signal", "stay", "noise", "shared", "shortcut"):
             v = getattr(self, k)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{k}: {v} is outside [0, 1]")
         if self.users < 1 or self.items < 2 or self.categories < 2 or self.styles < 2:
             raise ValueError("need users >= 1, items >= 2, categories >= 2, styles >= 2")
+        if self.shared > 0 and self.styles != self.categories:
+            raise ValueError(f"shared: {self.shared} ties each style to a category, which needs styles == categories "
+                             f"(got {self.styles} styles, {self.categories} categories)")
         if self.styles > 16:
             raise ValueError("styles: at most 16 (4 shapes x 4 colours)")
         if self.min_len < 3:

@@ -72,6 +72,19 @@ def transition_matrix(succ: np.ndarray, stay: float) -> np.ndarray:
     return T
 
 
+def _series_codes(rng: np.random.Generator, n: int, partner: np.ndarray, taken: set[str]) -> list[str]:
+    """One made-up series code per pair of partners (shared by both titles), "" for items without one."""
+    codes = [""] * n
+    used = set(taken) | set(_ADJECTIVES)
+    for k in range(n):
+        if partner[k] > k:
+            while (w := _word(rng, 3)) in used:
+                pass
+            used.add(w)
+            codes[k] = codes[partner[k]] = w.upper()
+    return codes
+
+
 def _draw_image(rng: np.random.Generator, style: int, size: int) -> Image.Image:
     shape = _SHAPES[style % 4]
     colour = list(_COLOURS.values())[style // 4]
@@ -115,12 +128,21 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path
     # latents, balanced; what each modality shows
     cat = rng.permutation(np.arange(n) % C)
     style = rng.permutation(np.arange(n) % S)
+    aux = np.random.default_rng([cfg.seed, 1])  # the shared latent's and the shortcut's draws (none at 0)
+    if cfg.shared > 0:  # tied items show their category as their style too (categories == styles)
+        style = np.where(aux.random(n) < cfg.shared, cat, style)
     shows_cat = rng.random(n) < cfg.text_signal
     shows_style = rng.random(n) < cfg.image_signal
     shown_cat = np.where(shows_cat, cat, rng.integers(0, C, size=n))
     shown_style = np.where(shows_style, style, rng.integers(0, S, size=n))
     popularity = rng.lognormal(0.0, 1.0, size=n)
     succ_c, succ_s = _successor(rng, C), _successor(rng, S)
+    if cfg.shared > 0:  # one chain: the style moves as the category does
+        succ_s = succ_c.copy()
+    partner = np.full(n, -1)
+    if cfg.shortcut > 0:  # series pairs: two items that share a series code in their titles
+        order = aux.permutation(n)
+        partner[order[0:n - 1:2]], partner[order[1:n:2]] = order[1:n:2], order[0:n - 1:2]
     asins = [f"S{cfg.seed:02d}{k:06d}" for k in range(n)]
 
     cells: dict[tuple[int, int], np.ndarray] = {}
@@ -141,9 +163,16 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path
         for pos in range(length):
             if pos:
                 nxt = None
-                if rng.random() >= cfg.noise:
-                    c = int(cat[cur]) if rng.random() < cfg.stay else int(succ_c[cat[cur]])
-                    s = int(style[cur]) if rng.random() < cfg.stay else int(succ_s[style[cur]])
+                if cfg.shortcut > 0 and partner[cur] >= 0 and partner[cur] not in seen and aux.random() < cfg.shortcut:
+                    nxt = int(partner[cur])
+                elif rng.random() >= cfg.noise:
+                    if cfg.shared > 0:  # one stay-or-move decision for both latents
+                        keep = rng.random() < cfg.stay
+                        c = int(cat[cur]) if keep else int(succ_c[cat[cur]])
+                        s = int(style[cur]) if keep else int(succ_s[style[cur]])
+                    else:
+                        c = int(cat[cur]) if rng.random() < cfg.stay else int(succ_c[cat[cur]])
+                        s = int(style[cur]) if rng.random() < cfg.stay else int(succ_s[style[cur]])
                     pool = [k for k in cells.get((c, s), ()) if k not in seen]
                     if pool:
                         w = popularity[pool]
@@ -157,12 +186,15 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path
             reviews.append({"reviewerID": user, "asin": asins[cur], "unixReviewTime": t, "overall": 5.0,
                             "reviewText": "synthetic review"})
 
+    codes = _series_codes(aux, n, partner, set(w.lower() for w in brands) | {w for ws in nouns for w in ws})
     meta = []
     cat_names = [" ".join(w).title() for w in nouns]
     for k in range(n):
         words = nouns[int(shown_cat[k])]
         adj = _ADJECTIVES[int(rng.integers(len(_ADJECTIVES)))]
         title = f"{brands[int(rng.integers(len(brands)))]} {adj} {words[int(rng.integers(3))]} {words[int(rng.integers(3))]} {int(rng.integers(1, 100))}"
+        if codes[k]:
+            title += f" {codes[k]}"
         meta.append({
             "asin": asins[k],
             "title": title,
@@ -182,6 +214,7 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path
         "category_transition": transition_matrix(succ_c, cfg.stay).tolist(),
         "style_transition": transition_matrix(succ_s, cfg.stay).tolist(),
         "category_words": nouns,
+        "partner": partner.tolist(),
         "style_names": [f"{list(_COLOURS)[s // 4]} {_SHAPES[s % 4]}" for s in range(S)],
     }
 
@@ -233,6 +266,10 @@ class OracleScorer:
         c = np.asarray(latents["shown_category" if shown else "category"])[idx]
         s = np.asarray(latents["shown_style" if shown else "style"])[idx]
         self.c, self.s, self.Tc, self.Ts, self.modality = c, s, Tc, Ts, modality
+        # the series shortcut: the last item's partner first (text shows the code; the image cannot)
+        pos = {int(k): j for j, k in enumerate(idx)}
+        partner = np.asarray(latents.get("partner", [-1] * len(latents["asin"])))[idx]
+        self.partner = np.array([pos.get(int(p), -1) for p in partner]) if modality != "image" else None
         self.jitter = np.random.default_rng(seed).random(len(idx)) * 1e-9
         self.name = f"oracle-{modality}"
 
@@ -244,6 +281,8 @@ class OracleScorer:
             score = score * self.Tc[self.c[last][:, None], self.c[cand]]
         if self.modality in ("image", "both", "latent"):
             score = score * self.Ts[self.s[last][:, None], self.s[cand]]
+        if self.partner is not None:
+            score = score + 10.0 * (cand == self.partner[last][:, None])
         return score + self.jitter[cand]
 
 
