@@ -1,12 +1,25 @@
 """The papermill batch: every selected notebook, per dataset, into RUNS/<dataset>/<notebook>.ipynb
 with its figures and tables, and RUNS/index.html linking every output with the recorded numbers
-side by side. A failing cell keeps its notebook, the batch goes on, the index shows the error."""
+side by side. A failing cell keeps its notebook, the batch goes on, the index shows the error.
+
+The index shows every figure a notebook saved (``save_figure``'s PNG as a thumbnail linking its SVG)
+and puts the answers first. Two record keys are read as headlines rather than as table rows:
+
+- ``verdict`` (a string): a prominent line at the top of the page for its dataset, naming the
+  notebook it came from, e.g. ``record(verdict="collapse: v2f HR@10 at chance, f2f not")``;
+- ``headline:<label>`` (a string or a number): a row ``<label> | value | notebook`` in the compact
+  headline table at the top of the page for its dataset, e.g.
+  ``record(**{"headline:vlm-sft f2f HR@10": "0.556 ± 0.031 (seeds 0,1,2)"})``.
+
+Every other record stays a row in its notebook's table (floats to 4 decimals)."""
 from __future__ import annotations
 
 import html
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
@@ -110,33 +123,121 @@ def run_batch(datasets: list[str | Path], notebooks: list[Path], out: str | Path
     return results
 
 
+_CSS = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
+        ".fail{background:#fdd}.ok{background:#dfd}"
+        ".verdict{font-size:1.25em;font-weight:bold;border-left:6px solid #36c;padding:4px 10px;margin:.5em 0}"
+        ".src{font-weight:normal;font-size:.75em;color:#666}"
+        ".error{border:2px solid #c00;background:#fee;color:#900;padding:6px 10px;margin:.5em 0}"
+        ".error pre{white-space:pre-wrap;margin:.3em 0 0}"
+        ".figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0}"
+        "figcaption{font-size:12px;color:#444;max-width:320px;overflow-wrap:anywhere}img{border:1px solid #ddd}")
+
+
+def _href(path: Path, out: Path) -> str:
+    """A relative, URL-quoted and HTML-escaped link from ``out/index.html`` to ``path``."""
+    rel = Path(os.path.relpath(Path(path).resolve(), Path(out).resolve())).as_posix()
+    return html.escape(quote(rel))
+
+
+def _value(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _is_headline(key: str) -> bool:
+    return key == "verdict" or key.startswith("headline:")
+
+
+def _headlines(results: list[NotebookResult], datasets: list[str], out: Path) -> list[str]:
+    """Per dataset: its verdicts as prominent lines, then a table of its ``headline:`` records."""
+    parts = []
+    for d in datasets:
+        mine = [r for r in results if r.dataset == d]
+        verdicts = [(r, r.records["verdict"]) for r in mine if "verdict" in r.records]
+        heads = [(r, k, v) for r in mine for k, v in r.records.items() if k.startswith("headline:")]
+        if not verdicts and not heads:
+            continue
+        parts.append(f"<section class='headlines'><h2>headlines: {html.escape(d)}</h2>")
+        parts += [f"<p class='verdict'>{html.escape(str(v))} <span class='src'>({html.escape(r.notebook)})</span></p>"
+                  for r, v in verdicts]
+        if heads:
+            parts.append("<table><tr><th>headline</th><th>value</th><th>notebook</th></tr>")
+            parts += [f"<tr><td>{html.escape(k[len('headline:'):].strip())}</td><td>{_value(v)}</td>"
+                      f"<td><a href='{_href(r.path, out)}'>{html.escape(r.notebook)}</a></td></tr>"
+                      for r, k, v in heads]
+            parts.append("</table>")
+        parts.append("</section>")
+    return parts
+
+
+def _figures(r: NotebookResult, out: Path, err_id: str) -> list[str]:
+    """The run's error (red box) and every PNG in ``out/<dataset>/<notebook>/`` as a thumbnail
+    linking to its SVG, or to itself where there is no SVG."""
+    parts = []
+    if not r.ok:
+        parts.append(f"<div class='error' id='{err_id}'><b>{html.escape(r.notebook)} failed on "
+                     f"{html.escape(r.dataset)}</b><pre>{html.escape(r.error or 'no error text')}</pre></div>")
+    pngs = sorted((out / r.dataset / r.notebook).glob("*.png"))
+    if pngs:
+        parts.append("<div class='figs'>")
+        for png in pngs:
+            svg = png.with_suffix(".svg")
+            parts.append(f"<figure><a href='{_href(svg if svg.exists() else png, out)}'>"
+                         f"<img src='{_href(png, out)}' width='320' alt='{html.escape(png.stem)}' loading='lazy'></a>"
+                         f"<figcaption>{html.escape(png.stem)}</figcaption></figure>")
+        parts.append("</div>")
+    return parts
+
+
 def write_index(results: list[NotebookResult], out: Path) -> Path:
-    """RUNS/index.html: per notebook, a row per recorded value, a column per dataset."""
+    """RUNS/index.html, one static page (no script, no fetches, relative links only).
+
+    At the top, per dataset, its ``verdict`` records as prominent lines and its ``headline:<label>``
+    records in a compact table (see the module docstring). Then per notebook: a table with a column
+    per dataset, a row with the run's status (ok/failed, linking the executed notebook, its seconds
+    and its outputs folder) and a row per other recorded value (floats to 4 decimals); below it, per
+    dataset, a failed run's error in a red box and every figure the run wrote, a PNG thumbnail
+    linking to its SVG. Every text from results or records is HTML-escaped."""
     from .io import atomic_write_text
 
+    out = Path(out)
     datasets = list(dict.fromkeys(r.dataset for r in results))
+    failed = [r for r in results if not r.ok]
+    err_id = {id(r): f"err-{i}" for i, r in enumerate(failed)}
+    failed_links = ", ".join(f"<a href='#{err_id[id(r)]}'>{html.escape(r.dataset)}/{html.escape(r.notebook)}</a>"
+                             for r in failed)
     parts = ["<!doctype html><meta charset='utf-8'><title>vlm2rec_lab batch</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}.fail{background:#fdd}.ok{background:#dfd}</style>",
-             "<h1>vlm2rec_lab batch</h1>"]
+             f"<style>{_CSS}</style>", "<h1>vlm2rec_lab batch</h1>",
+             f"<p>{len(results) - len(failed)} of {len(results)} notebook runs ok"
+             + (f"; failed: {failed_links}" if failed else "") + "</p>"]
+    parts += _headlines(results, datasets, out)
     for nb in dict.fromkeys(r.notebook for r in results):
         rows = {r.dataset: r for r in results if r.notebook == nb}
-        parts.append(f"<h2>{html.escape(nb)}</h2><table><tr><th></th>"
+        parts.append(f"<section class='notebook'><h2>{html.escape(nb)}</h2><table><tr><th></th>"
                      + "".join(f"<th>{html.escape(d)}</th>" for d in datasets) + "</tr>")
-        parts.append("<tr><td>notebook</td>" + "".join(
-            f"<td class='{'ok' if rows[d].ok else 'fail'}'><a href='{html.escape(str(rows[d].path.relative_to(out)))}'>"
-            f"{'ok' if rows[d].ok else 'failed'}</a> ({rows[d].seconds:.0f}s)"
-            + (f"<br><code>{html.escape(rows[d].error)}</code>" if rows[d].error else "")
-            + (f" · <a href='{html.escape(d)}/{html.escape(nb)}/'>outputs</a>" if (out / d / nb).exists() else "")
-            + "</td>" if d in rows else "<td></td>" for d in datasets) + "</tr>")
-        keys = list(dict.fromkeys(k for r in rows.values() for k in r.records))
+        cells = []
+        for d in datasets:
+            r = rows.get(d)
+            if r is None:
+                cells.append("<td></td>")
+                continue
+            cells.append(f"<td class='{'ok' if r.ok else 'fail'}'><a href='{_href(r.path, out)}'>"
+                         f"{'ok' if r.ok else 'failed'}</a> ({r.seconds:.0f}s)"
+                         + (f" · <a href='#{err_id[id(r)]}'>error</a>" if not r.ok else "")
+                         + (f" · <a href='{_href(out / d / nb, out)}/'>outputs</a>" if (out / d / nb).exists() else "")
+                         + "</td>")
+        parts.append("<tr><td>notebook</td>" + "".join(cells) + "</tr>")
+        keys = [k for k in dict.fromkeys(k for r in rows.values() for k in r.records) if not _is_headline(k)]
         for key in keys:
-            cells = []
-            for d in datasets:
-                v = rows[d].records.get(key, "") if d in rows else ""
-                cells.append(f"<td>{v:.4f}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>")
-            parts.append(f"<tr><td>{html.escape(key)}</td>{''.join(cells)}</tr>")
+            parts.append(f"<tr><td>{html.escape(key)}</td>"
+                         + "".join(f"<td>{_value(rows[d].records.get(key, ''))}</td>" if d in rows else "<td></td>"
+                                   for d in datasets) + "</tr>")
         parts.append("</table>")
+        for d in datasets:
+            figs = _figures(rows[d], out, err_id.get(id(rows[d]), "")) if d in rows else []
+            if figs:
+                parts += [f"<h3>{html.escape(d)}</h3>", *figs]
+        parts.append("</section>")
     path = out / "index.html"
     atomic_write_text(path, "\n".join(parts))
     return path

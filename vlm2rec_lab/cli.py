@@ -385,8 +385,8 @@ def cmd_train(a) -> int:
 def compare_sets(sets: list[str | Path], against: str | Path | None, views, metrics, split: str = "test",
                  seeds=None) -> dict:
     """{view: (ResultsTable, {set: per-seed frame})} over run sets named by their folders, tested
-    against ``against`` (default: none when one set, else the first), pairing runs by training
-    seed; ``seeds`` keeps those training seeds only."""
+    against ``against`` (default: none when one set, else the first where every set shares 2+
+    training seeds with it), pairing runs by training seed; ``seeds`` keeps those training seeds only."""
     from .batch import dataset_names
     from .evaluate import results_table
     from .runs import MissingViewError, find_runs, seed_metrics
@@ -411,8 +411,11 @@ def compare_sets(sets: list[str | Path], against: str | Path | None, views, metr
         if not per_seed:
             continue
         with_base = base if base in per_seed else None
-        if with_base is not None and any(len(v.index.intersection(per_seed[base].index)) < 2
-                                         for k, v in per_seed.items() if k != base):
+        too_few = with_base is not None and any(len(v.index.intersection(per_seed[base].index)) < 2
+                                                for k, v in per_seed.items() if k != base)
+        if too_few and against is None:  # the implicit test against the first set: skipped, not an error
+            with_base = None
+        elif too_few:
             raise ValueError(f"a paired t-test needs 2+ training seeds shared with {base}: "
                              + ", ".join(f"{k} has {list(v.index)}" for k, v in per_seed.items()))
         out[view] = (results_table(per_seed, baseline=with_base, metrics=metrics), per_seed)
