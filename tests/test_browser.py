@@ -1,6 +1,7 @@
 """Real browser test of the explorer: JupyterLab on localhost, the executed explorer notebook opened
 in headless Chromium (Debian's package, driven by Playwright), the widget rendered and answering a
-control; a screenshot is saved. A browser that cannot start fails the test with the reason."""
+control (the map redrawn, the neighbour panel updated); a screenshot is saved. A browser that cannot
+start fails the test with the reason."""
 import os
 import shutil
 import socket
@@ -17,6 +18,14 @@ from vlm2rec_lab.batch import run_batch, select_notebooks
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# the explorer's map title, read in the page from the shown PNG's tEXt chunk "Title"
+MAP_TITLE = """async () => {
+  const src = document.querySelector('img.explorer-map').src;
+  const png = new Uint8Array(await (await fetch(src)).arrayBuffer());
+  const at = new TextDecoder('latin1').decode(png).indexOf('tEXtTitle\\0');
+  const size = new DataView(png.buffer).getUint32(at - 4);
+  return new TextDecoder('latin1').decode(png.slice(at + 10, at + 4 + size));
+}"""
 
 
 def _free_port() -> int:
@@ -55,7 +64,7 @@ def test_explorer_renders_and_answers_a_control_in_chromium(synth_ds, tiny_path,
 
     url, token, root = lab
     nb = select_notebooks("07")[0]
-    res = run_batch([synth_ds.path], [nb], root / "batch", quick=True)
+    res = run_batch([synth_ds.path], [nb], root / "batch", profile="quick")
     assert res[0].ok, res[0].error
     shutil.copy(res[0].path, root / "explorer.ipynb")
     if not Path(CHROMIUM).exists():
@@ -77,9 +86,18 @@ def test_explorer_renders_and_answers_a_control_in_chromium(synth_ds, tiny_path,
         neighbours = page.locator(".widget-html", has_text="nearest in").first
         neighbours.wait_for(timeout=60_000)
         assert "nearest in T/V space" in neighbours.inner_text()
+        the_map = page.locator("img.explorer-map")
+        the_map.wait_for(timeout=60_000)
+        src, pixels = the_map.get_attribute("src"), the_map.screenshot()
+        assert page.evaluate(MAP_TITLE).startswith("Vanilla · F · ")
         toggle.click()
         page.wait_for_function("() => [...document.querySelectorAll('.widget-html')].some(e => e.innerText.includes('nearest in T space'))",
                                timeout=60_000)
+        # the map is redrawn after the neighbour panel: wait for a new image, loaded
+        page.wait_for_function("src => { const m = document.querySelector('img.explorer-map'); return m.src !== src && m.complete; }",
+                               arg=src, timeout=60_000)
+        assert page.evaluate(MAP_TITLE).startswith("Vanilla · V · ")
+        assert the_map.screenshot() != pixels  # the page shows another map, not only another src
         shot = root / "explorer.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()

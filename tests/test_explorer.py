@@ -1,7 +1,10 @@
 """The embedding explorer, driven headless from Python: the plot data and the selection panel
 follow the controls."""
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from vlm2rec_lab.config import TrainConfig
 from vlm2rec_lab.runs import run_method
@@ -39,6 +42,27 @@ def test_controls_drive_the_map_and_the_selection(synth_ds, runs):
     assert len(ex.image_w.value) > 0 and "<ol>" in ex.neigh_w.value
     ex.sample_w.value = 40
     assert len(ex.points) == 40
+
+
+def map_title(png: bytes) -> str:
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.format == "PNG" and im.width > 300
+        return im.info["Title"]
+
+
+def test_every_control_redraws_the_map(synth_ds, runs):
+    """The map is a PNG in an Image widget, replaced on each change: each control (and a picked item,
+    which the map rings) gives new image bytes, whose title names the controls."""
+    ex = embedding_explorer(runs, synth_ds, sample_size=60, reducer="pca").explorer
+    assert map_title(ex.plot_w.value) == "Vanilla · F · 60 items · by category"
+    for ctrl, value in ((ex.run_w, "VLM2Rec"), (ex.modality_w, "V"), (ex.colour_w, "popularity"), (ex.sample_w, 40)):
+        before = ex.plot_w.value
+        ctrl.value = value
+        assert ex.plot_w.value != before, ctrl.description
+    assert map_title(ex.plot_w.value) == "VLM2Rec · V · 40 items · by popularity"
+    before = ex.plot_w.value
+    ex.item_w.value = ex.item_w.options[3][1]
+    assert ex.plot_w.value != before and map_title(ex.plot_w.value) == "VLM2Rec · V · 40 items · by popularity"
 
 
 def test_reduce_2d_pca_keeps_the_main_axis():

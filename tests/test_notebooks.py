@@ -58,7 +58,7 @@ def test_a_finished_run_is_reused_only_for_the_same_config_and_data(synth_ds, ti
 @pytest.fixture(scope="module")
 def batch(synth_ds, tiny_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("batch")
-    return out, run_batch([synth_ds.path], NOTEBOOKS, out, quick=True)
+    return out, run_batch([synth_ds.path], NOTEBOOKS, out, profile="quick")
 
 
 def test_every_notebook_runs_quick_and_records_finite_numbers(batch):

@@ -173,15 +173,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--datasets", nargs="+", required=True, help="prepared dataset folders")
     b.add_argument("--notebooks", default="all", help="all, or e.g. 01,02")
     b.add_argument("--out", required=True)
-    b.add_argument("--quick", action="store_true", help="a few training steps on a few users")
+    b.add_argument("--quick", action="store_true", help="a few training steps on a few users (--profile quick)")
+    b.add_argument("--profile", choices=("full", "demo", "quick"), default="full",
+                   help="the notebooks' parameters: full (as written), demo (main methods, seeds 0-2), quick (smoke)")
     b.add_argument("-p", dest="params", action="append", default=[], metavar="KEY=VALUE", help="notebook parameter")
 
-    d = sub.add_parser("demo", help="the main job on the embedded default: synthesize, prepare, run every notebook")
+    d = sub.add_parser("demo", help="the main job on the embedded default: synthesize, prepare, train, run every notebook")
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--users", type=int, default=SynthConfig.users)
-    d.add_argument("--items", type=int, default=SynthConfig.items)
+    d.add_argument("--profile", choices=("demo", "quick", "full"), default="demo",
+                   help="demo: a smaller default domain, Vanilla/SFT/VLM2Rec fully trained on seeds 0-2 (minutes); "
+                        "quick: smoke runs; full: the notebooks' full mode on the full-size domain (hours on a CPU)")
+    d.add_argument("--users", type=int, help="domain size (default: the profile's)")
+    d.add_argument("--items", type=int, help="domain size (default: the profile's)")
     d.add_argument("--notebooks", default="all", help="all, or e.g. 01,02")
-    d.add_argument("--full", action="store_true", help="the notebooks' full mode (all seeds and grids: hours on a CPU)")
     return p
 
 
@@ -503,30 +507,42 @@ def cmd_evaluate(a) -> int:
 
 def cmd_demo(a) -> int:
     """The main job on the embedded default: synthesize and prepare the planted-modality domain,
-    then run every notebook on it through the papermill batch (quick mode unless ``--full``) with
-    the tiny backbone: figures, tables, runs and ``index.html`` in the output folder."""
-    from .batch import run_batch, select_notebooks
+    train the runs every notebook shares (the demo profile: Vanilla, SFT and VLM2Rec on training
+    seeds 0-2), then run every notebook on it through the papermill batch with the tiny backbone:
+    figures, tables, runs and ``index.html`` (opening with the verdict) in the output folder."""
+    from .batch import DEMO_DOMAIN, DEMO_METHODS, PROFILES, run_batch, select_notebooks, train_runs
     from .data.dataset import prepare
     from .data.synthetic import generate
 
     t0 = time.perf_counter()
+    stamp = [t0]
+
+    def stage(k: int, what: str) -> None:
+        now = time.perf_counter()
+        print(f"[{k}/4] {what} ({now - stamp[0]:.0f}s; {now - t0:.0f}s in all)", flush=True)
+        stamp[0] = now
+
     out = Path(a.out)
     raw, data = out / "raw", out / "data"
-    generate(SynthConfig(users=a.users, items=a.items), raw, overwrite=True)
-    print(f"[1/3] synthetic domain -> {raw} ({time.perf_counter() - t0:.0f}s)")
+    size = {} if a.profile == "full" else dict(DEMO_DOMAIN)
+    size.update({k: v for k, v in (("users", a.users), ("items", a.items)) if v is not None})
+    generate(SynthConfig(**size), raw, overwrite=True)
+    stage(1, f"synthetic domain -> {raw}")
     cfg = PrepareConfig(format="amazon2018", inputs=[str(p) for p in sorted(raw.glob("*.json.gz"))], images=str(raw / "images"))
     ds = prepare(cfg, data, overwrite=True)
-    print(f"[2/3] prepared -> {data} ({time.perf_counter() - t0:.0f}s)")
     print(ds.stats_table("synthetic").to_string())
-    mode = "full" if a.full else "quick"
-    print(f"[3/3] notebooks ({mode} mode, backbone tiny) -> {out / 'runs'}")
-    results = run_batch([data], select_notebooks(a.notebooks), out / "runs", quick=not a.full)
+    stage(2, f"prepared -> {data}")
+    notebooks = select_notebooks(a.notebooks)
+    runs_dir = out / "runs" / "data" / "runs"  # where the batch points the notebooks' RUNS_DIR
+    if a.profile == "demo" and any(nb.stem[:2] not in ("00", "01") for nb in notebooks):
+        train_runs(data.resolve(), runs_dir.resolve(), DEMO_METHODS, parse_seeds(PROFILES["demo"]["SEEDS"]))
+    stage(3, f"training runs ({a.profile} profile) -> {runs_dir}")
+    results = run_batch([data], notebooks, out / "runs", profile=a.profile)
+    stage(4, f"notebooks ({a.profile} profile, backbone tiny) -> {out / 'runs'}")
     failed = [r for r in results if not r.ok]
-    recs = {r.notebook: r.records for r in results}
-    for nb, keys in (("04_task1", "_NDCG@10"), ("02_modality_collapse", "_HR@10")):
-        shown = {k: v for k, v in recs.get(nb, {}).items() if k.endswith(keys) and isinstance(v, float)}
-        if shown:
-            print(f"\n{nb}:\n" + "\n".join(f"  {k:<32} {v:.4f}" for k, v in shown.items()))
+    for r in results:
+        if "verdict" in r.records:
+            print(f"\n{r.notebook}: {r.records['verdict']}")
     print(f"\ndone in {time.perf_counter() - t0:.0f}s: {len(results) - len(failed)} notebooks passed, "
           f"{len(failed)} failed; open {out / 'runs' / 'index.html'}")
     return 1 if failed else 0
@@ -538,7 +554,8 @@ def cmd_batch(a) -> int:
     for d in a.datasets:
         if not (Path(d) / "manifest.json").exists():
             raise FileNotFoundError(f"{d}: not a prepared dataset (no manifest.json)")
-    results = run_batch(a.datasets, select_notebooks(a.notebooks), a.out, quick=a.quick, params=parse_params(a.params))
+    results = run_batch(a.datasets, select_notebooks(a.notebooks), a.out, profile="quick" if a.quick else a.profile,
+                        params=parse_params(a.params))
     failed = [r for r in results if not r.ok]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed; index: {Path(a.out) / 'index.html'}")
     return 1 if failed else 0

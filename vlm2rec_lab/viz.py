@@ -76,11 +76,19 @@ def sample_grid(dataset, n: int = 12, seed: int = 0, cols: int = 6):
 def modality_dropout_bars(table: pd.DataFrame, metric: str = "HR@10", chance: float | None = None):
     """Fig. 1a: grouped bars of f2f / t2f / v2f per state (from diagnostics.modality_dropout_table),
     the mean over training seeds with ±1 std error bars where the table has ``{metric}_std``."""
+    import seaborn as sns
+
     plt = _plt()
-    wide = table[metric].unstack("view")
-    err = table[f"{metric}_std"].unstack("view").reindex_like(wide) if f"{metric}_std" in table else None
+    has_std = f"{metric}_std" in table
+    # The table holds each bar's mean and std over seeds, not the seeds: seaborn is given the two ends
+    # of the interval, mean - std and mean + std, whose mean is the bar and whose range the error bar.
+    df = table.reset_index()
+    std = df[f"{metric}_std"] if has_std else 0.0
+    ends = pd.concat([df.assign(**{metric: df[metric] - std}), df.assign(**{metric: df[metric] + std})])
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    wide.plot.bar(ax=ax, rot=0, yerr=err, capsize=3)
+    sns.barplot(data=ends, x="state", y=metric, hue="view", order=list(dict.fromkeys(df["state"])),
+                hue_order=list(dict.fromkeys(df["view"])), errorbar=("pi", 100) if has_std else None,
+                capsize=0.15, err_kws={"linewidth": 1}, ax=ax)
     if chance is not None:
         ax.axhline(chance, color="grey", ls="--", lw=1, label="chance")
     seeds = f", mean ± std over {int(table['seeds'].max())} training seeds" if "seeds" in table else ""
@@ -92,19 +100,22 @@ def modality_dropout_bars(table: pd.DataFrame, metric: str = "HR@10", chance: fl
 def gradient_cosine_curves(curves: Mapping[str, "pd.DataFrame | Mapping[int, pd.DataFrame]"]):
     """Fig. 1b: cos(g_total, g_T) and cos(g_total, g_V) over training steps, one colour per state;
     a state given as {training seed: curve} draws the mean over seeds with a band of ±1 std."""
+    import seaborn as sns
+
     plt = _plt()
+    long = pd.concat([
+        frame.melt(id_vars="step", value_vars=["cos_total_t", "cos_total_v"], var_name="modality", value_name="cosine")
+        .assign(state=name, seed=seed)
+        for name, runs in curves.items()
+        for seed, frame in (runs.items() if isinstance(runs, Mapping) else [(0, runs)])
+    ], ignore_index=True)
+    long["modality"] = long["modality"].map({"cos_total_t": "text", "cos_total_v": "image"})
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for k, (name, runs) in enumerate(curves.items()):
-        frames = runs if isinstance(runs, Mapping) else {0: runs}
-        both = pd.concat(frames.values())
-        for col, ls, label in (("cos_total_t", "-", "text"), ("cos_total_v", "--", "image")):
-            g = both.groupby("step")[col]
-            mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
-            ax.plot(mean.index, mean, color=f"C{k}", ls=ls, label=f"{name}: {label}")
-            if len(frames) > 1:
-                ax.fill_between(mean.index, mean - std, mean + std, color=f"C{k}", alpha=0.15, lw=0)
+    # errorbar="sd": the sample std (ddof=1) over seeds at each step; a single seed draws no band
+    sns.lineplot(data=long, x="step", y="cosine", hue="state", style="modality", style_order=["text", "image"],
+                 errorbar="sd", err_kws={"alpha": 0.15, "linewidth": 0}, ax=ax)
     ax.axhline(0, color="grey", lw=0.8)
-    n = max(len(r) if isinstance(r, Mapping) else 1 for r in curves.values())
+    n = int(long.groupby("state")["seed"].nunique().max())
     ax.set(xlabel="step", ylabel="cosine with the total gradient",
            title="Gradient alignment per modality" + (f" (band: ±1 std over {n} seeds)" if n > 1 else ""))
     ax.legend(fontsize=7)
@@ -164,7 +175,11 @@ def reduce_2d(x: np.ndarray, method: str = "umap", seed: int = 0) -> np.ndarray:
 class EmbeddingExplorer:
     """UMAP map of a run's item embeddings with ipywidgets controls (run, modality, colour, sample
     size) and a selection panel: the item's title, image and nearest neighbours in the other
-    modality's space. ``points`` and ``selection`` hold what is shown (tests read them)."""
+    modality's space. ``points`` and ``selection`` hold what is shown (tests read them).
+
+    The map is a PNG in an ``ipywidgets.Image`` (``plot_w``, DOM class ``explorer-map``) whose value
+    is replaced, after the selection panel, on every change of a control or of the selected item
+    (which it rings); its title, naming the controls, is also the PNG's ``Title`` metadata."""
 
     COLOURS = ("category", "popularity", "weak modality", "split")
     OTHER = {"T": ("V",), "V": ("T",), "F": ("T", "V")}
@@ -186,13 +201,15 @@ class EmbeddingExplorer:
         self.sample_w = w.IntSlider(value=min(sample_size, dataset.n_items), min=min(20, dataset.n_items),
                                     max=dataset.n_items, step=10, description="sample")
         self.item_w = w.Dropdown(options=[], description="item")
-        self.plot_w = w.Output()
+        self.plot_w = w.Image(format="png")
+        self.plot_w.add_class("explorer-map")
         self.title_w = w.HTML()
         self.image_w = w.Image(format="png", width=128, height=128)
         self.neigh_w = w.HTML()
+        self._refreshing = False  # refresh() sets the item list, then selects once
         for ctrl in (self.run_w, self.modality_w, self.colour_w, self.sample_w):
             ctrl.observe(lambda _: self.refresh(), names="value")
-        self.item_w.observe(lambda ch: self.select(ch["new"]), names="value")
+        self.item_w.observe(lambda ch: None if self._refreshing else self.select(ch["new"]), names="value")
         self.widget = w.VBox([w.HBox([self.run_w, self.colour_w]), self.modality_w, self.sample_w,
                               w.HBox([self.plot_w, w.VBox([self.item_w, self.title_w, self.image_w, self.neigh_w])])])
         self.widget.explorer = self
@@ -235,30 +252,37 @@ class EmbeddingExplorer:
         titles = self.ds.items["title"].fillna(self.ds.items["item_id"]).to_numpy()
         options = [(f"{str(titles[i])[:40]} ({self.ds.items['item_id'].iat[int(i)]})", int(i)) for i in idx]
         current = self.item_w.value
-        self.item_w.options = options
-        self.item_w.value = current if current in idx else int(idx[0])
-        self._draw()
-        self.select(self.item_w.value if self.item_w.value is not None else int(idx[0]))
+        self._refreshing = True
+        try:
+            self.item_w.options = options
+            self.item_w.value = current if current in idx else int(idx[0])
+        finally:
+            self._refreshing = False
+        self.select(self.item_w.value)
 
     def _draw(self) -> None:
-        plt = _plt()
-        with self.plot_w:
-            self.plot_w.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(5.5, 4.5))
-            c = self.points["colour"]
-            if pd.api.types.is_numeric_dtype(c):
-                sc = ax.scatter(self.points["x"], self.points["y"], c=c, s=8, cmap="viridis")
-                fig.colorbar(sc, ax=ax, label=self.colour_w.value)
-            else:
-                for k, (name, grp) in enumerate(self.points.groupby("colour")):
-                    ax.scatter(grp["x"], grp["y"], s=8, color=f"C{k % 10}", label=str(name)[:20])
-                ax.legend(fontsize=6, markerscale=2, loc="best")
-            if self.selection:
-                sel = self.points[self.points["item_idx"] == self.selection.get("item_idx")]
-                ax.scatter(sel["x"], sel["y"], s=80, facecolors="none", edgecolors="black")
-            ax.set(title=f"{self.run_w.value} · {self.modality_w.value} · {len(self.points)} items", xticks=[], yticks=[])
-            plt.show() if _in_notebook() else None
-            plt.close(fig)
+        """Render the map (the selected item ringed) to PNG bytes in ``plot_w``."""
+        import io
+
+        from matplotlib.figure import Figure  # no pyplot: nothing for a notebook backend to show twice
+
+        fig = Figure(figsize=(5.5, 4.5))
+        ax = fig.subplots()
+        c = self.points["colour"]
+        if pd.api.types.is_numeric_dtype(c):
+            sc = ax.scatter(self.points["x"], self.points["y"], c=c, s=8, cmap="viridis")
+            fig.colorbar(sc, ax=ax, label=self.colour_w.value)
+        else:
+            for k, (name, grp) in enumerate(self.points.groupby("colour")):
+                ax.scatter(grp["x"], grp["y"], s=8, color=f"C{k % 10}", label=str(name)[:20])
+            ax.legend(fontsize=6, markerscale=2, loc="best")
+        sel = self.points[self.points["item_idx"] == self.selection.get("item_idx")]
+        ax.scatter(sel["x"], sel["y"], s=80, facecolors="none", edgecolors="black")
+        title = f"{self.run_w.value} · {self.modality_w.value} · {len(self.points)} items · by {self.colour_w.value}"
+        ax.set(title=title, xticks=[], yticks=[])
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", metadata={"Title": title})
+        self.plot_w.value = buf.getvalue()
 
     def select(self, item_idx) -> None:
         """Show an item's title, image and nearest neighbours in the other modality's space."""
@@ -288,6 +312,7 @@ class EmbeddingExplorer:
             self.image_w.value = buf.getvalue()
         rows = "".join(f"<li>[{m}] {t[:50]} <small>({s:.3f})</small></li>" for m, lst in neigh.items() for _, t, s in lst)
         self.neigh_w.value = f"<b>nearest in {'/'.join(neigh)} space</b><ol>{rows}</ol>"
+        self._draw()
 
 
 def embedding_explorer(runs: Mapping[str, str | Path], dataset, **kw):
