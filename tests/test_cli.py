@@ -33,7 +33,7 @@ def run_cli_parse_error(argv):
 
 def test_synth_prepare_stats_evaluate(tmp_path, capsys):
     raw, data = tmp_path / "raw", tmp_path / "data"
-    code, out, _ = run(capsys, "data", "synth", "--out", raw, "--users", 200, "--items", 300, "--image-signal", 0, "--seed", 2)
+    code, out, _ = run(capsys, "data", "synth", "--out", raw, "--users", 300, "--items", 200, "--image-signal", 0, "--seed", 2)
     assert code == 0 and "oracle-image" in out and "chance" in out
     code, out, _ = run(capsys, "data", "prepare", "--format", "amazon2018", "--input", raw, "--out", data,
                        "--images", raw / "images")

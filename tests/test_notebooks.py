@@ -108,7 +108,7 @@ def test_collapse_notebook_values_on_planted_domains(tmp_path_factory):
     """Slow tier, values: 02_modality_collapse in full mode on two planted domains. Without image
     signal the image-only history (v2f) ranks at chance while the text-only one does not; with the
     signal planted in both modalities VLM2Rec separates positives from negatives in F, T and V."""
-    from vlm2rec_lab.config import PrepareConfig, SynthConfig
+    from vlm2rec_lab.config import REGIMES, PrepareConfig, SynthConfig
     from vlm2rec_lab.data.dataset import prepare
     from vlm2rec_lab.data.synthetic import generate
     from vlm2rec_lab.evaluate import chance_metrics
@@ -116,7 +116,8 @@ def test_collapse_notebook_values_on_planted_domains(tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     data = {}
     for name, image_signal in (("both", 1.0), ("noimage", 0.0)):
-        raw = generate(SynthConfig(image_signal=image_signal), root / name / "raw")
+        # the earlier default domain (REGIMES["independent"]): the thresholds below were measured there
+        raw = generate(SynthConfig(**{**REGIMES["independent"], "image_signal": image_signal}), root / name / "raw")
         data[name] = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")),
                              root / name / "data", progress=False).path
     results = run_batch([data["both"], data["noimage"]], select_notebooks("02"), root / "runs", params={"SEEDS": "0-2"})

@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from vlm2rec_lab.config import PrepareConfig, SynthConfig
+from vlm2rec_lab.config import REGIMES, PrepareConfig, SynthConfig
 from vlm2rec_lab.data.dataset import prepare
 from vlm2rec_lab.data.formats import read_raw
 from vlm2rec_lab.data.synthetic import OracleScorer, generate, load_latents
@@ -59,7 +59,8 @@ def test_images_show_the_style_colour(synth_raw):
 
 @pytest.mark.parametrize("image_signal, text_signal", [(0.0, 1.0), (1.0, 0.0)])
 def test_planted_imbalance_puts_the_silent_modality_at_chance(tmp_path, image_signal, text_signal):
-    raw = generate(SynthConfig(users=500, items=300, seed=1, image_signal=image_signal, text_signal=text_signal), tmp_path / "raw")
+    knobs = {**REGIMES["independent"], "image_signal": image_signal, "text_signal": text_signal}
+    raw = generate(SynthConfig(users=500, items=300, seed=1, **knobs), tmp_path / "raw")
     cfg = PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images"))
     ds = prepare(cfg, tmp_path / "ds", progress=False)
     chance = chance_metrics(100)["HR@10"]
@@ -71,9 +72,86 @@ def test_planted_imbalance_puts_the_silent_modality_at_chance(tmp_path, image_si
     assert hr["latent"] > hr[loud]
 
 
+def test_the_independent_regime_is_the_earlier_domain_byte_for_byte(tmp_path):
+    """Pinned digests of the domain the earlier default wrote (before the shared latent and the
+    shortcut existed): the slow tests' thresholds, measured there, stay valid on REGIMES["independent"]."""
+    out = generate(SynthConfig(users=60, items=120, seed=5, **REGIMES["independent"]), tmp_path / "raw")
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    assert sha((out / "Synthetic.json.gz").read_bytes()).startswith("d040afc9d02cc04f")
+    assert sha((out / "meta_Synthetic.json.gz").read_bytes()).startswith("0aff1135b76d37d0")
+    assert sha(b"".join(p.read_bytes() for p in sorted((out / "images").iterdir()))).startswith("2a87d1c7a088003191")
+
+
+def _transitions(raw, lat):
+    """Consecutive (item, next item) row pairs of every user, from the raw reviews."""
+    import gzip
+    import json
+
+    row = {a: k for k, a in enumerate(lat["asin"])}
+    seqs: dict = {}
+    with gzip.open(raw / "Synthetic.json.gz", "rt") as f:
+        for line in f:
+            r = json.loads(line)
+            seqs.setdefault(r["reviewerID"], []).append(row[r["asin"]])
+    return np.array([(a, b) for s in seqs.values() for a, b in zip(s, s[1:])])
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.5, 1.0])
+def test_shared_ties_the_style_to_the_category_and_moves_both_together(tmp_path, shared):
+    raw = generate(SynthConfig(users=400, items=300, seed=2, shared=shared, noise=0.0), tmp_path / "raw")
+    lat = load_latents(raw)
+    cat, style = np.array(lat["category"]), np.array(lat["style"])
+    tied = (cat == style).mean()
+    # untied items draw a style at random: 1 in 8 equals the category by chance
+    assert tied == pytest.approx(shared + (1 - shared) / 8, abs=0.07)
+    if shared == 1.0:
+        a, b = _transitions(raw, lat).T
+        # one latent, one chain: with no noise the style moves exactly as the category does
+        np.testing.assert_array_equal(style[b], cat[b])
+        assert np.mean(cat[a] == cat[b]) == pytest.approx(0.8, abs=0.05)  # the default stay
+
+
+def test_shared_latent_oracles_text_clean_image_noisy(tmp_path):
+    """The default regime: the title shows the one latent cleanly, the image with image_signal 0.7,
+    so the text oracle reaches the latent oracle and the image oracle sits between it and chance."""
+    raw = generate(SynthConfig(users=500, items=300, seed=1), tmp_path / "raw")
+    ds = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), tmp_path / "ds",
+                 progress=False)
+    hr = {m: evaluate(ds, OracleScorer(raw, ds.items["item_id"], m), progress=False).mean()["HR@10"]
+          for m in ("text", "image", "latent")}
+    chance = chance_metrics(100)["HR@10"]
+    assert hr["text"] == pytest.approx(hr["latent"], abs=1e-9)
+    assert chance + 0.1 < hr["image"] < hr["text"] - 0.1, hr
+
+
+def test_shortcut_partners_share_a_code_and_are_the_next_item_as_often_as_asked(tmp_path):
+    raw = generate(SynthConfig(users=400, items=300, seed=4, shortcut=0.4), tmp_path / "raw")
+    lat = load_latents(raw)
+    partner = np.array(lat["partner"])
+    assert (partner[partner] == np.arange(300)).all() and (partner != np.arange(300)).all()  # pairs
+    titles = {a: m["title"] for a, m in read_raw("amazon2018", [str(raw)]).meta.items()}
+    codes = [titles[a].split()[-1] for a in lat["asin"]]
+    assert all(codes[k] == codes[partner[k]] and codes[k].isupper() for k in range(300))
+    assert len(set(codes)) == 150  # one code per pair, used by nobody else
+    a, b = _transitions(raw, lat).T
+    moved = np.mean(partner[a] == b)
+    # the shortcut fires with chance 0.4 while the partner is unseen (after it, once seen, it cannot)
+    assert 0.25 < moved < 0.45
+    ds = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), tmp_path / "ds",
+                 progress=False)
+    text = OracleScorer(raw, ds.items["item_id"], "text")
+    image = OracleScorer(raw, ds.items["item_id"], "image")
+    ev = {m: evaluate(ds, sc, progress=False).mean()["HR@10"] for m, sc in (("text", text), ("image", image))}
+    assert ev["text"] > ev["image"] + 0.2, ev  # only the title shows the code
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="image_signal"):
         SynthConfig(image_signal=1.5)
+    with pytest.raises(ValueError, match="shared.*styles == categories"):
+        SynthConfig(shared=0.5, styles=4)
+    with pytest.raises(ValueError, match="shortcut"):
+        SynthConfig(shortcut=-0.1)
     with pytest.raises(ValueError, match="styles"):
         SynthConfig(styles=17)
 

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import FORMATS, PrepareConfig, SynthConfig, parse_seeds
+from .config import FORMATS, REGIMES, PrepareConfig, SynthConfig, parse_seeds
 
 
 def _yes_no(v: str) -> bool:
@@ -29,11 +29,20 @@ def _seeds(v: str) -> list[int]:
 
 
 def _synth_knobs(p: argparse.ArgumentParser) -> None:
-    """One flag per :class:`SynthConfig` knob (``--text-signal`` for ``text_signal``), its default shown."""
+    """One flag per :class:`SynthConfig` knob (``--text-signal`` for ``text_signal``), its default
+    shown; ``--regime`` sets the mechanism's knobs to a named setting, which given flags override."""
+    p.add_argument("--regime", choices=sorted(REGIMES), default="collapse",
+                   help="collapse: the default (modality collapse planted); independent: two independent latents "
+                        "(the earlier default): " + ", ".join(f"{k} {v}" for k, v in REGIMES["independent"].items()))
     for f in dataclasses.fields(SynthConfig):
-        default = f.default
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0], int)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default, help=f"default: {default}")
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default: {f.default}")
+
+
+def synth_config(a: argparse.Namespace) -> SynthConfig:
+    """The :class:`SynthConfig` of ``data synth``'s flags: the regime's knobs, then the given flags."""
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(SynthConfig) if getattr(a, f.name) is not None}
+    return SynthConfig(**{**REGIMES[a.regime], **given})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,7 +227,7 @@ def _print_eval(ev, as_json: bool) -> None:
 def cmd_synth(a) -> int:
     from .data.synthetic import generate
 
-    cfg = SynthConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(SynthConfig)})
+    cfg = synth_config(a)
     t0 = time.perf_counter()
     out = generate(cfg, a.out, overwrite=a.overwrite)
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s ({cfg.users} users, {cfg.items} items)")

@@ -49,17 +49,19 @@ class PrepareConfig:
 
 @dataclass
 class SynthConfig:
-    """The planted-modality synthetic domain (DESIGN §1)."""
+    """The planted-modality synthetic domain (DESIGN §1). The defaults plant modality collapse
+    (``data/synthetic.py`` explains the mechanism); ``REGIMES["independent"]`` gives the earlier
+    domain of two independent latents, where SFT leaves the image weak but does not collapse it."""
 
     users: int = 1000
     items: int = 500
     categories: int = 8  # latent shown by the title's words
     styles: int = 8  # latent shown by the image (colour x shape)
     text_signal: float = 1.0  # share of items whose title shows their true category
-    image_signal: float = 1.0  # share of items whose image shows their true style
-    stay: float = 0.5  # chance a latent keeps its value from one item to the next
+    image_signal: float = 0.7  # share of items whose image shows their true style
+    stay: float = 0.8  # chance a latent keeps its value from one item to the next
     noise: float = 0.1  # chance the next item is drawn uniformly, ignoring the latents
-    shared: float = 0.0  # share of items whose style is tied to their category (one latent, one chain)
+    shared: float = 1.0  # share of items whose style is tied to their category (one latent, one chain)
     shortcut: float = 0.0  # chance the next item is the current item's series partner (a code in both titles)
     min_len: int = 5
     mean_len: float = 9.0
@@ -82,6 +84,13 @@ class SynthConfig:
             raise ValueError("styles: at most 16 (4 shapes x 4 colours)")
         if self.min_len < 3:
             raise ValueError("min_len: at least 3 (leave-one-out needs train, valid and test)")
+
+
+# named settings of the domain's mechanism knobs (sizes and seed are set apart)
+REGIMES = {
+    "collapse": {},  # the defaults: one latent shown cleanly by the title, noisily by the image
+    "independent": {"image_signal": 1.0, "stay": 0.5, "shared": 0.0},  # two independent latents, one per modality
+}
 
 
 T = TypeVar("T")

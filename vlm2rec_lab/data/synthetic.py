@@ -1,12 +1,34 @@
 """The synthetic planted-modality domain: the embedded default dataset (DESIGN §1).
 
 Every item has two latents: a *category*, shown by words in its title, and a *style*, shown by its
-image (a shape in a colour). Users move from item to item by two Markov chains, one per latent:
-each latent keeps its value with probability ``stay`` or moves to a fixed successor; the next item
-is then drawn (by popularity) among the unseen items with the chosen (category, style), or with
-probability ``noise`` uniformly at random. The knobs ``text_signal`` / ``image_signal`` give the
-share of items whose title / image shows the *true* latent; the others show a random one, so 0
-means the modality carries no next-item signal at all.
+image (a shape in a colour). Users move from item to item by Markov chains on the latents: a latent
+keeps its value with probability ``stay`` or moves to a fixed successor; the next item is then drawn
+(by popularity) among the unseen items with the chosen (category, style), or with probability
+``noise`` uniformly at random. One generative process writes every sequence; the splits are cut
+from them afterwards (leave-one-out).
+
+The knobs (:class:`~vlm2rec_lab.config.SynthConfig`), each an instrument setting:
+
+* ``text_signal`` / ``image_signal``: the share of items whose title / image shows the *true*
+  latent; the others show a random one (0: the modality carries no next-item signal at all).
+* ``shared`` (ρ): the share of items whose style is *tied* to their category (style = category),
+  the rest drawing a style at random; with ρ > 0 the two latents move by one chain (one stay-or-move
+  decision, the same successor map), so a tied item's title and photo describe the same thing, as
+  on real products. ρ = 0 gives two independent latents with independent chains.
+* ``shortcut`` (σ): items come in *series pairs* whose titles both end with the pair's made-up
+  code; with chance σ the next item is the current item's partner (while unseen). An item-level
+  text shortcut: the title shows it, the image cannot.
+
+**The default regime plants modality collapse** (ours; chosen from oracle, vanilla and SFT runs
+only, see the README): ρ = 1, ``stay`` 0.8, ``text_signal`` 1, ``image_signal`` 0.7. The title
+shows the one latent cleanly and the image shows it for 70% of items, so the image is a weaker,
+redundant view: its oracle is well above chance (a signal that generalises), but once the text has
+learned the latent, the mis-shown images are only noise to the fused objective. Plain contrastive
+fine-tuning then learns the text, spreads the text embeddings and *shrinks* the image embeddings'
+spread (they collapse towards one vector), so the image-only history ranks below the untrained
+model's (v2f), and the fused space mirrors the text space (t2f ≈ f2f).
+``config.REGIMES["independent"]`` (ρ = 0, ``stay`` 0.5, ``image_signal`` 1) is the earlier
+default, byte for byte: two independent latents, where SFT leaves the image weak but not collapsed.
 
 The output is Amazon 2018 raw data (reviews and ``meta_*`` JSON lines, gzip) plus PNG images named
 by item id, so it goes through the same readers as real data, and ``oracle/latents.json`` with the known
@@ -245,8 +267,11 @@ def load_latents(path: str | Path) -> dict:
 class OracleScorer:
     """Best ranking from one modality's *shown* latent, given the true transition chains (Markov on
     the last item). ``modality``: ``text`` (shown category), ``image`` (shown style), ``both``, or
-    ``latent`` (the true latents: the ceiling). Ties are broken at random (seeded), so a modality
-    that carries no signal ranks exactly at chance in expectation."""
+    ``latent`` (the true latents: the ceiling). The shortcut's partner, shown by the title's code,
+    ranks first for ``text``, ``both`` and ``latent``. ``both`` multiplies the two chains' scores as
+    if both shown latents were true, so with a shared latent and a noisy image it can fall below
+    ``text`` alone. Ties are broken at random (seeded), so a modality that carries no signal ranks
+    exactly at chance in expectation."""
 
     MODALITIES = ("text", "image", "both", "latent")
 
