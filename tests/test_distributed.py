@@ -172,10 +172,10 @@ def test_two_processes_fill_the_vision_cache_a_share_each_and_both_hold_all(synt
         for i, (f, g) in one["held"][0].items():
             assert torch.equal(held[i][1], g) and held[i][0].shape == f.shape
             assert torch.allclose(held[i][0], f, atol=1e-5), i
-    # missing somewhere: every image but 3 and 5 (7 is missing on rank 0), split in halves; plus
-    # what each rank encoded before (2 and 3 images)
+    # missing somewhere: every image but 3 and 5 (7 is missing on rank 0), split in contiguous halves
+    # (rank 0 takes the odd one out, distributed.shard); plus what each rank encoded before (2 and 3)
     todo = n_images - 2
-    assert two["encoded"] == [2 + todo // 2, 3 + todo - todo // 2]
+    assert two["encoded"] == [2 + todo - todo // 2, 3 + todo // 2]
 
 
 def test_averaging_over_processes_is_the_mean_in_buckets_per_dtype(tmp_path):

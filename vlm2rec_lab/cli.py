@@ -544,8 +544,11 @@ def cmd_demo(a) -> int:
     notebooks = select_notebooks(a.notebooks)
     runs_dir = out / "runs" / "data" / "runs"  # where the batch points the notebooks' RUNS_DIR
     if a.profile == "demo" and any(nb.stem[:2] not in ("00", "01") for nb in notebooks):
-        train_runs(data.resolve(), runs_dir.resolve(), DEMO_METHODS, parse_seeds(PROFILES["demo"]["SEEDS"]))
-    stage(3, f"training runs ({a.profile} profile) -> {runs_dir}")
+        seeds = parse_seeds(PROFILES["demo"]["SEEDS"])
+        train_runs(data.resolve(), runs_dir.resolve(), DEMO_METHODS, seeds)
+        stage(3, f"trained {', '.join(DEMO_METHODS)} on seeds {PROFILES['demo']['SEEDS']} -> {runs_dir}")
+    else:
+        stage(3, "no runs trained up front (the notebooks train what they need)")
     results = run_batch([data], notebooks, out / "runs", profile=a.profile)
     stage(4, f"notebooks ({a.profile} profile, backbone tiny) -> {out / 'runs'}")
     failed = [r for r in results if not r.ok]
