@@ -48,7 +48,15 @@ def test_sft_and_vlm2rec_beat_vanilla_and_popularity(independent_domain, tmp_pat
         assert ndcg[m] > ndcg["vlm-vanilla"] and ndcg[m] > pop, (ndcg, pop)
 
 
-@pytest.mark.parametrize("size", ["default", "demo"])
+# Measured (issue 20): the collapse holds at the default size (1000 users x 500 items, 480 steps: SFT v2f
+# below vanilla in 5/5 seeds, mean drop 0.023) and at none of the smaller sizes tried, where SFT still
+# learns the image within its fewer steps: 400x200 (demo, seeds 0-2: v2f 0.118 -> 0.207), 600x300 (seed 0:
+# 0.123 -> 0.114), 400x400, 800x400 (seeds 0-1: 0.134 -> 0.157 / 0.184). Strict: when the demo's size
+# starts to collapse, this xfail fails and the README and the demo's docs must be updated.
+_DEMO_SIZE_GAP = pytest.mark.xfail(strict=True, reason="no collapse at the demo's size: SFT still learns the image")
+
+
+@pytest.mark.parametrize("size", ["default", pytest.param("demo", marks=_DEMO_SIZE_GAP)])
 def test_sft_collapses_the_image_side_on_the_default_domain(tmp_path_factory, tmp_path, size):
     """The collapse definition (vlm2rec_lab.collapse) over training seeds 0-2: SFT's v2f HR@10 below
     the untrained model's in every seed and by >= 0.02 on average, SFT's f2f >= untrained + 0.1, the

@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -272,6 +273,7 @@ def _train_one(job: tuple[str, str, str, int]) -> tuple[str, int, float]:
 
     data, runs_dir, method, seed = job
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # once per worker, not per run
     t0 = time.perf_counter()
     ensure_runs(Dataset.load(data), train_config(method, "tiny"), Path(runs_dir) / method, [seed])
     return method, seed, time.perf_counter() - t0
