@@ -40,8 +40,11 @@ def test_compare_line_counts_seeds_and_pairs_by_seed():
     b = _frame([0.4, 0.4, 0.4], [0.2, 0.3, 0.1])
     line = compare_line("X", a, b, views=("f2f", "v2f"))
     assert "f2f +0.200 (up in 3/3" in line and "v2f +0.000 (up in 1/3" in line
-    # paired by seed: a constant shift of 0.1 has no spread; the p-value of a t-test is then 0
-    assert "p 0" in compare_line("Y", _frame([0.5, 0.6, 0.7], [0, 0, 0]), _frame([0.4, 0.5, 0.6], [0, 0, 0]), views=("f2f",))
+    # paired by seed: seed-wise differences 0.1, 0.2, 0.3 against 0 give t = 3.46 at df 2, p = 0.074 (by hand)
+    line = compare_line("Y", _frame([0.5, 0.7, 0.9], [0, 0, 0]), _frame([0.4, 0.5, 0.6], [0, 0, 0]), views=("f2f",))
+    assert line == "Y: f2f +0.200 (up in 3/3, p 0.074)"
+    # identical per-seed values: no evidence of a difference (p = 1, as evaluate.paired_ttest says)
+    assert "p 1)" in compare_line("Z", a, a, views=("f2f",))
 
 
 def test_find_latents_follows_the_manifest_sources(tmp_path):

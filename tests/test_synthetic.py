@@ -104,11 +104,17 @@ def test_shared_ties_the_style_to_the_category_and_moves_both_together(tmp_path,
     tied = (cat == style).mean()
     # untied items draw a style at random: 1 in 8 equals the category by chance
     assert tied == pytest.approx(shared + (1 - shared) / 8, abs=0.07)
-    if shared == 1.0:
-        a, b = _transitions(raw, lat).T
-        # one latent, one chain: with no noise the style moves exactly as the category does
-        np.testing.assert_array_equal(style[b], cat[b])
-        assert np.mean(cat[a] == cat[b]) == pytest.approx(0.8, abs=0.05)  # the default stay
+    a, b = _transitions(raw, lat).T
+    same_c, same_s = cat[a] == cat[b], style[a] == style[b]
+    if shared > 0:
+        # one chain, one stay-or-move decision: the style stays exactly when the category does
+        # (bar the rare fallback to a uniform draw when the chosen cell has no unseen item)
+        assert np.mean(same_c == same_s) > 0.95
+    if shared == 1:
+        assert np.mean(same_c) == pytest.approx(0.8, abs=0.05)  # the default stay
+    if shared == 0:
+        # two chains, two decisions: they agree with chance 0.8² + 0.2² = 0.68
+        assert np.mean(same_c == same_s) == pytest.approx(0.68, abs=0.06)
 
 
 def test_shared_latent_oracles_text_clean_image_noisy(tmp_path):
@@ -139,10 +145,16 @@ def test_shortcut_partners_share_a_code_and_are_the_next_item_as_often_as_asked(
     assert 0.25 < moved < 0.45
     ds = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), tmp_path / "ds",
                  progress=False)
-    text = OracleScorer(raw, ds.items["item_id"], "text")
-    image = OracleScorer(raw, ds.items["item_id"], "image")
-    ev = {m: evaluate(ds, sc, progress=False).mean()["HR@10"] for m, sc in (("text", text), ("image", image))}
-    assert ev["text"] > ev["image"] + 0.2, ev  # only the title shows the code
+    text, chains_only = (OracleScorer(raw, ds.items["item_id"], "text") for _ in range(2))
+    chains_only.partner = None  # the same oracle without the code
+    hr = {k: evaluate(ds, sc, ks=(1,), progress=False).mean()["HR@1"] for k, sc in (("code", text), ("chains", chains_only))}
+    # the code puts the partner first; about a third of test targets are the last item's partner
+    assert hr["code"] > hr["chains"] + 0.2, hr
+    # an item whose partner is not in the catalogue (dropped by the k-core filter) gets no boost
+    keep = [i for i in ds.items["item_id"] if i != lat["asin"][partner[0]]]
+    sc = OracleScorer(raw, keep, "text")
+    assert sc.partner[keep.index(lat["asin"][0])] == -1
+    assert sorted(sc.partner[sc.partner >= 0]) == sorted(k for k, i in enumerate(keep) if sc.partner[k] >= 0)
 
 
 def test_config_validation():

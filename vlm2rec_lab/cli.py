@@ -36,7 +36,9 @@ def _synth_knobs(p: argparse.ArgumentParser) -> None:
                         "(the earlier default): " + ", ".join(f"{k} {v}" for k, v in REGIMES["independent"].items()))
     for f in dataclasses.fields(SynthConfig):
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0], int)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default: {f.default}")
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                       help=f"default: {REGIMES['independent'].get(f.name, f.default)} under --regime independent, "
+                            f"else {f.default}" if f.name in REGIMES["independent"] else f"default: {f.default}")
 
 
 def synth_config(a: argparse.Namespace) -> SynthConfig:
@@ -519,7 +521,7 @@ def cmd_demo(a) -> int:
     train the runs every notebook shares (the demo profile: Vanilla, SFT and VLM2Rec on training
     seeds 0-2), then run every notebook on it through the papermill batch with the tiny backbone:
     figures, tables, runs and ``index.html`` (opening with the verdict) in the output folder."""
-    from .batch import DEMO_DOMAIN, DEMO_METHODS, PROFILES, run_batch, select_notebooks, train_runs
+    from .batch import DEMO_DOMAIN, DEMO_METHODS, PROFILES, dataset_names, run_batch, select_notebooks, train_runs
     from .data.dataset import prepare
     from .data.synthetic import generate
 
@@ -542,7 +544,7 @@ def cmd_demo(a) -> int:
     print(ds.stats_table("synthetic").to_string())
     stage(2, f"prepared -> {data}")
     notebooks = select_notebooks(a.notebooks)
-    runs_dir = out / "runs" / "data" / "runs"  # where the batch points the notebooks' RUNS_DIR
+    runs_dir = out / "runs" / dataset_names([data])[0] / "runs"  # where run_batch points the notebooks' RUNS_DIR
     if a.profile == "demo" and any(nb.stem[:2] not in ("00", "01") for nb in notebooks):
         seeds = parse_seeds(PROFILES["demo"]["SEEDS"])
         train_runs(data.resolve(), runs_dir.resolve(), DEMO_METHODS, seeds)
@@ -566,6 +568,8 @@ def cmd_batch(a) -> int:
     for d in a.datasets:
         if not (Path(d) / "manifest.json").exists():
             raise FileNotFoundError(f"{d}: not a prepared dataset (no manifest.json)")
+    if a.quick and a.profile != "full":
+        raise ValueError(f"--quick is --profile quick; it conflicts with --profile {a.profile}")
     results = run_batch(a.datasets, select_notebooks(a.notebooks), a.out, profile="quick" if a.quick else a.profile,
                         params=parse_params(a.params))
     failed = [r for r in results if not r.ok]

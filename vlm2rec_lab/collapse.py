@@ -27,16 +27,12 @@ MIN_IMAGE_ORACLE_MARGIN = 0.10
 
 
 def _ttest_p(a: pd.Series, b: pd.Series) -> float:
-    """Two-sided paired t-test by training seed (nan with fewer than 2 shared seeds or no spread)."""
-    from scipy.stats import ttest_rel
+    """:func:`~vlm2rec_lab.evaluate.paired_ttest` of two per-seed series (nan with fewer than 2 shared seeds)."""
+    from .evaluate import paired_ttest
 
-    common = a.index.intersection(b.index)
-    if len(common) < 2:
+    if len(a.index.intersection(b.index)) < 2:
         return float("nan")
-    d = a[common].to_numpy(float) - b[common].to_numpy(float)
-    if np.allclose(d, d[0]):
-        return float("nan") if d[0] == 0 else 0.0
-    return float(ttest_rel(a[common], b[common]).pvalue)
+    return float(paired_ttest(a.to_frame("x"), b.to_frame("x"))["x"])
 
 
 def _fmt_p(p: float) -> str:
@@ -137,8 +133,9 @@ def compare_line(name: str, a: pd.DataFrame, b: pd.DataFrame, views=("f2f", "t2f
 def verdict(check: CollapseCheck, method: pd.DataFrame | None = None, name: str = "VLM2Rec") -> str:
     """The line the demo's index opens with: the collapse (or its absence), then ``method`` against SFT."""
     head = ("collapse: " if check.holds else "no collapse by the definition: ") + check.summary()
-    if not check.holds:
-        head += " — " + "; ".join(check.reasons())
+    rest = [r for r in check.reasons() if not r.startswith("SFT v2f below vanilla")]  # the summary says it
+    if rest:
+        head += " — " + "; ".join(rest)
     if method is not None:
         head += "; " + compare_line(f"{name} against SFT", method, check.sft)
     return head

@@ -79,7 +79,8 @@ class SynthConfig:
             raise ValueError("need users >= 1, items >= 2, categories >= 2, styles >= 2")
         if self.shared > 0 and self.styles != self.categories:
             raise ValueError(f"shared: {self.shared} ties each style to a category, which needs styles == categories "
-                             f"(got {self.styles} styles, {self.categories} categories)")
+                             f"(got {self.styles} styles, {self.categories} categories; set both, or shared 0: --shared 0 or "
+                             f"--regime independent)")
         if self.styles > 16:
             raise ValueError("styles: at most 16 (4 shapes x 4 colours)")
         if self.min_len < 3:

@@ -290,7 +290,8 @@ class EmbeddingExplorer:
 
         from PIL import Image
 
-        if item_idx is None:
+        if item_idx is None:  # nothing selected: the map still follows the controls
+            self._draw()
             return
         i = int(item_idx)
         item = self.ds.items.iloc[i]

@@ -28,7 +28,9 @@ fine-tuning then learns the text, spreads the text embeddings and *shrinks* the 
 spread (they collapse towards one vector), so the image-only history ranks below the untrained
 model's (v2f), and the fused space mirrors the text space (t2f ≈ f2f).
 ``config.REGIMES["independent"]`` (ρ = 0, ``stay`` 0.5, ``image_signal`` 1) is the earlier
-default, byte for byte: two independent latents, where SFT leaves the image weak but not collapsed.
+default: the same reviews, titles and images byte for byte (``oracle/latents.json`` gains the new
+knobs and ``partner``): two independent latents, where SFT leaves the image weak but not collapsed.
+Any ρ > 0 switches to the one chain, so ρ → 0⁺ does not approach ρ = 0.
 
 The output is Amazon 2018 raw data (reviews and ``meta_*`` JSON lines, gzip) plus PNG images named
 by item id, so it goes through the same readers as real data, and ``oracle/latents.json`` with the known
@@ -97,6 +99,8 @@ def transition_matrix(succ: np.ndarray, stay: float) -> np.ndarray:
 def _series_codes(rng: np.random.Generator, n: int, partner: np.ndarray, taken: set[str]) -> list[str]:
     """One made-up series code per pair of partners (shared by both titles), "" for items without one."""
     codes = [""] * n
+    if (partner > np.arange(n)).sum() > 100_000:
+        raise ValueError(f"items: {n} is too many for series codes (at most 200,000 items with shortcut > 0)")
     used = set(taken) | set(_ADJECTIVES)
     for k in range(n):
         if partner[k] > k:
@@ -165,6 +169,7 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path
     if cfg.shortcut > 0:  # series pairs: two items that share a series code in their titles
         order = aux.permutation(n)
         partner[order[0:n - 1:2]], partner[order[1:n:2]] = order[1:n:2], order[0:n - 1:2]
+    codes = _series_codes(aux, n, partner, {w.lower() for w in brands} | {w for ws in nouns for w in ws})
     asins = [f"S{cfg.seed:02d}{k:06d}" for k in range(n)]
 
     cells: dict[tuple[int, int], np.ndarray] = {}
@@ -208,7 +213,6 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path
             reviews.append({"reviewerID": user, "asin": asins[cur], "unixReviewTime": t, "overall": 5.0,
                             "reviewText": "synthetic review"})
 
-    codes = _series_codes(aux, n, partner, set(w.lower() for w in brands) | {w for ws in nouns for w in ws})
     meta = []
     cat_names = [" ".join(w).title() for w in nouns]
     for k in range(n):
@@ -268,9 +272,9 @@ class OracleScorer:
     """Best ranking from one modality's *shown* latent, given the true transition chains (Markov on
     the last item). ``modality``: ``text`` (shown category), ``image`` (shown style), ``both``, or
     ``latent`` (the true latents: the ceiling). The shortcut's partner, shown by the title's code,
-    ranks first for ``text``, ``both`` and ``latent``. ``both`` multiplies the two chains' scores as
-    if both shown latents were true, so with a shared latent and a noisy image it can fall below
-    ``text`` alone. Ties are broken at random (seeded), so a modality that carries no signal ranks
+    ranks first for ``text``, ``both`` and ``latent``. ``both`` scores the chains as if both shown
+    latents were true (their product; the joint chain where ``shared`` > 0 moves them together), so
+    with a shared latent and a noisy image it can fall below ``text`` alone. Ties are broken at random (seeded), so a modality that carries no signal ranks
     exactly at chance in expectation."""
 
     MODALITIES = ("text", "image", "both", "latent")
@@ -291,6 +295,9 @@ class OracleScorer:
         c = np.asarray(latents["shown_category" if shown else "category"])[idx]
         s = np.asarray(latents["shown_style" if shown else "style"])[idx]
         self.c, self.s, self.Tc, self.Ts, self.modality = c, s, Tc, Ts, modality
+        # shared > 0: the latents move together (synthetic.generate), so both/latent score the joint chain
+        self.coupled = latents.get("config", {}).get("shared", 0.0) > 0
+        self.succ_c, self.succ_s = (np.argmax(T - np.diag(np.diag(T)), axis=1) for T in (Tc, Ts))
         # the series shortcut: the last item's partner first (text shows the code; the image cannot)
         pos = {int(k): j for j, k in enumerate(idx)}
         partner = np.asarray(latents.get("partner", [-1] * len(latents["asin"])))[idx]
@@ -301,11 +308,17 @@ class OracleScorer:
     def __call__(self, histories: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
         last = histories[:, -1]
         cand = np.arange(self.c.size)[None, :].repeat(len(last), 0) if candidates is None else candidates
-        score = np.ones(cand.shape)
-        if self.modality in ("text", "both", "latent"):
-            score = score * self.Tc[self.c[last][:, None], self.c[cand]]
-        if self.modality in ("image", "both", "latent"):
-            score = score * self.Ts[self.s[last][:, None], self.s[cand]]
+        c0, s0, c1, s1 = self.c[last][:, None], self.s[last][:, None], self.c[cand], self.s[cand]
+        if self.coupled and self.modality in ("both", "latent"):
+            # one stay-or-move decision for both latents: the joint chain, not the product of its marginals
+            stay = np.diag(self.Tc)[c0]
+            score = stay * ((c1 == c0) & (s1 == s0)) + (1 - stay) * ((c1 == self.succ_c[c0]) & (s1 == self.succ_s[s0]))
+        else:
+            score = np.ones(cand.shape)
+            if self.modality in ("text", "both", "latent"):
+                score = score * self.Tc[c0, c1]
+            if self.modality in ("image", "both", "latent"):
+                score = score * self.Ts[s0, s1]
         if self.partner is not None:
             score = score + 10.0 * (cand == self.partner[last][:, None])
         return score + self.jitter[cand]
