@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import html
 import os
+import re
+import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -101,6 +105,43 @@ def dataset_names(datasets: list[str | Path]) -> list[str]:
     return names
 
 
+# Lines a healthy kernel prints to the terminal that a researcher would read as something wrong; only
+# these are dropped from the batch's output (a notebook's own errors and warnings are kept).
+KERNEL_NOISE = (
+    # ipykernel >= 7 on jupyter_client's default local TCP transport
+    re.compile(r"\[IPKernelApp\] WARNING \| Kernel is running over TCP without encryption"),
+)
+
+
+@contextmanager
+def filtered_stderr(patterns: tuple[re.Pattern, ...]):
+    """Route file descriptor 2 (which kernels and other child processes inherit) through a pipe
+    that drops the lines matching ``patterns`` and passes every other line on, in order."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    forward = os.dup(saved)  # the pump's own copy of the real stderr
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as src, os.fdopen(forward, "wb", buffering=0) as dst:
+            for line in src:
+                if not any(p.search(line.decode("utf-8", "replace")) for p in patterns):
+                    dst.write(line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes our copy of the pipe's write end: the pump ends when the kernels' do
+        os.close(saved)
+        thread.join(timeout=10)
+
+
 def run_batch(datasets: list[str | Path], notebooks: list[Path], out: str | Path, profile: str = "full",
               params: dict | None = None, kernel: str = "python3") -> list[NotebookResult]:
     import papermill as pm
@@ -123,8 +164,9 @@ def run_batch(datasets: list[str | Path], notebooks: list[Path], out: str | Path
             t0 = time.perf_counter()
             error = None
             try:
-                pm.execute_notebook(str(nb), str(dest), parameters=p, kernel_name=kernel, progress_bar=False,
-                                    cwd=str(dest.parent))
+                with filtered_stderr(KERNEL_NOISE):
+                    pm.execute_notebook(str(nb), str(dest), parameters=p, kernel_name=kernel, progress_bar=False,
+                                        cwd=str(dest.parent))
             except pm.PapermillExecutionError as e:
                 error = f"cell {e.exec_count}: {e.ename}: {e.evalue}"
             except Exception as e:  # a kernel that dies, a notebook that cannot be read  # noqa: BLE001
