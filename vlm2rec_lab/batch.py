@@ -15,6 +15,7 @@ Every other record stays a row in its notebook's table (floats to 4 decimals).""
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import sys
@@ -28,6 +29,7 @@ from urllib.parse import quote
 
 import yaml
 
+from .data.dataset import manifest_modalities
 from .notebook import read_records, repo_root
 
 
@@ -51,10 +53,27 @@ class NotebookResult:
     dataset: str
     notebook: str
     path: Path
-    ok: bool
+    ok: bool  # did not fail (a skipped notebook is ok)
     seconds: float
     error: str | None = None
     records: dict = field(default_factory=dict)
+    skipped: str | None = None  # why the notebook did not run on this dataset
+
+
+# what a dataset must offer for a notebook that needs it, and how to get it
+_HOW = {"titles": "prepare from metadata with titles", "images": "prepare with --images or image URLs"}
+
+
+def notebook_needs(path: Path) -> tuple[str, ...]:
+    """The modalities a notebook needs (its metadata's ``vlm2rec.needs``; ids alone when unsaid)."""
+    meta = json.loads(Path(path).read_text()).get("metadata", {})
+    return tuple(meta.get("vlm2rec", {}).get("needs", ["ids"]))
+
+
+def skip_reason(needs: tuple[str, ...], offers: tuple[str, ...]) -> str | None:
+    """Why a notebook cannot run on a dataset (None when it can)."""
+    missing = [m for m in needs if m not in offers]
+    return "; ".join(f"needs {m}: {_HOW.get(m, m)}" for m in missing) or None
 
 
 def notebooks_dir() -> Path:
@@ -151,13 +170,20 @@ def run_batch(datasets: list[str | Path], notebooks: list[Path], out: str | Path
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results: list[NotebookResult] = []
+    offers_of: dict[str, tuple[str, ...]] = {}
     total = len(datasets) * len(notebooks)
     k = 0
     for data, name in zip(datasets, dataset_names(datasets)):
         data = Path(data).resolve()
+        offers = offers_of[name] = manifest_modalities(json.loads((data / "manifest.json").read_text()))
         for nb in notebooks:
             k += 1
             dest = out / name / nb.name
+            reason = skip_reason(notebook_needs(nb), offers)
+            if reason:
+                results.append(NotebookResult(name, nb.stem, dest, True, 0.0, skipped=reason))
+                print(f"[{k}/{total}] {name}/{nb.stem}: skipped — {reason}", flush=True)
+                continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             p = {"DATA_DIR": str(data), "OUT_DIR": str(out / name / nb.stem), "RUNS_DIR": str(out / name / "runs"),
                  **PROFILES[profile], **(params or {})}
@@ -176,13 +202,16 @@ def run_batch(datasets: list[str | Path], notebooks: list[Path], out: str | Path
             results.append(NotebookResult(name, nb.stem, dest, error is None, secs, error, recs))
             print(f"[{k}/{total}] {name}/{nb.stem}: {'ok' if error is None else 'FAILED'} ({secs:.1f}s)"
                   + (f" — {error}" if error else ""), flush=True)
+    for name in dict.fromkeys(r.dataset for r in results):
+        if all(r.skipped for r in results if r.dataset == name):
+            print(f"{name}: every requested notebook was skipped (it offers {', '.join(offers_of[name])})", flush=True)
     write_index(results, out)
     return results
 
 
 _CSS = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:left}"
-        ".fail{background:#fdd}.ok{background:#dfd}"
+        ".fail{background:#fdd}.ok{background:#dfd}.skip{background:#eee;color:#555}"
         ".verdict{font-size:1.25em;font-weight:bold;border-left:6px solid #36c;padding:4px 10px;margin:.5em 0}"
         ".src{font-weight:normal;font-size:.75em;color:#666}"
         ".error{border:2px solid #c00;background:#fee;color:#900;padding:6px 10px;margin:.5em 0}"
@@ -252,7 +281,7 @@ def write_index(results: list[NotebookResult], out: Path) -> Path:
     At the top, per dataset, its ``verdict`` records as prominent lines and its ``headline:<label>``
     records in a compact table (see the module docstring). Then per notebook: a table with a column
     per dataset, a row with the run's status (ok/failed, linking the executed notebook, its seconds
-    and its outputs folder) and a row per other recorded value (floats to 4 decimals); below it, per
+    and its outputs folder, or why it was skipped) and a row per other recorded value (floats to 4 decimals); below it, per
     dataset, a failed run's error in a red box and every figure the run wrote, a PNG thumbnail
     linking to its SVG. Every text from results or records is HTML-escaped."""
     from .io import atomic_write_text
@@ -260,12 +289,14 @@ def write_index(results: list[NotebookResult], out: Path) -> Path:
     out = Path(out)
     datasets = list(dict.fromkeys(r.dataset for r in results))
     failed = [r for r in results if not r.ok]
+    skipped = [r for r in results if r.skipped]
     err_id = {id(r): f"err-{i}" for i, r in enumerate(failed)}
     failed_links = ", ".join(f"<a href='#{err_id[id(r)]}'>{html.escape(r.dataset)}/{html.escape(r.notebook)}</a>"
                              for r in failed)
     parts = ["<!doctype html><meta charset='utf-8'><title>vlm2rec_lab batch</title>",
              f"<style>{_CSS}</style>", "<h1>vlm2rec_lab batch</h1>",
-             f"<p>{len(results) - len(failed)} of {len(results)} notebook runs ok"
+             f"<p>{len(results) - len(failed) - len(skipped)} of {len(results)} notebook runs ok"
+             + (f"; skipped {len(skipped)} (what their datasets do not offer, said below)" if skipped else "")
              + (f"; failed: {failed_links}" if failed else "") + "</p>"]
     parts += _headlines(results, datasets, out)
     for nb in dict.fromkeys(r.notebook for r in results):
@@ -277,6 +308,9 @@ def write_index(results: list[NotebookResult], out: Path) -> Path:
             r = rows.get(d)
             if r is None:
                 cells.append("<td></td>")
+                continue
+            if r.skipped:
+                cells.append(f"<td class='skip'>skipped: {html.escape(r.skipped)}</td>")
                 continue
             cells.append(f"<td class='{'ok' if r.ok else 'fail'}'><a href='{_href(r.path, out)}'>"
                          f"{'ok' if r.ok else 'failed'}</a> ({r.seconds:.0f}s)"

@@ -573,7 +573,9 @@ def cmd_batch(a) -> int:
     results = run_batch(a.datasets, select_notebooks(a.notebooks), a.out, profile="quick" if a.quick else a.profile,
                         params=parse_params(a.params))
     failed = [r for r in results if not r.ok]
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed; index: {Path(a.out) / 'index.html'}")
+    skipped = [r for r in results if r.skipped]
+    print(f"{len(results) - len(failed) - len(skipped)} passed, {len(skipped)} skipped, {len(failed)} failed; "
+          f"index: {Path(a.out) / 'index.html'}")
     return 1 if failed else 0
 
 

@@ -137,6 +137,11 @@ def sample_negatives(
 # --------------------------------------------------------------------------- the dataset
 
 
+def manifest_modalities(manifest: dict) -> tuple[str, ...]:
+    """:attr:`Dataset.modalities` from a manifest alone (no parquet read)."""
+    return ("ids",) + (("titles",) if manifest.get("has_titles") else ()) + (("images",) if manifest.get("has_images") else ())
+
+
 @dataclass
 class Dataset:
     """A processed dataset: chronological sequences (CSR), items, frozen negatives, manifest."""
@@ -174,6 +179,21 @@ class Dataset:
     @property
     def seeds(self) -> list[int]:
         return list(self.manifest["config"]["seeds"])
+
+    # ---------------------------------------------------------------- modalities
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What the dataset offers a method: ``ids`` always, ``titles`` where items have titles,
+        ``images`` only where *every* item has one (the manifest's ``has_images``); a dataset where
+        some items lack an image offers no images (image prompts need every item's)."""
+        return manifest_modalities(self.manifest)
+
+    @property
+    def kind(self) -> str:
+        """``multimodal``, ``text-only``, ``images-only`` or ``ids-only``, from :attr:`modalities`."""
+        m = set(self.modalities)
+        return {frozenset({"ids", "titles", "images"}): "multimodal", frozenset({"ids", "titles"}): "text-only",
+                frozenset({"ids", "images"}): "images-only"}.get(frozenset(m), "ids-only")
 
     def sequence(self, u: int) -> np.ndarray:
         return self.seq[self.offsets[u]:self.offsets[u + 1]]
