@@ -3,11 +3,15 @@ pipeline over three training seeds (the embedder's run of seed s initialises SAS
 
 Controls: popularity; random Gaussian vectors of the same shape; an item-shuffled copy of the same
 tables (the same vectors, each on another item). A transform that only turned the table into a
-random code the Linear could learn like IDs would lift those controls as much as the real table."""
+random code the Linear could learn like IDs would lift those controls as much as the real table.
+
+The domain is the earlier default's knobs (``REGIMES["independent"]``, at the fast tests' size): the
+thresholds below were measured there (issue 20 moved the default to the collapse regime, where
+VLM2Rec's fused rows are less alike, mean cosine 0.64 against > 0.8, so the premise does not hold)."""
 import numpy as np
 import pytest
 
-from vlm2rec_lab.config import TrainConfig
+from vlm2rec_lab.config import REGIMES, PrepareConfig, SynthConfig, TrainConfig
 from vlm2rec_lab.downstream import DownstreamConfig, ItemEmbeddings, load_run_set_embeddings, run
 from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.runs import ensure_runs
@@ -18,30 +22,42 @@ SEEDS = [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
-def vlm2rec_tables(synth_ds, tiny_path, tmp_path_factory):
+def independent_ds(tmp_path_factory):
+    from vlm2rec_lab.data.dataset import prepare
+    from vlm2rec_lab.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("independent")
+    raw = generate(SynthConfig(users=300, items=200, seed=3, **REGIMES["independent"]), root / "raw")
+    return prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), root / "data",
+                   progress=False)
+
+
+@pytest.fixture(scope="module")
+def vlm2rec_tables(independent_ds, tmp_path_factory):
     root = tmp_path_factory.mktemp("task2") / "vlm2rec"
-    ensure_runs(synth_ds, TrainConfig(method="vlm2rec", grad_cos_every=0, checkpoint_every=0), root, SEEDS)
-    return load_run_set_embeddings(synth_ds, root)
+    ensure_runs(independent_ds, TrainConfig(method="vlm2rec", grad_cos_every=0, checkpoint_every=0), root, SEEDS)
+    return load_run_set_embeddings(independent_ds, root)
 
 
 def _ndcg(ds, cfg, tables=None) -> float:
     return float(run(ds, cfg, SEEDS, tables).test.sampled["NDCG@10"].mean())
 
 
-def test_sasrec_from_whitened_vlm2rec_embeddings_learns_beyond_every_control(synth_ds, vlm2rec_tables):
-    assert sorted(vlm2rec_tables) == SEEDS and vlm2rec_tables[0].matrix.shape == (synth_ds.n_items, 128)
+def test_sasrec_from_whitened_vlm2rec_embeddings_learns_beyond_every_control(independent_ds, vlm2rec_tables):
+    ds = independent_ds
+    assert sorted(vlm2rec_tables) == SEEDS and vlm2rec_tables[0].matrix.shape == (ds.n_items, 128)
     e = vlm2rec_tables[0].matrix / np.linalg.norm(vlm2rec_tables[0].matrix, axis=1, keepdims=True)
     assert (e @ e.T).mean() > 0.8  # the anisotropy the transform is for: the rows share one direction
     cfg = DownstreamConfig(epochs=30, patience=3, batch_size=64)
     assert cfg.init_transform == "whiten"
-    by_id = _ndcg(synth_ds, cfg)
-    pop = float(evaluate(synth_ds, PopularityScorer(synth_ds), seeds=SEEDS, progress=False).sampled["NDCG@10"].mean())
-    init = _ndcg(synth_ds, cfg, vlm2rec_tables)
-    gauss = _ndcg(synth_ds, cfg, {s: ItemEmbeddings(np.random.default_rng(s).normal(size=t.matrix.shape).astype(np.float32), "gauss")
+    by_id = _ndcg(ds, cfg)
+    pop = float(evaluate(ds, PopularityScorer(ds), seeds=SEEDS, progress=False).sampled["NDCG@10"].mean())
+    init = _ndcg(ds, cfg, vlm2rec_tables)
+    gauss = _ndcg(ds, cfg, {s: ItemEmbeddings(np.random.default_rng(s).normal(size=t.matrix.shape).astype(np.float32), "gauss")
                                   for s, t in vlm2rec_tables.items()})
-    shuffled = _ndcg(synth_ds, cfg, {s: ItemEmbeddings(t.matrix[np.random.default_rng(100 + s).permutation(len(t.matrix))], "shuffled")
+    shuffled = _ndcg(ds, cfg, {s: ItemEmbeddings(t.matrix[np.random.default_rng(100 + s).permutation(len(t.matrix))], "shuffled")
                                      for s, t in vlm2rec_tables.items()})
-    l2 = _ndcg(synth_ds, DownstreamConfig(epochs=30, patience=3, batch_size=64, init_transform="l2"), vlm2rec_tables)
+    l2 = _ndcg(ds, DownstreamConfig(epochs=30, patience=3, batch_size=64, init_transform="l2"), vlm2rec_tables)
     seen = f"ID {by_id:.4f}, popularity {pop:.4f}, whitened {init:.4f}, L2 {l2:.4f}, gauss {gauss:.4f}, shuffled {shuffled:.4f}"
     print(f"\n[Task 2, tiny backbone, SASRec test NDCG@10 over seeds {SEEDS}] {seen}")
     assert by_id > pop, seen
