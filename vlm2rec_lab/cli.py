@@ -239,27 +239,18 @@ def cmd_synth(a) -> int:
 
 
 def oracle_report(raw_dir: str | Path):
-    """Oracle Task 1 metrics per modality of a synthetic domain, through the default preparation."""
-    import pandas as pd
-
-    from .data.dataset import prepare
-    from .data.synthetic import OracleScorer
-    from .evaluate import chance_metrics, evaluate
+    """Oracle Task 1 metrics per modality of a synthetic domain, through the default preparation
+    (:func:`~vlm2rec_lab.collapse.oracle_table` over every prepared seed)."""
+    from .collapse import oracle_table
+    from .data.dataset import prepare, save
 
     raw_dir = Path(raw_dir)
-    cfg = PrepareConfig(format="amazon2018", inputs=[str(raw_dir)], images=str(raw_dir / "images"))
-    cfg.inputs = [str(p) for p in sorted(raw_dir.glob("*.json.gz"))]
+    cfg = PrepareConfig(format="amazon2018", inputs=[str(p) for p in sorted(raw_dir.glob("*.json.gz"))],
+                        images=str(raw_dir / "images"))
     ds = prepare(cfg, None, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        from .data.dataset import save
-
         save(ds, Path(tmp) / "ds")
-        rows = {}
-        for m in OracleScorer.MODALITIES:
-            sc = OracleScorer(raw_dir, ds.items["item_id"], m)
-            rows[f"oracle-{m}"] = evaluate(ds, sc, progress=False).mean()
-    rows["chance"] = pd.Series(chance_metrics(cfg.num_negatives))
-    return pd.DataFrame(rows).T
+        return oracle_table(ds, seeds=None, latents=raw_dir)
 
 
 def cmd_prepare(a) -> int:

@@ -158,14 +158,15 @@ def find_latents(dataset_dir: str | Path) -> Path | None:
 
 def oracle_table(dataset, seeds=(0,), latents: str | Path | None = None) -> pd.DataFrame | None:
     """Task 1 metrics of each oracle (text, image, both, latent) and of chance on a synthetic
-    dataset, mean over the negative sets of ``seeds``; None where the dataset has no latents."""
+    dataset, mean over the negative sets of ``seeds`` (None: every prepared seed); None where the
+    dataset has no latents."""
     from .data.synthetic import OracleScorer
     from .evaluate import chance_metrics, evaluate
 
     latents = latents or find_latents(dataset.path)
     if latents is None:
         return None
-    rows = {f"oracle-{m}": evaluate(dataset, OracleScorer(latents, dataset.items["item_id"], m), seeds=list(seeds),
+    rows = {f"oracle-{m}": evaluate(dataset, OracleScorer(latents, dataset.items["item_id"], m), seeds=seeds,
                                     progress=False).sampled.mean() for m in OracleScorer.MODALITIES}
     rows["chance"] = pd.Series(chance_metrics(dataset.manifest["config"]["num_negatives"]))
     return pd.DataFrame(rows).T
