@@ -93,7 +93,7 @@ nb("04_task1", "Task 1: direct ranking", "A Table 2-style comparison: reference 
     ("md", "## Table"),
     ("code", 'from IPython.display import Markdown\n\nbaseline = best_method(per_seed, exclude=["vlm2rec"])\ntable = results_table(per_seed, baseline=baseline if len(seeds) > 1 else None)\nvs_sft = results_table(per_seed, baseline="vlm-sft" if len(seeds) > 1 and "vlm-sft" in per_seed else None)\nsave_table(table.to_frame(), out, "task1")\nsave_table(vs_sft.to_frame(), out, "task1_vs_sft")\n(out / "task1.tex").write_text(table.to_latex())\nMarkdown(table.to_markdown())'),
     ("md", "## Record"),
-    ("code", 'record(baseline=baseline, seeds=len(seeds), **{f"{m}_NDCG@10": table.means.loc[m, "NDCG@10"] for m in table.means.index},\n       **{f"{m}_NDCG@10_p": table.pvalues.loc[m, "NDCG@10"] for m in table.means.index if m != baseline and len(seeds) > 1},\n       **{f"{m}_NDCG@10_p_vs_sft": vs_sft.pvalues.loc[m, "NDCG@10"] for m in vs_sft.means.index if m != "vlm-sft" and vs_sft.baseline})')])
+    ("code", 'record(baseline=baseline, seeds=len(seeds), **{f"{m}_{k}": table.means.loc[m, k] for m in table.means.index for k in ("HR@10", "NDCG@10")},\n       **{f"{m}_NDCG@10_p": table.pvalues.loc[m, "NDCG@10"] for m in table.means.index if m != baseline and len(seeds) > 1},\n       **{f"{m}_NDCG@10_p_vs_sft": vs_sft.pvalues.loc[m, "NDCG@10"] for m in vs_sft.means.index if m != "vlm-sft" and vs_sft.baseline})')])
 
 nb("06_ablation_sensitivity", "Ablations, sensitivity and few-shot", "Table 5 (ablations of VLM2Rec, mean ± std over training seeds, paired t-tests against SFT), Fig. 5 (sensitivity to τ_WPCL, τ_CRTR and λ over the paper's grids) and Table 7 (few-shot: K training users); the sensitivity and few-shot runs use the first training seed only.",
    [("md", "## Ablations (Table 5)"),
@@ -122,5 +122,5 @@ nb("05_task2", "Task 2: downstream initialisation", "A Table 4-style comparison:
     ("md", "## Table 4 and cold start (Fig. 3)"),
     ("code", 'import pandas as pd\nfrom IPython.display import Markdown\nfrom vlm2rec_lab.evaluate import results_table\n\ntable = results_table({k: r.test.sampled for k, r in results.items()}, baseline="ID" if len(seeds) > 1 else None)\nsave_table(table.to_frame(), out, "table4_task2")\ncold = pd.concat({k: r.cold_start for k, r in results.items()}, names=["init"])\nsave_table(cold, out, "fig3_cold_start")\nMarkdown(table.to_markdown())'),
     ("md", "## Record"),
-    ("code", 'record(model=MODEL, **{f"{k}_NDCG@10": table.means.loc[k, "NDCG@10"] for k in table.means.index},\n       **{f"{k}_full_HR@10": r.test.full["HR@10"].mean() for k, r in results.items()})')],
+    ("code", 'record(model=MODEL, **{f"{k}_{m}": table.means.loc[k, m] for k in table.means.index for m in ("HR@10", "NDCG@10")},\n       **{f"{k}_full_HR@10": r.test.full["HR@10"].mean() for k, r in results.items()})')],
    extra_params='MODEL: str = "sasrec"  # sasrec or gru4rec')
