@@ -175,7 +175,15 @@ def run_batch(datasets: list[str | Path], notebooks: list[Path], out: str | Path
     k = 0
     for data, name in zip(datasets, dataset_names(datasets)):
         data = Path(data).resolve()
-        offers = offers_of[name] = manifest_modalities(json.loads((data / "manifest.json").read_text()))
+        try:
+            offers = offers_of[name] = manifest_modalities(json.loads((data / "manifest.json").read_text()))
+        except (OSError, ValueError) as e:  # the other datasets still run; this one fails every notebook
+            why = (f"{data}: not a prepared dataset (no manifest.json): prepare it with `vlm2rec-lab data prepare`, "
+                   f"or check --datasets" if not (data / "manifest.json").is_file() else f"{data / 'manifest.json'}: unreadable ({e})")
+            results += [NotebookResult(name, nb.stem, out / name / nb.name, False, 0.0, error=why) for nb in notebooks]
+            k += len(notebooks)
+            print(f"[{k}/{total}] {name}: FAILED, none of its {len(notebooks)} notebooks run — {why}", flush=True)
+            continue
         for nb in notebooks:
             k += 1
             dest = out / name / nb.name
@@ -312,8 +320,10 @@ def write_index(results: list[NotebookResult], out: Path) -> Path:
             if r.skipped:
                 cells.append(f"<td class='skip'>skipped: {html.escape(r.skipped)}</td>")
                 continue
-            cells.append(f"<td class='{'ok' if r.ok else 'fail'}'><a href='{_href(r.path, out)}'>"
-                         f"{'ok' if r.ok else 'failed'}</a> ({r.seconds:.0f}s)"
+            status = 'ok' if r.ok else 'failed'
+            cells.append(f"<td class='{'ok' if r.ok else 'fail'}'>"
+                         + (f"<a href='{_href(r.path, out)}'>{status}</a>" if r.path.exists() else status)
+                         + f" ({r.seconds:.0f}s)"
                          + (f" · <a href='#{err_id[id(r)]}'>error</a>" if not r.ok else "")
                          + (f" · <a href='{_href(out / d / nb, out)}/'>outputs</a>" if (out / d / nb).exists() else "")
                          + "</td>")

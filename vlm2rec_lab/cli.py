@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -138,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default=None)
     tr.add_argument("--config", help="a YAML TrainConfig; flags given explicitly are ignored in favour of it")
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    tr.add_argument("--fresh", action="store_true",
+                    help="with --resume: a run with no folder or no checkpoint trains from step 1 instead of stopping")
     tr.add_argument("--no-embed", action="store_true", help="skip embedding and evaluation after training")
 
     cp = sub.add_parser("compare", help="Task 1 over run sets: mean ± std over training seeds, paired t-tests by seed")
@@ -266,7 +270,9 @@ def cmd_prepare(a) -> int:
     m = ds.manifest
     print(f"prepared {a.out} in {time.perf_counter() - t0:.1f}s from {m['raw_rows']:,} rows")
     drops = {k: v for k, v in m["drops"].items() if v}
-    print("dropped: " + (", ".join(f"{k} {v:,}" for k, v in drops.items()) if drops else "nothing"))
+    named = m.get("drop_examples", {})
+    print("dropped: " + (", ".join(f"{k} {v:,}" + (f" (e.g. {', '.join(named[k])})" if named.get(k) else "")
+                                   for k, v in drops.items()) if drops else "nothing"))
     for path, rec in m["bad_lines"].items():
         print(f"skipped {rec['count']} bad line(s) in {path}: " + "; ".join(rec["examples"][:3]))
     print(ds.stats_table(Path(a.out).name).to_string())
@@ -309,10 +315,11 @@ def _train_config(a):
                        max_pixels=a.max_pixels)
 
 
-def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None) -> dict | None:
+def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None, fresh: bool = False) -> dict | None:
     """Train (where the method trains), embed and evaluate one run; its Task 1 results on rank 0.
     ``embeddings_from``: a zero-shot method's run of another seed (the same model): its embeddings
-    are copied instead of embedding again."""
+    are copied instead of embedding again. ``fresh``: with ``--resume``, a run with nothing to
+    resume starts from step 1 (``--fresh``)."""
     import shutil
 
     from . import distributed as dist
@@ -321,7 +328,7 @@ def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None) -> di
     from .train import Trainer
 
     if dist.rank() == 0:
-        create_run(run, cfg, ds, resume=a.resume)
+        create_run(run, cfg, ds, resume=a.resume, fresh=fresh)
         if embeddings_from is not None:
             shutil.copytree(embeddings_from / "embeddings", run / "embeddings", dirs_exist_ok=True)
     dist.barrier()
@@ -330,7 +337,7 @@ def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None) -> di
     bb = None
     if get_method(cfg.method).trains:
         t = Trainer(cfg, ds, run)
-        last = t.train(resume=a.resume)
+        last = t.train(resume=a.resume, fresh=fresh)
         if dist.rank() == 0:
             print(f"trained {cfg.method} (seed {cfg.seed}) for {t.step} steps -> {run}; last step: " +
                   ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
@@ -354,6 +361,7 @@ def cmd_train(a) -> int:
     from .evaluate import METRIC_NAMES
     from .methods import get_method
     from .runs import VIEWS, check_seed, is_finished, seed_dir
+    from .train import ResumeError
 
     dist.init_from_env()
     _launcher_warnings()
@@ -364,8 +372,14 @@ def cmd_train(a) -> int:
     if a.seeds is None:
         if not a.no_embed:
             check_seed(ds, cfg.seed, "--seed: a run")
-        _train_one(a, cfg, ds, Path(a.out))
+        _train_one(a, cfg, ds, Path(a.out), fresh=a.fresh)
         return 0
+    # resuming a run set: the seeds not started yet start, the others resume from their checkpoints
+    # (decided before any folder is made here, the same on every process)
+    started = {s: seed_dir(a.out, s).exists() for s in a.seeds}
+    if a.resume and not a.fresh and not any(started.values()):
+        raise ResumeError(f"{a.out}: --resume, but none of the runs of seeds {a.seeds} is here (no seed<N> folder): "
+                          f"check --out, or add --fresh to start them")
     if not a.no_embed:
         for seed in a.seeds:
             check_seed(ds, seed, "--seeds: the run")
@@ -380,7 +394,7 @@ def cmd_train(a) -> int:
             if dist.rank() == 0:
                 print(f"[seed {seed}: {k + 1}/{len(a.seeds)}, {time.perf_counter() - t0:.0f}s] -> {run}")
             reuse = first if (first is not None and not a.no_embed and not get_method(cfg.method).trains) else None
-            _train_one(a, seed_cfg, ds, run, embeddings_from=reuse)
+            _train_one(a, seed_cfg, ds, run, embeddings_from=reuse, fresh=a.fresh or not started[seed])
         first = first or run
     if dist.rank() == 0 and not a.no_embed:
         print(f"{len(a.seeds)} runs in {time.perf_counter() - t0:.0f}s; over training seeds {a.seeds}:")
@@ -556,9 +570,6 @@ def cmd_demo(a) -> int:
 def cmd_batch(a) -> int:
     from .batch import parse_params, run_batch, select_notebooks
 
-    for d in a.datasets:
-        if not (Path(d) / "manifest.json").exists():
-            raise FileNotFoundError(f"{d}: not a prepared dataset (no manifest.json)")
     if a.quick and a.profile != "full":
         raise ValueError(f"--quick is --profile quick; it conflicts with --profile {a.profile}")
     results = run_batch(a.datasets, select_notebooks(a.notebooks), a.out, profile="quick" if a.quick else a.profile,
@@ -591,12 +602,52 @@ def main(argv: list[str] | None = None) -> int:
         or {"evaluate": cmd_evaluate, "demo": cmd_demo, "downstream": cmd_downstream, "train": cmd_train,
            "embed": cmd_embed, "batch": cmd_batch, "compare": cmd_compare}[a.command]
     try:
-        code = handler(a)
-    except (DataFormatError, ImagesOfflineError, FileNotFoundError, FileExistsError, ValueError, KeyError,
-            TrainingDiverged) as e:
+        with _reader_may_leave():
+            code = handler(a)
+    except (DataFormatError, ImagesOfflineError, OSError, ValueError, KeyError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
     return distributed.finish(code)  # under torchrun: leave the process group and exit here
+
+
+@contextlib.contextmanager
+def _reader_may_leave():
+    """A command whose output is piped into a reader that stops early (``| head``) finishes its
+    work rather than dying in a BrokenPipeError: printing stops, one line on stderr says so."""
+    real = sys.stdout
+
+    class Guarded(io.TextIOBase):
+        gone = False
+
+        def write(self, s: str) -> int:
+            if not self.gone:
+                try:
+                    real.write(s)
+                    real.flush()
+                except BrokenPipeError:
+                    self.gone = True
+                    print("note: standard output was closed by its reader (a pipe such as | head); the command "
+                          "goes on without printing", file=sys.stderr)
+            return len(s)
+
+        def flush(self) -> None:
+            if not self.gone:
+                with contextlib.suppress(BrokenPipeError):
+                    real.flush()
+
+        def isatty(self) -> bool:
+            return real.isatty()
+
+        def fileno(self) -> int:
+            return real.fileno()
+
+    guarded = sys.stdout = Guarded()
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        if guarded.gone:  # (else the interpreter's last flush at exit raises it again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), real.fileno())
 
 
 if __name__ == "__main__":

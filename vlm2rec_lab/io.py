@@ -6,14 +6,16 @@ place, so a killed process never leaves a half-written file behind (DESIGN §6).
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -29,19 +31,92 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders a killed writer of ``target`` left beside it
+    (``.NAME.tmp-PID-*`` and ``.NAME.old-PID``, whose process ``PID`` is no longer running; a name
+    without a process id is from an older version, and stale). Returns what was removed."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        m = re.fullmatch(rf"\.{re.escape(target.name)}\.(?:tmp-(\d+)-.*|old-(\d+)|tmp-[^-]*)", p.name)
+        if m is None:
+            continue
+        pid = int(m.group(1) or m.group(2) or 0)
+        if pid and (pid == os.getpid() or _alive(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _refuse_replacing(target: Path, marks: tuple[str, ...], protect: Iterable[str | os.PathLike]) -> None:
+    """Why ``target`` (which exists) must not be replaced, raised; nothing when it may be."""
+    real = target.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if p == real or real in p.parents:
+            raise FileExistsError(f"{target}: holds the input {p}; a folder that holds an input is never replaced: "
+                                  f"choose another --out")
+    missing = [m for m in marks if not (target / m).exists()]
+    if missing:
+        raise FileExistsError(f"{target}: is not a folder this command writes (no {', '.join(missing)} in it), so "
+                              f"--overwrite does not replace it: choose another --out, or empty it yourself")
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False, marks: tuple[str, ...] = (),
+               protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it is renamed to ``target``.
 
-    On any exception the temporary folder is removed and ``target`` is left as it was.
-    """
+    On any exception the temporary folder is removed and ``target`` is left as it was. An existing
+    ``target`` is replaced only with ``overwrite``, only when it holds every path in ``marks`` (what
+    the caller writes: a prepared dataset's ``manifest.json`` and ``items.parquet``; none for a
+    run's own subfolders), and never when it is, or holds, one of ``protect`` (the caller's inputs). Stale
+    temporaries of a killed earlier write are removed first; the new folder gets the process's
+    umask (a temporary folder is made 0700)."""
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target}: already exists (pass overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target}: is a file, not a folder: choose another --out")
+        _refuse_replacing(target, marks, protect)
+        if not overwrite:
+            raise FileExistsError(f"{target}: already exists (pass --overwrite to replace it)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    except PermissionError as e:
+        where = e.filename or target.parent
+        raise PermissionError(e.errno, f"{target}: cannot write in {where} ({e.strerror}): choose an --out "
+                                       f"in a folder you can write to") from None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -61,6 +136,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # (mkstemp makes it 0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

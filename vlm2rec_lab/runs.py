@@ -73,12 +73,17 @@ def config_diff(a: TrainConfig, b: TrainConfig) -> dict:
     return {k: (getattr(a, k), getattr(b, k)) for k in vars(a) if getattr(a, k) != getattr(b, k)}
 
 
-def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = False) -> Path:
+def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = False, fresh: bool = False) -> Path:
     """Make (or, with ``resume``, reopen) a run folder: config.yaml and manifest.json. The manifest
     records how many processes made the run (torchrun's or accelerate's world size, 1 without) and,
-    for each resume, how many continued it (``resumed_with_processes``)."""
+    for each resume, how many continued it (``resumed_with_processes``). ``resume`` where no run is
+    raises :class:`~vlm2rec_lab.train.ResumeError` unless ``fresh`` (then it makes one)."""
     run = Path(run_dir)
     cfg = cfg.resolved()
+    if resume and not fresh and not (run / "config.yaml").exists():
+        from .train import ResumeError
+
+        raise ResumeError(f"{run}: --resume, but no run is here (no config.yaml): check --out, or add --fresh to start it")
     if (run / "config.yaml").exists():
         if not resume:
             raise FileExistsError(f"{run}: a run already exists here (pass --resume to continue it, or another --out)")
@@ -145,8 +150,33 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
     if get_method(cfg.method).trains:
         if not (adapter / "adapter_config.json").exists():
             raise FileNotFoundError(f"{run_dir}: method {cfg.method} trains, but no adapter was saved (train it first)")
+        check_adapter(adapter)
         bb.model = PeftModel.from_pretrained(bb.model, adapter).eval()
     return bb
+
+
+def check_adapter(adapter: Path) -> None:
+    """Raise :class:`~vlm2rec_lab.train.CheckpointError` naming the file unless ``adapter`` holds a
+    readable PEFT config and weights file (safetensors, read through its header and tensors)."""
+    from safetensors import safe_open
+
+    from .train import CheckpointError
+
+    try:
+        json.loads((adapter / "adapter_config.json").read_text())
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{adapter / 'adapter_config.json'}: unreadable ({e}); train the run again") from None
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{adapter}: no adapter_model.safetensors beside adapter_config.json (the weights "
+                              f"are missing); train the run again, or copy the whole adapter folder")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+    except Exception as e:  # safetensors raises its own SafetensorError, and OSError  # noqa: BLE001
+        raise CheckpointError(f"{weights}: unreadable (truncated or corrupt: {' '.join(str(e).split())[:200]}); "
+                              f"train the run again") from None
 
 
 def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None, progress: bool = True,
@@ -308,7 +338,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=N
 
 
 def run_method(dataset, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-               backbone=None, evaluate: bool = True, embeddings_from: str | Path | None = None) -> dict:
+               backbone=None, evaluate: bool = True, embeddings_from: str | Path | None = None, fresh: bool = False) -> dict:
     """Train (when the method trains), embed and evaluate one run: one training seed of a Task 1 row,
     ranked against that seed's negative set. ``embeddings_from``: a zero-shot method's run of
     another seed whose embeddings are the same model's, copied instead of embedding again."""
@@ -318,14 +348,14 @@ def run_method(dataset, cfg: TrainConfig, run_dir: str | Path, resume: bool = Fa
 
     if evaluate:
         check_seed(dataset, cfg.seed, f"{run_dir}, a run")
-    run = create_run(run_dir, cfg, dataset, resume=resume)
+    run = create_run(run_dir, cfg, dataset, resume=resume, fresh=fresh)
     if embeddings_from is not None and not get_method(cfg.method).trains:
         shutil.copytree(Path(embeddings_from) / "embeddings", run / "embeddings", dirs_exist_ok=True)
         return evaluate_run(run, dataset) if evaluate else {}
     bb = backbone
     if get_method(cfg.method).trains:
         tr = Trainer(cfg, dataset, run, backbone=backbone, progress=progress)
-        tr.train(resume=resume)
+        tr.train(resume=resume, fresh=fresh)
         bb = tr.bb
         bb.model.eval()
     embed_run(run, dataset, backbone=bb, progress=progress)

@@ -59,14 +59,27 @@ def _own_stream(seed: int, step: int = 0) -> None:
         seed_everything(rank_seed(seed, dist.rank(), step))
 
 
+class ResumeError(ValueError):
+    """``--resume`` where there is nothing to resume (no run folder, or no checkpoint in it)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: truncated, corrupt, or holding more than tensors and
+    plain values (which ``torch.load`` would have to run code to rebuild)."""
+
+
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every random generator's state as tensors and plain values (a checkpoint loads with
+    ``torch.load(weights_only=True)``, which rebuilds nothing else)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():  # (a run moved to fewer GPUs: theirs)
         torch.cuda.set_rng_state_all(s["cuda"][:torch.cuda.device_count()])
@@ -375,11 +388,24 @@ class Trainer:
                           f"{type(w).__name__}: {w}", RuntimeWarning, stacklevel=3)
 
     def load_checkpoint(self) -> bool:
+        """Restore the run's checkpoint (False where there is none). Loaded with
+        ``weights_only=True``: a file holding anything but tensors and plain values is refused
+        (:class:`CheckpointError`), as is one that cannot be read."""
+        import pickle
+
         self.wait_for_checkpoint()
         f = self.ckpt_dir / "state.pt"
         if not f.exists():
             return False
-        state = torch.load(f, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{f}: refused: it holds objects other than tensors and plain values, which loading "
+                                  f"would run code to rebuild (a checkpoint this toolkit wrote never does; "
+                                  f"{' '.join(str(e).split())[:200]})") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: unreadable (truncated or corrupt: {' '.join(str(e).split())[:200]}); move "
+                                  f"{self.ckpt_dir} away and add --fresh to train {self.run_dir} from step 1") from None
         named = dict(self.bb.model.named_parameters())
         with torch.no_grad():
             for n, v in state["lora"].items():
@@ -407,13 +433,15 @@ class Trainer:
             self.weak if weak is None else weak, columns=["step", "user", "weak"]).to_csv(index=False))
 
     # ---------------------------------------------------------------- the loop
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool = False, fresh: bool = False) -> dict:
         """Run (or resume) to ``total_steps``; returns the final log row. Writes the adapter,
-        α/β and the logs into the run folder."""
+        α/β and the logs into the run folder. ``resume`` without a checkpoint raises
+        :class:`ResumeError` unless ``fresh`` (then it trains from step 1)."""
         from tqdm.auto import tqdm
 
-        if resume:
-            self.load_checkpoint()
+        if resume and not self.load_checkpoint() and not fresh:
+            raise ResumeError(f"{self.ckpt_dir}: no checkpoint to resume from (deleted, or the run stopped before "
+                              f"its first one): add --fresh to train {self.run_dir} from step 1")
         cfg = self.cfg
         self.bb.model.train()
         if cfg.cache_vision and self.method.fusion in ("external", "internal"):

@@ -94,9 +94,10 @@ def sample_negatives(
         distinct = np.array([np.unique(seq[offsets[u]:offsets[u + 1]]).size for u in range(n_users)])
         short = np.flatnonzero(n_items - distinct < num)
         if short.size:
+            fewest = int(n_items - distinct.max())
             raise ValueError(
-                f"{short.size} user(s) have fewer than {num} unseen items (catalogue of {n_items}); "
-                f"lower num_negatives"
+                f"{short.size} user(s) have fewer than {num} unseen items (catalogue of {n_items}; the most-seen "
+                f"user leaves {fewest}): lower --num-negatives to {fewest} or less"
             )
     rngs = {s: np.random.default_rng(s) for s in seeds}
     out = {s: np.empty((n_users, num), dtype=np.int32) for s in seeds}
@@ -267,6 +268,7 @@ class Dataset:
             f = self.path / "negatives" / f"seed_{seed}.npy"
             if not f.exists():
                 raise FileNotFoundError(f"{f}: no frozen negatives for seed {seed}; prepared seeds: {self.seeds}")
+            _check_file(self.path, f"negatives/seed_{seed}.npy", self.manifest)
             self._negatives[seed] = np.load(f)
         return self._negatives[seed]
 
@@ -304,6 +306,8 @@ class Dataset:
         manifest = json.loads(mf.read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{mf}: format_version {manifest.get('format_version')} (expected {FORMAT_VERSION}); prepare it again")
+        for name in DATA_FILES:
+            _check_file(path, name, manifest)
         items = pq.read_table(path / "items.parquet").to_pandas()
         inter = pq.read_table(path / "interactions.parquet")
         users = pq.read_table(path / "users.parquet").column("user_id").to_numpy(zero_copy_only=False)
@@ -348,11 +352,25 @@ def pad_right_aligned(flat: np.ndarray, starts: np.ndarray, ends: np.ndarray, ma
 # --------------------------------------------------------------------------- building
 
 
+DROP_EXAMPLES = 5  # dropped items named per reason in the manifest and the prepare report
+
+
+def _drop_hint(drops: dict[str, int], n_items: int) -> str:
+    """What to pass when every item was dropped for want of titles or of images."""
+    if drops.get("no_metadata", 0) + drops.get("no_title", 0) >= n_items:
+        return "; no item has a title: pass --require-titles no to prepare an ids-only dataset"
+    left = n_items - drops.get("no_metadata", 0) - drops.get("no_title", 0)
+    if sum(v for k, v in drops.items() if k not in ("no_metadata", "no_title")) >= left:
+        return "; no item has a usable image: pass --images FOLDER, or --require-images no for a dataset without images"
+    return ""
+
+
 def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, progress: bool = True) -> Dataset:
     """Raw interactions -> an in-memory :class:`Dataset` (not yet saved). See the module docstring."""
     t0 = time.perf_counter()
     n_raw = raw.n_rows
     drops: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}  # the first few dropped items' ids per reason
     item_ids = np.asarray(raw.item_ids, dtype=object)
 
     # 1. items: titles and images (drop reasons counted over items that occur in interactions)
@@ -367,6 +385,8 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
         no_title = (titles == None) & ~no_meta  # noqa: E711 (elementwise)
         drops["no_metadata"] = int(no_meta.sum())
         drops["no_title"] = int(no_title.sum())
+        examples["no_metadata"] = list(item_ids[no_meta][:DROP_EXAMPLES])
+        examples["no_title"] = list(item_ids[no_title][:DROP_EXAMPLES])
         keep_item &= ~(no_meta | no_title)
     image_paths = np.full(len(item_ids), None, dtype=object)
     urls = np.array([(meta.get(i) or {}).get("image_url") for i in raw.item_ids], dtype=object)
@@ -377,8 +397,9 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
         for k in todo:
             image_paths[k] = res.paths.get(item_ids[k])
         if cfg.require_images:
-            for reason in ("no_image", "unreadable_image"):
-                drops[reason] = sum(1 for r in res.missing.values() if r == reason)
+            for reason in dict.fromkeys(("no_image", "unreadable_image", *sorted(set(res.missing.values())))):
+                dropped = [i for i, r in res.missing.items() if r == reason]
+                drops[reason], examples[reason] = len(dropped), dropped[:DROP_EXAMPLES]
             keep_item &= image_paths != None  # noqa: E711
     keep = keep_item[raw.item]
 
@@ -386,7 +407,8 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
     user, item, ts = raw.user[keep], raw.item[keep], raw.timestamp[keep]
     order_in_file = np.flatnonzero(keep)
     if user.size == 0:
-        raise DataFormatError(", ".join(raw.sources), f"no interactions left after dropping items ({drops})")
+        raise DataFormatError(", ".join(raw.sources), f"no interactions left after dropping items ({drops})"
+                              + _drop_hint(drops, len(item_ids)))
     df = pd.DataFrame({"u": user, "i": item, "t": ts})
     dup = df.duplicated(keep="first").to_numpy()
     drops["duplicate_rows"] = int(dup.sum())
@@ -436,6 +458,7 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
         "has_images": bool(items["image"].notna().all()) and len(items) > 0,
         "raw_rows": n_raw,
         "drops": drops,
+        "drop_examples": {k: v for k, v in examples.items() if v},
         "kcore_rounds": rounds,
         "bad_lines": raw.bad_lines,
         "sources": [{"path": str(Path(s).resolve()), "bytes": Path(s).stat().st_size} for s in raw.sources],
@@ -450,6 +473,33 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
     return ds
 
 
+DATA_FILES = ("items.parquet", "interactions.parquet", "users.parquet")  # read by Dataset.load
+
+
+def _file_record(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _check_file(folder: Path, name: str, manifest: dict) -> None:
+    """Raise unless ``folder/name`` is the file its manifest recorded (size and SHA-256); a
+    manifest from before files were recorded checks nothing."""
+    want = manifest.get("files", {}).get(name)
+    if want is None:
+        return
+    f = folder / name
+    if not f.is_file():
+        raise DataFormatError(f, "missing: the dataset folder is incomplete; prepare it again")
+    got = _file_record(f) if f.stat().st_size == want["bytes"] else {"bytes": f.stat().st_size}
+    if got != want:
+        why = f"{got['bytes']:,} bytes against {want['bytes']:,}" if got["bytes"] != want["bytes"] else "its SHA-256 differs"
+        raise DataFormatError(f, f"is not the file this dataset's manifest.json recorded ({why}): it comes from "
+                                 f"another prepare or was changed since; prepare the folder again")
+
+
 def _fingerprint(ds: Dataset) -> str:
     h = hashlib.sha256()
     for arr in (ds.offsets, ds.seq, ds.timestamps):
@@ -462,11 +512,14 @@ def _fingerprint(ds: Dataset) -> str:
     return h.hexdigest()
 
 
-def save(ds: Dataset, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the dataset folder atomically (temporary folder, then rename)."""
+def save(ds: Dataset, out: str | Path, overwrite: bool = False, protect=()) -> Path:
+    """Write the dataset folder atomically (temporary folder, then rename), recording each file's
+    size and SHA-256 in the manifest (checked on load). An existing ``out`` is replaced only with
+    ``overwrite`` and only when it is a prepared dataset, never when it is or holds one of
+    ``protect`` (the inputs: see :func:`~vlm2rec_lab.io.atomic_dir`)."""
     out = Path(out)
     negatives = {s: ds.negatives(s) for s in ds.seeds}  # loads any not yet read from the old folder
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, marks=("manifest.json", *DATA_FILES), protect=protect) as tmp:
         pq.write_table(pa.Table.from_pandas(ds.items, preserve_index=False), tmp / "items.parquet")
         pq.write_table(
             pa.table({
@@ -482,6 +535,8 @@ def save(ds: Dataset, out: str | Path, overwrite: bool = False) -> Path:
         for s, neg in negatives.items():
             np.save(tmp / "negatives" / f"seed_{s}.npy", neg)
         ds.manifest["name"] = ds.manifest.get("name") or out.name
+        ds.manifest["files"] = {f.relative_to(tmp).as_posix(): _file_record(f)
+                                for f in sorted(tmp.rglob("*")) if f.is_file()}
         atomic_write_json(tmp / "manifest.json", ds.manifest)
     ds.path = out
     return out
@@ -492,5 +547,6 @@ def prepare(cfg: PrepareConfig, out: str | Path | None, overwrite: bool = False,
     raw = read_raw(cfg.format, cfg.inputs, skip_bad_lines=cfg.skip_bad_lines)
     ds = build(raw, cfg, progress=progress)
     if out is not None:
-        save(ds, out, overwrite=overwrite)
+        inputs = [*cfg.inputs, *(p for p in (cfg.images, cfg.image_cache) if p)]
+        save(ds, out, overwrite=overwrite, protect=inputs)
     return ds

@@ -245,7 +245,7 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path
     }
 
     out = Path(out)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, marks=(LATENTS,)) as tmp:
         (tmp / f"{cfg.name}.json.gz").write_bytes(_gzip_lines(reviews))
         (tmp / f"meta_{cfg.name}.json.gz").write_bytes(_gzip_lines(meta))
         (tmp / "images").mkdir()
