@@ -9,21 +9,42 @@ import hashlib
 import math
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
 from ..io import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+URL_SCHEMES = ("http", "https")  # the only schemes ever fetched, redirects included
 DEFAULT_CACHE = Path.home() / ".cache" / "vlm2rec_lab" / "images"
+REASONS = ("no_image", "unsupported_url_scheme", "unreadable_image")  # every value of Resolution.missing
+
+# what Pillow raises for files it cannot identify or decode, and for decompression bombs
+# (the warning only when warnings are turned into errors)
+_PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+               Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 class ImagesOfflineError(RuntimeError):
     """Images could not be fetched because the network is unreachable; lists what is missing."""
+
+
+class UnsupportedURLError(ValueError):
+    """An image URL (or a redirect it led to) whose scheme is not http or https; never fetched."""
+
+
+class UnreadableImageError(ValueError):
+    """An image file that Pillow cannot read, or one over its decompression-bomb limit; names the file."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: not a readable image ({reason})")
+        self.path, self.reason = str(path), reason
 
 
 @dataclass
@@ -31,19 +52,72 @@ class Resolution:
     """Outcome of resolving the catalogue's images."""
 
     paths: dict[str, str] = field(default_factory=dict)  # item id -> local file
-    missing: dict[str, str] = field(default_factory=dict)  # item id -> reason (no_image / unreadable_image)
+    missing: dict[str, str] = field(default_factory=dict)  # item id -> reason (one of REASONS), in input order
+
+    def counts(self) -> dict[str, int]:
+        """Number of items per reason, for every reason in :data:`REASONS` (0 when none)."""
+        return {reason: sum(1 for r in self.missing.values() if r == reason) for reason in REASONS}
+
+    def examples(self, reason: str, k: int = 5) -> list[str]:
+        """The first ``k`` item ids dropped for ``reason``, in the order the items were resolved."""
+        return [item_id for item_id, r in self.missing.items() if r == reason][:k]
+
+
+def _refuse_bombs(im: Image.Image) -> None:
+    """Raise ``DecompressionBombError`` when ``im`` has more pixels than ``Image.MAX_IMAGE_PIXELS``.
+
+    Pillow itself only warns between 1x and 2x that limit, and would then decode the whole image."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and im.width * im.height > limit:
+        raise Image.DecompressionBombError(f"{im.width} x {im.height} pixels exceeds Pillow's limit of {limit} pixels")
+
+
+@contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """The image at ``path``, open for the ``with`` block.
+
+    Guarantees that whatever Pillow raises for this file -- at open, or while the block reads it
+    (decode, convert, verify) -- comes out as :class:`UnreadableImageError` naming ``path``, and that
+    an image over ``Image.MAX_IMAGE_PIXELS`` is refused before any of its pixels are decoded.
+    """
+    try:
+        with Image.open(path) as im:
+            _refuse_bombs(im)
+            yield im
+    except _PIL_ERRORS as e:
+        raise UnreadableImageError(path, f"{type(e).__name__}: {e}") from e
 
 
 def verify_image(path: str | Path) -> str | None:
-    """Return None when ``path`` is a decodable image, else the reason it is not."""
+    """Return None when ``path`` is a decodable image within Pillow's pixel limit, else the reason it is not.
+
+    Never raises for a bad file: undecodable, truncated and oversized images all return a reason."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.verify()
-        with Image.open(path) as im:  # verify() leaves the file unusable; a real decode catches truncation
+        with open_image(path) as im:  # verify() leaves the file unusable; a real decode catches truncation
             im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return f"{type(e).__name__}: {e}"
+    except UnreadableImageError as e:
+        return e.reason
     return None
+
+
+def require_http(url: str) -> None:
+    """Raise :class:`UnsupportedURLError` unless ``url`` is an http or https URL."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise UnsupportedURLError(f"{url[:80]}: scheme {scheme or '(none)'!r} is not fetched (only {', '.join(URL_SCHEMES)})")
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects only to http(s); any other target raises :class:`UnsupportedURLError`."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        require_http(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
 def fit_max_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -83,6 +157,7 @@ class ImageStore:
         self.folder = Path(folder) if folder else None
         if self.folder is not None and not self.folder.is_dir():
             raise FileNotFoundError(f"{self.folder}: image folder does not exist")
+        self._root = self.folder.resolve() if self.folder is not None else None
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
         self.max_pixels = max_pixels
         self.timeout = timeout
@@ -91,13 +166,27 @@ class ImageStore:
 
     # ---------------------------------------------------------------- locating
     def local_path(self, item_id: str) -> Path | None:
-        if self.folder is None:
+        """``{item_id}.{png,jpg,...}`` in the image folder, or None.
+
+        Only files whose directory, symlinks resolved, is the image folder or one below it are found:
+        an id such as ``../x`` or ``/abs/x`` finds nothing. (A file in the folder may itself be a
+        symlink: the folder's owner put it there, the id did not choose it.)
+        """
+        if self._root is None:
             return None
         for suffix in IMAGE_SUFFIXES:
             p = self.folder / f"{item_id}{suffix}"
-            if p.exists():
+            if self._inside(p) and p.exists():
                 return p
         return None
+
+    def _inside(self, p: Path) -> bool:
+        """Whether ``p``'s directory, symlinks resolved, is the image folder or below it."""
+        try:
+            parent = p.parent.resolve()
+        except (OSError, ValueError, RuntimeError):  # unreadable, NUL byte, symlink loop
+            return False
+        return parent == self._root or self._root in parent.parents
 
     def cache_path(self, url: str) -> Path:
         suffix = Path(url.split("?")[0]).suffix.lower()
@@ -105,8 +194,11 @@ class ImageStore:
         return self.cache_dir / f"{hashlib.sha1(url.encode()).hexdigest()}{suffix}"
 
     def fetch(self, url: str) -> Path:
-        """Download ``url`` into the cache (once). Raises ``urllib.error.HTTPError`` for HTTP
-        failures and ``ConnectionError`` when the host cannot be reached after the retries."""
+        """Download ``url`` into the cache (once). Raises :class:`UnsupportedURLError` (before looking at
+        the cache, writing nothing) unless ``url`` and every redirect it takes are http or https,
+        ``urllib.error.HTTPError`` for HTTP failures and ``ConnectionError`` when the host cannot be
+        reached after the retries."""
+        require_http(url)
         dest = self.cache_path(url)
         if dest.exists():
             return dest
@@ -115,7 +207,7 @@ class ImageStore:
         last: Exception | None = None
         for attempt in range(self.retries):
             try:
-                with urllib.request.urlopen(url, timeout=self.timeout) as r:
+                with _OPENER.open(url, timeout=self.timeout) as r:
                     data = r.read()
                 atomic_write_bytes(dest, data)
                 return dest
@@ -134,9 +226,13 @@ class ImageStore:
     def resolve(self, items: Iterable[tuple[str, str | None]], progress: bool = True) -> Resolution:
         """Find and verify an image for each ``(item_id, url)``.
 
-        Items with no image anywhere are ``no_image``; files that do not decode, or URLs that answer
-        with an HTTP error, are ``unreadable_image``. If any URL cannot be reached at all (no
-        network), raises :class:`ImagesOfflineError` listing every item still missing.
+        Items with no image anywhere (the image folder is the only place looked in locally) are
+        ``no_image``; URLs that are not http(s), or redirect to another scheme, are
+        ``unsupported_url_scheme`` and never fetched; files that do not decode, are over Pillow's pixel
+        limit, or URLs that answer with an HTTP error (urllib's own refusal of a redirect to ``file:``
+        included), are ``unreadable_image``. ``missing`` keeps the input order. If any URL
+        cannot be reached at all (no network), raises :class:`ImagesOfflineError` listing every item
+        still missing.
         """
         from tqdm.auto import tqdm
 
@@ -148,6 +244,9 @@ class ImageStore:
             if path is None and url:
                 try:
                     path = self.fetch(url)
+                except UnsupportedURLError:
+                    res.missing[item_id] = "unsupported_url_scheme"
+                    continue
                 except urllib.error.HTTPError:
                     res.missing[item_id] = "unreadable_image"
                     continue
@@ -174,8 +273,10 @@ class ImageStore:
 
     # ---------------------------------------------------------------- reading
     def load(self, path: str | Path) -> Image.Image:
-        """Open an image as RGB, shrunk (aspect kept) so that width * height <= max_pixels."""
-        with Image.open(path) as im:
+        """Open an image as RGB, shrunk (aspect kept) so that width * height <= max_pixels.
+
+        Raises :class:`UnreadableImageError` naming ``path`` when it cannot be read (see :func:`open_image`)."""
+        with open_image(path) as im:
             im = im.convert("RGB")
         w, h = fit_max_pixels(im.width, im.height, self.max_pixels)
         if (w, h) != im.size:
