@@ -88,6 +88,19 @@ def _refuse_replacing(target: Path, marks: tuple[str, ...], protect: Iterable[st
                               f"--overwrite does not replace it: choose another --out, or empty it yourself")
 
 
+def check_replaceable(target: str | os.PathLike, overwrite: bool = False, marks: tuple[str, ...] = (),
+                      protect: Iterable[str | os.PathLike] = ()) -> None:
+    """Raise :class:`FileExistsError` (saying which rule) unless :func:`atomic_dir` may write
+    ``target`` with these arguments: callers check before long work, not only after it."""
+    target = Path(target)
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target}: is a file, not a folder: choose another --out")
+        _refuse_replacing(target, marks, protect)
+        if not overwrite:
+            raise FileExistsError(f"{target}: already exists (pass --overwrite to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False, marks: tuple[str, ...] = (),
                protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
@@ -100,12 +113,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, marks: tuple[
     temporaries of a killed earlier write are removed first; the new folder gets the process's
     umask (a temporary folder is made 0700)."""
     target = Path(target)
-    if target.exists():
-        if not target.is_dir():
-            raise FileExistsError(f"{target}: is a file, not a folder: choose another --out")
-        _refuse_replacing(target, marks, protect)
-        if not overwrite:
-            raise FileExistsError(f"{target}: already exists (pass --overwrite to replace it)")
+    check_replaceable(target, overwrite, marks, protect)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(target)

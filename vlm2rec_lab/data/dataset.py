@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import PrepareConfig, to_dict
-from ..io import DataFormatError, atomic_dir, atomic_write_json
+from ..io import DataFormatError, atomic_dir, atomic_write_json, check_replaceable
 from .formats import RawData, read_raw
 from .images import ImageStore
 
@@ -397,9 +397,8 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
         for k in todo:
             image_paths[k] = res.paths.get(item_ids[k])
         if cfg.require_images:
-            for reason in dict.fromkeys(("no_image", "unreadable_image", *sorted(set(res.missing.values())))):
-                dropped = [i for i, r in res.missing.items() if r == reason]
-                drops[reason], examples[reason] = len(dropped), dropped[:DROP_EXAMPLES]
+            for reason, n in res.counts().items():
+                drops[reason], examples[reason] = n, res.examples(reason, DROP_EXAMPLES)
             keep_item &= image_paths != None  # noqa: E711
     keep = keep_item[raw.item]
 
@@ -474,6 +473,7 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
 
 
 DATA_FILES = ("items.parquet", "interactions.parquet", "users.parquet")  # read by Dataset.load
+DATASET_MARKS = ("manifest.json", *DATA_FILES)  # what makes a folder a prepared dataset (--overwrite replaces it)
 
 
 def _file_record(path: Path) -> dict:
@@ -519,7 +519,7 @@ def save(ds: Dataset, out: str | Path, overwrite: bool = False, protect=()) -> P
     ``protect`` (the inputs: see :func:`~vlm2rec_lab.io.atomic_dir`)."""
     out = Path(out)
     negatives = {s: ds.negatives(s) for s in ds.seeds}  # loads any not yet read from the old folder
-    with atomic_dir(out, overwrite=overwrite, marks=("manifest.json", *DATA_FILES), protect=protect) as tmp:
+    with atomic_dir(out, overwrite=overwrite, marks=DATASET_MARKS, protect=protect) as tmp:
         pq.write_table(pa.Table.from_pandas(ds.items, preserve_index=False), tmp / "items.parquet")
         pq.write_table(
             pa.table({
@@ -544,9 +544,11 @@ def save(ds: Dataset, out: str | Path, overwrite: bool = False, protect=()) -> P
 
 def prepare(cfg: PrepareConfig, out: str | Path | None, overwrite: bool = False, progress: bool = True) -> Dataset:
     """Read, build and (when ``out`` is given) save a dataset: the whole of ``data prepare``."""
+    inputs = [*cfg.inputs, *(p for p in (cfg.images, cfg.image_cache) if p)]
+    if out is not None:
+        check_replaceable(out, overwrite, DATASET_MARKS, protect=inputs)
     raw = read_raw(cfg.format, cfg.inputs, skip_bad_lines=cfg.skip_bad_lines)
     ds = build(raw, cfg, progress=progress)
     if out is not None:
-        inputs = [*cfg.inputs, *(p for p in (cfg.images, cfg.image_cache) if p)]
         save(ds, out, overwrite=overwrite, protect=inputs)
     return ds
