@@ -222,6 +222,33 @@ def test_ratings_csv_header_is_recognised_by_column_names_in_every_file(tmp_path
         read_raw("ratings-csv", [str(tmp_path / "c.csv")])
 
 
+@pytest.mark.parametrize("bad, token", [
+    ('{"reviewerID": "u", "asin": "a"}', '{"reviewerID":'),
+    ("u2 a,b,c d", "a,b,c"),
+    ("u2 a 'b'", "'b'"),
+    ("[u2] a b", "[u2]"),
+])
+def test_p5_tokens_that_are_not_ids_are_bad_lines(tmp_path, bad, token):
+    p = tmp_path / "user_sequence.txt"
+    p.write_text(f"u1 a b\n{bad}\nu3 b a\n")
+    with pytest.raises(DataFormatError) as e:
+        read_raw("p5", [str(p)])
+    assert e.value.path == str(p) and e.value.line == 2 and str(e.value).startswith(f"{p}:2: ")
+    assert repr(token) in e.value.reason and "is not an id" in e.value.reason
+    raw = read_raw("p5", [str(p)], skip_bad_lines=True)
+    assert rows(raw) == [("u1", "a", 0), ("u1", "b", 1), ("u3", "b", 0), ("u3", "a", 1)]
+    assert raw.bad_lines[str(p)]["count"] == 1 and raw.bad_lines[str(p)]["examples"][0].startswith("line 2: ")
+
+
+def test_p5_reads_integer_and_raw_amazon_ids(tmp_path):
+    # the shared Beauty file: reviewer ids, then ASINs (some all digits, ISBN-10 ones may end in X)
+    p = tmp_path / "user_sequence.txt"
+    p.write_text("A1YJEY40YUW4SE B004756YJA 7806397051 043935806X\n17 3 4\nuser_1.a-b item-2 item.3\n")
+    raw = read_raw("p5", [str(p)])
+    assert raw.user_ids == ["A1YJEY40YUW4SE", "17", "user_1.a-b"]
+    assert raw.item_ids == ["B004756YJA", "7806397051", "043935806X", "3", "4", "item-2", "item.3"]
+
+
 def test_cli_prepare_with_an_inf_timestamp_exits_2_naming_file_and_line(tmp_path, capsys):
     from vlm2rec_lab.cli import main
 

@@ -321,6 +321,16 @@ def read_ratings_csv(inputs: Iterable[str], skip_bad_lines: bool = False) -> Raw
     return _read_with_meta(inputs, skip_bad_lines, "ratings", _read_rating_rows, _parse_json_or_literal)
 
 
+_NOT_ID_CHAR = re.compile(r"[^\w.\s-]")  # ids are letters, digits, '_', '.' and '-'
+
+
+def _not_an_id(text: str, tokens: list[str]) -> str | None:
+    """The first of a line's tokens with a character no id has, or None."""
+    if text.replace(" ", "").isalnum() or not _NOT_ID_CHAR.search(text):  # isalnum: the usual line, fast
+        return None
+    return next(t for t in tokens if _NOT_ID_CHAR.search(t))
+
+
 def _read_sequence_rows(paths, col: _Collector, bad: BadLines) -> None:
     for path in paths:
         for lineno, text in iter_lines(path):
@@ -328,12 +338,18 @@ def _read_sequence_rows(paths, col: _Collector, bad: BadLines) -> None:
             if len(parts) < 2:
                 bad(path, lineno, f"expected a user id followed by item ids, found {len(parts)} field(s)")
                 continue
+            token = _not_an_id(text, parts)
+            if token is not None:
+                bad(path, lineno, f"{token!r} is not an id (ids are letters, digits, '_', '.' and '-')")
+                continue
             for pos, item in enumerate(parts[1:]):
                 col.add(parts[0], item, pos)
 
 
 def read_p5(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
-    """P5 / S3-Rec ``user_sequence.txt``: a user id, then that user's item ids in chronological order.
+    """P5 / S3-Rec ``user_sequence.txt``: a user id, then that user's item ids in chronological order,
+    separated by whitespace. Ids are integers or raw ids such as reviewer ids and ASINs: letters,
+    digits, '_', '.' and '-' (a line with other characters, e.g. JSON or CSV, is malformed).
     Timestamps are positions in the sequence. An optional ``meta_*`` file adds titles and images."""
     return _read_with_meta(inputs, skip_bad_lines, "sequence", _read_sequence_rows, _parse_json_or_literal)
 
