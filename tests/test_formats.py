@@ -151,3 +151,112 @@ def test_codes_are_int64_arrays(tmp_path):
     p.write_text("u1 a b c\n")
     raw = read_raw("p5", [str(p)])
     assert raw.user.dtype == np.int64 and raw.item.dtype == np.int64
+
+
+# --------------------------------------------------------------------------- bad values that used to crash or slip through
+
+
+def _review(ts) -> str:
+    return json.dumps({"reviewerID": "u", "asin": "a", "unixReviewTime": ts})
+
+
+# (format, file name, header lines, good line (time 1), bad line, the offending value as the message shows it)
+BAD_TIMES = [
+    ("ratings-csv", "r.csv", [], "a,u1,5,1", "b,u1,5,inf", "'inf'"),
+    ("ratings-csv", "r.csv", [], "a,u1,5,1", "b,u1,5,-inf", "'-inf'"),
+    ("ratings-csv", "r.csv", [], "a,u1,5,1", "b,u1,5,nan", "'nan'"),
+    ("ratings-csv", "r.csv", [], "a,u1,5,1", "b,u1,5,1e30", "'1e30'"),
+    ("amazon2018", "reviews.json", [], _review(1), _review("inf"), "'inf'"),
+    ("amazon2018", "reviews.json", [], _review(1), _review(1e30), "1e+30"),
+    ("amazon2018", "reviews.json", [], _review(1), _review(2**63), str(2**63)),
+    ("amazon2014", "reviews.json", [], _review(1), "{'reviewerID': 'u', 'asin': 'b', 'unixReviewTime': 1e999}", "inf"),
+    ("amazon2014", "reviews.json", [], _review(1), f"{{'reviewerID': 'u', 'asin': 'b', 'unixReviewTime': {-10**30}}}",
+     str(-10**30)),
+    ("atomic", "x.inter", ["user_id:token\titem_id:token\ttimestamp:float"], "u\ta\t1", "u\tb\tinf", "'inf'"),
+]
+
+
+@pytest.mark.parametrize("fmt, name, head, good, bad, value", BAD_TIMES, ids=[f"{c[0]}-{c[5]}" for c in BAD_TIMES])
+def test_timestamps_that_are_not_finite_int64_unix_times_are_bad_lines(tmp_path, fmt, name, head, good, bad, value):
+    p = tmp_path / name
+    p.write_text("\n".join([*head, good, bad, good]) + "\n")
+    line = len(head) + 2
+    with pytest.raises(DataFormatError) as e:
+        read_raw(fmt, [str(p)])
+    assert e.value.path == str(p) and e.value.line == line
+    assert str(e.value).startswith(f"{p}:{line}: ") and value in e.value.reason
+    assert "not a finite unix time" in e.value.reason or "does not fit an int64 unix time" in e.value.reason
+    raw = read_raw(fmt, [str(p)], skip_bad_lines=True)
+    assert raw.n_rows == 2 and raw.bad_lines[str(p)]["count"] == 1
+    assert raw.bad_lines[str(p)]["examples"][0].startswith(f"line {line}: ")
+    assert raw.timestamp.tolist() == [1, 1]
+
+
+def test_timestamps_at_the_int64_edges_still_read(tmp_path):
+    p = tmp_path / "reviews.json"
+    p.write_text("\n".join([_review(2**63 - 1), _review(-(2**63)), _review("1.5e9"), _review(12.9)]) + "\n")
+    assert read_raw("amazon2018", [str(p)]).timestamp.tolist() == [2**63 - 1, -(2**63), 1_500_000_000, 12]
+
+
+@pytest.mark.parametrize("first, value", [("a,u1,5.0,inf", "'inf'"), ("a,u1,5,soon", "'soon'"), ("a,u1,5,1e30", "'1e30'")])
+def test_ratings_csv_first_line_with_a_bad_timestamp_is_a_bad_line_not_a_header(tmp_path, first, value):
+    p = tmp_path / "r.csv"
+    p.write_text(f"{first}\nb,u1,4,100\nc,u2,3,50\n")
+    with pytest.raises(DataFormatError) as e:
+        read_raw("ratings-csv", [str(p)])
+    assert e.value.path == str(p) and e.value.line == 1 and str(e.value).startswith(f"{p}:1: ")
+    assert f"timestamp {value}" in e.value.reason
+    raw = read_raw("ratings-csv", [str(p)], skip_bad_lines=True)
+    assert rows(raw) == [("u1", "b", 100), ("u2", "c", 50)]
+    assert raw.bad_lines[str(p)]["count"] == 1 and raw.bad_lines[str(p)]["examples"][0].startswith("line 1: ")
+
+
+def test_ratings_csv_header_is_recognised_by_column_names_in_every_file(tmp_path):
+    (tmp_path / "a.csv").write_text("item,user,rating,timestamp\na,u1,5.0,100\n")
+    (tmp_path / "b.csv").write_text("\nasin, reviewerID, overall, unixReviewTime\nb,u1,4,90\n")  # first non-blank line
+    raw = read_raw("ratings-csv", [str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    assert rows(raw) == [("u1", "a", 100), ("u1", "b", 90)] and raw.bad_lines == {}
+    # a line of names after the first is not a header
+    (tmp_path / "c.csv").write_text("a,u1,5,100\nitem,user,rating,timestamp\n")
+    with pytest.raises(DataFormatError, match=r"c\.csv:2: could not convert"):
+        read_raw("ratings-csv", [str(tmp_path / "c.csv")])
+
+
+@pytest.mark.parametrize("bad, token", [
+    ('{"reviewerID": "u", "asin": "a"}', '{"reviewerID":'),
+    ("u2 a,b,c d", "a,b,c"),
+    ("u2 a 'b'", "'b'"),
+    ("[u2] a b", "[u2]"),
+])
+def test_p5_tokens_that_are_not_ids_are_bad_lines(tmp_path, bad, token):
+    p = tmp_path / "user_sequence.txt"
+    p.write_text(f"u1 a b\n{bad}\nu3 b a\n")
+    with pytest.raises(DataFormatError) as e:
+        read_raw("p5", [str(p)])
+    assert e.value.path == str(p) and e.value.line == 2 and str(e.value).startswith(f"{p}:2: ")
+    assert repr(token) in e.value.reason and "is not an id" in e.value.reason
+    raw = read_raw("p5", [str(p)], skip_bad_lines=True)
+    assert rows(raw) == [("u1", "a", 0), ("u1", "b", 1), ("u3", "b", 0), ("u3", "a", 1)]
+    assert raw.bad_lines[str(p)]["count"] == 1 and raw.bad_lines[str(p)]["examples"][0].startswith("line 2: ")
+
+
+def test_p5_reads_integer_and_raw_amazon_ids(tmp_path):
+    # the shared Beauty file: reviewer ids, then ASINs (some all digits, ISBN-10 ones may end in X)
+    p = tmp_path / "user_sequence.txt"
+    p.write_text("A1YJEY40YUW4SE B004756YJA 7806397051 043935806X\n17 3 4\nuser_1.a-b item-2 item.3\n")
+    raw = read_raw("p5", [str(p)])
+    assert raw.user_ids == ["A1YJEY40YUW4SE", "17", "user_1.a-b"]
+    assert raw.item_ids == ["B004756YJA", "7806397051", "043935806X", "3", "4", "item-2", "item.3"]
+
+
+def test_cli_prepare_with_an_inf_timestamp_exits_2_naming_file_and_line(tmp_path, capsys):
+    from vlm2rec_lab.cli import main
+
+    src = tmp_path / "ratings.csv"
+    src.write_text("a,u1,5,100\nb,u1,4,inf\n")
+    out = tmp_path / "out"
+    code = main(["data", "prepare", "--format", "ratings-csv", "--input", str(src), "--out", str(out), "--require-images", "no"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err and "OverflowError" not in err
+    assert f"{src}:2: timestamp 'inf' is not a finite unix time" in err
+    assert not out.exists()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import ast
 import csv
 import io
+import math
 import os
+import re
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,19 +119,27 @@ def _is_meta(path: Path) -> bool:
     return path.name.lower().startswith("meta")
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _as_int_time(value, what: str = "timestamp") -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} {value!r} is not a number")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value == value:
-        return int(value)
+    """An int, a float or a numeric string as an int64 unix time (floats truncated).
+    Anything else -- a non-number, inf, nan, a value beyond int64 -- raises ValueError naming ``what``."""
+    number = value
     if isinstance(value, str):
         try:
-            return int(float(value))
+            number = float(value)
         except ValueError:
             pass
-    raise ValueError(f"{what} {value!r} is not a number")
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ValueError(f"{what} {value!r} is not a number")
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            raise ValueError(f"{what} {value!r} is not a finite unix time")
+        number = int(number)
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        raise ValueError(f"{what} {value!r} does not fit an int64 unix time")
+    return number
 
 
 def _str_field(obj: dict, key: str) -> str:
@@ -219,7 +229,8 @@ def _read_review_lines(paths, parse, col: _Collector, bad: BadLines) -> None:
     add = col.add
     for path, lineno, obj in _iter_records(paths, parse, bad):
         user, item, ts = obj.get("reviewerID"), obj.get("asin"), obj.get("unixReviewTime")
-        if not (type(user) is str and user and type(item) is str and item and type(ts) is int):
+        if not (type(user) is str and user and type(item) is str and item
+                and type(ts) is int and _INT64_MIN <= ts <= _INT64_MAX):
             try:  # the slow path names what is wrong
                 user = _str_field(obj, "reviewerID")
                 item = _str_field(obj, "asin")
@@ -262,9 +273,23 @@ def read_amazon2014(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawD
                            lambda paths, col, bad: _read_review_lines(paths, _parse_json_or_literal, col, bad), _parse_literal)
 
 
+_COLUMN_NAME = re.compile(r"[A-Za-z_][\w ]*")
+
+
+def _is_column_name(text: str) -> bool:
+    """A word such as ``rating`` or ``unixReviewTime``; not a number (``inf`` and ``nan`` are numbers)."""
+    if not _COLUMN_NAME.fullmatch(text):
+        return False
+    try:
+        float(text)
+    except ValueError:
+        return True
+    return False
+
+
 def _read_rating_rows(paths, col: _Collector, bad: BadLines) -> None:
     for path in paths:
-        for lineno, text in iter_lines(path):
+        for k, (lineno, text) in enumerate(iter_lines(path)):
             try:
                 row = next(csv.reader(io.StringIO(text)))
             except csv.Error as e:
@@ -273,13 +298,14 @@ def _read_rating_rows(paths, col: _Collector, bad: BadLines) -> None:
             if len(row) != 4:
                 bad(path, lineno, f"expected 4 fields (item,user,rating,timestamp), found {len(row)}")
                 continue
-            item, user, rating, ts = (x.strip() for x in row)
+            fields = [x.strip() for x in row]
+            if k == 0 and all(map(_is_column_name, fields)):
+                continue  # a header: the file's first line, every field a column name
+            item, user, rating, ts = fields
             try:
                 float(rating)
                 t = _as_int_time(ts)
             except ValueError as e:
-                if lineno == 1 and not col.u:
-                    continue  # a header row
                 bad(path, lineno, f"{e.args[0]} (rating {rating!r}, timestamp {ts!r})")
                 continue
             if not item or not user:
@@ -289,9 +315,20 @@ def _read_rating_rows(paths, col: _Collector, bad: BadLines) -> None:
 
 
 def read_ratings_csv(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
-    """Amazon 2018 ratings CSV: ``item,user,rating,timestamp`` (no header; one is skipped if present).
+    """Amazon 2018 ratings CSV: ``item,user,rating,timestamp`` (no header; a first line whose four fields
+    are all column names, e.g. ``item,user,rating,timestamp``, is skipped as one).
     Files named ``meta_*`` among the inputs are read as metadata (JSON, or 2014 literals)."""
     return _read_with_meta(inputs, skip_bad_lines, "ratings", _read_rating_rows, _parse_json_or_literal)
+
+
+_NOT_ID_CHAR = re.compile(r"[^\w.\s-]")  # ids are letters, digits, '_', '.' and '-'
+
+
+def _not_an_id(text: str, tokens: list[str]) -> str | None:
+    """The first of a line's tokens with a character no id has, or None."""
+    if text.replace(" ", "").isalnum() or not _NOT_ID_CHAR.search(text):  # isalnum: the usual line, fast
+        return None
+    return next(t for t in tokens if _NOT_ID_CHAR.search(t))
 
 
 def _read_sequence_rows(paths, col: _Collector, bad: BadLines) -> None:
@@ -301,12 +338,18 @@ def _read_sequence_rows(paths, col: _Collector, bad: BadLines) -> None:
             if len(parts) < 2:
                 bad(path, lineno, f"expected a user id followed by item ids, found {len(parts)} field(s)")
                 continue
+            token = _not_an_id(text, parts)
+            if token is not None:
+                bad(path, lineno, f"{token!r} is not an id (ids are letters, digits, '_', '.' and '-')")
+                continue
             for pos, item in enumerate(parts[1:]):
                 col.add(parts[0], item, pos)
 
 
 def read_p5(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
-    """P5 / S3-Rec ``user_sequence.txt``: a user id, then that user's item ids in chronological order.
+    """P5 / S3-Rec ``user_sequence.txt``: a user id, then that user's item ids in chronological order,
+    separated by whitespace. Ids are integers or raw ids such as reviewer ids and ASINs: letters,
+    digits, '_', '.' and '-' (a line with other characters, e.g. JSON or CSV, is malformed).
     Timestamps are positions in the sequence. An optional ``meta_*`` file adds titles and images."""
     return _read_with_meta(inputs, skip_bad_lines, "sequence", _read_sequence_rows, _parse_json_or_literal)
 
