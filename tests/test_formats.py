@@ -249,6 +249,27 @@ def test_p5_reads_integer_and_raw_amazon_ids(tmp_path):
     assert raw.item_ids == ["B004756YJA", "7806397051", "043935806X", "3", "4", "item-2", "item.3"]
 
 
+def test_p5_integer_ids_refuse_any_other_token(tmp_path, capsys):
+    """P5's own indexed files (--integer-ids): `abc` is a malformed line, named; raw ids stay the default."""
+    from vlm2rec_lab.cli import main
+
+    p = tmp_path / "user_sequence.txt"
+    p.write_text("1 2 3\n2 abc 3\n3 3 2\n")
+    assert read_raw("p5", [str(p)]).item_ids == ["2", "3", "abc"]
+    with pytest.raises(DataFormatError) as e:
+        read_raw("p5", [str(p)], integer_ids=True)
+    assert e.value.line == 2 and "'abc' is not an integer id" in e.value.reason
+    raw = read_raw("p5", [str(p)], skip_bad_lines=True, integer_ids=True)
+    assert rows(raw) == [("1", "2", 0), ("1", "3", 1), ("3", "3", 0), ("3", "2", 1)] and raw.bad_lines[str(p)]["count"] == 1
+    with pytest.raises(ValueError, match="--integer-ids applies to --format p5"):
+        read_raw("ratings-csv", [str(p)], integer_ids=True)
+    out = tmp_path / "out"
+    code = main(["data", "prepare", "--format", "p5", "--input", str(p), "--out", str(out), "--require-images", "no",
+                 "--integer-ids"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{p}:2: 'abc' is not an integer id" in err and not out.exists()
+
+
 def test_cli_prepare_with_an_inf_timestamp_exits_2_naming_file_and_line(tmp_path, capsys):
     from vlm2rec_lab.cli import main
 

@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--num-negatives", type=int, default=100)
     pr.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4])
     pr.add_argument("--skip-bad-lines", action="store_true", help="count and report malformed lines instead of stopping")
+    pr.add_argument("--integer-ids", action="store_true",
+                    help="--format p5: every id is an integer (P5's indexed files); a line with another token is malformed")
     pr.add_argument("--overwrite", action="store_true")
 
     st = data.add_parser("stats", help="statistics of a processed dataset (the paper's Table 3)")
@@ -264,7 +266,7 @@ def cmd_prepare(a) -> int:
                         require_images=a.require_images, require_titles=a.require_titles, k_core=a.k_core,
                         max_len=a.max_len, max_title_tokens=a.max_title_tokens, train_examples=a.train_examples,
                         num_negatives=a.num_negatives, seeds=tuple(a.seeds), skip_bad_lines=a.skip_bad_lines,
-                        offline=a.offline)
+                        offline=a.offline, integer_ids=a.integer_ids)
     t0 = time.perf_counter()
     ds = prepare(cfg, a.out, overwrite=a.overwrite)
     m = ds.manifest

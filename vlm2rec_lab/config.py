@@ -12,6 +12,14 @@ FORMATS = ("amazon2018", "amazon2014", "ratings-csv", "atomic", "p5")
 TRAIN_EXAMPLES = ("last", "all_prefixes")
 
 
+def require_positive(cfg, names: tuple[str, ...]) -> None:
+    """Raise naming the first of ``names`` below 1, as its flag and its field."""
+    for n in names:
+        v = getattr(cfg, n)
+        if v < 1:
+            raise ValueError(f"--{n.replace('_', '-')} ({type(cfg).__name__}.{n}) must be at least 1, got {v}")
+
+
 @dataclass
 class PrepareConfig:
     """How raw interaction files become a processed dataset (DESIGN §1)."""
@@ -31,6 +39,7 @@ class PrepareConfig:
     skip_bad_lines: bool = False
     max_pixels: int = 448 * 448
     offline: bool = False
+    integer_ids: bool = False  # p5 only: every id an integer (P5's indexed files); else raw ids too
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -39,8 +48,7 @@ class PrepareConfig:
             raise ValueError(f"train_examples: {self.train_examples!r} is not one of {TRAIN_EXAMPLES}")
         if self.require_titles not in ("auto", "yes", "no"):
             raise ValueError(f"require_titles: {self.require_titles!r} is not auto, yes or no")
-        if self.k_core < 1 or self.max_len < 1 or self.num_negatives < 1 or self.max_title_tokens < 1:
-            raise ValueError("k_core, max_len, num_negatives and max_title_tokens must be >= 1")
+        require_positive(self, ("k_core", "max_len", "num_negatives", "max_title_tokens"))
         if not self.inputs:
             raise ValueError("inputs: at least one input path is needed")
         self.inputs = [str(p) for p in self.inputs]

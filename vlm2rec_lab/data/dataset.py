@@ -423,7 +423,7 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
     kc &= ~short
     user, item, ts, order_in_file = user[kc], item[kc], ts[kc], order_in_file[kc]
     if user.size == 0:
-        raise DataFormatError(", ".join(raw.sources), f"no interactions survive the {cfg.k_core}-core")
+        raise DataFormatError(", ".join(raw.sources), f"no interactions survive the {cfg.k_core}-core: lower --k-core")
 
     # 4. dense ids in order of first appearance in the file; chronological order, stable ties
     u_codes, u_first = np.unique(user, return_index=True)
@@ -547,7 +547,7 @@ def prepare(cfg: PrepareConfig, out: str | Path | None, overwrite: bool = False,
     inputs = [*cfg.inputs, *(p for p in (cfg.images, cfg.image_cache) if p)]
     if out is not None:
         check_replaceable(out, overwrite, DATASET_MARKS, protect=inputs)
-    raw = read_raw(cfg.format, cfg.inputs, skip_bad_lines=cfg.skip_bad_lines)
+    raw = read_raw(cfg.format, cfg.inputs, skip_bad_lines=cfg.skip_bad_lines, integer_ids=cfg.integer_ids)
     ds = build(raw, cfg, progress=progress)
     if out is not None:
         save(ds, out, overwrite=overwrite, protect=inputs)

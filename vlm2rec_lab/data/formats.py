@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import io
 import math
 import os
@@ -331,7 +332,7 @@ def _not_an_id(text: str, tokens: list[str]) -> str | None:
     return next(t for t in tokens if _NOT_ID_CHAR.search(t))
 
 
-def _read_sequence_rows(paths, col: _Collector, bad: BadLines) -> None:
+def _read_sequence_rows(paths, col: _Collector, bad: BadLines, integer_ids: bool = False) -> None:
     for path in paths:
         for lineno, text in iter_lines(path):
             parts = text.split()
@@ -342,16 +343,23 @@ def _read_sequence_rows(paths, col: _Collector, bad: BadLines) -> None:
             if token is not None:
                 bad(path, lineno, f"{token!r} is not an id (ids are letters, digits, '_', '.' and '-')")
                 continue
+            if integer_ids and not all(p.isdigit() for p in parts):
+                token = next(p for p in parts if not p.isdigit())
+                bad(path, lineno, f"{token!r} is not an integer id (--integer-ids: every id on a line is an integer)")
+                continue
             for pos, item in enumerate(parts[1:]):
                 col.add(parts[0], item, pos)
 
 
-def read_p5(inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
+def read_p5(inputs: Iterable[str], skip_bad_lines: bool = False, integer_ids: bool = False) -> RawData:
     """P5 / S3-Rec ``user_sequence.txt``: a user id, then that user's item ids in chronological order,
     separated by whitespace. Ids are integers or raw ids such as reviewer ids and ASINs: letters,
     digits, '_', '.' and '-' (a line with other characters, e.g. JSON or CSV, is malformed).
-    Timestamps are positions in the sequence. An optional ``meta_*`` file adds titles and images."""
-    return _read_with_meta(inputs, skip_bad_lines, "sequence", _read_sequence_rows, _parse_json_or_literal)
+    Timestamps are positions in the sequence. An optional ``meta_*`` file adds titles and images.
+    ``integer_ids``: P5's own integer-indexed files, where any other token is malformed (ours: off
+    by default, since the shared Beauty file, like S3-Rec's raw one, holds reviewer ids and ASINs)."""
+    return _read_with_meta(inputs, skip_bad_lines, "sequence",
+                           functools.partial(_read_sequence_rows, integer_ids=integer_ids), _parse_json_or_literal)
 
 
 def _atomic_header(path: Path, text: str) -> list[str]:
@@ -511,7 +519,9 @@ READERS: dict[str, Callable[..., RawData]] = {
 }
 
 
-def read_raw(fmt: str, inputs: Iterable[str], skip_bad_lines: bool = False) -> RawData:
+def read_raw(fmt: str, inputs: Iterable[str], skip_bad_lines: bool = False, integer_ids: bool = False) -> RawData:
     if fmt not in READERS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(READERS)}")
-    return READERS[fmt](list(inputs), skip_bad_lines=skip_bad_lines)
+    if integer_ids and fmt != "p5":
+        raise ValueError(f"--integer-ids applies to --format p5, not {fmt}")
+    return READERS[fmt](list(inputs), skip_bad_lines=skip_bad_lines, **({"integer_ids": True} if integer_ids else {}))
