@@ -47,10 +47,11 @@ def test_quick_batch_over_synthetic_scientific_and_beauty(tmp_path, capfd):
 
     ran = {d: {p.stem for p in (out / d).glob("[0-9][0-9]_*.ipynb")} for d in sets}
     assert ran == RUNS, printed
+    why = {"sci": "needs images: prepare with --images or image URLs",  # titles, no pixels
+           "beauty": "needs titles: prepare from metadata with titles; needs images: prepare with --images or image URLs"}
     for d in sets:
         for nb in sorted(ALL - RUNS[d]):
-            assert f"{d}/{nb}: skipped — needs images: prepare with --images or image URLs" in printed
-    assert "beauty/02_modality_collapse: skipped — needs titles" in printed  # ids only: both reasons
+            assert f"{d}/{nb}: skipped — {why[d]}" in printed, (d, nb)
     assert f"{len(ALL) * 3 - 8} passed, 8 skipped, 0 failed" in printed
 
     index = (out / "index.html").read_text()
@@ -59,9 +60,8 @@ def test_quick_batch_over_synthetic_scientific_and_beauty(tmp_path, capfd):
 
     task1 = {d: read_records(out / d / "04_task1.ipynb") for d in sets}
     task2 = {d: read_records(out / d / "05_task2.ipynb") for d in sets}
-    for d in sets:
-        # the measured random scorer sits at chance (mid-rank ties; two negative sets)
-        assert abs(task1[d]["random_HR@10"] - CHANCE_HR10) < 0.03, (d, task1[d])
+    for d in ("sci", "beauty"):  # thousands of users: the measured random scorer sits at chance
+        assert abs(task1[d]["random_HR@10"] - CHANCE_HR10) < 0.01, (d, task1[d])
     # text-only Scientific: the text methods, no VLM method; ids-only Beauty: the scorers alone
     assert {k[: -len("_HR@10")] for k in task1["sci"] if k.endswith("_HR@10")} == \
         {"random", "popularity", "cooccurrence", "llm-vanilla", "llm-sft"}
