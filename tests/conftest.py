@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,17 @@ os.environ.setdefault("VLM2REC_CACHE", str(Path(tempfile.gettempdir()) / "vlm2re
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "real"
+
+
+def pytest_configure(config):
+    """Under ``VLM2REC_MUTANT=<name>`` (tools/mutation_check.py), put that mutant of the method's
+    core in place, in memory, before any test is collected (tests/mutants.py)."""
+    name = os.environ.get("VLM2REC_MUTANT")
+    if name:
+        from mutants import apply_named
+
+        m = apply_named(name)
+        print(f"\nmutant applied: {m.name} ({m.module})", file=sys.stderr)
 
 
 def real_data(name: str) -> Path:

@@ -242,6 +242,7 @@ def test_mixed_precision_context_is_a_no_op_on_the_cpu(tiny):
         assert not torch.is_autocast_enabled("cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_mixed_precision_lora_matches_peft_casting_on_gpu(synth_ds, tiny_path):
     """bf16 LoRA under autocast (fp32 master weights) against PEFT's fp32 LoRA path: same embeddings
@@ -523,6 +524,7 @@ def _per_segment_causal(q, k, v, lengths):
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("causal", [False, True, "prefix"])
 def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal, monkeypatch):
@@ -565,6 +567,7 @@ def test_compiled_vision_blocks_give_the_same_features(tiny):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("kernel", ["sdpa", "flash"])
 def test_vision_tower_never_waits_for_the_device_on_gpu(synth_ds, tiny_path, kernel, monkeypatch):
@@ -592,6 +595,7 @@ def test_vision_tower_never_waits_for_the_device_on_gpu(synth_ds, tiny_path, ker
     torch.testing.assert_close(new[1].float(), seen[0].float(), rtol=2e-2, atol=2e-2)  # (the same image)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("kernel", ["sdpa", "flash"])
 def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, kernel, monkeypatch):

@@ -32,6 +32,24 @@ def test_uniformity_of_an_orthonormal_set_is_closed_form():
     assert uniformity(e, e, n_pairs=200_000, seed=1) == pytest.approx(expected, abs=0.02)  # sampled estimate
 
 
+def test_geometry_of_a_constructed_configuration_is_closed_form():
+    # items: the standard basis of R^4; user t's sequence sits at 60 degrees from its target e_t,
+    # towards e_{t+1}; its negatives e_{t+2}, e_{t+3} are orthogonal to it
+    e = np.eye(4)
+    t = np.arange(4)
+    seq = 0.5 * e[t] + math.sqrt(3) / 2 * e[(t + 1) % 4]
+    neg = np.stack([(t + 2) % 4, (t + 3) % 4], axis=1)
+    g = geometry(5 * seq, 0.1 * e, t, neg)  # scale-free: unit vectors throughout
+    assert g["A_pos"] == pytest.approx(2 - 2 * 0.5)  # ‖s − i‖² = 2 − 2 cos θ
+    assert g["A_neg"] == pytest.approx(2.0)
+    assert g["S"] == pytest.approx(2.0, rel=1e-6)
+    # all 16 (sequence, item) pairs: per sequence one at distance² 1, one at 2 − √3, two at 2
+    assert g["U"] == pytest.approx(math.log((math.exp(-2) + math.exp(-2 * (2 - math.sqrt(3))) + 2 * math.exp(-4)) / 4))
+    assert alignment(e, -e) == pytest.approx(4.0)  # antipodal pairs: the largest distance²
+    assert alignment(e, e[(t + 1) % 4]) == pytest.approx(2.0)  # orthogonal pairs
+    assert uniformity(e[:1], e[:1]) == pytest.approx(0.0, abs=1e-12)  # one pair at distance 0: log 1
+
+
 def test_separability_orders_sequences_near_their_targets():
     rng = np.random.default_rng(1)
     items = rng.normal(size=(40, 16))
@@ -58,7 +76,24 @@ def test_geometry_and_dropout_tables_have_the_paper_shape(synth_ds, trained):
     t = geometry_table(trained, synth_ds)
     assert list(t.columns) == ["A_pos", "A_neg", "U", "S", "A_pos_std", "A_neg_std", "U_std", "S_std", "seeds"]
     assert set(t.index) == {(s, m) for s in trained for m in ("F", "T", "V")}
-    assert (t["A_pos"] >= 0).all() and (t["A_pos"] <= 4).all() and (t["U"] <= 0).all()
+    # each cell recomputed here by plain numpy from the run's embedding files (one run per state, its
+    # own training seed's negatives; all 300 x 200 sequence-item pairs for U)
+    from vlm2rec_lab.runs import load_run_config
+
+    for state, run in trained.items():
+        neg = synth_ds.negatives(load_run_config(run).seed)
+        for m in ("F", "T", "V"):
+            s = np.load(run / "embeddings" / f"seq_test_{m}.npy").astype(np.float64)
+            e = np.load(run / "embeddings" / f"item_{m}.npy").astype(np.float64)
+            s /= np.linalg.norm(s, axis=1, keepdims=True)
+            e /= np.linalg.norm(e, axis=1, keepdims=True)
+            a_pos = np.mean([((s[u] - e[i]) ** 2).sum() for u, i in enumerate(synth_ds.targets("test"))])
+            a_neg = np.mean([((s[u] - e[neg[u]]) ** 2).sum(1).mean() for u in range(len(s))])  # (as many per user)
+            u_all = np.log(np.mean(np.exp(-2 * ((s[:, None, :] - e[None, :, :]) ** 2).sum(-1))))
+            row = t.loc[(state, m)]
+            assert row["A_pos"] == pytest.approx(a_pos, rel=1e-9) and row["A_neg"] == pytest.approx(a_neg, rel=1e-9)
+            assert row["U"] == pytest.approx(u_all, rel=1e-9) and row["S"] == pytest.approx(a_neg / (a_pos + 1e-8), rel=1e-9)
+            assert row["seeds"] == 1 and row["S_std"] == 0.0
     d = modality_dropout_table(trained)
     assert set(d.index.get_level_values("view")) == {"f2f", "t2f", "v2f"}
 
@@ -86,12 +121,36 @@ def test_tables_over_training_seeds_are_mean_and_std_of_each_seeds_run(synth_ds,
 
 
 def test_gradient_cosines_and_weak_modality_from_the_logs(synth_ds, trained):
+    import csv
+
+    logs = trained["VLM2Rec"] / "logs"
     g = gradient_cosines(trained["VLM2Rec"])
-    assert g["step"].tolist() == [1, 3] and g[["cos_total_t", "cos_total_v"]].abs().le(1).all().all()
+    assert g["step"].tolist() == [1, 3]  # grad_cos_every 2 over 4 steps
+    probed = [r for r in csv.DictReader((logs / "train_log.csv").read_text().splitlines()) if r["cos_total_t"]]
+    assert [int(r["step"]) for r in probed] == [1, 3]
+    np.testing.assert_allclose(g[["cos_total_t", "cos_total_v"]].to_numpy(),
+                               [[float(r["cos_total_t"]), float(r["cos_total_v"])] for r in probed])
     w = weak_modality(trained["VLM2Rec"], synth_ds)
     assert w["over_training"]["step"].tolist() == [1, 2, 3, 4]
-    assert w["by_length"]["users"].sum() == w["final_image_weak_share"]["users"].iat[0]
-    assert w["by_category"]["image_weak_share"].between(0, 1).all()
+    # by hand from the logged rows: the share of image-weak users per step; each user's last
+    # recorded weak modality against the category of their last training item
+    rows = [(int(r["step"]), int(r["user"]), r["weak"]) for r in csv.DictReader((logs / "weak_modality.csv").read_text().splitlines())]
+    for step, share in zip(w["over_training"]["step"], w["over_training"]["image_weak_share"]):
+        at = [weak for st, _, weak in rows if st == step]
+        assert share == pytest.approx(sum(x == "V" for x in at) / len(at))
+    last = {}
+    for step, user, weak in sorted(rows):
+        last[user] = weak
+    cats = synth_ds.items["category"].to_numpy()
+    by_cat: dict = {}
+    for user, weak in last.items():
+        by_cat.setdefault(cats[synth_ds.sequence(user)[-3]], []).append(weak == "V")
+    got = w["by_category"]
+    assert sorted(got.index) == sorted(by_cat)
+    for cat, flags in by_cat.items():
+        assert got.loc[cat, "users"] == len(flags) and got.loc[cat, "image_weak_share"] == pytest.approx(np.mean(flags))
+    assert w["by_length"]["users"].sum() == w["final_image_weak_share"]["users"].iat[0] == len(last)
+    assert w["final_image_weak_share"]["share"].iat[0] == pytest.approx(np.mean([x == "V" for x in last.values()]))
     with pytest.raises((ValueError, FileNotFoundError)):
         gradient_cosines(trained["Vanilla"])
 

@@ -124,6 +124,7 @@ def test_a_process_that_fails_alone_ends_the_launch_instead_of_hanging_it(mode, 
     assert re.search(rf"rank\s+: 1 \(local_rank: 1\)\s+exitcode\s+: {code} ", r.stderr), r.stderr[-2000:]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_the_gpu_process_group_gathers_cpu_and_cuda_tensors_on_gpu(tmp_path):
     """On GPUs the sharded item embeddings are gathered as CPU tensors, the training embeddings and

@@ -1,7 +1,7 @@
 """Task 2 (DESIGN §4): SASRec / GRU4Rec with ID or embedding-initialised items.
 
 Unit: layouts, causality and padding, loading embeddings. Integration: training on the synthetic
-domain beats popularity, is deterministic, and ID vs initialisation is compared. Acceptance (slow):
+domain beats popularity, is deterministic, and initialisation uses each item's own vector. Acceptance (slow):
 the Beauty reproduction against the bar set by pmixer/SASRec.pytorch.
 """
 from __future__ import annotations
@@ -304,21 +304,30 @@ def test_gru4rec_bce_trains_and_beats_popularity(synth_ds):
     assert got > pop + 0.05
 
 
-def test_id_vs_embedding_init_on_the_synthetic_domain(synth_ds, synth_raw, tmp_path, capsys):
-    """Both train and evaluate from a run folder; the comparison is reported, not asserted."""
+def test_embedding_init_uses_each_items_own_vector(synth_ds, synth_raw, tmp_path):
+    """Initialisation from a run folder learns far beyond popularity, and through what each item's
+    vector says: the same vectors shuffled across items (each on another item) fall to about
+    popularity, since a frozen table under a trainable Linear cannot be turned into free ID codes.
+
+    Measured once (seeds 0 and 1, test NDCG@10, one CPU thread): popularity 0.1555, init(F) 0.3874,
+    the shuffled F 0.1329 (also: ID 0.4275, Gaussian vectors 0.1789, T alone 0.4158, V alone
+    0.2864). ID beating init(F) here belongs to this domain and these stand-in vectors; not asserted."""
     ids = synth_ds.items["item_id"].tolist()
     _write_run(tmp_path / "run", ids, _latent_embeddings(synth_raw, ids))
     cfg = DownstreamConfig(**FAST)
     seeds = [0, 1]
-    by_id = run(synth_ds, cfg, seeds)
-    init = run(synth_ds, cfg, seeds, load_item_embeddings(synth_ds, tmp_path / "run", modality="F"))
-    a, b = by_id.test.mean()["NDCG@10"], init.test.mean()["NDCG@10"]
+    table = load_item_embeddings(synth_ds, tmp_path / "run", modality="F")
+    assert table.summary()["dim"] == 48 and table.missing == []
+    init = run(synth_ds, cfg, seeds, table)
     assert init.init["kind"] == "embeddings" and init.init["dim"] == 48
+    perm = np.random.default_rng(100).permutation(len(ids))
+    shuffled = run(synth_ds, cfg, seeds, ItemEmbeddings(table.matrix[perm], "shuffled"))
+    a, b = init.test.mean()["NDCG@10"], shuffled.test.mean()["NDCG@10"]
     pop = evaluate(synth_ds, PopularityScorer(synth_ds), seeds=seeds, progress=False).mean()["NDCG@10"]
-    assert a > pop and b > pop
-    with capsys.disabled():
-        print(f"\n[Task 2, synthetic] test NDCG@10 ID {a:.4f} vs init(F) {b:.4f}: "
-              f"{'init' if b > a else 'ID'} wins (popularity {pop:.4f})")
+    seen = f"init(F) {a:.4f}, shuffled {b:.4f}, popularity {pop:.4f}"
+    assert a > pop + 0.15, seen
+    assert a > b + 0.15, seen
+    assert b < pop + 0.05, seen  # no better than popularity, give or take
 
 
 def test_cli_downstream_json(synth_ds, synth_raw, tmp_path, capsys):

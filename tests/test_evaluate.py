@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -137,7 +138,18 @@ def test_results_table_marks_best_second_and_significance():
     with pytest.raises(KeyError):
         results_table(per_seed, baseline="missing")
     styled = t.style().to_html()
-    assert "font-weight: bold" in styled and "0.5120" in styled
+    assert "0.5120" in styled
+    # which cells the Styler's CSS marks: bold = the best mean of each metric (ours), underlined = the
+    # second best (the largest mean below it: base, and meh where its mean equals base's)
+    marked: dict[str, set] = {}
+    for sel, props in re.findall(r"((?:#T_\w+_row\d+_col\d+(?:,\s*)?)+)\s*\{([^}]*)\}", styled):
+        cells = {(t.means.index[int(r)], t.means.columns[int(c)]) for r, c in re.findall(r"_row(\d+)_col(\d+)", sel)}
+        marked.setdefault(props.strip().rstrip(";"), set()).update(cells)
+    means = {k: v[["HR@10", "NDCG@10"]].mean() for k, v in per_seed.items()}
+    second = {(k, m) for m in ("HR@10", "NDCG@10") for k in per_seed
+              if means[k][m] == max(means[j][m] for j in per_seed if j != "ours")}
+    assert marked == {"font-weight: bold": {("ours", "HR@10"), ("ours", "NDCG@10")}, "text-decoration: underline": second}
+    assert ("base", "HR@10") in second
 
 
 def test_the_paired_test_pairs_methods_by_seed_not_by_row_order():

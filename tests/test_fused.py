@@ -528,6 +528,7 @@ def test_tiny_vision_tower_with_the_rotary_stand_in_is_the_towers_own(tiny, monk
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_vision_attention_stand_in_on_gpu():
     """On a GPU in bf16, at the 3B tower's width: the probe accepts the module (mixed-dtype kernels

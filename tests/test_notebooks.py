@@ -3,10 +3,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vlm2rec_lab.batch import dataset_names, list_notebooks, parse_params, run_batch, select_notebooks
 from vlm2rec_lab.notebook import read_records
+from vlm2rec_lab.runs import VIEWS
 
 NOTEBOOKS = list_notebooks()
 
@@ -138,3 +140,69 @@ def test_collapse_notebook_values_on_planted_domains(tmp_path_factory):
     # 0.03; VLM2Rec's image side, weaker (its separability S > 1 is asserted above), above chance.
     assert both["SFT_v2f_HR@10"] > max(chance, noimage["SFT_v2f_HR@10"]) + 0.03, (both, noimage)
     assert both["VLM2Rec_v2f_HR@10"] > chance, (both, noimage)
+
+
+def _plain_task1(ds, run: Path, view: str, seed: int) -> dict[str, float]:
+    """A second, plain implementation of Task 1 on a run's stored embeddings: cosine of user u's
+    history embedding (row u, the view's modality) against its test target and negative set
+    ``seed``; HR@10 and NDCG@10 from the target's rank among the 101 candidates."""
+    emb = run / "embeddings"
+    z = np.load(emb / f"seq_test_{VIEWS[view]}.npy").astype(np.float64)
+    items = np.load(emb / "item_F.npy").astype(np.float64)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    cand = np.concatenate([ds.targets("test")[:, None], ds.negatives(seed)], axis=1)
+    s = np.einsum("nd,nmd->nm", z, items[cand])
+    rank = (s[:, 1:] > s[:, :1]).sum(1)  # (no ties among cosines of a trained model's embeddings)
+    return {"HR@10": float((rank < 10).mean()), "NDCG@10": float(np.where(rank < 10, 1 / np.log2(rank + 2), 0).mean())}
+
+
+def test_the_notebooks_record_what_the_library_computes_for_their_runs(batch, synth_ds):
+    """Notebooks 02, 04, 05 and 06 record values that match, for the same run folders, a plain
+    re-computation here (Task 1 from the stored embeddings, the t-tests with scipy) and the
+    library's own calls (reference scorers, Task 2 retrained with the notebook's config)."""
+    from scipy import stats
+
+    from vlm2rec_lab import downstream
+    from vlm2rec_lab.batch import QUICK_SEEDS
+    from vlm2rec_lab.config import parse_seeds
+    from vlm2rec_lab.evaluate import evaluate
+    from vlm2rec_lab.runs import find_runs
+    from vlm2rec_lab.scorers import SCORERS, make_scorer
+
+    out, results = batch
+    recs = {r.notebook: r.records for r in results}
+    runs_dir = out / Path(synth_ds.path).name / "runs"
+    seeds = parse_seeds(QUICK_SEEDS)
+
+    def per_seed(method: str, view: str = "f2f", metric: str = "NDCG@10") -> np.ndarray:
+        runs = find_runs(runs_dir / method)
+        assert sorted(runs) == seeds
+        return np.array([_plain_task1(synth_ds, runs[s], view, s)[metric] for s in seeds])
+
+    # 04: Task 1, the VLM methods' runs and the reference scorers, mean over training seeds; p by seed
+    t1 = recs["04_task1"]
+    for m in ("vlm-vanilla", "vlm-sft", "vlm2rec"):
+        for k in ("HR@10", "NDCG@10"):
+            assert t1[f"{m}_{k}"] == pytest.approx(per_seed(m, metric=k).mean(), abs=1e-6), (m, k)
+    scorer = {name: evaluate(synth_ds, make_scorer(name, synth_ds), seeds=seeds, progress=False).sampled["NDCG@10"].to_numpy()
+              for name in SCORERS}
+    for name, values in scorer.items():
+        assert t1[f"{name}_NDCG@10"] == pytest.approx(values.mean(), abs=1e-9), name
+    base = scorer[t1["baseline"]]
+    assert t1["vlm-sft_NDCG@10_p"] == pytest.approx(stats.ttest_rel(per_seed("vlm-sft"), base).pvalue, rel=1e-6)
+    # 02: the modality-dropout views of the three states
+    t2 = recs["02_modality_collapse"]
+    for state, m in (("Vanilla", "vlm-vanilla"), ("SFT", "vlm-sft"), ("VLM2Rec", "vlm2rec")):
+        for view in ("f2f", "t2f", "v2f"):
+            assert t2[f"{state}_{view}_HR@10"] == pytest.approx(per_seed(m, view, "HR@10").mean(), abs=1e-6), (state, view)
+    # 06: the ablation table's rows, per view (the quick mode's runs sit beside the others)
+    t6 = recs["06_ablation_sensitivity"]
+    for m in ("vlm2rec", "vlm2rec-crtr-only", "vlm-sft"):
+        for view in ("f2f", "t2f", "v2f"):
+            assert t6[f"{m}_{view}_NDCG@10"] == pytest.approx(per_seed(m, view).mean(), abs=1e-6), (m, view)
+    # 05: Task 2 with ID embeddings, trained again here with the notebook's quick config
+    t5 = recs["05_task2"]
+    again = downstream.run(synth_ds, downstream.DownstreamConfig(model=t5["model"], epochs=2), seeds)
+    for k in ("HR@10", "NDCG@10"):
+        assert t5[f"ID_{k}"] == pytest.approx(again.test.sampled[k].mean(), abs=1e-6), k

@@ -12,6 +12,7 @@ def test_to_device_on_the_cpu_is_a_plain_to():
     assert to_device(t, torch.device("cpu")) is t
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_to_device_copies_to_the_gpu_without_a_sync_on_gpu():
     """The same values on the GPU; staging through pinned memory and the copy make no device sync
