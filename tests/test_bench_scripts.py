@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 63 s: the slowest default-tier test, a benchmark's CPU smoke run (the default tier stays under 10 min)
 def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--tiny", "--compile", "--profile"], capture_output=True, text=True,
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
