@@ -231,7 +231,7 @@ def test_the_checkpoint_is_rebuilt_from_tensors_and_plain_values_only(synth_ds, 
     assert code == 2 and f"{copy / 'checkpoint' / 'state.pt'}: unreadable (truncated or corrupt" in err and "--fresh" in err
 
 
-def test_a_resumed_run_restores_every_random_state(synth_ds, trained):
+def test_a_resumed_run_restores_every_random_state(tmp_path):
     import random
 
     from vlm2rec_lab.train import _rng_state, _set_rng_state
@@ -240,8 +240,8 @@ def test_a_resumed_run_restores_every_random_state(synth_ds, trained):
     np.random.seed(2)
     torch.manual_seed(3)
     saved = _rng_state()
-    torch.save(saved, Path(trained).parent / "rng.pt")
-    back = torch.load(Path(trained).parent / "rng.pt", weights_only=True)
+    torch.save(saved, tmp_path / "rng.pt")
+    back = torch.load(tmp_path / "rng.pt", weights_only=True)
     want = (random.random(), np.random.rand(), torch.rand(1).item())
     _set_rng_state(back)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want

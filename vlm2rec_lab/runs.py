@@ -157,7 +157,8 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
 
 def check_adapter(adapter: Path) -> None:
     """Raise :class:`~vlm2rec_lab.train.CheckpointError` naming the file unless ``adapter`` holds a
-    readable PEFT config and weights file (safetensors, read through its header and tensors)."""
+    readable PEFT config and a whole weights file (safetensors checks at open that its header's
+    tensors cover the file: a truncated file is refused there, before PEFT reads the weights)."""
     from safetensors import safe_open
 
     from .train import CheckpointError
@@ -171,9 +172,8 @@ def check_adapter(adapter: Path) -> None:
         raise CheckpointError(f"{adapter}: no adapter_model.safetensors beside adapter_config.json (the weights "
                               f"are missing); train the run again, or copy the whole adapter folder")
     try:
-        with safe_open(str(weights), "pt") as f:
-            for k in f.keys():
-                f.get_tensor(k)
+        with safe_open(str(weights), "pt"):
+            pass
     except Exception as e:  # safetensors raises its own SafetensorError, and OSError  # noqa: BLE001
         raise CheckpointError(f"{weights}: unreadable (truncated or corrupt: {' '.join(str(e).split())[:200]}); "
                               f"train the run again") from None

@@ -77,9 +77,9 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(s: dict) -> None:
-    random.setstate(tuple(s["python"][:1]) + (tuple(s["python"][1]),) + tuple(s["python"][2:]))
+    random.setstate(s["python"])  # (tuples survive torch.load(weights_only=True))
     name, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():  # (a run moved to fewer GPUs: theirs)
         torch.cuda.set_rng_state_all(s["cuda"][:torch.cuda.device_count()])
