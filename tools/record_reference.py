@@ -12,6 +12,7 @@ from reference_runs import HERE, TRAINING, item_embeddings, reference_dataset, s
 
 
 def main() -> None:
+    HERE.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         ds = reference_dataset(Path(tmp))
         losses = {}
@@ -20,7 +21,6 @@ def main() -> None:
             print(method, losses[method]["loss"], flush=True)
             if method == "vlm2rec":
                 np.save(HERE / "vlm2rec_item_F.npy", item_embeddings(tr))
-    HERE.mkdir(exist_ok=True)
     (HERE / "losses.json").write_text(json.dumps(losses, indent=1, sort_keys=True) + "\n")
 
 
