@@ -1,6 +1,10 @@
 """Notebooks: stored without outputs, thin, and each one runs under papermill on quick parameters."""
+import ast
+import io
 import json
 import math
+import re
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +15,182 @@ from vlm2rec_lab.notebook import read_records
 from vlm2rec_lab.runs import VIEWS
 
 NOTEBOOKS = list_notebooks()
+# every notebook in the folder, found by glob: the notebooks are their own source (no generator)
+ALL_NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool}
+MODALITIES = ("ids", "titles", "images")
+MAX_CELL_LINES = 30  # a cell past a screen belongs in the library
 
 
-def test_notebooks_are_found_by_glob_and_stored_clean():
-    assert [nb.stem[:2] for nb in NOTEBOOKS][:2] == ["00", "01"]
-    for nb in NOTEBOOKS:
-        cells = json.loads(nb.read_text())["cells"]
-        code = [c for c in cells if c["cell_type"] == "code"]
-        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), nb.name
-        assert "parameters" in code[0]["metadata"].get("tags", []), nb.name
-        assert "QUICK: bool" in "".join(code[0]["source"]), nb.name
-        assert all(len("".join(c["source"]).splitlines()) <= 30 for c in code), f"{nb.name}: a cell past a screen belongs in the library"
+def _source(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def _heading(cell) -> str:
+    return _source(cell).lstrip().splitlines()[0] if cell["cell_type"] == "markdown" and _source(cell).strip() else ""
+
+
+def _calls(src: str) -> set[str]:
+    """Names of the functions a cell calls (``record(...)``, ``ds.kind`` is not a call)."""
+    return {n.func.id if isinstance(n.func, ast.Name) else n.func.attr
+            for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))}
+
+
+def parameter_problems(src: str) -> list[str]:
+    """The parameters cell: only ``NAME: type = literal  # what it is`` lines, NAME in UPPER_CASE,
+    type one of int, float, str, bool and the literal of that type (papermill --help-notebook
+    documents them from these lines)."""
+    problems = []
+    commented = {t.start[0] for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                 if t.type == tokenize.COMMENT and t.string.lstrip("#").strip()}
+    tree = ast.parse(src)
+    if not tree.body:
+        problems.append("the parameters cell is empty")
+    for node in tree.body:
+        line = src.splitlines()[node.lineno - 1].strip()
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            problems.append(f"parameters line {node.lineno} is not a typed assignment: {line!r}")
+            continue
+        name, kind = node.target.id, ast.unparse(node.annotation)
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            problems.append(f"parameter {name} is not UPPER_CASE")
+        if kind not in SCALARS:
+            problems.append(f"parameter {name}: type {kind} is not one of {sorted(SCALARS)}")
+        elif not (isinstance(node.value, ast.Constant) and isinstance(node.value.value, SCALARS[kind])
+                  and (kind == "bool") == isinstance(node.value.value, bool)):
+            problems.append(f"parameter {name}: {ast.unparse(node.value) if node.value else 'no value'} is not a {kind} literal")
+        if node.lineno not in commented or node.end_lineno != node.lineno:
+            problems.append(f"parameter {name}: one line with a comment saying what it is (`{name}: {kind} = ...  # ...`)")
+    return problems
+
+
+def template_problems(nb: dict) -> list[str]:
+    """Where a notebook breaks the template every notebook follows (00_template.ipynb):
+
+    1. title: the first cell is markdown opening with a ``# `` heading;
+    2. parameters: the first code cell, tagged ``parameters``, under a ``## Parameters`` heading, of
+       typed UPPER_CASE scalars with comments (:func:`parameter_problems`), holding every parameter
+       the batch passes (``DATA_DIR``, ``OUT_DIR``, ``RUNS_DIR`` and the profiles' keys);
+    3. set-up: the next code cell, under a ``## Set-up`` heading, loads the dataset through the
+       repository-anchored ``resolve`` (no ``../`` paths anywhere);
+    4. steps: at least one code cell between set-up and the last cell; no cell past a screen;
+    5. record: the last cell is code calling ``record(...)``, under a ``## Record`` heading
+       (vlm2rec_lab.notebook.record: the numbers tests and the batch index read back);
+    6. stored clean: no outputs, no execution counts, no papermill metadata;
+    7. metadata: a kernelspec, and ``vlm2rec.needs`` (what the batch skips the notebook without):
+       ids plus any of titles / images; a notebook that trains embedders (``ensure_runs``) without
+       choosing its methods by ``ds.kind`` needs titles and images.
+    """
+    from vlm2rec_lab.batch import PROFILES
+
+    problems = []
+    cells = nb.get("cells", [])
+    code = [i for i, c in enumerate(cells) if c["cell_type"] == "code"]
+    if not cells or not _heading(cells[0]).startswith("# "):
+        problems.append("1. the first cell is not a markdown cell opening with a `# ` title")
+    if len(code) < 3:
+        return problems + [f"2-5. {len(code)} code cells: parameters, set-up, steps and the record are needed"]
+    params, setup, last = code[0], code[1], len(cells) - 1
+
+    def under(i: int, heading: str) -> bool:
+        before = [c for c in cells[:i] if c["cell_type"] == "markdown"]
+        return bool(before) and _heading(before[-1]) == heading
+
+    tagged = [i for i in code if "parameters" in cells[i].get("metadata", {}).get("tags", [])]
+    if tagged != [params]:
+        problems.append(f"2. the first code cell, and only it, must be tagged `parameters` (tagged: cells {tagged})")
+    if not under(params, "## Parameters"):
+        problems.append("2. the parameters cell is not under a `## Parameters` heading")
+    src = _source(cells[params])
+    problems += [f"2. {p}" for p in parameter_problems(src)]
+    injected = {"DATA_DIR", "OUT_DIR", "RUNS_DIR"} | {k for p in PROFILES.values() for k in p}
+    named = {n.target.id for n in ast.parse(src).body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    if injected - named:
+        problems.append(f"2. parameters the batch passes are missing: {sorted(injected - named)}")
+    if not under(setup, "## Set-up"):
+        problems.append("3. the second code cell is not under a `## Set-up` heading")
+    if "resolve(DATA_DIR)" not in _source(cells[setup]).replace(" ", ""):
+        problems.append("3. the set-up cell does not load the dataset from resolve(DATA_DIR)")
+    if not [i for i in code if setup < i < last]:
+        problems.append("4. no step between set-up and the record")
+    for i in code:
+        if "../" in _source(cells[i]):
+            problems.append(f"3. cell {i}: a `../` path (anchor paths at the repository with resolve)")
+        if len(_source(cells[i]).splitlines()) > MAX_CELL_LINES:
+            problems.append(f"4. cell {i}: more than {MAX_CELL_LINES} lines (the logic belongs in vlm2rec_lab)")
+    if cells[last]["cell_type"] != "code" or "record" not in _calls(_source(cells[last])):
+        problems.append("5. the last cell is not a code cell calling record(...)")
+    elif not under(last, "## Record"):
+        problems.append("5. the record cell is not under a `## Record` heading")
+    for i in code:
+        c = cells[i]
+        if c.get("outputs") or c.get("execution_count") is not None:
+            problems.append(f"6. cell {i} is stored with outputs or an execution count")
+        if {"papermill", "execution"} & set(c.get("metadata", {})):
+            problems.append(f"6. cell {i} is stored with execution metadata")
+    if "papermill" in nb.get("metadata", {}):
+        problems.append("6. the notebook is stored with papermill metadata (an executed copy)")
+    if not nb.get("metadata", {}).get("kernelspec", {}).get("name"):
+        problems.append("7. no kernelspec")
+    needs = nb.get("metadata", {}).get("vlm2rec", {}).get("needs")
+    if not (isinstance(needs, list) and "ids" in needs and set(needs) <= set(MODALITIES)):
+        problems.append(f"7. metadata vlm2rec.needs must list ids and any of titles, images (got {needs!r})")
+    else:
+        every = "\n".join(_source(cells[i]) for i in code)
+        if "ensure_runs" in every and "ds.kind" not in every and not {"titles", "images"} <= set(needs):
+            problems.append("7. trains embedders for every dataset kind but its vlm2rec.needs lacks titles and images")
+    return problems
+
+
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_follows_the_template(path):
+    assert path in NOTEBOOKS, f"{path.name}: the batch only finds NN_name.ipynb"
+    problems = template_problems(json.loads(path.read_text()))
+    assert not problems, f"{path.name}:\n" + "\n".join(problems)
+
+
+def test_notebooks_are_found_by_glob():
+    assert [nb.stem[:2] for nb in ALL_NOTEBOOKS][:2] == ["00", "01"] and len(ALL_NOTEBOOKS) >= 8
+
+
+def _broken(change) -> dict:
+    nb = json.loads((ALL_NOTEBOOKS[0]).read_text())  # 00_template
+    change(nb["cells"], nb)
+    return nb
+
+
+def _set(cells, i, src):
+    cells[i]["source"] = src
+
+
+BREAKAGES = {
+    "1.": lambda c, nb: _set(c, 0, "Template without a heading"),
+    "2. the first code cell": lambda c, nb: c[2]["metadata"].pop("tags"),
+    "not UPPER_CASE": lambda c, nb: _set(c, 2, _source(c[2]).replace("DEMO: bool", "demo: bool")),
+    "is not a bool literal": lambda c, nb: _set(c, 2, _source(c[2]).replace("QUICK: bool = False", "QUICK: bool = 0")),
+    "type list": lambda c, nb: _set(c, 2, _source(c[2]) + "\nLIST: list = []  # no"),
+    "with a comment": lambda c, nb: _set(c, 2, _source(c[2]).split("  # ")[0] + "\n" + "\n".join(_source(c[2]).splitlines()[1:])),
+    "not a typed assignment": lambda c, nb: _set(c, 2, _source(c[2]) + "\nimport os"),
+    "missing: ['QUICK']": lambda c, nb: _set(c, 2, "\n".join(l for l in _source(c[2]).splitlines() if not l.startswith("QUICK"))),
+    "3. the set-up cell": lambda c, nb: _set(c, 4, _source(c[4]).replace("resolve(DATA_DIR)", "DATA_DIR")),
+    "a `../` path": lambda c, nb: _set(c, 6, "stats = ds.stats('../../x')"),
+    "more than 30 lines": lambda c, nb: _set(c, 6, "x = 1\n" * 31),
+    "4. no step": lambda c, nb: [c.pop(6), c.pop(5)],
+    "5. the last cell": lambda c, nb: c.pop(),
+    "6. cell 8 is stored with outputs": lambda c, nb: c[8].update(execution_count=3),
+    "papermill metadata": lambda c, nb: nb["metadata"].update(papermill={}),
+    "vlm2rec.needs must": lambda c, nb: nb["metadata"].pop("vlm2rec"),
+    "lacks titles and images": lambda c, nb: _set(c, 6, "runs = ensure_runs(ds, train_config('vlm2rec'), runs_dir, seeds)"),
+}
+
+
+@pytest.mark.parametrize("expected", BREAKAGES)
+def test_the_template_check_catches_a_broken_copy(expected):
+    """Each rule of the contract fails on a copy of the template broken in that one way."""
+    assert not template_problems(_broken(lambda c, nb: None))
+    problems = template_problems(_broken(BREAKAGES[expected]))
+    assert any(expected in p for p in problems), problems
 
 
 def test_select_and_params():
