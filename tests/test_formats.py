@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from vlm2rec_lab.data.formats import _merge_sequence_lines, read_raw
+from vlm2rec_lab.data.atomic_files import merge_sequence_lines
+from vlm2rec_lab.data.formats import read_raw
 from vlm2rec_lab.io import DataFormatError
 
 
@@ -128,7 +129,7 @@ def test_atomic_sequence_layout_merges_cut_histories(tmp_path):
 
 def test_merge_handles_repeated_items():
     lines = [(("a",), "a"), (("a", "a"), "b"), (("a", "a", "b"), "a")]
-    assert _merge_sequence_lines(lines) == ["a", "a", "b", "a"]
+    assert merge_sequence_lines(lines) == ["a", "a", "b", "a"]
 
 
 def test_atomic_rejects_unknown_file_and_missing_header(tmp_path):
