@@ -1,6 +1,6 @@
 """Readers for the raw formats of DESIGN §1; each returns a :class:`~.raw_data.RawData`.
 
-Readers only parse: cleaning, filtering and splitting happen in :mod:`vlm2rec_lab.data.dataset`.
+Readers only parse: cleaning and filtering happen in :mod:`.cleaning`, splitting in :mod:`.dataset`.
 This module holds the line-per-record formats (Amazon 2018 and 2014 reviews, ratings CSV, P5
 sequences) and :func:`read_raw`, which picks a reader by format name; the atomic files' reader is
 in :mod:`.atomic_files`, what every reader shares in :mod:`.raw_data`.
