@@ -32,8 +32,8 @@ MUTANTS = [
     Mutant(
         name="train_item_counts_count_whole_sequences",
         module="vlm2rec_lab.data.dataset",
-        old="idx = _ranges(self.offsets[:-1], self.offsets[1:] - 2)",
-        new="idx = _ranges(self.offsets[:-1], self.offsets[1:])",
+        old="positions = _ranges(self.offsets[:-1], self.offsets[1:] - 2)",
+        new="positions = _ranges(self.offsets[:-1], self.offsets[1:])",
         why="train_item_counts counts the validation and test targets too: popularity and the cold-start "
             "buckets see the held-out items",
         caught_by=(f"{PINS}::test_train_item_counts_are_the_hand_counted_training_occurrences",

@@ -173,15 +173,15 @@ def test_popularity_ranks_by_training_counts_only():
 
 def test_cooccurrence_counts_training_transitions_only():
     ds = hand_dataset(REPEATS, n_items=8)
-    sc = CooccurrenceScorer(ds)
+    scorer = CooccurrenceScorer(ds)
     # training transitions: u0 0->1, 1->0; u1 1->0; u2 none; u3 5->5, 5->6 (so 1->0 twice)
     want = np.zeros((8, 8))
-    for a, b in [(0, 1), (1, 0), (1, 0), (5, 5), (5, 6)]:
-        want[a, b] += 1
-    np.testing.assert_array_equal(sc.matrix.toarray(), want)
+    for item, next_item in [(0, 1), (1, 0), (1, 0), (5, 5), (5, 6)]:
+        want[item, next_item] += 1
+    np.testing.assert_array_equal(scorer.matrix.toarray(), want)
     backoff = 0.5 * np.array(TRAIN_COUNTS) / 3  # popularity scaled below one count (max count 3)
     hist = np.array([[-1, 0, 1], [-1, -1, 5]])
-    np.testing.assert_allclose(sc(hist, np.array([[0, 2], [5, 6]])), [[2 + backoff[0], backoff[2]], [1 + backoff[5], 1 + backoff[6]]])
+    np.testing.assert_allclose(scorer(hist, np.array([[0, 2], [5, 6]])), [[2 + backoff[0], backoff[2]], [1 + backoff[5], 1 + backoff[6]]])
 
 
 def test_cold_start_buckets_use_training_counts():
@@ -202,9 +202,9 @@ def test_task2_cold_start_buckets_use_training_counts():
     seqs = [[0, 1 + k, 5 + k, 0] for k in range(4)]
     ds = hand_dataset(seqs, n_items=12, negatives=[[9, 10]] * 4)
     cfg = DownstreamConfig(hidden=8, heads=2, layers=1, epochs=1, patience=1, batch_size=4, device="cpu")
-    res = run(ds, cfg, seeds=[0])
-    assert res.cold_start["users"].tolist() == [4, 0, 0, 0, 0]
-    assert list(res.cold_start.index) == ["[0, 5)", "[5, 10)", "[10, 20)", "[20, 50)", "[50, inf)"]
+    result = run(ds, cfg, seeds=[0])
+    assert result.cold_start["users"].tolist() == [4, 0, 0, 0, 0]
+    assert list(result.cold_start.index) == ["[0, 5)", "[5, 10)", "[10, 20)", "[20, 50)", "[50, inf)"]
 
 
 # --------------------------------------------------------------------------- 3. early stopping reads valid
@@ -248,8 +248,8 @@ def test_task2_best_valid_ndcg_is_the_restored_models_valid_ndcg():
     r = train(ds, cfg, seed=0)
     recorded = [h["valid_NDCG@10"] for h in r.history]
     assert r.best_valid_ndcg == max(recorded) and r.best_epoch == 1 + int(np.argmax(recorded))
-    sc = ModelScorer(r.model, 5)
-    valid = evaluate(ds, sc, "valid", seeds=[0], progress=False).sampled.loc[0, "NDCG@10"]
-    test = evaluate(ds, sc, "test", seeds=[0], progress=False).sampled.loc[0, "NDCG@10"]
+    scorer = ModelScorer(r.model, 5)
+    valid = evaluate(ds, scorer, "valid", seeds=[0], progress=False).sampled.loc[0, "NDCG@10"]
+    test = evaluate(ds, scorer, "test", seeds=[0], progress=False).sampled.loc[0, "NDCG@10"]
     assert abs(valid - test) > 1e-3  # (so that the check below tells the splits apart)
     assert r.best_valid_ndcg == pytest.approx(valid, abs=1e-12)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from vlm2rec_lab.config import PrepareConfig
-from vlm2rec_lab.data.dataset import Dataset, build, clean_title, kcore, pad_right_aligned, prepare, sample_negatives, save
+from vlm2rec_lab.data.cleaning import clean_title, kcore
+from vlm2rec_lab.data.dataset import Dataset, build, pad_right_aligned, prepare, save
+from vlm2rec_lab.data.negatives import sample_negatives
 from vlm2rec_lab.data.formats import read_raw
 from vlm2rec_lab.io import DataFormatError
 

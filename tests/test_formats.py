@@ -4,13 +4,29 @@ import json
 import numpy as np
 import pytest
 
-from vlm2rec_lab.data.formats import _merge_sequence_lines, read_raw
+from vlm2rec_lab.data.atomic_files import merge_sequence_lines
+from vlm2rec_lab.data.formats import read_raw
 from vlm2rec_lab.io import DataFormatError
 
 
 def rows(raw):
     """(user, item, time) strings in file order."""
     return [(raw.user_ids[u], raw.item_ids[i], int(t)) for u, i, t in zip(raw.user, raw.item, raw.timestamp)]
+
+
+def bad_line_reason(fmt, path, line, **read_options) -> str:
+    """The reason ``read_raw`` stops at ``path``'s malformed ``line`` for, checked to name the file and line."""
+    with pytest.raises(DataFormatError) as e:
+        read_raw(fmt, [str(path)], **read_options)
+    assert e.value.path == str(path) and e.value.line == line and str(e.value).startswith(f"{path}:{line}: ")
+    return e.value.reason
+
+
+def read_skipping_one_bad_line(fmt, path, line, **read_options):
+    """``read_raw`` with ``skip_bad_lines``, checked to count ``line`` as the file's one bad line."""
+    raw = read_raw(fmt, [str(path)], skip_bad_lines=True, **read_options)
+    assert raw.bad_lines[str(path)]["count"] == 1 and raw.bad_lines[str(path)]["examples"][0].startswith(f"line {line}: ")
+    return raw
 
 
 def write_gz_lines(path, lines):
@@ -66,9 +82,7 @@ def test_amazon2014_meta_is_python_literals_and_never_evaluated(tmp_path):
 def test_bad_review_lines_name_file_line_and_field(tmp_path, line, message):
     p = tmp_path / "reviews.json"
     p.write_text(json.dumps({"reviewerID": "u", "asin": "a", "unixReviewTime": 1}) + "\n" + line + "\n")
-    with pytest.raises(DataFormatError) as e:
-        read_raw("amazon2018", [str(p)])
-    assert e.value.path == str(p) and e.value.line == 2 and message in e.value.reason
+    assert message in bad_line_reason("amazon2018", p, 2)
 
 
 def test_skip_bad_lines_counts_them(tmp_path):
@@ -128,7 +142,7 @@ def test_atomic_sequence_layout_merges_cut_histories(tmp_path):
 
 def test_merge_handles_repeated_items():
     lines = [(("a",), "a"), (("a", "a"), "b"), (("a", "a", "b"), "a")]
-    assert _merge_sequence_lines(lines) == ["a", "a", "b", "a"]
+    assert merge_sequence_lines(lines) == ["a", "a", "b", "a"]
 
 
 def test_atomic_rejects_unknown_file_and_missing_header(tmp_path):
@@ -181,15 +195,10 @@ def test_timestamps_that_are_not_finite_int64_unix_times_are_bad_lines(tmp_path,
     p = tmp_path / name
     p.write_text("\n".join([*head, good, bad, good]) + "\n")
     line = len(head) + 2
-    with pytest.raises(DataFormatError) as e:
-        read_raw(fmt, [str(p)])
-    assert e.value.path == str(p) and e.value.line == line
-    assert str(e.value).startswith(f"{p}:{line}: ") and value in e.value.reason
-    assert "not a finite unix time" in e.value.reason or "does not fit an int64 unix time" in e.value.reason
-    raw = read_raw(fmt, [str(p)], skip_bad_lines=True)
-    assert raw.n_rows == 2 and raw.bad_lines[str(p)]["count"] == 1
-    assert raw.bad_lines[str(p)]["examples"][0].startswith(f"line {line}: ")
-    assert raw.timestamp.tolist() == [1, 1]
+    reason = bad_line_reason(fmt, p, line)
+    assert value in reason and ("not a finite unix time" in reason or "does not fit an int64 unix time" in reason)
+    raw = read_skipping_one_bad_line(fmt, p, line)
+    assert raw.n_rows == 2 and raw.timestamp.tolist() == [1, 1]
 
 
 def test_timestamps_at_the_int64_edges_still_read(tmp_path):
@@ -202,13 +211,8 @@ def test_timestamps_at_the_int64_edges_still_read(tmp_path):
 def test_ratings_csv_first_line_with_a_bad_timestamp_is_a_bad_line_not_a_header(tmp_path, first, value):
     p = tmp_path / "r.csv"
     p.write_text(f"{first}\nb,u1,4,100\nc,u2,3,50\n")
-    with pytest.raises(DataFormatError) as e:
-        read_raw("ratings-csv", [str(p)])
-    assert e.value.path == str(p) and e.value.line == 1 and str(e.value).startswith(f"{p}:1: ")
-    assert f"timestamp {value}" in e.value.reason
-    raw = read_raw("ratings-csv", [str(p)], skip_bad_lines=True)
-    assert rows(raw) == [("u1", "b", 100), ("u2", "c", 50)]
-    assert raw.bad_lines[str(p)]["count"] == 1 and raw.bad_lines[str(p)]["examples"][0].startswith("line 1: ")
+    assert f"timestamp {value}" in bad_line_reason("ratings-csv", p, 1)
+    assert rows(read_skipping_one_bad_line("ratings-csv", p, 1)) == [("u1", "b", 100), ("u2", "c", 50)]
 
 
 def test_ratings_csv_header_is_recognised_by_column_names_in_every_file(tmp_path):
@@ -222,22 +226,22 @@ def test_ratings_csv_header_is_recognised_by_column_names_in_every_file(tmp_path
         read_raw("ratings-csv", [str(tmp_path / "c.csv")])
 
 
-@pytest.mark.parametrize("bad, token", [
+# (a P5 line that is not all ids, its first token that is not an id)
+NOT_ID_LINES = [
     ('{"reviewerID": "u", "asin": "a"}', '{"reviewerID":'),
     ("u2 a,b,c d", "a,b,c"),
     ("u2 a 'b'", "'b'"),
     ("[u2] a b", "[u2]"),
-])
+]
+
+
+@pytest.mark.parametrize("bad, token", NOT_ID_LINES)
 def test_p5_tokens_that_are_not_ids_are_bad_lines(tmp_path, bad, token):
     p = tmp_path / "user_sequence.txt"
     p.write_text(f"u1 a b\n{bad}\nu3 b a\n")
-    with pytest.raises(DataFormatError) as e:
-        read_raw("p5", [str(p)])
-    assert e.value.path == str(p) and e.value.line == 2 and str(e.value).startswith(f"{p}:2: ")
-    assert repr(token) in e.value.reason and "is not an id" in e.value.reason
-    raw = read_raw("p5", [str(p)], skip_bad_lines=True)
-    assert rows(raw) == [("u1", "a", 0), ("u1", "b", 1), ("u3", "b", 0), ("u3", "a", 1)]
-    assert raw.bad_lines[str(p)]["count"] == 1 and raw.bad_lines[str(p)]["examples"][0].startswith("line 2: ")
+    reason = bad_line_reason("p5", p, 2)
+    assert repr(token) in reason and "is not an id" in reason
+    assert rows(read_skipping_one_bad_line("p5", p, 2)) == [("u1", "a", 0), ("u1", "b", 1), ("u3", "b", 0), ("u3", "a", 1)]
 
 
 def test_p5_reads_integer_and_raw_amazon_ids(tmp_path):
@@ -256,11 +260,9 @@ def test_p5_integer_ids_refuse_any_other_token(tmp_path, capsys):
     p = tmp_path / "user_sequence.txt"
     p.write_text("1 2 3\n2 abc 3\n3 3 2\n")
     assert read_raw("p5", [str(p)]).item_ids == ["2", "3", "abc"]
-    with pytest.raises(DataFormatError) as e:
-        read_raw("p5", [str(p)], integer_ids=True)
-    assert e.value.line == 2 and "'abc' is not an integer id" in e.value.reason
-    raw = read_raw("p5", [str(p)], skip_bad_lines=True, integer_ids=True)
-    assert rows(raw) == [("1", "2", 0), ("1", "3", 1), ("3", "3", 0), ("3", "2", 1)] and raw.bad_lines[str(p)]["count"] == 1
+    assert "'abc' is not an integer id" in bad_line_reason("p5", p, 2, integer_ids=True)
+    raw = read_skipping_one_bad_line("p5", p, 2, integer_ids=True)
+    assert rows(raw) == [("1", "2", 0), ("1", "3", 1), ("3", "3", 0), ("3", "2", 1)]
     with pytest.raises(ValueError, match="--integer-ids applies to --format p5"):
         read_raw("ratings-csv", [str(p)], integer_ids=True)
     out = tmp_path / "out"

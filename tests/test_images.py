@@ -75,9 +75,9 @@ def test_local_folder_resolution_and_drop_reasons(tmp_path):
     _png(tmp_path / "a.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "b.jpg")
     (tmp_path / "c.png").write_bytes(b"broken")
-    res = ImageStore(folder=tmp_path).resolve([("a", None), ("b", None), ("c", None), ("d", None)], progress=False)
-    assert set(res.paths) == {"a", "b"}
-    assert res.missing == {"c": "unreadable_image", "d": "no_image"}
+    resolution = ImageStore(folder=tmp_path).resolve([("a", None), ("b", None), ("c", None), ("d", None)], progress=False)
+    assert set(resolution.paths) == {"a", "b"}
+    assert resolution.missing == {"c": "unreadable_image", "d": "no_image"}
 
 
 def test_item_ids_cannot_reach_files_outside_the_image_folder(tmp_path):
@@ -91,13 +91,13 @@ def test_item_ids_cannot_reach_files_outside_the_image_folder(tmp_path):
     (imgs / "link").symlink_to(outside, target_is_directory=True)  # a way out through a folder symlink
     (imgs / "farm.png").symlink_to(outside / "evil.png")  # a file the folder's owner linked in: found
     ids = ["ok", "../outside/evil", str(tmp_path / "abs"), "link/evil", "sub/nested", "farm", "sub/../../outside/evil"]
-    res = ImageStore(folder=imgs).resolve([(i, None) for i in ids], progress=False)
-    assert res.paths == {"ok": str((imgs / "ok.png").resolve()),
+    resolution = ImageStore(folder=imgs).resolve([(i, None) for i in ids], progress=False)
+    assert resolution.paths == {"ok": str((imgs / "ok.png").resolve()),
                          "sub/nested": str((imgs / "sub" / "nested.png").resolve()),
                          "farm": str((outside / "evil.png").resolve())}
-    assert res.missing == {"../outside/evil": "no_image", str(tmp_path / "abs"): "no_image",
+    assert resolution.missing == {"../outside/evil": "no_image", str(tmp_path / "abs"): "no_image",
                            "link/evil": "no_image", "sub/../../outside/evil": "no_image"}
-    assert res.counts() == {"no_image": 4, "unsupported_url_scheme": 0, "unreadable_image": 0}
+    assert resolution.counts() == {"no_image": 4, "unsupported_url_scheme": 0, "unreadable_image": 0}
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +143,12 @@ def test_resolution_names_dropped_items_per_reason_in_input_order(tmp_path):
     for x in "zyx":
         (tmp_path / f"{x}.png").write_bytes(b"broken")
     ids = ["z", "m", "a", "y", "q", "b", "x", "c"]
-    res = ImageStore(folder=tmp_path).resolve([(i, None) for i in ids], progress=False)
-    assert res.examples("unreadable_image") == ["z", "y", "x"]
-    assert res.examples("unreadable_image", k=2) == ["z", "y"]
-    assert res.examples("no_image") == ["m", "q", "c"]
-    assert res.examples("unsupported_url_scheme") == []
-    assert res.counts() == {"no_image": 3, "unsupported_url_scheme": 0, "unreadable_image": 3}
+    resolution = ImageStore(folder=tmp_path).resolve([(i, None) for i in ids], progress=False)
+    assert resolution.examples("unreadable_image") == ["z", "y", "x"]
+    assert resolution.examples("unreadable_image", k=2) == ["z", "y"]
+    assert resolution.examples("no_image") == ["m", "q", "c"]
+    assert resolution.examples("unsupported_url_scheme") == []
+    assert resolution.counts() == {"no_image": 3, "unsupported_url_scheme": 0, "unreadable_image": 3}
     assert Resolution().examples("no_image") == []
 
 
@@ -189,11 +189,11 @@ def test_urls_are_fetched_once_into_the_cache(tmp_path, http_root):
     root, base = http_root
     _png(root / "a.png")
     store = ImageStore(cache_dir=tmp_path / "cache", retries=1, timeout=5)
-    res = store.resolve([("a", f"{base}/a.png"), ("b", f"{base}/missing.png")], progress=False)
-    assert set(res.paths) == {"a"} and res.missing == {"b": "unreadable_image"}
+    resolution = store.resolve([("a", f"{base}/a.png"), ("b", f"{base}/missing.png")], progress=False)
+    assert set(resolution.paths) == {"a"} and resolution.missing == {"b": "unreadable_image"}
     (root / "a.png").unlink()  # served once; now only the cache has it
     again = ImageStore(cache_dir=tmp_path / "cache", offline=True).resolve([("a", f"{base}/a.png")], progress=False)
-    assert again.paths == res.paths
+    assert again.paths == resolution.paths
 
 
 def test_only_http_urls_are_fetched(tmp_path):
@@ -206,9 +206,9 @@ def test_only_http_urls_are_fetched(tmp_path):
             "ftp": f"ftp://127.0.0.1:{_closed_port()}/x.png", "no_scheme": str(png), "relative": "x.png"}
     cache = tmp_path / "cache"
     for offline in (False, True):
-        res = ImageStore(cache_dir=cache, retries=1, timeout=1, offline=offline).resolve(urls.items(), progress=False)
-        assert res.paths == {} and res.missing == dict.fromkeys(urls, "unsupported_url_scheme")
-        assert res.counts()["unsupported_url_scheme"] == len(urls)
+        resolution = ImageStore(cache_dir=cache, retries=1, timeout=1, offline=offline).resolve(urls.items(), progress=False)
+        assert resolution.paths == {} and resolution.missing == dict.fromkeys(urls, "unsupported_url_scheme")
+        assert resolution.counts()["unsupported_url_scheme"] == len(urls)
         assert not cache.exists()  # nothing written, not even an empty cache folder
     store = ImageStore(cache_dir=cache, offline=True)
     store.cache_path(urls["file_png"]).parent.mkdir()
@@ -221,10 +221,10 @@ def test_redirects_are_followed_to_http_only(tmp_path, http_root, redirector):
     _png(root / "a.png")
     to = {"http": f"{base}/a.png", "ftp": f"ftp://127.0.0.1:{_closed_port()}/a.png", "file": (root / "a.png").as_uri()}
     items = [(k, f"{redirector}/{urllib.parse.quote(u, safe='')}") for k, u in to.items()]
-    res = ImageStore(cache_dir=tmp_path / "cache", retries=1, timeout=2).resolve(items, progress=False)
-    assert set(res.paths) == {"http"}
+    resolution = ImageStore(cache_dir=tmp_path / "cache", retries=1, timeout=2).resolve(items, progress=False)
+    assert set(resolution.paths) == {"http"}
     # urllib itself refuses a redirect to file:, as an HTTP error
-    assert res.missing == {"ftp": "unsupported_url_scheme", "file": "unreadable_image"}
+    assert resolution.missing == {"ftp": "unsupported_url_scheme", "file": "unreadable_image"}
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 

@@ -17,10 +17,10 @@ def _digest(folder):
 
 def test_same_seed_gives_byte_identical_files(tmp_path):
     cfg = SynthConfig(users=60, items=120, seed=5)
-    a, b = generate(cfg, tmp_path / "a"), generate(cfg, tmp_path / "b")
-    assert _digest(a) == _digest(b)
-    c = generate(SynthConfig(users=60, items=120, seed=6), tmp_path / "c")
-    assert _digest(a) != _digest(c)
+    first, again = generate(cfg, tmp_path / "a"), generate(cfg, tmp_path / "b")
+    assert _digest(first) == _digest(again)
+    other_seed = generate(SynthConfig(users=60, items=120, seed=6), tmp_path / "c")
+    assert _digest(first) != _digest(other_seed)
 
 
 def test_round_trip_through_the_amazon2018_reader(synth_raw, synth_ds):
@@ -87,13 +87,13 @@ def _transitions(raw, lat):
     import gzip
     import json
 
-    row = {a: k for k, a in enumerate(lat["asin"])}
-    seqs: dict = {}
+    row_of_asin = {asin: k for k, asin in enumerate(lat["asin"])}
+    sequences: dict = {}
     with gzip.open(raw / "Synthetic.json.gz", "rt") as f:
         for line in f:
-            r = json.loads(line)
-            seqs.setdefault(r["reviewerID"], []).append(row[r["asin"]])
-    return np.array([(a, b) for s in seqs.values() for a, b in zip(s, s[1:])])
+            review = json.loads(line)
+            sequences.setdefault(review["reviewerID"], []).append(row_of_asin[review["asin"]])
+    return np.array([pair for rows in sequences.values() for pair in zip(rows, rows[1:])])
 
 
 @pytest.mark.parametrize("shared", [0.0, 0.5, 1.0])
@@ -104,8 +104,8 @@ def test_shared_ties_the_style_to_the_category_and_moves_both_together(tmp_path,
     tied = (cat == style).mean()
     # untied items draw a style at random: 1 in 8 equals the category by chance
     assert tied == pytest.approx(shared + (1 - shared) / 8, abs=0.07)
-    a, b = _transitions(raw, lat).T
-    same_c, same_s = cat[a] == cat[b], style[a] == style[b]
+    item, next_item = _transitions(raw, lat).T
+    same_c, same_s = cat[item] == cat[next_item], style[item] == style[next_item]
     if shared > 0:
         # one chain, one stay-or-move decision: the style stays exactly when the category does
         # (bar the rare fallback to a uniform draw when the chosen cell has no unseen item)
@@ -135,26 +135,27 @@ def test_shortcut_partners_share_a_code_and_are_the_next_item_as_often_as_asked(
     lat = load_latents(raw)
     partner = np.array(lat["partner"])
     assert (partner[partner] == np.arange(300)).all() and (partner != np.arange(300)).all()  # pairs
-    titles = {a: m["title"] for a, m in read_raw("amazon2018", [str(raw)]).meta.items()}
-    codes = [titles[a].split()[-1] for a in lat["asin"]]
+    titles = {asin: record["title"] for asin, record in read_raw("amazon2018", [str(raw)]).meta.items()}
+    codes = [titles[asin].split()[-1] for asin in lat["asin"]]
     assert all(codes[k] == codes[partner[k]] and codes[k].isupper() for k in range(300))
     assert len(set(codes)) == 150  # one code per pair, used by nobody else
-    a, b = _transitions(raw, lat).T
-    moved = np.mean(partner[a] == b)
+    item, next_item = _transitions(raw, lat).T
+    moved = np.mean(partner[item] == next_item)
     # the shortcut fires with chance 0.4 while the partner is unseen (after it, once seen, it cannot)
     assert 0.25 < moved < 0.45
     ds = prepare(PrepareConfig(format="amazon2018", inputs=[str(raw)], images=str(raw / "images")), tmp_path / "ds",
                  progress=False)
     text, chains_only = (OracleScorer(raw, ds.items["item_id"], "text") for _ in range(2))
     chains_only.partner = None  # the same oracle without the code
-    hr = {k: evaluate(ds, sc, ks=(1,), progress=False).mean()["HR@1"] for k, sc in (("code", text), ("chains", chains_only))}
+    hr = {name: evaluate(ds, scorer, ks=(1,), progress=False).mean()["HR@1"]
+          for name, scorer in (("code", text), ("chains", chains_only))}
     # the code puts the partner first; about a third of test targets are the last item's partner
     assert hr["code"] > hr["chains"] + 0.2, hr
     # an item whose partner is not in the catalogue (dropped by the k-core filter) gets no boost
     keep = [i for i in ds.items["item_id"] if i != lat["asin"][partner[0]]]
-    sc = OracleScorer(raw, keep, "text")
-    assert sc.partner[keep.index(lat["asin"][0])] == -1
-    assert sorted(sc.partner[sc.partner >= 0]) == sorted(k for k, i in enumerate(keep) if sc.partner[k] >= 0)
+    scorer = OracleScorer(raw, keep, "text")
+    assert scorer.partner[keep.index(lat["asin"][0])] == -1
+    assert sorted(scorer.partner[scorer.partner >= 0]) == sorted(k for k in range(len(keep)) if scorer.partner[k] >= 0)
 
 
 def test_config_validation():

@@ -62,27 +62,27 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     removed = []
     if not target.parent.is_dir():
         return removed
-    for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
-        m = re.fullmatch(rf"\.{re.escape(target.name)}\.(?:tmp-(\d+)-.*|old-(\d+)|tmp-[^-]*)", p.name)
-        if m is None:
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        name_match = re.fullmatch(rf"\.{re.escape(target.name)}\.(?:tmp-(\d+)-.*|old-(\d+)|tmp-[^-]*)", path.name)
+        if name_match is None:
             continue
-        pid = int(m.group(1) or m.group(2) or 0)
+        pid = int(name_match.group(1) or name_match.group(2) or 0)
         if pid and (pid == os.getpid() or _alive(pid)):
             continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 
 def _refuse_replacing(target: Path, marks: tuple[str, ...], protect: Iterable[str | os.PathLike]) -> None:
     """Why ``target`` (which exists) must not be replaced, raised; nothing when it may be."""
     real = target.resolve()
-    for p in protect:
-        p = Path(p).resolve()
-        if p == real or real in p.parents:
-            raise FileExistsError(f"{target}: holds the input {p}; a folder that holds an input is never replaced: "
+    for given in protect:
+        protected = Path(given).resolve()
+        if protected == real or real in protected.parents:
+            raise FileExistsError(f"{target}: holds the input {protected}; a folder that holds an input is never replaced: "
                                   f"choose another --out")
-    missing = [m for m in marks if not (target / m).exists()]
+    missing = [mark for mark in marks if not (target / mark).exists()]
     if missing:
         raise FileExistsError(f"{target}: is not a folder this command writes (no {', '.join(missing)} in it), so "
                               f"--overwrite does not replace it: choose another --out, or empty it yourself")
@@ -160,18 +160,18 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
-def _json_default(o):
+def _json_default(value):
     import numpy as np
 
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def open_binary(path: str | os.PathLike):
@@ -200,11 +200,12 @@ def iter_lines(path: str | os.PathLike, skip_blank: bool = True) -> Iterator[tup
     seen = False
     with open_binary(path) as f:
         try:
-            for lineno, raw in enumerate(f, start=1):
+            for lineno, line_bytes in enumerate(f, start=1):
                 try:
-                    text = raw.decode("utf-8")
+                    text = line_bytes.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataFormatError(path, f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})", lineno) from None
+                    raise DataFormatError(path, f"not UTF-8 text (byte {e.start}: {line_bytes[e.start:e.start + 4]!r})",
+                                          lineno) from None
                 text = text.rstrip("\r\n")
                 if skip_blank and not text.strip():
                     continue

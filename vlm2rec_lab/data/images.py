@@ -56,11 +56,11 @@ class Resolution:
 
     def counts(self) -> dict[str, int]:
         """Number of items per reason, for every reason in :data:`REASONS` (0 when none)."""
-        return {reason: sum(1 for r in self.missing.values() if r == reason) for reason in REASONS}
+        return {reason: sum(1 for why in self.missing.values() if why == reason) for reason in REASONS}
 
     def examples(self, reason: str, k: int = 5) -> list[str]:
         """The first ``k`` item ids dropped for ``reason``, in the order the items were resolved."""
-        return [item_id for item_id, r in self.missing.items() if r == reason][:k]
+        return [item_id for item_id, why in self.missing.items() if why == reason][:k]
 
 
 def _refuse_bombs(im: Image.Image) -> None:
@@ -125,13 +125,13 @@ def fit_max_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     if width * height <= max_pixels:
         return width, height
     scale = math.sqrt(max_pixels / (width * height))
-    w, h = max(1, int(width * scale)), max(1, int(height * scale))
-    while w * h > max_pixels:  # rounding guard
-        if w >= h:
-            w -= 1
+    fitted_width, fitted_height = max(1, int(width * scale)), max(1, int(height * scale))
+    while fitted_width * fitted_height > max_pixels:  # rounding guard
+        if fitted_width >= fitted_height:
+            fitted_width -= 1
         else:
-            h -= 1
-    return w, h
+            fitted_height -= 1
+    return fitted_width, fitted_height
 
 
 class ImageStore:
@@ -175,15 +175,15 @@ class ImageStore:
         if self._root is None:
             return None
         for suffix in IMAGE_SUFFIXES:
-            p = self.folder / f"{item_id}{suffix}"
-            if self._inside(p) and p.exists():
-                return p
+            path = self.folder / f"{item_id}{suffix}"
+            if self._inside(path) and path.exists():
+                return path
         return None
 
-    def _inside(self, p: Path) -> bool:
-        """Whether ``p``'s directory, symlinks resolved, is the image folder or below it."""
+    def _inside(self, path: Path) -> bool:
+        """Whether ``path``'s directory, symlinks resolved, is the image folder or below it."""
         try:
-            parent = p.parent.resolve()
+            parent = path.parent.resolve()
         except (OSError, ValueError, RuntimeError):  # unreadable, NUL byte, symlink loop
             return False
         return parent == self._root or self._root in parent.parents
@@ -204,24 +204,24 @@ class ImageStore:
             return dest
         if self.offline:
             raise ConnectionError("offline mode and not in the cache")
-        last: Exception | None = None
+        last_error: Exception | None = None
         for attempt in range(self.retries):
             try:
-                with _OPENER.open(url, timeout=self.timeout) as r:
-                    data = r.read()
+                with _OPENER.open(url, timeout=self.timeout) as response:
+                    data = response.read()
                 atomic_write_bytes(dest, data)
                 return dest
             except urllib.error.HTTPError as e:
                 if e.code < 500:
                     raise
-                last = e
+                last_error = e
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = e
+                last_error = e
             if attempt + 1 < self.retries:
                 time.sleep(min(0.2 * 2**attempt, 2.0))
-        if isinstance(last, urllib.error.HTTPError):
-            raise last
-        raise ConnectionError(f"{type(last).__name__}: {getattr(last, 'reason', last)}")
+        if isinstance(last_error, urllib.error.HTTPError):
+            raise last_error
+        raise ConnectionError(f"{type(last_error).__name__}: {getattr(last_error, 'reason', last_error)}")
 
     def resolve(self, items: Iterable[tuple[str, str | None]], progress: bool = True) -> Resolution:
         """Find and verify an image for each ``(item_id, url)``.
@@ -236,7 +236,7 @@ class ImageStore:
         """
         from tqdm.auto import tqdm
 
-        res = Resolution()
+        resolution = Resolution()
         unreachable: list[tuple[str, str, str]] = []
         items = list(items)
         for item_id, url in tqdm(items, desc="images", unit="img", disable=not progress or None, leave=False):
@@ -245,23 +245,23 @@ class ImageStore:
                 try:
                     path = self.fetch(url)
                 except UnsupportedURLError:
-                    res.missing[item_id] = "unsupported_url_scheme"
+                    resolution.missing[item_id] = "unsupported_url_scheme"
                     continue
                 except urllib.error.HTTPError:
-                    res.missing[item_id] = "unreadable_image"
+                    resolution.missing[item_id] = "unreadable_image"
                     continue
                 except ConnectionError as e:
                     unreachable.append((item_id, url, str(e)))
                     continue
             if path is None:
-                res.missing[item_id] = "no_image"
+                resolution.missing[item_id] = "no_image"
                 continue
             if verify_image(path) is not None:
-                res.missing[item_id] = "unreadable_image"
+                resolution.missing[item_id] = "unreadable_image"
                 continue
-            res.paths[item_id] = str(Path(path).resolve())
+            resolution.paths[item_id] = str(Path(path).resolve())
         if unreachable:
-            shown = "\n".join(f"  {i}\t{u}\t({why})" for i, u, why in unreachable[:20])
+            shown = "\n".join(f"  {item_id}\t{url}\t({why})" for item_id, url, why in unreachable[:20])
             more = f"\n  ... and {len(unreachable) - 20} more" if len(unreachable) > 20 else ""
             raise ImagesOfflineError(
                 f"{len(unreachable)} of {len(items)} item images could not be fetched (network unreachable or offline). "
@@ -269,7 +269,7 @@ class ImageStore:
                 f"Put the images in a folder named by item id and pass --images DIR, fill the cache at "
                 f"{self.cache_dir}, or prepare without images (--require-images no)."
             )
-        return res
+        return resolution
 
     # ---------------------------------------------------------------- reading
     def load(self, path: str | Path) -> Image.Image:
@@ -278,7 +278,7 @@ class ImageStore:
         Raises :class:`UnreadableImageError` naming ``path`` when it cannot be read (see :func:`open_image`)."""
         with open_image(path) as im:
             im = im.convert("RGB")
-        w, h = fit_max_pixels(im.width, im.height, self.max_pixels)
-        if (w, h) != im.size:
-            im = im.resize((w, h), Image.Resampling.BICUBIC)
+        size = fit_max_pixels(im.width, im.height, self.max_pixels)
+        if size != im.size:
+            im = im.resize(size, Image.Resampling.BICUBIC)
         return im

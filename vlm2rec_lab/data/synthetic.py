@@ -71,28 +71,28 @@ def _vocabulary(cfg: SynthConfig) -> tuple[list[list[str]], list[str]]:
     used: set[str] = set(_ADJECTIVES)
     words: list[str] = []
     while len(words) < 3 * cfg.categories + 24:
-        w = _word(rng, int(rng.integers(2, 4)))
-        if w not in used:
-            used.add(w)
-            words.append(w)
+        word = _word(rng, int(rng.integers(2, 4)))
+        if word not in used:
+            used.add(word)
+            words.append(word)
     nouns = [words[3 * c:3 * c + 3] for c in range(cfg.categories)]
-    brands = [w.capitalize() for w in words[3 * cfg.categories:]]
+    brands = [word.capitalize() for word in words[3 * cfg.categories:]]
     return nouns, brands
 
 
-def _successor(rng: np.random.Generator, n: int) -> np.ndarray:
+def _successor(rng: np.random.Generator, n_states: int) -> np.ndarray:
     """A random cyclic permutation: every state moves to a different one."""
-    order = rng.permutation(n)
-    succ = np.empty(n, dtype=np.int64)
-    succ[order] = np.roll(order, -1)
-    return succ
+    order = rng.permutation(n_states)
+    successor = np.empty(n_states, dtype=np.int64)
+    successor[order] = np.roll(order, -1)
+    return successor
 
 
-def transition_matrix(succ: np.ndarray, stay: float) -> np.ndarray:
+def transition_matrix(successor: np.ndarray, stay: float) -> np.ndarray:
     """T[a, b] = P(next latent = b | latent = a) = stay·1[a=b] + (1 − stay)·1[b = succ(a)]."""
-    n = succ.size
-    T = stay * np.eye(n)
-    T[np.arange(n), succ] += 1.0 - stay
+    n_states = successor.size
+    T = stay * np.eye(n_states)
+    T[np.arange(n_states), successor] += 1.0 - stay
     return T
 
 
@@ -104,127 +104,131 @@ def _series_codes(rng: np.random.Generator, n: int, partner: np.ndarray, taken: 
     used = set(taken) | set(_ADJECTIVES)
     for k in range(n):
         if partner[k] > k:
-            while (w := _word(rng, 3)) in used:
+            while (word := _word(rng, 3)) in used:
                 pass
-            used.add(w)
-            codes[k] = codes[partner[k]] = w.upper()
+            used.add(word)
+            codes[k] = codes[partner[k]] = word.upper()
     return codes
 
 
 def _draw_image(rng: np.random.Generator, style: int, size: int) -> Image.Image:
     shape = _SHAPES[style % 4]
     colour = list(_COLOURS.values())[style // 4]
-    bg = tuple(int(x) for x in rng.integers(200, 256, size=3))
-    im = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(im)
+    background = tuple(int(channel) for channel in rng.integers(200, 256, size=3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
     for _ in range(6):  # grey distractor dots
-        x, y = (int(v) for v in rng.integers(0, size, size=2))
-        g = int(rng.integers(120, 200))
-        d.ellipse([x, y, x + 3, y + 3], fill=(g, g, g))
-    r = int(size * rng.uniform(0.22, 0.32))
-    cx, cy = (int(v) for v in rng.integers(r + 2, size - r - 2, size=2))
-    box = [cx - r, cy - r, cx + r, cy + r]
+        dot_x, dot_y = (int(value) for value in rng.integers(0, size, size=2))
+        grey = int(rng.integers(120, 200))
+        draw.ellipse([dot_x, dot_y, dot_x + 3, dot_y + 3], fill=(grey, grey, grey))
+    radius = int(size * rng.uniform(0.22, 0.32))
+    centre_x, centre_y = (int(value) for value in rng.integers(radius + 2, size - radius - 2, size=2))
+    box = [centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius]
     if shape == "circle":
-        d.ellipse(box, fill=colour)
+        draw.ellipse(box, fill=colour)
     elif shape == "square":
-        d.rectangle(box, fill=colour)
+        draw.rectangle(box, fill=colour)
     elif shape == "triangle":
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+        draw.polygon([(centre_x, centre_y - radius), (centre_x - radius, centre_y + radius),
+                      (centre_x + radius, centre_y + radius)], fill=colour)
     else:
-        w = max(2, r // 3)
-        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
-        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
-    return im
+        bar = max(2, radius // 3)
+        draw.rectangle([centre_x - radius, centre_y - bar, centre_x + radius, centre_y + bar], fill=colour)
+        draw.rectangle([centre_x - bar, centre_y - radius, centre_x + bar, centre_y + radius], fill=colour)
+    return image
 
 
 def _gzip_lines(records: list[dict]) -> bytes:
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
-        for r in records:
-            gz.write(json.dumps(r, sort_keys=True).encode() + b"\n")
-    return buf.getvalue()
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0, filename="") as gzip_file:
+        for record in records:
+            gzip_file.write(json.dumps(record, sort_keys=True).encode() + b"\n")
+    return buffer.getvalue()
 
 
 def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path:
     """Write the synthetic domain as Amazon 2018 raw files + PNG images + ``oracle/latents.json``."""
     rng = np.random.default_rng(cfg.seed)
     nouns, brands = _vocabulary(cfg)
-    n, C, S = cfg.items, cfg.categories, cfg.styles
+    n_items, n_categories, n_styles = cfg.items, cfg.categories, cfg.styles
 
     # latents, balanced; what each modality shows
-    cat = rng.permutation(np.arange(n) % C)
-    style = rng.permutation(np.arange(n) % S)
-    aux = np.random.default_rng([cfg.seed, 1])  # the shared latent's and the shortcut's draws (none at 0)
+    category = rng.permutation(np.arange(n_items) % n_categories)
+    style = rng.permutation(np.arange(n_items) % n_styles)
+    side_rng = np.random.default_rng([cfg.seed, 1])  # the shared latent's and the shortcut's draws (none at 0)
     if cfg.shared > 0:  # tied items show their category as their style too (categories == styles)
-        style = np.where(aux.random(n) < cfg.shared, cat, style)
-    shows_cat = rng.random(n) < cfg.text_signal
-    shows_style = rng.random(n) < cfg.image_signal
-    shown_cat = np.where(shows_cat, cat, rng.integers(0, C, size=n))
-    shown_style = np.where(shows_style, style, rng.integers(0, S, size=n))
-    popularity = rng.lognormal(0.0, 1.0, size=n)
-    succ_c, succ_s = _successor(rng, C), _successor(rng, S)
+        style = np.where(side_rng.random(n_items) < cfg.shared, category, style)
+    shows_category = rng.random(n_items) < cfg.text_signal
+    shows_style = rng.random(n_items) < cfg.image_signal
+    shown_category = np.where(shows_category, category, rng.integers(0, n_categories, size=n_items))
+    shown_style = np.where(shows_style, style, rng.integers(0, n_styles, size=n_items))
+    popularity = rng.lognormal(0.0, 1.0, size=n_items)
+    category_successor, style_successor = _successor(rng, n_categories), _successor(rng, n_styles)
     if cfg.shared > 0:  # one chain: the style moves as the category does
-        succ_s = succ_c.copy()
-    partner = np.full(n, -1)
+        style_successor = category_successor.copy()
+    partner = np.full(n_items, -1)
     if cfg.shortcut > 0:  # series pairs: two items that share a series code in their titles
-        order = aux.permutation(n)
-        partner[order[0:n - 1:2]], partner[order[1:n:2]] = order[1:n:2], order[0:n - 1:2]
-    codes = _series_codes(aux, n, partner, {w.lower() for w in brands} | {w for ws in nouns for w in ws})
-    asins = [f"S{cfg.seed:02d}{k:06d}" for k in range(n)]
+        order = side_rng.permutation(n_items)
+        partner[order[0:n_items - 1:2]], partner[order[1:n_items:2]] = order[1:n_items:2], order[0:n_items - 1:2]
+    taken_words = {brand.lower() for brand in brands} | {noun for category_nouns in nouns for noun in category_nouns}
+    codes = _series_codes(side_rng, n_items, partner, taken_words)
+    asins = [f"S{cfg.seed:02d}{k:06d}" for k in range(n_items)]
 
     cells: dict[tuple[int, int], np.ndarray] = {}
-    for k in range(n):
-        cells.setdefault((int(cat[k]), int(style[k])), []).append(k)
-    cells = {key: np.array(v) for key, v in cells.items()}
+    for k in range(n_items):
+        cells.setdefault((int(category[k]), int(style[k])), []).append(k)
+    cells = {key: np.array(members) for key, members in cells.items()}
 
     # sequences
     reviews = []
-    t_start = 1514764800  # 2018-01-01
-    for u in range(cfg.users):
+    start_time = 1514764800  # 2018-01-01
+    for user_index in range(cfg.users):
         length = cfg.min_len + int(rng.geometric(1.0 / max(1.0, cfg.mean_len - cfg.min_len + 1))) - 1
-        length = min(length, n // 2)
+        length = min(length, n_items // 2)
         seen: set[int] = set()
-        cur = int(rng.choice(n, p=popularity / popularity.sum()))
-        t = t_start + int(rng.integers(0, 365)) * 86400
-        user = f"U{cfg.seed:02d}{u:06d}"
+        current = int(rng.choice(n_items, p=popularity / popularity.sum()))
+        time = start_time + int(rng.integers(0, 365)) * 86400
+        user = f"U{cfg.seed:02d}{user_index:06d}"
         for pos in range(length):
             if pos:
-                nxt = None
-                if cfg.shortcut > 0 and partner[cur] >= 0 and partner[cur] not in seen and aux.random() < cfg.shortcut:
-                    nxt = int(partner[cur])
+                next_item = None
+                if (cfg.shortcut > 0 and partner[current] >= 0 and partner[current] not in seen
+                        and side_rng.random() < cfg.shortcut):
+                    next_item = int(partner[current])
                 elif rng.random() >= cfg.noise:
                     if cfg.shared > 0:  # one stay-or-move decision for both latents
                         keep = rng.random() < cfg.stay
-                        c = int(cat[cur]) if keep else int(succ_c[cat[cur]])
-                        s = int(style[cur]) if keep else int(succ_s[style[cur]])
+                        next_category = int(category[current]) if keep else int(category_successor[category[current]])
+                        next_style = int(style[current]) if keep else int(style_successor[style[current]])
                     else:
-                        c = int(cat[cur]) if rng.random() < cfg.stay else int(succ_c[cat[cur]])
-                        s = int(style[cur]) if rng.random() < cfg.stay else int(succ_s[style[cur]])
-                    pool = [k for k in cells.get((c, s), ()) if k not in seen]
+                        next_category = (int(category[current]) if rng.random() < cfg.stay
+                                         else int(category_successor[category[current]]))
+                        next_style = int(style[current]) if rng.random() < cfg.stay else int(style_successor[style[current]])
+                    pool = [k for k in cells.get((next_category, next_style), ()) if k not in seen]
                     if pool:
-                        w = popularity[pool]
-                        nxt = int(rng.choice(pool, p=w / w.sum()))
-                if nxt is None:
-                    pool = np.setdiff1d(np.arange(n), list(seen))
-                    nxt = int(rng.choice(pool))
-                cur = nxt
-                t += int(rng.choice([0, 86400, 2 * 86400, 7 * 86400], p=[0.3, 0.4, 0.2, 0.1]))
-            seen.add(cur)
-            reviews.append({"reviewerID": user, "asin": asins[cur], "unixReviewTime": t, "overall": 5.0,
+                        weights = popularity[pool]
+                        next_item = int(rng.choice(pool, p=weights / weights.sum()))
+                if next_item is None:
+                    pool = np.setdiff1d(np.arange(n_items), list(seen))
+                    next_item = int(rng.choice(pool))
+                current = next_item
+                time += int(rng.choice([0, 86400, 2 * 86400, 7 * 86400], p=[0.3, 0.4, 0.2, 0.1]))
+            seen.add(current)
+            reviews.append({"reviewerID": user, "asin": asins[current], "unixReviewTime": time, "overall": 5.0,
                             "reviewText": "synthetic review"})
 
     meta = []
-    cat_names = [" ".join(w).title() for w in nouns]
-    for k in range(n):
-        words = nouns[int(shown_cat[k])]
-        adj = _ADJECTIVES[int(rng.integers(len(_ADJECTIVES)))]
-        title = f"{brands[int(rng.integers(len(brands)))]} {adj} {words[int(rng.integers(3))]} {words[int(rng.integers(3))]} {int(rng.integers(1, 100))}"
+    category_names = [" ".join(words).title() for words in nouns]
+    for k in range(n_items):
+        words = nouns[int(shown_category[k])]
+        adjective = _ADJECTIVES[int(rng.integers(len(_ADJECTIVES)))]
+        title = f"{brands[int(rng.integers(len(brands)))]} {adjective} {words[int(rng.integers(3))]} {words[int(rng.integers(3))]} {int(rng.integers(1, 100))}"
         if codes[k]:
             title += f" {codes[k]}"
         meta.append({
             "asin": asins[k],
             "title": title,
-            "category": [cfg.name, cat_names[int(cat[k])]],
+            "category": [cfg.name, category_names[int(category[k])]],
             "imageURLHighRes": [],
             "imageURL": [],
         })
@@ -232,16 +236,16 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path
     latents = {
         "config": to_dict(cfg),
         "asin": asins,
-        "category": cat.tolist(),
+        "category": category.tolist(),
         "style": style.tolist(),
-        "shown_category": shown_cat.tolist(),
+        "shown_category": shown_category.tolist(),
         "shown_style": shown_style.tolist(),
         "popularity": popularity.round(6).tolist(),
-        "category_transition": transition_matrix(succ_c, cfg.stay).tolist(),
-        "style_transition": transition_matrix(succ_s, cfg.stay).tolist(),
+        "category_transition": transition_matrix(category_successor, cfg.stay).tolist(),
+        "style_transition": transition_matrix(style_successor, cfg.stay).tolist(),
         "category_words": nouns,
         "partner": partner.tolist(),
-        "style_names": [f"{list(_COLOURS)[s // 4]} {_SHAPES[s % 4]}" for s in range(S)],
+        "style_names": [f"{list(_COLOURS)[style_index // 4]} {_SHAPES[style_index % 4]}" for style_index in range(n_styles)],
     }
 
     out = Path(out)
@@ -249,10 +253,10 @@ def generate(cfg: SynthConfig, out: str | Path, overwrite: bool = False) -> Path
         (tmp / f"{cfg.name}.json.gz").write_bytes(_gzip_lines(reviews))
         (tmp / f"meta_{cfg.name}.json.gz").write_bytes(_gzip_lines(meta))
         (tmp / "images").mkdir()
-        for k in range(n):
-            buf = io.BytesIO()
-            _draw_image(rng, int(shown_style[k]), cfg.image_size).save(buf, format="PNG")
-            (tmp / "images" / f"{asins[k]}.png").write_bytes(buf.getvalue())
+        for k in range(n_items):
+            buffer = io.BytesIO()
+            _draw_image(rng, int(shown_style[k]), cfg.image_size).save(buffer, format="PNG")
+            (tmp / "images" / f"{asins[k]}.png").write_bytes(buffer.getvalue())
         (tmp / "oracle").mkdir()  # a subfolder, so readers given the raw folder never see it
         (tmp / LATENTS).write_text(json.dumps(latents, sort_keys=True) + "\n")
     return out
@@ -274,8 +278,8 @@ class OracleScorer:
     ``latent`` (the true latents: the ceiling). The shortcut's partner, shown by the title's code,
     ranks first for ``text``, ``both`` and ``latent``. ``both`` scores the chains as if both shown
     latents were true (their product; the joint chain where ``shared`` > 0 moves them together), so
-    with a shared latent and a noisy image it can fall below ``text`` alone. Ties are broken at random (seeded), so a modality that carries no signal ranks
-    exactly at chance in expectation."""
+    with a shared latent and a noisy image it can fall below ``text`` alone. Ties are broken at random
+    (seeded), so a modality that carries no signal ranks exactly at chance in expectation."""
 
     MODALITIES = ("text", "image", "both", "latent")
 
@@ -284,44 +288,51 @@ class OracleScorer:
             raise ValueError(f"modality must be one of {self.MODALITIES}, got {modality!r}")
         if not isinstance(latents, dict):
             latents = load_latents(latents)
-        row = {a: k for k, a in enumerate(latents["asin"])}
+        row_of_asin = {asin: k for k, asin in enumerate(latents["asin"])}
         try:
-            idx = np.array([row[str(i)] for i in item_ids])
+            rows = np.array([row_of_asin[str(i)] for i in item_ids])
         except KeyError as e:
             raise KeyError(f"item {e.args[0]} is not in the synthetic latents (another seed's data?)") from None
-        Tc = np.asarray(latents["category_transition"])
-        Ts = np.asarray(latents["style_transition"])
+        category_transition = np.asarray(latents["category_transition"])
+        style_transition = np.asarray(latents["style_transition"])
         shown = modality != "latent"
-        c = np.asarray(latents["shown_category" if shown else "category"])[idx]
-        s = np.asarray(latents["shown_style" if shown else "style"])[idx]
-        self.c, self.s, self.Tc, self.Ts, self.modality = c, s, Tc, Ts, modality
+        category = np.asarray(latents["shown_category" if shown else "category"])[rows]
+        style = np.asarray(latents["shown_style" if shown else "style"])[rows]
+        self.category, self.style, self.modality = category, style, modality  # (n_items,) shown (or true) latents
+        self.category_transition, self.style_transition = category_transition, style_transition
         # shared > 0: the latents move together (synthetic.generate), so both/latent score the joint chain
         self.coupled = latents.get("config", {}).get("shared", 0.0) > 0
-        self.succ_c, self.succ_s = (np.argmax(T - np.diag(np.diag(T)), axis=1) for T in (Tc, Ts))
+        self.category_successor, self.style_successor = (np.argmax(transition - np.diag(np.diag(transition)), axis=1)
+                                                         for transition in (category_transition, style_transition))
         # the series shortcut: the last item's partner first (text shows the code; the image cannot)
-        pos = {int(k): j for j, k in enumerate(idx)}
-        partner = np.asarray(latents.get("partner", [-1] * len(latents["asin"])))[idx]
-        self.partner = np.array([pos.get(int(p), -1) for p in partner]) if modality != "image" else None
-        self.jitter = np.random.default_rng(seed).random(len(idx)) * 1e-9
+        item_of_row = {int(row): item for item, row in enumerate(rows)}
+        partner_rows = np.asarray(latents.get("partner", [-1] * len(latents["asin"])))[rows]
+        self.partner = np.array([item_of_row.get(int(row), -1) for row in partner_rows]) if modality != "image" else None
+        self.jitter = np.random.default_rng(seed).random(len(rows)) * 1e-9
         self.name = f"oracle-{modality}"
 
     def __call__(self, histories: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
         last = histories[:, -1]
-        cand = np.arange(self.c.size)[None, :].repeat(len(last), 0) if candidates is None else candidates
-        c0, s0, c1, s1 = self.c[last][:, None], self.s[last][:, None], self.c[cand], self.s[cand]
+        if candidates is None:  # every item for every user
+            candidates = np.arange(self.category.size)[None, :].repeat(len(last), 0)
+        last_category, last_style = self.category[last][:, None], self.style[last][:, None]  # (B, 1)
+        candidate_category, candidate_style = self.category[candidates], self.style[candidates]  # (B, C)
         if self.coupled and self.modality in ("both", "latent"):
             # one stay-or-move decision for both latents: the joint chain, not the product of its marginals
-            stay = np.diag(self.Tc)[c0]
-            score = stay * ((c1 == c0) & (s1 == s0)) + (1 - stay) * ((c1 == self.succ_c[c0]) & (s1 == self.succ_s[s0]))
+            stay = np.diag(self.category_transition)[last_category]
+            stays = (candidate_category == last_category) & (candidate_style == last_style)
+            moves = ((candidate_category == self.category_successor[last_category])
+                     & (candidate_style == self.style_successor[last_style]))
+            score = stay * stays + (1 - stay) * moves
         else:
-            score = np.ones(cand.shape)
+            score = np.ones(candidates.shape)
             if self.modality in ("text", "both", "latent"):
-                score = score * self.Tc[c0, c1]
+                score = score * self.category_transition[last_category, candidate_category]
             if self.modality in ("image", "both", "latent"):
-                score = score * self.Ts[s0, s1]
+                score = score * self.style_transition[last_style, candidate_style]
         if self.partner is not None:
-            score = score + 10.0 * (cand == self.partner[last][:, None])
-        return score + self.jitter[cand]
+            score = score + 10.0 * (candidates == self.partner[last][:, None])
+        return score + self.jitter[candidates]
 
 
 def synthetic_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite: bool = False, progress: bool = False):
@@ -332,6 +343,6 @@ def synthetic_dataset(out: str | Path, cfg: SynthConfig | None = None, overwrite
 
     out = Path(out)
     raw = generate(cfg or SynthConfig(), out / "raw", overwrite=overwrite)
-    prep = PrepareConfig(format="amazon2018", inputs=[str(p) for p in sorted(raw.glob("*.json.gz"))],
-                         images=str(raw / "images"))
-    return prepare(prep, out / "data", overwrite=overwrite, progress=progress)
+    prepare_config = PrepareConfig(format="amazon2018", inputs=[str(p) for p in sorted(raw.glob("*.json.gz"))],
+                                   images=str(raw / "images"))
+    return prepare(prepare_config, out / "data", overwrite=overwrite, progress=progress)
