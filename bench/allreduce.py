@@ -57,7 +57,7 @@ def worker(rank: int, world: int, port: int, shapes: list, reps: int) -> None:
 
     from gpu_bench import median_side_by_side
 
-    from vlm2rec_lab import distributed as dist
+    from vlm2rec_lab.accel import distributed as dist
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
     args = ap.parse_args()
     shapes = lora_shapes(args.tiny)
-    from vlm2rec_lab.distributed import free_port
+    from vlm2rec_lab.accel.distributed import free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(worker, args=(args.processes, free_port(), shapes, args.reps), nprocs=args.processes)

@@ -27,7 +27,7 @@ from gpu_bench import median_side_by_side  # noqa: E402
 
 
 def worker(rank: int, world: int, port: int, data: str, reps: int) -> None:
-    from vlm2rec_lab import distributed as dist
+    from vlm2rec_lab.accel import distributed as dist
     from vlm2rec_lab.backbones import load_backbone
     from vlm2rec_lab.data.dataset import Dataset
     from vlm2rec_lab.encoder import Encoder
@@ -81,7 +81,7 @@ def main() -> None:
     from vlm2rec_lab.data.dataset import Dataset
 
     build_tiny(Dataset.load(data), progress=False)  # (once, before the processes start)
-    from vlm2rec_lab.distributed import free_port
+    from vlm2rec_lab.accel.distributed import free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(worker, args=(args.processes, free_port(), data, args.reps), nprocs=args.processes)

@@ -13,7 +13,7 @@ model only (no LM head), vision features computed once per image and reused (the
 window attention batched per window size, larger batches for embedding, prompts packed without
 padding with the leading tokens that prompts of one kind share (chat template, prompt head)
 computed once, for training the four prompt sets of a step in one forward, LoRA in bf16 under
-autocast with its update folded into one addmm and RMSNorm in one kernel (``vlm2rec_lab.fused``), no
+autocast with its update folded into one addmm and RMSNorm in one kernel (``vlm2rec_lab.accel.fused``), no
 checkpointing. The intermediate variants show what each lever gives (``project_unpacked_peft_cast``:
 the cache alone, PEFT's own forward; ``project_unpacked``: + autocast and the fused stand-ins;
 ``project_packed``: + packing; ``project``: + shared prefixes). These have LoRA dropout 0;
@@ -390,9 +390,9 @@ def main() -> None:
     bb = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
 
     # ---------------------------------------------------------------- item embeddings
-    from vlm2rec_lab import attention
-    from vlm2rec_lab.attention import set_varlen_kernel, set_vision_attention
-    from vlm2rec_lab.fused import vision_attention_forward
+    from vlm2rec_lab.accel import attention
+    from vlm2rec_lab.accel.attention import set_varlen_kernel, set_vision_attention
+    from vlm2rec_lab.accel.fused import vision_attention_forward
 
     default_kernel = attention._kernel  # the library's default (VLM2REC_VARLEN_KERNEL)
 
@@ -675,7 +675,7 @@ def count_syncs(run, device) -> int | None:
 @contextlib.contextmanager
 def without_stand_in(bb, forward):
     """The backbone's compute path without one of its stand-ins (``forward``, a function of
-    ``vlm2rec_lab.fused``): the modules it stands in for run their own forward inside."""
+    ``vlm2rec_lab.accel.fused``): the modules it stands in for run their own forward inside."""
     swaps = bb._fusion()[1]
     kept = list(swaps)
     swaps[:] = [(m, f) for m, f in kept if getattr(f, "__func__", None) is not forward]

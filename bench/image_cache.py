@@ -28,7 +28,7 @@ def write_images(folder: Path, n: int, size: int, workers: int = 0) -> list[str]
     ``workers`` threads (0: in this thread)."""
     from PIL import Image
 
-    from vlm2rec_lab.prefetch import ordered_map
+    from vlm2rec_lab.accel.prefetch import ordered_map
 
     folder.mkdir(parents=True, exist_ok=True)
     base = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
@@ -59,7 +59,7 @@ def main() -> None:
     from vlm2rec_lab.data.dataset import Dataset
     from vlm2rec_lab.data.synthetic import synthetic_dataset
     from vlm2rec_lab.encoder import Encoder
-    from vlm2rec_lab.prefetch import default_workers
+    from vlm2rec_lab.accel.prefetch import default_workers
 
     tmp = tempfile.TemporaryDirectory(prefix="vlm2rec-bench-")
     work = Path(tmp.name)
@@ -90,7 +90,7 @@ def main() -> None:
     threaded, fb = fill(workers)
     # the CPU half alone (reading, decoding, preprocessing; no vision tower), serial and threaded: on a
     # GPU machine this is what runs beside the tower
-    from vlm2rec_lab.prefetch import ordered_map
+    from vlm2rec_lab.accel.prefetch import ordered_map
 
     enc = Encoder(bb, items, image_workers=0)
     cpu = {}

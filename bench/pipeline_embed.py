@@ -43,7 +43,7 @@ def random_backbone(titles: list[str], tiny: bool, device: torch.device, min_px:
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vlm2rec_lab.attention import set_vision_attention
+    from vlm2rec_lab.accel.attention import set_vision_attention
     from vlm2rec_lab.backbones import SPECIAL_TOKENS, Backbone, _train_tokenizer
     from vlm2rec_lab.prompts import prompt_words
 
@@ -76,12 +76,12 @@ def main() -> None:
         a.items, a.plain_items = min(a.items, 48), min(a.plain_items, 16)
     device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
 
-    from vlm2rec_lab.attention import set_vision_attention
+    from vlm2rec_lab.accel.attention import set_vision_attention
     from vlm2rec_lab.config import SynthConfig
     from vlm2rec_lab.data.formats import read_amazon2018
     from vlm2rec_lab.data.synthetic import generate
     from vlm2rec_lab.encoder import Encoder
-    from vlm2rec_lab.prefetch import default_workers
+    from vlm2rec_lab.accel.prefetch import default_workers
 
     emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
     workers = default_workers() if a.workers is None else a.workers

@@ -1,5 +1,5 @@
 """Benchmark: memory traffic of one Qwen2.5-VL-3B vision block in bf16, Hugging Face's modules against
-the compute path's vision attention (``vlm2rec_lab.fused.vision_attention_forward``: the rotary half
+the compute path's vision attention (``vlm2rec_lab.accel.fused.vision_attention_forward``: the rotary half
 by half, no fp32 copies), side by side in one run, on the CPU.
 
 In eager mode the vision tower waits on memory traffic more than on its matrix products (on an H100
@@ -64,8 +64,8 @@ def main() -> None:
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLVisionBlock,
                                                                     Qwen2_5_VLVisionRotaryEmbedding)
 
-    from vlm2rec_lab.attention import NAME, register_varlen
-    from vlm2rec_lab.fused import fused_forwards
+    from vlm2rec_lab.accel.attention import NAME, register_varlen
+    from vlm2rec_lab.accel.fused import fused_forwards
 
     cfg = model_config(a.tiny).vision_config
     register_varlen()

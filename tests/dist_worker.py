@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from vlm2rec_lab import distributed as dist
+from vlm2rec_lab.accel import distributed as dist
 from vlm2rec_lab.config import TrainConfig
 from vlm2rec_lab.data.dataset import Dataset
 from vlm2rec_lab.runs import create_run, embed_run

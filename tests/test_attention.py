@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vlm2rec_lab import attention
-from vlm2rec_lab.attention import segment_groups, set_vision_attention, varlen_attention_forward, varlen_sdpa
+from vlm2rec_lab.accel import attention
+from vlm2rec_lab.accel.attention import segment_groups, set_vision_attention, varlen_attention_forward, varlen_sdpa
 
 
 def _per_segment(q, k, v, lengths, scale):
@@ -77,7 +77,7 @@ def test_flash_layout_lists_each_segments_prefix_then_own_keys():
     mask give the grouped SDPA's output."""
     from torch.nn.attention.bias import causal_lower_right
 
-    from vlm2rec_lab.attention import _flash_layout, _plan
+    from vlm2rec_lab.accel.attention import _flash_layout, _plan
 
     g = torch.Generator().manual_seed(5)
     lengths, prefix_of = [3, 4, 0, 2, 4, 3], [-1, 0, -1, -1, 0, 3]
@@ -96,7 +96,7 @@ def test_flash_layout_lists_each_segments_prefix_then_own_keys():
 
 
 def test_shared_prefixes_split_prompts_that_begin_alike():
-    from vlm2rec_lab.attention import shared_prefixes
+    from vlm2rec_lab.accel.attention import shared_prefixes
 
     def pos(n, start=0):
         return torch.arange(start, start + n).expand(3, -1)
@@ -287,7 +287,7 @@ def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny
     as four padded forwards. The prefixes are really shared (one per prompt kind). In a packed
     forward the last layer's MLP runs on the 20 prompts' last tokens only (the padded forwards: on
     every token)."""
-    from vlm2rec_lab import attention
+    from vlm2rec_lab.accel import attention
     from vlm2rec_lab.encoder import Encoder
 
     bb = _lora_tiny(synth_ds)
@@ -367,7 +367,7 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
     recomputations run the packed attention (with the prefixes) and the fused LoRA stand-ins again,
     once per checkpointed layer, draw the same dropout masks, and leave nothing swapped in. The last
     layer's recomputed MLP, like its forward, runs on the prompts' last tokens only."""
-    from vlm2rec_lab import attention, fused
+    from vlm2rec_lab.accel import attention, fused
     from vlm2rec_lab.encoder import Encoder
 
     bb = _lora_tiny(synth_ds)
@@ -434,7 +434,7 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
 def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path, monkeypatch):
     """With LoRA dropout drawing masks (training), prompts would share the prefix's mask: the default
     keeps their prefixes apart; in evaluation, or when asked (share_prefix=True), they are shared."""
-    from vlm2rec_lab import attention
+    from vlm2rec_lab.accel import attention
     from vlm2rec_lab.backbones import load_backbone
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.encoder import Encoder
@@ -492,11 +492,11 @@ def test_the_varlen_kernel_setting(monkeypatch):
     import subprocess
     import sys
 
-    from vlm2rec_lab.attention import flash_usable, set_varlen_kernel
+    from vlm2rec_lab.accel.attention import flash_usable, set_varlen_kernel
 
     env = {k: v for k, v in os.environ.items() if k != "VLM2REC_VARLEN_KERNEL"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    probe = "from vlm2rec_lab import attention; print(attention._kernel)"
+    probe = "from vlm2rec_lab.accel import attention; print(attention._kernel)"
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "flash"
     with pytest.raises(ValueError, match="one of"):
         set_varlen_kernel("fast")
@@ -531,7 +531,7 @@ def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal, monkeypatch):
     """PyTorch's variable-length flash kernel against the grouped SDPA, bf16, grouped-query heads:
     outputs and input gradients within bf16 tolerance; also with shared prefixes (the flash call's
     causal mask aligned at the end of each segment's [prefix, own] keys)."""
-    from vlm2rec_lab.attention import set_varlen_kernel
+    from vlm2rec_lab.accel.attention import set_varlen_kernel
 
     g = torch.Generator(device="cuda").manual_seed(0)
     lengths = [64, 17, 64, 33, 5]
@@ -604,7 +604,7 @@ def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, ker
     layers compare boundaries by identity, so the CPU can queue layer after layer ahead of the GPU.
     Training mode with LoRA, prompts with images and shared prefixes (twice, each step's forward
     followed by its backward, which runs outside the check)."""
-    from vlm2rec_lab import attention
+    from vlm2rec_lab.accel import attention
     from vlm2rec_lab.backbones import _unwrap, load_backbone
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.encoder import Encoder

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlm2rec_lab.fused import fusable, fused_forward, fused_forwards, is_plain_rms_norm, rms_norm_forward
+from vlm2rec_lab.accel.fused import fusable, fused_forward, fused_forwards, is_plain_rms_norm, rms_norm_forward
 
 
 def _lora_layer(**kw):
@@ -157,7 +157,7 @@ def test_patch_embed_stand_in_is_the_conv3d(dtype):
     numbers (fp32 to float rounding, bf16 to bf16 rounding), gradients included."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
 
-    from vlm2rec_lab.fused import is_plain_patch_embed, patch_embed_forward
+    from vlm2rec_lab.accel.fused import is_plain_patch_embed, patch_embed_forward
 
     torch.manual_seed(0)
     embed = Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=40).to(dtype)
@@ -174,7 +174,7 @@ def test_patch_embed_stand_in_is_the_conv3d(dtype):
 
 
 def test_overlapping_or_strided_convolutions_are_not_patch_embeddings():
-    from vlm2rec_lab.fused import is_plain_patch_embed
+    from vlm2rec_lab.accel.fused import is_plain_patch_embed
 
     class OverlapPatchEmbed(nn.Module):  # stride smaller than the kernel: a real convolution
         def __init__(self):
@@ -192,7 +192,7 @@ def test_overlapping_or_strided_convolutions_are_not_patch_embeddings():
 def test_merged_forward_is_the_adapted_layer_without_gradients(shape):
     """x·(W + s·BA)ᵀ + bias equals the fused (and so PEFT's) forward in evaluation mode; where a
     gradient is wanted or the dropout draws masks, the merged forward is the fused forward."""
-    from vlm2rec_lab.fused import MERGED, mergeable, merged_forward, merged_weight
+    from vlm2rec_lab.accel.fused import MERGED, mergeable, merged_forward, merged_weight
 
     layer = _lora_layer(lora_dropout=0.3).eval()
     w0 = layer.base_layer.weight.clone()
@@ -230,7 +230,7 @@ def test_a_merged_weight_serves_only_the_adapter_and_scaling_it_was_made_for():
     the adapter's own forward again, never the stale merged weight."""
     from peft import LoraConfig, get_peft_model
 
-    from vlm2rec_lab.fused import MERGED, merged_forward, merged_weight
+    from vlm2rec_lab.accel.fused import MERGED, merged_forward, merged_weight
 
     torch.manual_seed(0)
     peft = get_peft_model(nn.Sequential(nn.Linear(12, 20)), LoraConfig(r=4, lora_alpha=12, target_modules=["0"]))
@@ -255,7 +255,7 @@ def test_a_merged_weight_serves_only_the_adapter_and_scaling_it_was_made_for():
 
 
 def test_merged_forward_in_bf16_agrees_with_pefts_forward_within_bf16():
-    from vlm2rec_lab.fused import MERGED, merged_forward, merged_weight
+    from vlm2rec_lab.accel.fused import MERGED, merged_forward, merged_weight
 
     layer = _lora_layer().eval()
     layer.base_layer.to(torch.bfloat16)
@@ -290,7 +290,7 @@ def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, 
     history embeddings as the adapters in training form (fp32), through the merged forward; afterwards
     the weights, the swapped forwards and the memory are as before, and a changed adapter is merged
     afresh. No merging where dropout draws masks, or where the budget is too small."""
-    from vlm2rec_lab import fused
+    from vlm2rec_lab.accel import fused
     from vlm2rec_lab.encoder import Encoder
 
     bb = _adapted_tiny(synth_ds, lora_dropout=0.2)
@@ -340,7 +340,7 @@ def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_pa
     that says so; other errors pass through untouched."""
     import logging
 
-    from vlm2rec_lab import fused
+    from vlm2rec_lab.accel import fused
     from vlm2rec_lab.encoder import Encoder
 
     bb = _adapted_tiny(synth_ds)
@@ -386,7 +386,7 @@ def _vision_attention(dtype=torch.float32, heads=4, width=32):
 
 def _count_rotary(monkeypatch) -> list:
     """Calls of ``fused.rotary`` from now on (one per tensor rotated), as a list that grows."""
-    from vlm2rec_lab import fused
+    from vlm2rec_lab.accel import fused
 
     calls, real = [], fused.rotary
     monkeypatch.setattr(fused, "rotary", lambda *a: calls.append(1) or real(*a))
@@ -407,7 +407,7 @@ def test_rotary_is_hugging_faces_vision_rotary(dtype):
     that broadcast ``x`` to a larger shape (a leading batch) give HF's larger result too."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-    from vlm2rec_lab.fused import rotary
+    from vlm2rec_lab.accel.fused import rotary
 
     qkv = (torch.randn(50, 3, 4, 16, generator=torch.Generator().manual_seed(0)) * 2).to(dtype)
     q, k, _ = qkv.unbind(1)
@@ -434,8 +434,8 @@ def test_vision_attention_stand_in_is_the_modules_forward(dtype):
     """The vision attention with ``rotary``, attending through the varlen function, against the
     module's own forward through the same function: two images' windows of several lengths. The
     probe puts the attention setting back and keeps the attention plans a forward has primed."""
-    from vlm2rec_lab.attention import NAME, _plan, prime_plan, register_varlen
-    from vlm2rec_lab.fused import is_plain_vision_attention, vision_attention_forward
+    from vlm2rec_lab.accel.attention import NAME, _plan, prime_plan, register_varlen
+    from vlm2rec_lab.accel.fused import is_plain_vision_attention, vision_attention_forward
 
     attn = _vision_attention(dtype)
     primed = [torch.tensor([0, 3, 3 + k], dtype=torch.int32) for k in range(1, 5)]  # four plans a forward primed
@@ -464,8 +464,8 @@ def test_vision_attention_stand_in_falls_back_where_it_does_not_apply(monkeypatc
     the probe."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
-    from vlm2rec_lab import fused
-    from vlm2rec_lab.attention import NAME, register_varlen
+    from vlm2rec_lab.accel import fused
+    from vlm2rec_lab.accel.attention import NAME, register_varlen
 
     attn = _vision_attention()
     calls = _count_rotary(monkeypatch)
@@ -510,7 +510,7 @@ def test_tiny_vision_tower_with_the_rotary_stand_in_is_the_towers_own(tiny, monk
     """The tiny backbone's vision tower on the compute path (stand-ins in, varlen attention) against
     Hugging Face's own modules with the same attention: images of several sizes, the stand-in in
     every block."""
-    from vlm2rec_lab.attention import set_vision_attention
+    from vlm2rec_lab.accel.attention import set_vision_attention
     from vlm2rec_lab.backbones import _unwrap
 
     base = _unwrap(tiny.model)
@@ -534,8 +534,8 @@ def test_vision_attention_stand_in_on_gpu():
     """On a GPU in bf16, at the 3B tower's width: the probe accepts the module (mixed-dtype kernels
     writing into bf16 halves work there), and the stand-in's output through the flash path is the
     module's own within bf16, for 4 images of 224 px in windows of 64 patches."""
-    from vlm2rec_lab.attention import NAME, register_varlen
-    from vlm2rec_lab.fused import is_plain_vision_attention, vision_attention_forward
+    from vlm2rec_lab.accel.attention import NAME, register_varlen
+    from vlm2rec_lab.accel.fused import is_plain_vision_attention, vision_attention_forward
 
     attn = _vision_attention(torch.bfloat16, heads=16, width=1280).cuda()
     assert is_plain_vision_attention(attn)

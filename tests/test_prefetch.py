@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlm2rec_lab.encoder import Encoder
-from vlm2rec_lab.prefetch import default_workers, ordered_map
+from vlm2rec_lab.accel.prefetch import default_workers, ordered_map
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])

@@ -384,7 +384,7 @@ def test_out_of_memory_inside_a_packed_forward_unwinds_and_redoes_the_step(synth
     """The error raised deep inside the second step's packed forward (a LoRA layer's base product,
     within the compute path and the packed attention): every context is left as it was, the step is
     redone, packed, with checkpointing, and the run matches one checkpointed from the start."""
-    from vlm2rec_lab import attention
+    from vlm2rec_lab.accel import attention
 
     kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=0, checkpoint_every=0)
     oom = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
@@ -413,7 +413,7 @@ def test_out_of_memory_inside_a_packed_forward_unwinds_and_redoes_the_step(synth
 
 def test_out_of_memory_is_not_retried_where_it_cannot_be(synth_ds, tiny_path, tmp_path, monkeypatch):
     """Already checkpointing, or several processes (whose collectives cannot agree on a retry): raised."""
-    from vlm2rec_lab import distributed
+    from vlm2rec_lab.accel import distributed
 
     kw = dict(method="vlm-sft", users_k=16, batch_size=4, max_steps=2, grad_cos_every=0, checkpoint_every=0)
     tr = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "a", progress=False)

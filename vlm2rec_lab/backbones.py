@@ -136,7 +136,7 @@ class Backbone:
         """:func:`vision_index_inputs` for these grids on this device (each distinct grid's pieces
         remembered), with the attention plans of their segment bounds worked out on the CPU; {}
         where the tower does not take them."""
-        from .attention import prime_plan
+        from .accel.attention import prime_plan
 
         visual = getattr(_unwrap(self.model), "visual", None)
         if not takes_vision_index_inputs(visual) or not len(grid_thw):
@@ -211,7 +211,7 @@ class Backbone:
         stand-ins within the layer, with PEFT's input casting as it is now, and the packed attention
         with its shared prefixes. Checkpointing itself restores autocast and the random state, so
         the recomputation draws the same dropout masks."""
-        from .attention import packed_state
+        from .accel.attention import packed_state
 
         return nullcontext(), _Replay(self, layer, self._computing, self._cast_off, packed_state())
 
@@ -244,14 +244,14 @@ class Backbone:
                        image_features: list[Tensor] | None = None, prefix_groups: list | None = None) -> Tensor:
         """Many prompts in one forward, packed into one row without padding: ``sequences`` of token
         ids, their (3, length) rotary ``positions`` and the image features in the order their image
-        tokens appear. Attention stays within each sequence (causal, :mod:`vlm2rec_lab.attention`).
+        tokens appear. Attention stays within each sequence (causal, :mod:`vlm2rec_lab.accel.attention`).
         With ``prefix_groups`` (a label per sequence, e.g. its prompt kind), the leading tokens that
         a group's prompts share (chat template, prompt head; never image tokens) are computed once
-        and attended to by each prompt's rest (:func:`~vlm2rec_lab.attention.shared_prefixes`).
+        and attended to by each prompt's rest (:func:`~vlm2rec_lab.accel.attention.shared_prefixes`).
         Returns (n, d): the final hidden state at each sequence's last token — the same numbers as
         padded batches up to float rounding, with one launch per operator instead of one per batch."""
-        from .attention import packed_language_model, prime_plan, shared_prefixes
-        from .transfer import to_device
+        from .accel.attention import packed_language_model, prime_plan, shared_prefixes
+        from .accel.transfer import to_device
 
         prefix_of, skip = None, 0
         if prefix_groups is not None:
@@ -290,7 +290,7 @@ class Backbone:
         AOTAutograd's donated buffers forbid: they are turned off, process-wide
         (``torch._functorch.config.donated_buffer``), for the graphs compiled from then on. Call
         after LoRA is applied. Returns the number of blocks compiled."""
-        from .attention import set_vision_attention
+        from .accel.attention import set_vision_attention
 
         if retained_backward:
             import torch._functorch.config
@@ -323,7 +323,7 @@ class Backbone:
     def compute(self, autocast: bool = True):
         """The project's compute path around a forward: fused stand-ins for LoRA layers (the update
         added inside one matrix product), RMSNorms (one kernel) and the vision tower's patch embedding
-        (a GEMM, not a Conv3d), :mod:`vlm2rec_lab.fused`; and,
+        (a GEMM, not a Conv3d), :mod:`vlm2rec_lab.accel.fused`; and,
         where a low-precision model runs on a GPU (and ``autocast``), autocast to its dtype with
         PEFT's input casting off, so LoRA's small matrices take bf16 activations as they are (fp32
         master weights kept) instead of copying every activation to fp32 and back (on an H100, a 3B
@@ -346,7 +346,7 @@ class Backbone:
     def merged_adapters(self, budget_bytes: int | None = None):
         """For forwards without gradients inside: each plain LoRA layer whose dropout draws no masks
         computes with its update merged into the weight, ``W + s·B·A`` made once on entry
-        (:func:`~vlm2rec_lab.fused.merged_weight`) and dropped on exit; the layer's own weights are
+        (:func:`~vlm2rec_lab.accel.fused.merged_weight`) and dropped on exit; the layer's own weights are
         never touched. The adapters must not change inside. Forwards that want a gradient, and
         layers that stop merging (training mode with dropout, adapters switched), keep the fused
         LoRA forward. The merged weights take as much memory as the adapted base weights (5.2 GiB
@@ -355,7 +355,7 @@ class Backbone:
         merged (:meth:`Encoder.embed_many` also goes on unmerged where a batch then runs out of
         memory). Off on the plain path (``mixed_precision=False``). Yields the number of layers
         merged."""
-        from .fused import MERGED, fused_forward, merged_forward, merged_weight, mergeable
+        from .accel.fused import MERGED, fused_forward, merged_forward, merged_weight, mergeable
 
         cached = None
         if self.mixed_precision and not self._computing:
@@ -419,12 +419,12 @@ class Backbone:
 
     def _fusion(self) -> tuple[list, list, list]:
         """The model's PEFT tuner layers, the (module, fused forward) swaps of
-        :func:`~vlm2rec_lab.fused.fused_forwards` and the model's dropout layers, found once per model."""
+        :func:`~vlm2rec_lab.accel.fused.fused_forwards` and the model's dropout layers, found once per model."""
         cached = self._fusion_cache
         if cached is None or cached[0] is not self.model:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            from .fused import fused_forwards, read_rows_forward
+            from .accel.fused import fused_forwards, read_rows_forward
 
             tuners = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
             dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
@@ -461,7 +461,7 @@ class _Replay:
         self._open: list[ExitStack] = []
 
     def __enter__(self):
-        from .attention import packed_language_model, packed_state
+        from .accel.attention import packed_language_model, packed_state
 
         stack = ExitStack()
         try:
@@ -499,13 +499,13 @@ def vision_index_inputs(visual, grid_thw: Tensor, device, pieces: dict | None = 
     host (device syncs) in every chunk of images. Here each distinct grid's pieces come from the
     modeling module's own functions on the CPU (remembered in ``pieces``, keyed by grid) and are
     joined with offsets, which gives the very values the tower computes for the whole list (tested);
-    they go to ``device`` without waiting (:func:`~vlm2rec_lab.transfer.to_device`).
+    they go to ``device`` without waiting (:func:`~vlm2rec_lab.accel.transfer.to_device`).
     Returns (the forward's keyword arguments, the bounds on the CPU by name)."""
     import sys
 
     from torch.nn import functional as F
 
-    from .transfer import to_device
+    from .accel.transfer import to_device
 
     mod = sys.modules[type(visual).__module__]
     m = visual.spatial_merge_size
@@ -549,7 +549,7 @@ def backbone_device(device: str | torch.device | None) -> torch.device:
     current GPU, which under torchrun or accelerate is the GPU of its local rank. There, another
     GPU named (``--device cuda:0``, or a run's config written by a one-GPU run) is replaced by the
     local rank's, with a warning: every process computing on that one GPU is never what is meant."""
-    from . import distributed as dist
+    from .accel import distributed as dist
 
     device = torch.device(device) if device is not None else default_device()
     if device.type != "cuda":
@@ -596,7 +596,7 @@ def load_backbone(name_or_path: str, device: str | torch.device | None = None, d
     for p in model.parameters():
         p.requires_grad_(False)
     if kind == "vlm" and device.type == "cuda":  # one batched SDPA per window size (the same attention)
-        from .attention import set_vision_attention
+        from .accel.attention import set_vision_attention
 
         set_vision_attention(model, varlen=True)
     return Backbone(name=name_or_path, model=model, tokenizer=tokenizer, image_processor=image_processor,
@@ -672,7 +672,7 @@ def _tiny_once(dataset, seed: int, cache_dir) -> Path:
     first process of every other machine, which finds it where the cache folder is shared and
     builds it where not; then the rest, which find it. Several processes building into one cache
     folder at once can read a folder that another is swapping out."""
-    from . import distributed as dist
+    from .accel import distributed as dist
 
     def build() -> Path:
         return build_tiny(dataset, seed=seed, cache_dir=cache_dir)

@@ -294,7 +294,7 @@ def cmd_stats(a) -> int:
 
 def _launcher_warnings() -> None:
     """Rank 0 names the launcher settings this project does not read (once for all processes)."""
-    from . import distributed as dist
+    from .accel import distributed as dist
 
     if dist.rank() == 0:
         for note in dist.launcher_warnings():
@@ -324,7 +324,7 @@ def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None, fresh
     resume starts from step 1 (``--fresh``)."""
     import shutil
 
-    from . import distributed as dist
+    from .accel import distributed as dist
     from .methods import get_method
     from .runs import create_run, embed_run, evaluate_run
     from .train import Trainer
@@ -358,7 +358,7 @@ def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None, fresh
 def cmd_train(a) -> int:
     import dataclasses
 
-    from . import distributed as dist
+    from .accel import distributed as dist
     from .data.dataset import Dataset
     from .evaluate import METRIC_NAMES
     from .methods import get_method
@@ -483,7 +483,7 @@ def cmd_compare(a) -> int:
 
 
 def cmd_embed(a) -> int:
-    from . import distributed as dist
+    from .accel import distributed as dist
     from .runs import embed_run
 
     dist.init_from_env()
@@ -590,7 +590,7 @@ def cmd_downstream(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import distributed
+    from .accel import distributed
     from .data.images import ImagesOfflineError
     from .io import DataFormatError
     from .train import TrainingDiverged

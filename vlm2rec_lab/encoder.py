@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .backbones import Backbone
 from .data.images import ImageStore
-from .prefetch import default_workers, ordered_map
+from .accel.prefetch import default_workers, ordered_map
 from .prompts import sequence_prompt
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Encoder:
             (LoRA dropout in training), where the prompts would share one dropout mask over the
             prefix instead of drawing one each; True: there too (faster, correlated prefix noise).
         image_workers: threads that read, decode and preprocess images ahead of the vision tower
-            (:mod:`~vlm2rec_lab.prefetch`); None: the usable cores, at most 8; 0: in the calling
+            (:mod:`~vlm2rec_lab.accel.prefetch`); None: the usable cores, at most 8; 0: in the calling
             thread, one image after another.
         merge_adapters: :meth:`embed_many` computes with each LoRA update merged into its weight
             (:meth:`Backbone.merged_adapters`: no gradients there, no dropout in evaluation mode),
@@ -150,9 +150,9 @@ class Encoder:
     def cache_all(self, progress: bool = False) -> None:
         """Compute the vision features of every item with an image (e.g. before training). Under a
         launcher each process reads and runs through the vision tower its share of the images
-        (:func:`~vlm2rec_lab.distributed.shard`) and the features are gathered, so that every
+        (:func:`~vlm2rec_lab.accel.distributed.shard`) and the features are gathered, so that every
         process holds them all: N processes read, decode and encode each image once, not N times."""
-        from . import distributed as dist
+        from .accel import distributed as dist
 
         todo = [i for i in range(self.n_items) if self.image_paths[i] and i not in self._features]
         if not dist.is_distributed():
@@ -166,7 +166,7 @@ class Encoder:
     def _gather_features(self, mine: list[int], feats: list[Tensor], grid: Tensor | None) -> None:
         """Every rank's share of the cache (items ``mine``, their features and grids) into every
         rank's cache: which items with how many rows and which grids, then the rows themselves."""
-        from . import distributed as dist
+        from .accel import distributed as dist
 
         flat = torch.cat(feats) if feats else torch.zeros(0, self.bb.hidden_size, device=self.bb.device, dtype=self.bb.dtype)
         theirs = dist.gather_objects([(i, len(f), g) for i, f, g in zip(mine, feats, [] if grid is None else grid.tolist())])

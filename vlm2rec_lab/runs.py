@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import distributed as dist
+from .accel import distributed as dist
 from .config import TrainConfig, load_yaml, save_yaml
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .methods import get_method

@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from .backbones import Backbone, load_backbone, lora_target_regex, out_of_memory
-from . import distributed as dist
+from .accel import distributed as dist
 from .config import TrainConfig
 from .encoder import Encoder
 from .io import atomic_dir, atomic_write_text
 from .losses import ObjectiveConfig, info_nce, objective
 from .methods import get_method
-from .transfer import to_device
+from .accel.transfer import to_device
 
 
 class TrainingDiverged(RuntimeError):

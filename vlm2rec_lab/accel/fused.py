@@ -206,7 +206,7 @@ def vision_attention_forward(attn: nn.Module, hidden_states: Tensor, cu_seqlens:
     """Qwen2/2.5-VL's vision attention (fused qkv, rotary, attention within ``cu_seqlens``'s
     segments, output projection) with :func:`rotary`, attending through the project's varlen
     function. Falls back to the module's own forward where the tower attends otherwise (SDPA per
-    window, flash-attn: checked each call, as :func:`~vlm2rec_lab.attention.set_vision_attention`
+    window, flash-attn: checked each call, as :func:`~vlm2rec_lab.accel.attention.set_vision_attention`
     switches it), without position embeddings, or with attention dropout in training."""
     from .attention import NAME, varlen_attention_forward
 
@@ -263,7 +263,7 @@ def is_plain_vision_attention(attn: nn.Module) -> bool:
 @torch.compiler.disable  # (eager: the row count, which varies, never enters a compiled graph)
 def read_rows_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     """The last decoder layer's MLP inside a packed forward: computed on the rows whose final
-    hidden states are read (:func:`~vlm2rec_lab.attention.packed_rows`, each prompt's last token)
+    hidden states are read (:func:`~vlm2rec_lab.accel.attention.packed_rows`, each prompt's last token)
     and zero on the others, whose final hidden states nobody reads (the residual stream passes them
     on unchanged). The rows read get exactly the MLP's output; a 3B model's last MLP is about 2.4%
     of its matrix work, skipped for all tokens but a few. Outside a packed forward (``x`` not one
