@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     args = ap.parse_args()
     data = args.data or synthetic(args.items, args.image_size)
-    from vlm2rec_lab.backbones import build_tiny
+    from vlm2rec_lab.tiny import build_tiny
     from vlm2rec_lab.data.dataset import Dataset
 
     build_tiny(Dataset.load(data), progress=False)  # (once, before the processes start)
