@@ -1,5 +1,5 @@
 """Gradient averaging across processes: one all-reduce per LoRA tensor (the plain path) against the
-project's bucketed averaging (``distributed._all_reduce_mean``: the tensors of one dtype flattened
+project's bucketed averaging (``distributed.all_reduce_mean``: the tensors of one dtype flattened
 into buckets, one all-reduce each), side by side in one run, on the LoRA of the Qwen2.5-VL-3B shape
 (r 16 on the language model's projections: 504 tensors, 29.9 M parameters, fp32). Prints one JSON
 line per figure.
@@ -68,7 +68,7 @@ def worker(rank: int, world: int, port: int, shapes: list, reps: int) -> None:
         return lambda: (fn(ts), ts)[1]
 
     secs, results = median_side_by_side({"plain": lambda: averaging(per_tensor),
-                                         "project": lambda: averaging(dist._all_reduce_mean)}, reps, tdist.barrier)
+                                         "project": lambda: averaging(dist.all_reduce_mean)}, reps, tdist.barrier)
     diff = max((a - b).abs().max().item() for a, b in zip(results["plain"], results["project"]))
     if rank == 0:
         n = sum(t.numel() for t in base)

@@ -2,7 +2,7 @@
 side in one run — padded batches (the plain path), packed batches, and packed batches whose prompts'
 shared leading tokens (chat template, prompt head) are computed once — with their agreement. Then,
 with a LoRA adapter on (as after training): the adapters as in training against their updates
-merged into the weights (``Encoder(merge_adapters=)``), both packed with shared prefixes.
+merged into the weights (``SpeedConfig.merge_adapters``), both packed with shared prefixes.
 
 Usage: python bench/embed_items.py [--data PREPARED] [--batch 32] [--repeats 3] [--threads N]
 Prints one JSON line per figure (seconds are the best of ``--repeats``).
@@ -33,6 +33,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import SpeedConfig
     from vlm2rec_lab.data.dataset import Dataset
     from vlm2rec_lab.data.synthetic import synthetic_dataset
     from vlm2rec_lab.encoder import Encoder
@@ -48,7 +49,7 @@ def main() -> None:
     out, secs = {}, {}
 
     def measure(name: str, **kw) -> None:
-        enc = Encoder(bb, ds.items, batch_size=a.batch, **kw)
+        enc = Encoder(bb, ds.items, SpeedConfig(**kw), batch_size=a.batch)
         enc.cache_all()  # the vision tower is the same for every path: measured apart
         best = float("inf")
         for _ in range(a.repeats):

@@ -115,9 +115,8 @@ def sync(device):
 def settle(device) -> None:
     """Before a timed region: wait for the device, collect garbage and freeze what is alive, so that
     no full collection lands inside the region. A full collection walks every object the collector
-    tracks: about 0.2 s in a process that has imported transformers (440 k objects), and under
-    ``--tiny`` one that fell inside an item-embedding batch made it 222 ms instead of 2 ms (8x off
-    for the whole figure). What an earlier call froze is unfrozen first, so that nothing stays out
+    tracks, long enough in a process that has imported transformers to throw a figure off when it
+    lands inside a timed batch. What an earlier call froze is unfrozen first, so that nothing stays out
     of the collector's sight beyond the next region (a full collection each call, outside timing)."""
     sync(device)
     gc.unfreeze()
@@ -163,7 +162,7 @@ def plain_hidden(model, shapes: Shapes, b: dict):
 
 
 def project_hidden(bb, feats: dict, b: dict):
-    from vlm2rec_lab.encoder import last_token_pool
+    from vlm2rec_lab.backbones import last_token_pool
 
     image_features = [feats[i] for i in b["items"]] if "items" in b else None
     h = bb.forward(b["input_ids"], b["attention_mask"], image_grid_thw=b.get("image_grid_thw"), image_features=image_features)
@@ -287,7 +286,7 @@ def _lora_item_embedding(bb, shapes: Shapes, a, device, emit, no_adapter_rate: f
     with torch.inference_mode():
         for merge in (False, True):
             path = "lora_merged" if merge else "lora_unmerged"
-            with bb.merged_adapters() if merge else contextlib.nullcontext(0) as n_merged:
+            with bb.engine.merged_adapters() if merge else contextlib.nullcontext(0) as n_merged:
                 rate[path], feats = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path=path)
                 out[path] = [project_packed(bb, feats, shapes, [(k, items)])[0].float() for k in ("T", "V")]
                 if merge and a.profile:  # the language model's part of one batch (the features cached)
@@ -295,7 +294,7 @@ def _lora_item_embedding(bb, shapes: Shapes, a, device, emit, no_adapter_rate: f
                     profile_step(lambda: embed_items(lambda kind, lists: project_packed(bb, feats, shapes, [(kind, lists)]), n, n),
                                  device, emit, figure="profile_item_batch")
         settle(device); t = time.perf_counter()
-        with bb.merged_adapters():
+        with bb.engine.merged_adapters():
             sync(device)
             merge_s = time.perf_counter() - t
     d = max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(out["lora_merged"], out["lora_unmerged"]))
@@ -307,16 +306,18 @@ def _lora_item_embedding(bb, shapes: Shapes, a, device, emit, no_adapter_rate: f
 def project_packed(bb, feats: dict, shapes: Shapes, requests: list, share_prefix: bool = True) -> list:
     """The project's training path: a step's prompt sets packed into one forward, no padding, the
     leading tokens that prompts of one kind share computed once (``share_prefix``)."""
+    from vlm2rec_lab.accel.packing import forward_packed, rope_positions
+
     seqs, pos, fl, sizes, kinds = [], [], [], [], []
     for kind, lists in requests:
         b = shapes.batch(kind, lists)
         mask = b["attention_mask"].bool()
         seqs += [ids[m] for ids, m in zip(b["input_ids"], mask)]
-        pos += bb.rope_positions(b["input_ids"], b["attention_mask"], b.get("image_grid_thw"))
+        pos += rope_positions(bb, b["input_ids"], b["attention_mask"], b.get("image_grid_thw"))
         fl += [feats[i] for i in b.get("items", [])]
         sizes.append(len(lists))
         kinds += [kind] * len(lists)
-    return list(bb.forward_packed(seqs, pos, fl or None, kinds if share_prefix else None).split(sizes))
+    return list(forward_packed(bb, seqs, pos, fl or None, kinds if share_prefix else None).split(sizes))
 
 
 # the training variants main() measures, in its order (see there)
@@ -363,12 +364,14 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from vlm2rec_lab.accel.checkpointing import checkpoint_every, enable_checkpointing
+    from vlm2rec_lab.accel.compile import compile_layers
     from vlm2rec_lab.backbones import Backbone, lora_target_regex
     from vlm2rec_lab.config import PAPER_DEFAULTS
     from vlm2rec_lab.losses import ObjectiveConfig, objective
-    from vlm2rec_lab.train import PROBE_APART, gradient_cosines, modality_gradients
+    from vlm2rec_lab.probe import PROBE_FORWARDS, modality_gradients, objective_modality_cosines
 
-    assert [r for group in PROBE_APART for r in group] == [0, 1, 2, 3]  # (step() relies on this order)
+    assert [r for group in PROBE_FORWARDS for r in group] == [0, 1, 2, 3]  # (step() relies on this order)
 
     emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
     import importlib.util
@@ -390,11 +393,10 @@ def main() -> None:
     bb = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
 
     # ---------------------------------------------------------------- item embeddings
-    from vlm2rec_lab.accel import attention
-    from vlm2rec_lab.accel.attention import set_varlen_kernel, set_vision_attention
+    from vlm2rec_lab.accel.attention import set_varlen_kernel, set_vision_attention, varlen_kernel
     from vlm2rec_lab.accel.fused import vision_attention_forward
 
-    default_kernel = attention._kernel  # the library's default (VLM2REC_VARLEN_KERNEL)
+    default_kernel = varlen_kernel()  # the library's default (VLM2REC_VARLEN_KERNEL)
 
     if not a.train_only:
         with torch.inference_mode():
@@ -423,10 +425,10 @@ def main() -> None:
                 if mode == "plain":
                     ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
                 elif mode == "device_index":
-                    with bb.compute(autocast=False):
+                    with bb.engine.compute(autocast=False):
                         ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
                 else:
-                    with without_stand_in(bb, vision_attention_forward) if mode == "hf_rotary" else contextlib.nullcontext():
+                    with bb.engine.without(vision_attention_forward) if mode == "hf_rotary" else contextlib.nullcontext():
                         ref = bb.image_features(px, grids)
                 sync(device)
                 vis[mode] = (len(chunk) / (time.perf_counter() - t), ref)
@@ -469,7 +471,7 @@ def main() -> None:
     # layer at all for 0, so that the paper's variants could not have one)
     paper_dropout = PAPER_DEFAULTS["lora_dropout"]
     peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=paper_dropout, target_modules=lora_target_regex("vlm")))
-    bb._fusion_cache = None  # LoRA went into bb.model in place
+    bb.engine.forget()  # LoRA went into bb.model in place
     lora_dropouts = [m for n, m in peft.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
     assert lora_dropouts, "no LoRA dropout layers found"
 
@@ -507,7 +509,7 @@ def main() -> None:
         hist, tgt = batch
         requests = [("T", hist), ("V", hist), ("T", tgt), ("V", tgt)]
         if probe:  # as the trainer's probed micro-batch: histories and targets in forwards of their own
-            z_t, z_v, e_t, e_v = [z for group in PROBE_APART for z in sets_fn([requests[r] for r in group])]
+            z_t, z_v, e_t, e_v = [z for group in PROBE_FORWARDS for z in sets_fn([requests[r] for r in group])]
         else:
             z_t, z_v, e_t, e_v = sets_fn(requests)
         emb = {k: v.float() for k, v in {"z_t": z_t, "z_v": z_v, "e_t": e_t, "e_v": e_v}.items()}
@@ -517,7 +519,7 @@ def main() -> None:
             g_mod = modality_gradients(emb, None, params, obj.tau) if probe else None  # the trainer's probe
             loss.backward()
             if probe:
-                gradient_cosines(g_mod, [p.grad for p in params])
+                objective_modality_cosines(g_mod, [p.grad for p in params])
             opt.step()
         queued.append(time.perf_counter() - t0)
         return loss.item()
@@ -557,13 +559,13 @@ def main() -> None:
     for name, fn, every, dropout in variants:
         set_lora_dropout(dropout)
         set_vision_attention(model, varlen=not name.startswith("plain"))
-        bb.mixed_precision = not name.endswith("peft_cast")
+        bb.engine.fused = not name.endswith("peft_cast")
         set_varlen_kernel("sdpa" if name.endswith("_sdpa") else default_kernel)
         model.model.activation_checkpointing_disable()
         if every and name.startswith("plain"):  # Hugging Face's own checkpointing
             model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif every:
-            bb.enable_checkpointing(every)
+            enable_checkpointing(bb, every)
         peft.train()
         probe = name.endswith("_probe")
         try:
@@ -581,7 +583,7 @@ def main() -> None:
             continue
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
-             checkpointing=bb.checkpoint_every, checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.dropout_active,
+             checkpointing=checkpoint_every(bb), checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.engine.dropout_active,
              peak_gib=peak_gib(device), host_queue_s=round(host, 3), host_share=round(host / s, 2), syncs=syncs)
     set_varlen_kernel(default_kernel)
     if not a.train_variants or "project_paper" in a.train_variants.split(","):
@@ -595,7 +597,7 @@ def main() -> None:
         for every in (0, 4, 2, 1):
             model.model.activation_checkpointing_disable()
             if every:
-                bb.enable_checkpointing(every)
+                enable_checkpointing(bb, every)
             try:
                 reset_peak(device)
                 step(packed_fn, longest)  # (warm-up)
@@ -633,8 +635,8 @@ def main() -> None:
                       backend=backend, eager_s=results.get("project"))
         if not a.train_only:  # item embedding with the vision blocks compiled too, without LoRA's adapters,
             # as the eager item embedding ran (before LoRA was applied; with them on, each adapted
-            # projection adds its rank-16 products: in A this figure had them, 46.1 s against 39.9 s)
-            bb.compile_layers(backend=backend, vision=True)
+            # projection adds its rank-16 products)
+            compile_layers(bb, backend=backend, vision=True)
             with torch.inference_mode(), peft.disable_adapter():
                 rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path="project_compiled",
                                             warm_items=(8, min(a.project_items, 256 + 8)))
@@ -672,21 +674,6 @@ def count_syncs(run, device) -> int | None:
     return sum("called a synchronizing" in str(w.message) for w in caught)  # (not the mode's own notice)
 
 
-@contextlib.contextmanager
-def without_stand_in(bb, forward):
-    """The backbone's compute path without one of its stand-ins (``forward``, a function of
-    ``vlm2rec_lab.accel.fused``): the modules it stands in for run their own forward inside."""
-    swaps = bb._fusion()[1]
-    kept = list(swaps)
-    swaps[:] = [(m, f) for m, f in kept if getattr(f, "__func__", None) is not forward]
-    bb._fusion_cache[4].clear()
-    try:
-        yield len(kept) - len(swaps)
-    finally:
-        swaps[:] = kept
-        bb._fusion_cache[4].clear()
-
-
 def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,
                   path: str = "project_compiled", eager_s: float | None = None, probe_ratio: float | None = None,
                   profile: bool = False, run_probed=None) -> None:
@@ -699,9 +686,11 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
     estimated from it; with ``run_probed`` (a probed step, compiled too: the trainer's default where
     ``--compile auto`` compiles) it is measured, after one untimed probed step. With ``profile``, one
     more step is profiled (``profile_step_compiled``): where the compiled step's time goes."""
+    from vlm2rec_lab.accel.compile import compile_layers
+
     try:
         eager = run_step(batches[0], do_step=False) if path == "project_compiled" else None
-        bb.compile_layers(backend=backend, retained_backward=run_probed is not None)  # (as the trainer does)
+        compile_layers(bb, backend=backend, retained_backward=run_probed is not None)  # (as the trainer does)
         sync(device); t = time.perf_counter()
         compiled = run_step(batches[0])
         sync(device)

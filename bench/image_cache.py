@@ -55,11 +55,12 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
+    from vlm2rec_lab.accel.prefetch import default_workers
     from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import SpeedConfig
     from vlm2rec_lab.data.dataset import Dataset
     from vlm2rec_lab.data.synthetic import synthetic_dataset
     from vlm2rec_lab.encoder import Encoder
-    from vlm2rec_lab.accel.prefetch import default_workers
 
     tmp = tempfile.TemporaryDirectory(prefix="vlm2rec-bench-")
     work = Path(tmp.name)
@@ -76,7 +77,7 @@ def main() -> None:
     def fill(n_workers: int) -> tuple[float, list]:
         best, feats = float("inf"), None
         for _ in range(a.repeats):
-            enc = Encoder(bb, items, image_workers=n_workers)
+            enc = Encoder(bb, items, SpeedConfig(image_workers=n_workers))
             if bb.device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -92,15 +93,15 @@ def main() -> None:
     # GPU machine this is what runs beside the tower
     from vlm2rec_lab.accel.prefetch import ordered_map
 
-    enc = Encoder(bb, items, image_workers=0)
+    enc = Encoder(bb, items, SpeedConfig(image_workers=0))
     cpu = {}
     for n in (0, workers):
         t = time.perf_counter()
-        for _ in ordered_map(enc._pixels_of, idx, n):
+        for _ in ordered_map(enc.pixels_of, idx, n):
             pass
         cpu[n] = time.perf_counter() - t
     diff = max(float((x - y).abs().max()) for x, y in zip(fa, fb))
-    tokens = bb.tokens_per_image(enc._pixels_of(0)[1][0])
+    tokens = bb.tokens_per_image(enc.pixels_of(0)[1][0])
     common = {"images": a.images, "jpeg_px": a.size, "visual_tokens": tokens, "device": str(bb.device),
               "cores": default_workers(cap=1 << 10)}
     print(json.dumps({"figure": "image_cache_fill", "path": "plain", "workers": 0, "seconds": round(serial, 3),

@@ -44,10 +44,11 @@ def random_backbone(titles: list[str], tiny: bool, device: torch.device, min_px:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlm2rec_lab.accel.attention import set_vision_attention
-    from vlm2rec_lab.backbones import SPECIAL_TOKENS, Backbone, _train_tokenizer
+    from vlm2rec_lab.backbones import Backbone
+    from vlm2rec_lab.tiny import SPECIAL_TOKENS, train_tokenizer
     from vlm2rec_lab.prompts import prompt_words
 
-    tokenizer = _train_tokenizer(titles + prompt_words() + ["Describe this item."], 4096)
+    tokenizer = train_tokenizer(titles + prompt_words() + ["Describe this item."], 4096)
     processor = Qwen2VLImageProcessorPil(min_pixels=min_px * min_px, max_pixels=224 * 224, patch_size=14, merge_size=2,
                                          temporal_patch_size=2)
     cfg = model_config(tiny)
@@ -77,7 +78,7 @@ def main() -> None:
     device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
 
     from vlm2rec_lab.accel.attention import set_vision_attention
-    from vlm2rec_lab.config import SynthConfig
+    from vlm2rec_lab.config import SpeedConfig, SynthConfig
     from vlm2rec_lab.data.formats import read_amazon2018
     from vlm2rec_lab.data.synthetic import generate
     from vlm2rec_lab.encoder import Encoder
@@ -111,9 +112,9 @@ def main() -> None:
         for path in ("plain", "project"):
             plain = path == "plain"
             set_vision_attention(model, varlen=not plain)
-            bb.mixed_precision = not plain
-            enc = Encoder(bb, items, cache_vision=not plain, packed=not plain, batch_size=32 if plain else 128,
-                          image_workers=0 if plain else workers)
+            bb.engine.fused = not plain
+            enc = Encoder(bb, items, SpeedConfig(cache_vision=not plain, packed=not plain, image_workers=0 if plain else workers),
+                          batch_size=32 if plain else 128)
             n = 8 if warm else (a.plain_items if plain else a.items)
             secs, out = embed(enc, n)
             if not warm:

@@ -8,8 +8,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vlm2rec_lab.accel import attention
+from vlm2rec_lab.accel import attention, packing
+from vlm2rec_lab.accel.checkpointing import checkpoint_every, enable_checkpointing
+from vlm2rec_lab.accel.compile import compile_layers
 from vlm2rec_lab.accel.attention import segment_groups, set_vision_attention, varlen_attention_forward, varlen_sdpa
+from vlm2rec_lab.config import SpeedConfig
 
 
 def _per_segment(q, k, v, lengths, scale):
@@ -168,9 +171,10 @@ def test_vision_index_inputs_joined_per_grid_equal_the_towers_functions(tiny):
     edge, a grid of two frames; and again from remembered pieces."""
     import sys
 
-    from vlm2rec_lab.backbones import _unwrap, vision_index_inputs
+    from vlm2rec_lab.accel.vision_index import vision_index_inputs
+    from vlm2rec_lab.backbones import unwrap
 
-    visual = _unwrap(tiny.model).visual
+    visual = unwrap(tiny.model).visual
     mod = sys.modules[type(visual).__module__]
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4], [1, 6, 10], [1, 2, 2], [2, 4, 6], [1, 4, 8]])
     m = visual.spatial_merge_size
@@ -197,14 +201,15 @@ def test_vision_index_inputs_from_the_cpu_are_the_towers_own(tiny, monkeypatch, 
     grid's pieces are worked out once."""
     import sys
 
-    from vlm2rec_lab.backbones import _unwrap, takes_vision_index_inputs
+    from vlm2rec_lab.accel.vision_index import takes_vision_index_inputs
+    from vlm2rec_lab.backbones import unwrap
 
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4]])
     px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
-    base = _unwrap(tiny.model)
+    base = unwrap(tiny.model)
     assert takes_vision_index_inputs(base.visual) and not takes_vision_index_inputs(torch.nn.Linear(2, 2))
     set_vision_attention(tiny.model, varlen=varlen)
-    with torch.no_grad(), tiny.compute(autocast=False):
+    with torch.no_grad(), tiny.engine.compute(autocast=False):
         own = base.get_image_features(px, grids, return_dict=True).pooler_output
     mod = sys.modules[type(base.visual).__module__]
     found = []
@@ -232,13 +237,13 @@ def test_vision_index_inputs_from_the_cpu_are_the_towers_own(tiny, monkeypatch, 
     assert [f for _, f in found].count(False) == 3 * 3 and len(found) == 3 * 3 + 2 * 3
     assert all(f for _, f in found[9:])
     assert block_kwargs and all(k <= {"cu_seqlens", "max_seqlen", "position_embeddings"} for k in block_kwargs)
-    assert len(ours) == len(own) == 4 and set(tiny._vision_memo) == {(1, 8, 8), (1, 4, 8), (1, 4, 4)}
+    assert len(ours) == len(own) == 4 and set(tiny.vision_index.pieces) == {(1, 8, 8), (1, 4, 8), (1, 4, 4)}
     for a, b, c in zip(ours, again, own):
         assert torch.equal(a, c) and torch.equal(b, c)
 
 
 def test_mixed_precision_context_is_a_no_op_on_the_cpu(tiny):
-    with tiny.compute():
+    with tiny.engine.compute():
         assert not torch.is_autocast_enabled("cuda")
 
 
@@ -254,13 +259,13 @@ def test_mixed_precision_lora_matches_peft_casting_on_gpu(synth_ds, tiny_path):
 
     bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
     apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    enc = Encoder(bb, synth_ds.items)
+    enc = Encoder(bb, synth_ds.items, SpeedConfig(packed=False))
     lists = [[0, 1, 2], [3, 4]]
     out = {}
     for mixed in (False, True):
-        bb.mixed_precision = mixed
+        bb.engine.fused = mixed
         bb.model.zero_grad()
-        z = enc.embed("T", lists)
+        z = enc.embed_sets([("T", lists)])[0]
         z.pow(2).sum().backward()
         grads = [p.grad for p in bb.model.parameters() if p.requires_grad]
         assert all(gr is not None and gr.dtype == torch.float32 for gr in grads)
@@ -299,7 +304,7 @@ def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny
     bb.decoder_layers()[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[:-1]))
     results = {}
     for packed, share in ((False, False), (True, False), (True, True)):
-        enc = Encoder(bb, synth_ds.items, packed=packed, share_prefix=share)
+        enc = Encoder(bb, synth_ds.items, SpeedConfig(packed=packed, share_prefix=share))
         bb.model.zero_grad()
         last_mlp_rows.clear()
         out = enc.embed_sets(requests)
@@ -324,7 +329,7 @@ def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny
 
 
 def test_requests_packed_apart_keep_their_graphs_apart(synth_ds, tiny_path, monkeypatch):
-    """``embed_sets(apart=)``, as a probed training micro-batch uses it: text histories, image
+    """``embed_sets(forward_groups=)``, as a probed training micro-batch uses it: text histories, image
     histories and targets in forwards of their own give the embeddings of one packed forward, from a
     layout worked out beforehand too; a gradient of the text histories' embeddings runs backward
     through their forward alone (the others' outputs see no gradient), where with one forward it
@@ -334,17 +339,17 @@ def test_requests_packed_apart_keep_their_graphs_apart(synth_ds, tiny_path, monk
     bb = _lora_tiny(synth_ds)
     lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], [[11], [12], [13], [14]]
     requests = [("T", lists), ("V", lists[:3]), ("T", items), ("V", items)]  # 4, 3 and 8 prompts
-    enc = Encoder(bb, synth_ds.items, packed=True, share_prefix=True)
-    real, reached = bb.forward_packed, []
+    enc = Encoder(bb, synth_ds.items, SpeedConfig(packed=True, share_prefix=True))
+    real, reached = packing.forward_packed, []
 
-    def forward_packed(seqs, *a, **k):  # note which forwards a backward reaches (by their prompt count)
-        out = real(seqs, *a, **k)
+    def forward_packed(backbone, seqs, *a, **k):  # note which forwards a backward reaches (by their prompt count)
+        out = real(backbone, seqs, *a, **k)
         out.register_hook(lambda g, n=len(seqs): reached.append(n))
         return out
 
-    monkeypatch.setattr(bb, "forward_packed", forward_packed)
+    monkeypatch.setattr(packing, "forward_packed", forward_packed)
     whole = enc.embed_sets(requests)
-    apart = enc.embed_sets(requests, enc.layout(requests), apart=((0,), (1,), (2, 3)))
+    apart = enc.embed_sets(requests, enc.layout(requests), forward_groups=((0,), (1,), (2, 3)))
     for a, b in zip(whole, apart):
         assert a.shape == b.shape
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -357,7 +362,7 @@ def test_requests_packed_apart_keep_their_graphs_apart(synth_ds, tiny_path, monk
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
     for bad in (((0,), (1,), (2,)), ((0, 1), (1,), (2, 3))):
         with pytest.raises(ValueError, match="exactly one group"):
-            enc.embed_sets(requests, apart=bad)
+            enc.embed_sets(requests, forward_groups=bad)
 
 
 @pytest.mark.parametrize("every", [1, 2])
@@ -377,7 +382,7 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
     bb.model.train()
     layers = bb.decoder_layers()
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
-    enc = Encoder(bb, synth_ds.items, share_prefix=True)
+    enc = Encoder(bb, synth_ds.items, SpeedConfig(share_prefix=True))
     calls = {"attention": 0, "lora": 0}
     real_sdpa, real_lora = attention.varlen_sdpa, fused.fused_forward
 
@@ -389,14 +394,14 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
 
     monkeypatch.setattr(attention, "varlen_sdpa", count("attention", real_sdpa))
     monkeypatch.setattr(fused, "fused_forward", count("lora", real_lora))
-    bb._fusion_cache = None  # (the stand-ins are bound from fused.fused_forward when first found)
+    bb.engine.forget()  # (the stand-ins are bound from fused.fused_forward when first found)
     last_mlp_rows = []
     layers[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[1]))
     results = {}
     for ckpt in (False, True):
         if ckpt:
-            bb.enable_checkpointing(every)
-        assert bb.checkpoint_every == (every if ckpt else 0)
+            enable_checkpointing(bb, every)
+        assert checkpoint_every(bb) == (every if ckpt else 0)
         bb.model.zero_grad()
         torch.manual_seed(0)
         out = enc.embed_sets(requests)
@@ -415,7 +420,7 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
         last_recomputed = ckpt and (len(layers) - 1) % every == 0
         assert last_mlp_rows == [8] * (1 + 3 * last_recomputed)  # 8 prompts, in the forward and each recomputation
         last_mlp_rows.clear()
-    assert not bb._computing and attention.packed_state() is None
+    assert not bb.engine.computing and attention.packed_state() is None
     assert not any("forward" in vars(m) for m in bb.model.modules() if hasattr(m, "lora_A"))
     for a, b in zip(*(results[k][0] for k in (False, True))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -428,7 +433,7 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
                 torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
     # Hugging Face's own switch afterwards: every layer, and reported so
     bb.model.get_base_model().activation_checkpointing_enable()
-    assert bb.checkpoint_every == 1
+    assert checkpoint_every(bb) == 1
 
 
 def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path, monkeypatch):
@@ -449,8 +454,8 @@ def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path
     for share, training, expect in ((None, True, 0), (None, False, 1), (True, True, 1), (False, False, 0)):
         calls.clear()
         bb.model.train(training)
-        assert bb.dropout_active == training
-        Encoder(bb, synth_ds.items, share_prefix=share).embed_sets(requests)
+        assert bb.engine.dropout_active == training
+        Encoder(bb, synth_ds.items, SpeedConfig(share_prefix=share)).embed_sets(requests)
         assert len(calls) == expect, (share, training)
 
 
@@ -472,8 +477,8 @@ def test_compiled_layers_give_the_same_packed_step(synth_ds, tiny_path, checkpoi
         keys = set(bb.model.state_dict())
         if compiled:
             if checkpointed:
-                bb.enable_checkpointing(2)
-            assert bb.compile_layers(backend="aot_eager") == 2
+                enable_checkpointing(bb, 2)
+            assert compile_layers(bb, backend="aot_eager") == 2
             assert set(bb.model.state_dict()) == keys
         out = Encoder(bb, synth_ds.items).embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
@@ -561,7 +566,7 @@ def test_compiled_vision_blocks_give_the_same_features(tiny):
     px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         eager = tiny.image_features(px, grids)
-        assert tiny.compile_layers(backend="aot_eager", vision=True) == 2 + 2  # decoder layers + vision blocks
+        assert compile_layers(tiny, backend="aot_eager", vision=True) == 2 + 2  # decoder layers + vision blocks
         compiled = tiny.image_features(px, grids)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -605,7 +610,7 @@ def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, ker
     Training mode with LoRA, prompts with images and shared prefixes (twice, each step's forward
     followed by its backward, which runs outside the check)."""
     from vlm2rec_lab.accel import attention
-    from vlm2rec_lab.backbones import _unwrap, load_backbone
+    from vlm2rec_lab.backbones import load_backbone, unwrap
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.train import apply_lora
@@ -614,9 +619,9 @@ def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, ker
     bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
     apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
     bb.model.train()
-    enc = Encoder(bb, synth_ds.items, share_prefix=True)
+    enc = Encoder(bb, synth_ds.items, SpeedConfig(share_prefix=True))
     enc.cache_all()
-    lm = _unwrap(bb.model).language_model
+    lm = unwrap(bb.model).language_model
     hooks = [lm.layers[0].register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")),
              lm.norm.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode(0))]
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
@@ -641,14 +646,14 @@ def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
     from torch._dynamo.utils import counters
 
     from vlm2rec_lab.encoder import Encoder
-    from vlm2rec_lab.train import PROBE_APART
+    from vlm2rec_lab.probe import PROBE_FORWARDS
 
     torch._dynamo.reset()  # (graphs and counts of earlier tests out of the way)
     try:
         bb = _lora_tiny(synth_ds)
-        assert bb.compile_layers(backend="aot_eager", vision=True) == 2 + 2
+        assert compile_layers(bb, backend="aot_eager", vision=True) == 2 + 2
         assert bb.base_config.vision_config._attn_implementation == attention.NAME
-        enc = Encoder(bb, synth_ds.items, cache_vision=False)
+        enc = Encoder(bb, synth_ds.items, SpeedConfig(cache_vision=False))
         rng = np.random.default_rng(0)
 
         def step(n_users: int, apart=None) -> None:
@@ -660,22 +665,22 @@ def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
 
         def embed(n_items: int) -> None:
             bb.model.eval()
-            enc._features.clear()
+            enc.features.clear()
             with torch.no_grad():
                 for kind in ("T", "V"):
                     enc.item_embeddings(kind, rng.choice(len(synth_ds.items), n_items, replace=False), batch_size=16)
 
-        step(4), step(4, PROBE_APART), embed(24)
+        step(4), step(4, PROBE_FORWARDS), embed(24)
         graphs = counters["stats"]["unique_graphs"]
         for n in (2, 7, 3):
             step(n)
-        step(5, PROBE_APART)
+        step(5, PROBE_FORWARDS)
         for n in (9, 40, 1):
             embed(n)
         assert counters["stats"]["unique_graphs"] == graphs
         bb = _lora_tiny(synth_ds)  # a second model of the same shape reuses the graphs
-        bb.compile_layers(backend="aot_eager", vision=True)
-        enc = Encoder(bb, synth_ds.items, cache_vision=False)
+        compile_layers(bb, backend="aot_eager", vision=True)
+        enc = Encoder(bb, synth_ds.items, SpeedConfig(cache_vision=False))
         step(3), embed(5)
         assert counters["stats"]["unique_graphs"] == graphs
     finally:

@@ -92,7 +92,8 @@ def test_each_process_draws_its_own_dropout_masks_and_resumes_its_own_stream(syn
     # the 2-process checkpoint resumed by one process (and as rank 2 of 3)
     from vlm2rec_lab.accel import distributed as dist
     from vlm2rec_lab.config import TrainConfig
-    from vlm2rec_lab.train import Trainer, rank_seed
+    from vlm2rec_lab.checkpoint import rank_seed
+    from vlm2rec_lab.train import Trainer
 
     state = torch.load(tmp_path / "part2" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 3 and len(state["rng_ranks"]) == 2

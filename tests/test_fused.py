@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vlm2rec_lab.accel.fused import fusable, fused_forward, fused_forwards, is_plain_rms_norm, rms_norm_forward
+from vlm2rec_lab.config import SpeedConfig
 
 
 def _lora_layer(**kw):
@@ -68,7 +69,7 @@ def test_only_plain_lora_layers_are_fused():
 
 def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, tiny_path):
     """The tiny backbone with LoRA: embeddings and LoRA gradients through the fused path equal PEFT's
-    own path (``mixed_precision=False``); inside ``compute()`` the LoRA layers run the fused forward,
+    own path (``engine.fused = False``); inside ``engine.compute()`` the LoRA layers run the fused forward,
     outside it (and nested inside it) PEFT's is restored."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -91,13 +92,13 @@ def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, ti
     px, grid = bb.preprocess_images([Encoder(bb, synth_ds.items)._load_image(k) for k in (0, 1)])
     feats = {}
     for mixed in (False, True):  # the vision tower: HF's Conv3d patch embedding, then the stand-in
-        bb.mixed_precision = mixed
+        bb.engine.fused = mixed
         feats[mixed] = torch.cat(bb.image_features(px, grid))
     torch.testing.assert_close(feats[True], feats[False], rtol=1e-5, atol=1e-5)
     marker = layers[0].forward  # an instance forward set by someone else (a hook, say) is put back after
     layers[0].forward = marker
-    with bb.compute():
-        with bb.compute():
+    with bb.engine.compute():
+        with bb.engine.compute():
             pass
         # bound methods of one function: compiled layers guard on their code, the same for every layer
         assert all(vars(m)["forward"].__func__ is fused_forward for m in layers)
@@ -107,7 +108,7 @@ def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, ti
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
     out = {}
     for mixed in (False, True):
-        bb.mixed_precision = mixed
+        bb.engine.fused = mixed
         bb.model.zero_grad()
         z = enc.embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in z).backward()
@@ -298,17 +299,17 @@ def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, 
     real = fused.merged_forward
     monkeypatch.setattr(fused, "merged_forward", lambda layer, x, *a, **k: calls.append(1) or real(layer, x, *a, **k))
     bb.model.train()  # dropout drawing masks: nothing merges
-    with bb.merged_adapters() as n:
+    with bb.engine.merged_adapters() as n:
         assert n == 0
     bb.model.eval()
     n_lora = sum(fusable(m) for m in bb.model.modules())
-    with bb.merged_adapters(budget_bytes=10) as n:  # too little memory to spare: nothing merges
+    with bb.engine.merged_adapters(budget_bytes=10) as n:  # too little memory to spare: nothing merges
         assert n == 0
     weights = {k: v.clone() for k, v in bb.model.state_dict().items()}
     hist = synth_ds.histories("test")[:9]
     out = {}
     for merge in (False, True, False):
-        enc = Encoder(bb, synth_ds.items, batch_size=8, merge_adapters=merge)
+        enc = Encoder(bb, synth_ds.items, SpeedConfig(merge_adapters=merge), batch_size=8)
         calls.clear()
         out[merge] = [enc.item_embeddings(k, range(20)) for k in ("T", "V")] + [enc.sequence_embeddings(k, hist) for k in ("T", "V")]
         assert bool(calls) == merge
@@ -317,8 +318,8 @@ def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, 
     for k, v in bb.model.state_dict().items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0, msg=k)
     assert not any(fused.MERGED in vars(m) for m in bb.model.modules())
-    assert all(f.__func__ is fused.fused_forward for m, f in bb._fusion_cache[2] if fusable(m))
-    with bb.merged_adapters() as n:
+    assert all(f.__func__ is fused.fused_forward for m, f in bb.engine.modules().swaps if fusable(m))
+    with bb.engine.merged_adapters() as n:
         assert n == n_lora > 0
     with bb.model.disable_adapter():  # the adapters do change the embeddings
         bare = Encoder(bb, synth_ds.items, batch_size=8).item_embeddings("T", range(20))
@@ -328,7 +329,7 @@ def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, 
             p.data.mul_(-1)
     enc = Encoder(bb, synth_ds.items, batch_size=8)
     new = enc.item_embeddings("T", range(20))
-    torch.testing.assert_close(new, Encoder(bb, synth_ds.items, batch_size=8, merge_adapters=False).item_embeddings("T", range(20)),
+    torch.testing.assert_close(new, Encoder(bb, synth_ds.items, SpeedConfig(merge_adapters=False), batch_size=8).item_embeddings("T", range(20)),
                                rtol=1e-5, atol=1e-5)
     assert (new - out[True][0]).abs().max() > 1e-3
 
@@ -346,7 +347,7 @@ def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_pa
     bb = _adapted_tiny(synth_ds)
     bb.model.eval()
     hist = synth_ds.histories("test")[:18]
-    want = Encoder(bb, synth_ds.items, batch_size=4, merge_adapters=False).sequence_embeddings("V", hist)
+    want = Encoder(bb, synth_ds.items, SpeedConfig(merge_adapters=False), batch_size=4).sequence_embeddings("V", hist)
     enc = Encoder(bb, synth_ds.items, batch_size=8)
     real, seen = Encoder.embed_sets, []
 
@@ -511,9 +512,9 @@ def test_tiny_vision_tower_with_the_rotary_stand_in_is_the_towers_own(tiny, monk
     Hugging Face's own modules with the same attention: images of several sizes, the stand-in in
     every block."""
     from vlm2rec_lab.accel.attention import set_vision_attention
-    from vlm2rec_lab.backbones import _unwrap
+    from vlm2rec_lab.backbones import unwrap
 
-    base = _unwrap(tiny.model)
+    base = unwrap(tiny.model)
     set_vision_attention(tiny.model, varlen=True)
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 4, 4]])
     px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))

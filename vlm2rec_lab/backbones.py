@@ -145,10 +145,10 @@ class Backbone:
             return self.model(**kw).last_hidden_state
 
     def embed(self, prompt_sets: Sequence[Prompts] | None, packed: bool = True, share_prefix: bool | None = None,
-              layout=None, apart: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
+              layout=None, forward_groups: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
         """Prompt sets -> their (B_k, d) float32 embeddings: the final hidden state at each prompt's
         last token (DESIGN §2.2). With ``packed`` and a backbone that can pack, one forward over all
-        prompts without padding (:mod:`~vlm2rec_lab.accel.packing`; ``share_prefix``, ``apart``:
+        prompts without padding (:mod:`~vlm2rec_lab.accel.packing`; ``share_prefix``, ``forward_groups``:
         see :func:`~vlm2rec_lab.accel.packing.embed_layout`), given as ``layout`` where it was laid out
         beforehand (:meth:`layout`); otherwise one padded forward per set. Both give the same
         embeddings up to float rounding (tested)."""
@@ -157,7 +157,7 @@ class Backbone:
         if layout is None:
             layout = self.layout(prompt_sets, packed)
         if layout is not None:
-            return packing.embed_layout(self, layout, share_prefix, apart)
+            return packing.embed_layout(self, layout, share_prefix, forward_groups)
         return [self._embed_padded(p) for p in prompt_sets]
 
     def layout(self, prompt_sets: Sequence[Prompts], packed: bool = True):

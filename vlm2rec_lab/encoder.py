@@ -79,9 +79,9 @@ class Encoder:
     def _load_images(self, idx: Sequence[int]) -> list:
         """The images of ``idx``, read by ``image_workers`` threads."""
         self._check_images(idx)
-        return list(ordered_map(self._load_image, idx, self.image_workers if len(idx) > 1 else 0, ahead=len(idx)))
+        return list(ordered_map(self._load_image, idx, self.image_workers if len(idx) > 1 else 0, max_pending=len(idx)))
 
-    def _pixels_of(self, i: int) -> tuple[Tensor, Tensor]:
+    def pixels_of(self, i: int) -> tuple[Tensor, Tensor]:
         """One image's pixels (in the model's dtype) and grid, on the CPU: runs in a worker thread."""
         return self.backbone.prepare_pixels([self._load_image(i)])
 
@@ -96,7 +96,7 @@ class Encoder:
         todo = sorted({int(i) for i in idx} - self.features.keys())
         self._check_images(todo)
         bar = tqdm(total=len(todo), desc="vision features", unit="img", disable=not progress or None, leave=False)
-        with closing(ordered_map(self._pixels_of, todo, self.image_workers, ahead=2 * chunk)) as stream:
+        with closing(ordered_map(self.pixels_of, todo, self.image_workers, max_pending=2 * chunk)) as stream:
             for start in range(0, len(todo), chunk):
                 part = todo[start:start + chunk]
                 got = [next(stream) for _ in part]
@@ -172,16 +172,16 @@ class Encoder:
         return self.backbone.layout([self._prompts(kind, lists) for kind, lists in requests], packed=True)
 
     def embed_sets(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]], layout=None,
-                   apart: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
+                   forward_groups: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
         """Several sets of prompts (e.g. a training step's text and image histories and targets)
         -> their (B_k, d) embeddings, through :meth:`Backbone.embed` (packed into one forward where
         ``speed.packed`` and the backbone allow, else one padded forward per set; the same
         embeddings up to float rounding, tested). ``layout``: these requests' :meth:`layout`, worked
-        out beforehand. ``apart``: groups of request indices packed into forwards of their own (see
+        out beforehand. ``forward_groups``: groups of request indices packed into forwards of their own (see
         :func:`~vlm2rec_lab.accel.packing.embed_layout`; the padded forwards are apart already).
         Gradients flow when enabled by the caller (training); the vision features never need them."""
         prompt_sets = None if layout is not None else [self._prompts(kind, lists) for kind, lists in requests]
-        return self.backbone.embed(prompt_sets, self.speed.packed, self.speed.share_prefix, layout, apart)
+        return self.backbone.embed(prompt_sets, self.speed.packed, self.speed.share_prefix, layout, forward_groups)
 
     def _expand_image_tokens(self, texts: list[str], grid: Tensor) -> list[str]:
         pad = self.backbone.image_token

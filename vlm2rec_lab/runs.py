@@ -438,7 +438,7 @@ def find_runs(path: str | Path) -> dict[int, Path]:
             raise ValueError(f"{path}: two runs with training seed {cfg.seed}: {runs[cfg.seed]} and {f}")
         runs[int(cfg.seed)] = f
         # where and whether compiled it ran is not what the run is; everything else must agree
-        same = dataclasses.replace(cfg, seed=0, device=None, compile=None)
+        same = dataclasses.replace(cfg, seed=0, device=None, speed=dataclasses.replace(cfg.speed, compile=None))
         if first is None:
             first = (f, same)
         elif same != first[1]:

@@ -129,10 +129,10 @@ class Trainer:
         kind = "I" if self.method.fusion == "internal" else "T"
         return [(kind, lists), (kind, items)]
 
-    def embeddings(self, hist: np.ndarray, targets: np.ndarray, layout=None, apart=None) -> dict[str, Tensor]:
+    def embeddings(self, hist: np.ndarray, targets: np.ndarray, layout=None, forward_groups=None) -> dict[str, Tensor]:
         """The embeddings the objective needs for a batch (``layout``: its requests' layout, worked
-        out beforehand; ``apart``: see ``Encoder.embed_sets``)."""
-        out = self.encoder.embed_sets(self.requests(hist, targets), layout, apart)
+        out beforehand; ``forward_groups``: see ``Encoder.embed_sets``)."""
+        out = self.encoder.embed_sets(self.requests(hist, targets), layout, forward_groups)
         names = ("z_t", "z_v", "e_t", "e_v") if self.method.fusion == "external" else ("z", "e")
         return dict(zip(names, out))
 

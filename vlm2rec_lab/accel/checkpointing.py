@@ -48,7 +48,7 @@ def _contexts(backbone, layer: nn.Module) -> tuple:
     from .attention import packed_state
 
     engine = backbone.engine
-    return nullcontext(), LayerReplay(engine, layer, engine.computing, engine.cast_off, packed_state())
+    return nullcontext(), LayerReplay(engine, layer, engine.computing, engine.skip_input_cast, packed_state())
 
 
 class LayerReplay:
@@ -56,8 +56,8 @@ class LayerReplay:
     Re-enterable: a layer is recomputed once per backward pass through it, three times in a step
     with the gradient-cosine probe (two gradient passes that keep the graph, then the step's)."""
 
-    def __init__(self, engine, layer: nn.Module, computing: bool, cast_off: bool, packed: tuple | None):
-        self.engine, self.layer, self.computing, self.cast_off, self.packed = engine, layer, computing, cast_off, packed
+    def __init__(self, engine, layer: nn.Module, computing: bool, skip_input_cast: bool, packed: tuple | None):
+        self.engine, self.layer, self.computing, self.skip_input_cast, self.packed = engine, layer, computing, skip_input_cast, packed
         self._open: list[ExitStack] = []
 
     def __enter__(self):
@@ -66,7 +66,7 @@ class LayerReplay:
         stack = ExitStack()
         try:
             if self.computing and not self.engine.computing:
-                stack.enter_context(self.engine.stand_ins(self.cast_off, within=self.layer))
+                stack.enter_context(self.engine.stand_ins(self.skip_input_cast, within=self.layer))
             if self.packed is not None and packed_state() is None:
                 stack.enter_context(packed_language_model(*self.packed))
         except BaseException:

@@ -40,7 +40,7 @@ class SpeedEngine:
         self.backbone = backbone
         self.fused = fused
         self.computing = False  # inside compute()
-        self.cast_off = False  # PEFT's input casting off in the current compute()
+        self.skip_input_cast = False  # PEFT's input casting off in the current compute()
         self.checkpoint_stride = 1  # see accel.checkpointing.enable_checkpointing
         self.compiled_blocks: list[nn.Module] = []  # what accel.compile.compile_layers compiled
         self._found: FusedModules | None = None
@@ -88,8 +88,8 @@ class SpeedEngine:
             return
         backbone = self.backbone
         autocast = autocast and backbone.device.type == "cuda" and backbone.dtype in (torch.bfloat16, torch.float16)
-        self.cast_off = autocast
-        with self.stand_ins(cast_off=autocast):
+        self.skip_input_cast = autocast
+        with self.stand_ins(skip_input_cast=autocast):
             if autocast:
                 with torch.autocast("cuda", dtype=backbone.dtype):
                     yield
@@ -97,9 +97,9 @@ class SpeedEngine:
                 yield
 
     @contextmanager
-    def stand_ins(self, cast_off: bool, within: nn.Module | None = None):
+    def stand_ins(self, skip_input_cast: bool, within: nn.Module | None = None):
         """The fused stand-ins swapped in (for the modules inside ``within``, or all), and with
-        ``cast_off`` PEFT's input casting off; everything put back afterwards."""
+        ``skip_input_cast`` PEFT's input casting off; everything put back afterwards."""
         found = self.modules()
         tuners, swaps = found.tuners, found.swaps
         if within is not None:
@@ -111,7 +111,7 @@ class SpeedEngine:
         saved = [m.__dict__.get("forward") for m, _ in swaps]  # a hook's own forward, say: put back after
         for m, forward in swaps:
             m.forward = forward
-        if cast_off:
+        if skip_input_cast:
             for m in tuners:
                 m.cast_input_dtype_enabled = False
         self.computing = True

@@ -116,11 +116,11 @@ def forward_packed(backbone, sequences: list[Tensor], positions: list[Tensor],
 
 
 def embed_layout(backbone, x: Layout, share_prefix: bool | None = None,
-                 apart: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
+                 forward_groups: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
     """Prompt sets laid out by :func:`layout` -> their (B_k, d) embeddings (float32). ``share_prefix``:
     compute the leading tokens that prompts of a kind share once; None: where that changes nothing,
     i.e. not while a dropout draws masks (the prompts would share one mask over the prefix).
-    ``apart``: groups of set indices (covering all) packed into forwards of their own, so that their
+    ``forward_groups``: groups of set indices (covering all) packed into forwards of their own, so that their
     autograd graphs stay apart: a gradient of one group's embeddings then costs a backward over
     that group's tokens only."""
     share = share_prefix if share_prefix is not None else not backbone.engine.dropout_active
@@ -130,12 +130,12 @@ def embed_layout(backbone, x: Layout, share_prefix: bool | None = None,
                              part.kinds if share else None).float()
         return list(out.split(part.sizes))
 
-    if apart is None:
+    if forward_groups is None:
         return forward(x)
-    if sorted(r for g in apart for r in g) != list(range(len(x.sizes))):
-        raise ValueError(f"apart={apart!r}: each of the {len(x.sizes)} prompt sets in exactly one group")
+    if sorted(r for g in forward_groups for r in g) != list(range(len(x.sizes))):
+        raise ValueError(f"forward_groups={forward_groups!r}: each of the {len(x.sizes)} prompt sets in exactly one group")
     out: list = [None] * len(x.sizes)
-    for group in apart:
+    for group in forward_groups:
         for r, z in zip(group, forward(x.select(group))):
             out[r] = z
     return out
