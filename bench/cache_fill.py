@@ -37,10 +37,10 @@ def worker(rank: int, world: int, port: int, data: str, reps: int) -> None:
                       MASTER_PORT=str(port))
     dist.init_from_env()
     ds = Dataset.load(data)
-    bb = load_backbone("tiny", dataset=ds, device="cpu")
+    backbone = load_backbone("tiny", dataset=ds, device="cpu")
     images = [i for i, p in enumerate(ds.items["image"].tolist()) if isinstance(p, str) and p]
     def filling(fill):  # a fresh encoder (an empty cache) each run; the run keeps its features
-        enc = Encoder(bb, ds.items, SpeedConfig(image_workers=1))
+        enc = Encoder(backbone, ds.items, SpeedConfig(image_workers=1))
         return lambda: (fill(enc), enc.features)[1]
 
     secs, held = median_side_by_side({"plain": lambda: filling(lambda enc: enc.vision_features(images)),

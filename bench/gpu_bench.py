@@ -161,11 +161,11 @@ def plain_hidden(model, shapes: Shapes, b: dict):
     return out.hidden_states[-1][:, -1]
 
 
-def project_hidden(bb, feats: dict, b: dict):
+def project_hidden(backbone, feats: dict, b: dict):
     from vlm2rec_lab.backbones import last_token_pool
 
     image_features = [feats[i] for i in b["items"]] if "items" in b else None
-    h = bb.forward(b["input_ids"], b["attention_mask"], image_grid_thw=b.get("image_grid_thw"), image_features=image_features)
+    h = backbone.forward(b["input_ids"], b["attention_mask"], image_grid_thw=b.get("image_grid_thw"), image_features=image_features)
     return last_token_pool(h, b["attention_mask"])
 
 
@@ -177,7 +177,7 @@ def embed_items(hidden_fn, n: int, batch: int) -> None:
         hidden_fn("T", items)
 
 
-def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit, path: str = "project",
+def project_embedding(backbone, shapes: Shapes, n_items: int, batch: int, device, emit, path: str = "project",
                       layout: str = "prefixed", warm_items: tuple[int, ...] = (8,)) -> tuple[float, dict]:
     """The project's item embedding: the vision cache (each image once, large batches), then the
     image and text prompts in batches of ``batch``, packed with their shared prefix computed once
@@ -192,14 +192,14 @@ def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit
         feats = {}
         for s in range(0, n, 256):
             chunk = list(range(s, min(s + 256, n)))
-            out = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))
+            out = backbone.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))
             feats.update(zip(chunk, out))
         sync(device)
         t_vision = time.perf_counter() - t
         if layout != "padded":
-            embed_items(lambda kind, items: project_packed(bb, feats, shapes, [(kind, items)], layout == "prefixed"), n, batch)
+            embed_items(lambda kind, items: project_packed(backbone, feats, shapes, [(kind, items)], layout == "prefixed"), n, batch)
         else:
-            embed_items(lambda kind, items: project_hidden(bb, feats, shapes.batch(kind, items)), n, batch)
+            embed_items(lambda kind, items: project_hidden(backbone, feats, shapes.batch(kind, items)), n, batch)
         sync(device)
         rate = n / (time.perf_counter() - t)
         if warm:
@@ -217,7 +217,7 @@ BEAUTY_HISTORY_LENGTHS = {4: 7162, 5: 4221, 6: 2680, 7: 1811, 8: 1366, 9: 881, 1
 BEAUTY_MEAN_HISTORY = sum(k * n for k, n in BEAUTY_HISTORY_LENGTHS.items()) / sum(BEAUTY_HISTORY_LENGTHS.values())
 
 
-def history_embedding(model, bb, shapes: Shapes, feats: dict, n_users: int, batch: int, device, emit,
+def history_embedding(model, backbone, shapes: Shapes, feats: dict, n_users: int, batch: int, device, emit,
                       plain_users: int = 32) -> None:
     """Every user's test history embedded, text and image prompt, as ``vlm2rec-lab embed`` and the
     evaluation do: with Beauty's history lengths about 13x the language model's tokens of item
@@ -241,7 +241,7 @@ def history_embedding(model, bb, shapes: Shapes, feats: dict, n_users: int, batc
                 if path == "plain":
                     plain_hidden(model, shapes, shapes.batch(kind, lists))
                 else:
-                    project_packed(bb, feats, shapes, [(kind, lists)])
+                    project_packed(backbone, feats, shapes, [(kind, lists)])
 
     rates = {}
     for path, users, bs in (("plain", hists[:plain_users], 8), ("project", sorted(hists, key=len, reverse=True), batch)):
@@ -257,11 +257,11 @@ def history_embedding(model, bb, shapes: Shapes, feats: dict, n_users: int, batc
     few, d = hists[:4], 0.0
     for k in ("T", "V"):
         ref = plain_hidden(model, shapes, shapes.batch(k, few)).float()
-        d = max(d, ((ref - project_packed(bb, feats, shapes, [(k, few)])[0].float()).abs().max() / ref.abs().max()).item())
+        d = max(d, ((ref - project_packed(backbone, feats, shapes, [(k, few)])[0].float()).abs().max() / ref.abs().max()).item())
     emit(figure="history_embedding_ratio", ratio=round(rates["project"] / rates["plain"], 2), max_rel_diff=round(d, 5))
 
 
-def lora_item_embedding(bb, peft, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
+def lora_item_embedding(backbone, peft, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
     """Item embedding with a LoRA adapter on, as after training (B random instead of PEFT's zeros,
     put back afterwards): the adapters in training form (each adapted projection's base product, its
     product with A and the addmm with B) against their updates merged into the weights
@@ -274,27 +274,27 @@ def lora_item_embedding(bb, peft, shapes: Shapes, a, device, emit, no_adapter_ra
     for p in bs:
         p.data.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     try:
-        _lora_item_embedding(bb, shapes, a, device, emit, no_adapter_rate)
+        _lora_item_embedding(backbone, shapes, a, device, emit, no_adapter_rate)
     finally:
         for p in bs:
             p.data.zero_()
 
 
-def _lora_item_embedding(bb, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
+def _lora_item_embedding(backbone, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
     items = [[i] for i in range(4)]
     rate, out = {}, {}
     with torch.inference_mode():
         for merge in (False, True):
             path = "lora_merged" if merge else "lora_unmerged"
-            with bb.engine.merged_adapters() if merge else contextlib.nullcontext(0) as n_merged:
-                rate[path], feats = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path=path)
-                out[path] = [project_packed(bb, feats, shapes, [(k, items)])[0].float() for k in ("T", "V")]
+            with backbone.engine.merged_adapters() if merge else contextlib.nullcontext(0) as n_merged:
+                rate[path], feats = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit, path=path)
+                out[path] = [project_packed(backbone, feats, shapes, [(k, items)])[0].float() for k in ("T", "V")]
                 if merge and a.profile:  # the language model's part of one batch (the features cached)
                     n = min(a.embed_batch, a.project_items)
-                    profile_step(lambda: embed_items(lambda kind, lists: project_packed(bb, feats, shapes, [(kind, lists)]), n, n),
+                    profile_step(lambda: embed_items(lambda kind, lists: project_packed(backbone, feats, shapes, [(kind, lists)]), n, n),
                                  device, emit, figure="profile_item_batch")
         settle(device); t = time.perf_counter()
-        with bb.engine.merged_adapters():
+        with backbone.engine.merged_adapters():
             sync(device)
             merge_s = time.perf_counter() - t
     d = max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(out["lora_merged"], out["lora_unmerged"]))
@@ -303,7 +303,7 @@ def _lora_item_embedding(bb, shapes: Shapes, a, device, emit, no_adapter_rate: f
          vs_no_adapter=round(rate["lora_merged"] / no_adapter_rate, 3) if no_adapter_rate else None)
 
 
-def project_packed(bb, feats: dict, shapes: Shapes, requests: list, share_prefix: bool = True) -> list:
+def project_packed(backbone, feats: dict, shapes: Shapes, requests: list, share_prefix: bool = True) -> list:
     """The project's training path: a step's prompt sets packed into one forward, no padding, the
     leading tokens that prompts of one kind share computed once (``share_prefix``)."""
     from vlm2rec_lab.accel.packing import forward_packed, rope_positions
@@ -313,11 +313,11 @@ def project_packed(bb, feats: dict, shapes: Shapes, requests: list, share_prefix
         b = shapes.batch(kind, lists)
         mask = b["attention_mask"].bool()
         seqs += [ids[m] for ids, m in zip(b["input_ids"], mask)]
-        pos += rope_positions(bb, b["input_ids"], b["attention_mask"], b.get("image_grid_thw"))
+        pos += rope_positions(backbone, b["input_ids"], b["attention_mask"], b.get("image_grid_thw"))
         fl += [feats[i] for i in b.get("items", [])]
         sizes.append(len(lists))
         kinds += [kind] * len(lists)
-    return list(forward_packed(bb, seqs, pos, fl or None, kinds if share_prefix else None).split(sizes))
+    return list(forward_packed(backbone, seqs, pos, fl or None, kinds if share_prefix else None).split(sizes))
 
 
 # the training variants main() measures, in its order (see there)
@@ -390,7 +390,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     n_items = max(a.plain_items, a.project_items)
     shapes = Shapes(cfg, n_items, 56 if a.tiny else 224, gen, device, vary=a.vary)
-    bb = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
+    backbone = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
 
     # ---------------------------------------------------------------- item embeddings
     from vlm2rec_lab.accel.attention import set_varlen_kernel, set_vision_attention, varlen_kernel
@@ -425,11 +425,11 @@ def main() -> None:
                 if mode == "plain":
                     ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
                 elif mode == "device_index":
-                    with bb.engine.compute(autocast=False):
+                    with backbone.engine.compute(autocast=False):
                         ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
                 else:
-                    with bb.engine.without(vision_attention_forward) if mode == "hf_rotary" else contextlib.nullcontext():
-                        ref = bb.image_features(px, grids)
+                    with backbone.engine.without(vision_attention_forward) if mode == "hf_rotary" else contextlib.nullcontext():
+                        ref = backbone.image_features(px, grids)
                 sync(device)
                 vis[mode] = (len(chunk) / (time.perf_counter() - t), ref)
             set_varlen_kernel(default_kernel)
@@ -449,29 +449,29 @@ def main() -> None:
                  rotary_ratio=round(vis["flash"][0] / vis["hf_rotary"][0], 2),
                  hf_rotary_max_rel_diff=round(agree["hf_rotary"], 5))
             set_vision_attention(model, varlen=True)
-            pad_rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit,
+            pad_rate, _ = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit,
                                             path="project_padded", layout="padded")
-            packed_rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit,
+            packed_rate, _ = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit,
                                                path="project_packed", layout="packed")
-            proj_rate, feats = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit)
+            proj_rate, feats = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit)
             emit(figure="item_embedding_ratio", ratio=round(proj_rate / plain_rate, 2),
                  padded_ratio=round(pad_rate / plain_rate, 2), packed_ratio=round(packed_rate / plain_rate, 2))
             # same numbers from the paths
             items = [[i] for i in range(4)]
-            for path, fn in (("project_padded", lambda k: project_hidden(bb, feats, shapes.batch(k, items))),
-                             ("project_packed", lambda k: project_packed(bb, feats, shapes, [(k, items)], False)[0]),
-                             ("project", lambda k: project_packed(bb, feats, shapes, [(k, items)])[0])):
+            for path, fn in (("project_padded", lambda k: project_hidden(backbone, feats, shapes.batch(k, items))),
+                             ("project_packed", lambda k: project_packed(backbone, feats, shapes, [(k, items)], False)[0]),
+                             ("project", lambda k: project_packed(backbone, feats, shapes, [(k, items)])[0])):
                 d = max((plain_hidden(model, shapes, shapes.batch(k, items)).float() - fn(k).float()).abs().max().item()
                         / plain_hidden(model, shapes, shapes.batch(k, items)).float().abs().max().item() for k in ("T", "V"))
                 emit(figure="item_embedding_agreement", path=path, max_rel_diff=round(d, 5))
-            history_embedding(model, bb, shapes, feats, a.users, a.embed_batch, device, emit)
+            history_embedding(model, backbone, shapes, feats, a.users, a.embed_batch, device, emit)
 
     # ---------------------------------------------------------------- training steps
     # LoRA with the paper's dropout; the variants without dropout set its p to 0 (PEFT makes no dropout
     # layer at all for 0, so that the paper's variants could not have one)
     paper_dropout = PAPER_DEFAULTS["lora_dropout"]
     peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=paper_dropout, target_modules=lora_target_regex("vlm")))
-    bb.engine.forget()  # LoRA went into bb.model in place
+    backbone.engine.forget()  # LoRA went into backbone.model in place
     lora_dropouts = [m for n, m in peft.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
     assert lora_dropouts, "no LoRA dropout layers found"
 
@@ -480,7 +480,7 @@ def main() -> None:
             m.p = p
     set_lora_dropout(0.0)
     if not a.train_only:
-        lora_item_embedding(bb, peft, shapes, a, device, emit, proj_rate)
+        lora_item_embedding(backbone, peft, shapes, a, device, emit, proj_rate)
     params = [p for p in peft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the trainer's
     obj = ObjectiveConfig(name="vlm2rec")
@@ -500,7 +500,7 @@ def main() -> None:
         feats = {}
         for s in range(0, len(all_items), 256):
             chunk = all_items[s:s + 256]
-            feats.update(zip(chunk, bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))))
+            feats.update(zip(chunk, backbone.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))))
 
     queued: list[float] = []  # per step: host seconds until all its work was queued (before its read-back)
 
@@ -525,9 +525,9 @@ def main() -> None:
         return loss.item()
 
     plain_fn = lambda reqs: [plain_hidden(peft, shapes, shapes.batch(k, lst)) for k, lst in reqs]  # noqa: E731
-    unpacked_fn = lambda reqs: [project_hidden(bb, feats, shapes.batch(k, lst)) for k, lst in reqs]  # noqa: E731
-    proj_fn = lambda reqs: project_packed(bb, feats, shapes, reqs)  # noqa: E731
-    packed_fn = lambda reqs: project_packed(bb, feats, shapes, reqs, share_prefix=False)  # noqa: E731
+    unpacked_fn = lambda reqs: [project_hidden(backbone, feats, shapes.batch(k, lst)) for k, lst in reqs]  # noqa: E731
+    proj_fn = lambda reqs: project_packed(backbone, feats, shapes, reqs)  # noqa: E731
+    packed_fn = lambda reqs: project_packed(backbone, feats, shapes, reqs, share_prefix=False)  # noqa: E731
     with torch.no_grad():
         set_vision_attention(model, varlen=False)
         l_plain = step(plain_fn, batches[0], False)
@@ -559,13 +559,13 @@ def main() -> None:
     for name, fn, every, dropout in variants:
         set_lora_dropout(dropout)
         set_vision_attention(model, varlen=not name.startswith("plain"))
-        bb.engine.fused = not name.endswith("peft_cast")
+        backbone.engine.fused = not name.endswith("peft_cast")
         set_varlen_kernel("sdpa" if name.endswith("_sdpa") else default_kernel)
         model.model.activation_checkpointing_disable()
         if every and name.startswith("plain"):  # Hugging Face's own checkpointing
             model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif every:
-            enable_checkpointing(bb, every)
+            enable_checkpointing(backbone, every)
         peft.train()
         probe = name.endswith("_probe")
         try:
@@ -583,7 +583,7 @@ def main() -> None:
             continue
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
-             checkpointing=checkpoint_every(bb), checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.engine.dropout_active,
+             checkpointing=checkpoint_every(backbone), checkpoint_every=every, lora_dropout=dropout, dropout_active=backbone.engine.dropout_active,
              peak_gib=peak_gib(device), host_queue_s=round(host, 3), host_share=round(host / s, 2), syncs=syncs)
     set_varlen_kernel(default_kernel)
     if not a.train_variants or "project_paper" in a.train_variants.split(","):
@@ -597,7 +597,7 @@ def main() -> None:
         for every in (0, 4, 2, 1):
             model.model.activation_checkpointing_disable()
             if every:
-                enable_checkpointing(bb, every)
+                enable_checkpointing(backbone, every)
             try:
                 reset_peak(device)
                 step(packed_fn, longest)  # (warm-up)
@@ -631,21 +631,21 @@ def main() -> None:
         packed_probe(peft, n_tokens, a.steps, device, dtype, emit)
     if a.compile:  # last: compiling changes the layers in place
         backend = a.compile_backend or ("aot_eager" if a.tiny else "inductor")
-        compiled_step(bb, lambda b, do_step=True: step(proj_fn, b, do_step), batches, a.steps, device, emit, results.get("plain_ckpt"),
+        compiled_step(backbone, lambda b, do_step=True: step(proj_fn, b, do_step), batches, a.steps, device, emit, results.get("plain_ckpt"),
                       backend=backend, eager_s=results.get("project"))
         if not a.train_only:  # item embedding with the vision blocks compiled too, without LoRA's adapters,
             # as the eager item embedding ran (before LoRA was applied; with them on, each adapted
             # projection adds its rank-16 products)
-            compile_layers(bb, backend=backend, vision=True)
+            compile_layers(backbone, backend=backend, vision=True)
             with torch.inference_mode(), peft.disable_adapter():
-                rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path="project_compiled",
+                rate, _ = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit, path="project_compiled",
                                             warm_items=(8, min(a.project_items, 256 + 8)))
             emit(figure="item_embedding_ratio", path="project_compiled", ratio=round(rate / plain_rate, 2))
         # last, as it compiles the layers again (a dropout rate is a constant of the compiled graphs):
         # the trainer's defaults compiled, the paper's LoRA dropout without shared prefixes. Its loss
         # cannot be compared with the eager step's: the compiled graphs draw other dropout masks.
         set_lora_dropout(paper_dropout)
-        compiled_step(bb, lambda b, do_step=True: step(packed_fn, b, do_step), batches, a.steps, device, emit,
+        compiled_step(backbone, lambda b, do_step=True: step(packed_fn, b, do_step), batches, a.steps, device, emit,
                       results.get("plain_ckpt"), backend=backend, path="project_paper_compiled",
                       eager_s=results.get("project_paper"), probe_ratio=(results["project_paper_probe"] / results["project_paper"]
                                                                          if "project_paper_probe" in results else None),
@@ -674,7 +674,7 @@ def count_syncs(run, device) -> int | None:
     return sum("called a synchronizing" in str(w.message) for w in caught)  # (not the mode's own notice)
 
 
-def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,
+def compiled_step(backbone, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,
                   path: str = "project_compiled", eager_s: float | None = None, probe_ratio: float | None = None,
                   profile: bool = False, run_probed=None) -> None:
     """The project step with the language model's decoder layers compiled (compiled already: compiled
@@ -690,7 +690,7 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
 
     try:
         eager = run_step(batches[0], do_step=False) if path == "project_compiled" else None
-        compile_layers(bb, backend=backend, retained_backward=run_probed is not None)  # (as the trainer does)
+        compile_layers(backbone, backend=backend, retained_backward=run_probed is not None)  # (as the trainer does)
         sync(device); t = time.perf_counter()
         compiled = run_step(batches[0])
         sync(device)

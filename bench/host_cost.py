@@ -45,14 +45,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration._from_config(cfg).model.train().requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.2, target_modules=lora_target_regex("vlm")))
-    bb = Backbone(name="host-cost", model=model, tokenizer=None, image_processor=None, kind="vlm")
+    backbone = Backbone(name="host-cost", model=model, tokenizer=None, image_processor=None, kind="vlm")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)  # as the trainer's
 
     def step(seqs: list, pos: list) -> None:
         opt.zero_grad(set_to_none=True)
         # the GPU path's context (Backbone.compute autocasts on CUDA only): stand-ins, PEFT's casts off, autocast
-        with bb.engine.stand_ins(skip_input_cast=True), torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = forward_packed(bb, seqs, pos)
+        with backbone.engine.stand_ins(skip_input_cast=True), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = forward_packed(backbone, seqs, pos)
         hidden.float().pow(2).mean().backward()
         opt.step()
 

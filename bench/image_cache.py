@@ -68,7 +68,7 @@ def main() -> None:
         ds = Dataset.load(a.data)
     else:
         ds = synthetic_dataset(work)
-    bb = load_backbone("tiny", dataset=ds, device=a.device, max_pixels=a.pixels)
+    backbone = load_backbone("tiny", dataset=ds, device=a.device, max_pixels=a.pixels)
     paths = write_images(work / "jpeg", a.images, a.size)
     items = pd.DataFrame({"item_id": [str(i) for i in range(a.images)], "title": ["x"] * a.images, "image": paths})
     workers = default_workers() if a.workers is None else a.workers
@@ -77,12 +77,12 @@ def main() -> None:
     def fill(n_workers: int) -> tuple[float, list]:
         best, feats = float("inf"), None
         for _ in range(a.repeats):
-            enc = Encoder(bb, items, SpeedConfig(image_workers=n_workers))
-            if bb.device.type == "cuda":
+            enc = Encoder(backbone, items, SpeedConfig(image_workers=n_workers))
+            if backbone.device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
             feats, _ = enc.vision_features(idx)
-            if bb.device.type == "cuda":
+            if backbone.device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t)
         return best, feats
@@ -93,7 +93,7 @@ def main() -> None:
     # GPU machine this is what runs beside the tower
     from vlm2rec_lab.accel.prefetch import ordered_map
 
-    enc = Encoder(bb, items, SpeedConfig(image_workers=0))
+    enc = Encoder(backbone, items, SpeedConfig(image_workers=0))
     cpu = {}
     for n in (0, workers):
         t = time.perf_counter()
@@ -101,8 +101,8 @@ def main() -> None:
             pass
         cpu[n] = time.perf_counter() - t
     diff = max(float((x - y).abs().max()) for x, y in zip(fa, fb))
-    tokens = bb.tokens_per_image(enc.pixels_of(0)[1][0])
-    common = {"images": a.images, "jpeg_px": a.size, "visual_tokens": tokens, "device": str(bb.device),
+    tokens = backbone.tokens_per_image(enc.pixels_of(0)[1][0])
+    common = {"images": a.images, "jpeg_px": a.size, "visual_tokens": tokens, "device": str(backbone.device),
               "cores": default_workers(cap=1 << 10)}
     print(json.dumps({"figure": "image_cache_fill", "path": "plain", "workers": 0, "seconds": round(serial, 3),
                       "ms_per_image": round(1e3 * serial / a.images, 2), **common}), flush=True)

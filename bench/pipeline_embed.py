@@ -92,8 +92,8 @@ def main() -> None:
     meta = read_amazon2018([str(raw)]).meta or {}
     titles = [m["title"] for m in meta.values() if m.get("title")][:a.items]
     titles = (titles * (a.items // len(titles) + 1))[:a.items]
-    bb = random_backbone(titles, a.tiny, device)
-    model = bb.model
+    backbone = random_backbone(titles, a.tiny, device)
+    model = backbone.model
     t = time.perf_counter()
     paths = write_images(work / "jpeg", a.items, a.size, workers)
     emit(figure="jpegs_written", items=a.items, px=a.size, seconds=round(time.perf_counter() - t, 2))
@@ -112,8 +112,8 @@ def main() -> None:
         for path in ("plain", "project"):
             plain = path == "plain"
             set_vision_attention(model, varlen=not plain)
-            bb.engine.fused = not plain
-            enc = Encoder(bb, items, SpeedConfig(cache_vision=not plain, packed=not plain, image_workers=0 if plain else workers),
+            backbone.engine.fused = not plain
+            enc = Encoder(backbone, items, SpeedConfig(cache_vision=not plain, packed=not plain, image_workers=0 if plain else workers),
                           batch_size=32 if plain else 128)
             n = 8 if warm else (a.plain_items if plain else a.items)
             secs, out = embed(enc, n)

@@ -58,11 +58,11 @@ def main() -> None:
     _, hist, _ = ds.train_examples(None)
     emit(figure="pipeline_train_domain", users=a.users, items=ds.n_items, examples=len(hist),
          history_mean=round(float((hist >= 0).sum(1).mean()), 2), seconds=round(time.perf_counter() - t, 1))
-    bb = random_backbone(ds.items["title"].tolist(), a.tiny, device, min_px=56 if a.tiny else 224)
+    backbone = random_backbone(ds.items["title"].tolist(), a.tiny, device, min_px=56 if a.tiny else 224)
     # the defaults for a real backbone (the name only picks them: the backbone itself is passed)
     cfg = TrainConfig(backbone="random-3b", method="vlm2rec", max_steps=a.steps, seed=0)
     t = time.perf_counter()
-    tr = Trainer(cfg, ds, work / "run", backbone=bb, progress=False)
+    tr = Trainer(cfg, ds, work / "run", backbone=backbone, progress=False)
     sync(device)
     setup = time.perf_counter() - t
     t = time.perf_counter()

@@ -68,10 +68,10 @@ def main(mode: str, data: str, out: str) -> None:
             return real_build(*a, **k)
 
         def load(*a, **k):  # rank 1's random stream moves on before its adapter is made
-            bb = real_load(*a, **k)
+            backbone = real_load(*a, **k)
             if dist.rank() == 1:
                 torch.rand(7)
-            return bb
+            return backbone
 
         tiny.build_tiny, train_module.load_backbone = build, load
         cfg = TrainConfig(method="vlm2rec", batch_size=8, users_k=32, alpha=0.7, checkpoint_every=0)
@@ -86,10 +86,10 @@ def main(mode: str, data: str, out: str) -> None:
         from vlm2rec_lab.backbones import load_backbone
         from vlm2rec_lab.encoder import Encoder
 
-        bb = load_backbone("tiny", dataset=ds, device="cpu")
-        encoded, real = [], bb.image_features
-        bb.image_features = lambda px, grid: encoded.append(len(grid)) or real(px, grid)
-        enc = Encoder(bb, ds.items)
+        backbone = load_backbone("tiny", dataset=ds, device="cpu")
+        encoded, real = [], backbone.image_features
+        backbone.image_features = lambda px, grid: encoded.append(len(grid)) or real(px, grid)
+        enc = Encoder(backbone, ds.items)
         enc.vision_features([3, 5])  # some images already cached on one rank only
         if dist.rank() == 1:
             enc.vision_features([7])

@@ -257,17 +257,17 @@ def test_mixed_precision_lora_matches_peft_casting_on_gpu(synth_ds, tiny_path):
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
-    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    enc = Encoder(bb, synth_ds.items, SpeedConfig(packed=False))
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cuda")
+    apply_lora(backbone, TrainConfig(method="vlm-sft").resolved())
+    enc = Encoder(backbone, synth_ds.items, SpeedConfig(packed=False))
     lists = [[0, 1, 2], [3, 4]]
     out = {}
     for mixed in (False, True):
-        bb.engine.fused = mixed
-        bb.model.zero_grad()
+        backbone.engine.fused = mixed
+        backbone.model.zero_grad()
         z = enc.embed_sets([("T", lists)])[0]
         z.pow(2).sum().backward()
-        grads = [p.grad for p in bb.model.parameters() if p.requires_grad]
+        grads = [p.grad for p in backbone.model.parameters() if p.requires_grad]
         assert all(gr is not None and gr.dtype == torch.float32 for gr in grads)
         out[mixed] = z.detach()
     torch.testing.assert_close(out[True], out[False], rtol=2e-2, atol=2e-2)
@@ -278,12 +278,12 @@ def _lora_tiny(synth_ds):
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    for n, p in bb.model.named_parameters():  # LoRA B starts at zero: make the adapters do something
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(backbone, TrainConfig(method="vlm-sft").resolved())
+    for n, p in backbone.model.named_parameters():  # LoRA B starts at zero: make the adapters do something
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
-    return bb
+    return backbone
 
 
 def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny_path, monkeypatch):
@@ -295,21 +295,21 @@ def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny
     from vlm2rec_lab.accel import attention
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _lora_tiny(synth_ds)
+    backbone = _lora_tiny(synth_ds)
     lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], [[11], [12], [13], [14]]
     requests = [("T", lists), ("V", lists), ("T", items), ("V", items), ("I", lists)]
     seen, last_mlp_rows = [], []
     real = attention.shared_prefixes
     monkeypatch.setattr(attention, "shared_prefixes", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
-    bb.decoder_layers()[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[:-1]))
+    backbone.decoder_layers()[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[:-1]))
     results = {}
     for packed, share in ((False, False), (True, False), (True, True)):
-        enc = Encoder(bb, synth_ds.items, SpeedConfig(packed=packed, share_prefix=share))
-        bb.model.zero_grad()
+        enc = Encoder(backbone, synth_ds.items, SpeedConfig(packed=packed, share_prefix=share))
+        backbone.model.zero_grad()
         last_mlp_rows.clear()
         out = enc.embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
-        grads = {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.requires_grad}
         results[packed, share] = ([o.detach() for o in out], grads)
         if packed:
             assert last_mlp_rows == [(1, 20)]
@@ -336,10 +336,10 @@ def test_requests_packed_apart_keep_their_graphs_apart(synth_ds, tiny_path, monk
     runs through all prompts. A grouping that misses or repeats a request is an error."""
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _lora_tiny(synth_ds)
+    backbone = _lora_tiny(synth_ds)
     lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], [[11], [12], [13], [14]]
     requests = [("T", lists), ("V", lists[:3]), ("T", items), ("V", items)]  # 4, 3 and 8 prompts
-    enc = Encoder(bb, synth_ds.items, SpeedConfig(packed=True, share_prefix=True))
+    enc = Encoder(backbone, synth_ds.items, SpeedConfig(packed=True, share_prefix=True))
     real, reached = packing.forward_packed, []
 
     def forward_packed(backbone, seqs, *a, **k):  # note which forwards a backward reaches (by their prompt count)
@@ -353,7 +353,7 @@ def test_requests_packed_apart_keep_their_graphs_apart(synth_ds, tiny_path, monk
     for a, b in zip(whole, apart):
         assert a.shape == b.shape
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    lora = [p for p in bb.model.parameters() if p.requires_grad]
+    lora = [p for p in backbone.model.parameters() if p.requires_grad]
     g_apart = torch.autograd.grad(apart[0].sum(), lora, allow_unused=True)
     assert reached == [4]  # the text histories' forward only: 4 prompts (shared prefixes are their own segments)
     g_whole = torch.autograd.grad(whole[0].sum(), lora, allow_unused=True)
@@ -375,14 +375,14 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
     from vlm2rec_lab.accel import attention, fused
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _lora_tiny(synth_ds)
-    for m in bb.model.modules():
+    backbone = _lora_tiny(synth_ds)
+    for m in backbone.model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.3
-    bb.model.train()
-    layers = bb.decoder_layers()
+    backbone.model.train()
+    layers = backbone.decoder_layers()
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
-    enc = Encoder(bb, synth_ds.items, SpeedConfig(share_prefix=True))
+    enc = Encoder(backbone, synth_ds.items, SpeedConfig(share_prefix=True))
     calls = {"attention": 0, "lora": 0}
     real_sdpa, real_lora = attention.varlen_sdpa, fused.fused_forward
 
@@ -394,34 +394,34 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
 
     monkeypatch.setattr(attention, "varlen_sdpa", count("attention", real_sdpa))
     monkeypatch.setattr(fused, "fused_forward", count("lora", real_lora))
-    bb.engine.forget()  # (the stand-ins are bound from fused.fused_forward when first found)
+    backbone.engine.forget()  # (the stand-ins are bound from fused.fused_forward when first found)
     last_mlp_rows = []
     layers[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[1]))
     results = {}
     for ckpt in (False, True):
         if ckpt:
-            enable_checkpointing(bb, every)
-        assert checkpoint_every(bb) == (every if ckpt else 0)
-        bb.model.zero_grad()
+            enable_checkpointing(backbone, every)
+        assert checkpoint_every(backbone) == (every if ckpt else 0)
+        backbone.model.zero_grad()
         torch.manual_seed(0)
         out = enc.embed_sets(requests)
         forward = dict(calls)
-        params = [p for p in bb.model.parameters() if p.requires_grad]
+        params = [p for p in backbone.model.parameters() if p.requires_grad]
         loss = sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out)
         # as in a probed training step: two gradient passes that keep the graph, then the backward
         probes = [torch.autograd.grad(part, params, retain_graph=True, allow_unused=True) for part in (out[0].sum(), out[1].sum())]
         loss.backward()
         recomputed = {k: calls[k] - forward[k] for k in calls}
         calls.update(attention=0, lora=0)
-        results[ckpt] = ([o.detach() for o in out], {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad},
+        results[ckpt] = ([o.detach() for o in out], {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.requires_grad},
                          probes)
         n_ckpt = 3 * len(range(0, len(layers), every)) if ckpt else 0  # (three backward passes)
         assert recomputed == {"attention": n_ckpt, "lora": n_ckpt * forward["lora"] // len(layers)}
         last_recomputed = ckpt and (len(layers) - 1) % every == 0
         assert last_mlp_rows == [8] * (1 + 3 * last_recomputed)  # 8 prompts, in the forward and each recomputation
         last_mlp_rows.clear()
-    assert not bb.engine.computing and attention.packed_state() is None
-    assert not any("forward" in vars(m) for m in bb.model.modules() if hasattr(m, "lora_A"))
+    assert not backbone.engine.computing and attention.packed_state() is None
+    assert not any("forward" in vars(m) for m in backbone.model.modules() if hasattr(m, "lora_A"))
     for a, b in zip(*(results[k][0] for k in (False, True))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for n, g in results[False][1].items():
@@ -432,8 +432,8 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
             if x is not None:
                 torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
     # Hugging Face's own switch afterwards: every layer, and reported so
-    bb.model.get_base_model().activation_checkpointing_enable()
-    assert checkpoint_every(bb) == 1
+    backbone.model.get_base_model().activation_checkpointing_enable()
+    assert checkpoint_every(backbone) == 1
 
 
 def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path, monkeypatch):
@@ -445,17 +445,17 @@ def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft", lora_dropout=0.2).resolved())
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(backbone, TrainConfig(method="vlm-sft", lora_dropout=0.2).resolved())
     calls = []
     real = attention.shared_prefixes
     monkeypatch.setattr(attention, "shared_prefixes", lambda *a, **k: calls.append(1) or real(*a, **k))
     requests = [("T", [[0, 1], [2, 3]])]
     for share, training, expect in ((None, True, 0), (None, False, 1), (True, True, 1), (False, False, 0)):
         calls.clear()
-        bb.model.train(training)
-        assert bb.engine.dropout_active == training
-        Encoder(bb, synth_ds.items, SpeedConfig(share_prefix=share)).embed_sets(requests)
+        backbone.model.train(training)
+        assert backbone.engine.dropout_active == training
+        Encoder(backbone, synth_ds.items, SpeedConfig(share_prefix=share)).embed_sets(requests)
         assert len(calls) == expect, (share, training)
 
 
@@ -472,18 +472,18 @@ def test_compiled_layers_give_the_same_packed_step(synth_ds, tiny_path, checkpoi
     results = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        bb = _lora_tiny(synth_ds)
-        bb.model.train()
-        keys = set(bb.model.state_dict())
+        backbone = _lora_tiny(synth_ds)
+        backbone.model.train()
+        keys = set(backbone.model.state_dict())
         if compiled:
             if checkpointed:
-                enable_checkpointing(bb, 2)
-            assert compile_layers(bb, backend="aot_eager") == 2
-            assert set(bb.model.state_dict()) == keys
-        out = Encoder(bb, synth_ds.items).embed_sets(requests)
+                enable_checkpointing(backbone, 2)
+            assert compile_layers(backbone, backend="aot_eager") == 2
+            assert set(backbone.model.state_dict()) == keys
+        out = Encoder(backbone, synth_ds.items).embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
         results[compiled] = ([o.detach() for o in out],
-                             {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad})
+                             {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.requires_grad})
     for a, b in zip(results[False][0], results[True][0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for n, g in results[False][1].items():
@@ -583,17 +583,17 @@ def test_vision_tower_never_waits_for_the_device_on_gpu(synth_ds, tiny_path, ker
     from vlm2rec_lab.backbones import load_backbone
 
     monkeypatch.setattr(attention, "_kernel", kernel)
-    bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
-    assert bb.model.visual.config._attn_implementation == attention.NAME  # (load_backbone's setting)
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cuda")
+    assert backbone.model.visual.config._attn_implementation == attention.NAME  # (load_backbone's setting)
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4]])
-    px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda", dtype=bb.dtype)
+    px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda", dtype=backbone.dtype)
     with torch.no_grad():
-        bb.image_features(px, grids)
+        backbone.image_features(px, grids)
         torch.cuda.synchronize()
         try:
             torch.cuda.set_sync_debug_mode("error")
-            seen = bb.image_features(px, grids)
-            new = bb.image_features(px[:64].repeat(3, 1), grids[[0, 0, 0]])
+            seen = backbone.image_features(px, grids)
+            new = backbone.image_features(px[:64].repeat(3, 1), grids[[0, 0, 0]])
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert len(seen) == 4 and len(new) == 3
@@ -616,12 +616,12 @@ def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, ker
     from vlm2rec_lab.train import apply_lora
 
     monkeypatch.setattr(attention, "_kernel", kernel)
-    bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
-    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    bb.model.train()
-    enc = Encoder(bb, synth_ds.items, SpeedConfig(share_prefix=True))
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cuda")
+    apply_lora(backbone, TrainConfig(method="vlm-sft").resolved())
+    backbone.model.train()
+    enc = Encoder(backbone, synth_ds.items, SpeedConfig(share_prefix=True))
     enc.cache_all()
-    lm = unwrap(bb.model).language_model
+    lm = unwrap(backbone.model).language_model
     hooks = [lm.layers[0].register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")),
              lm.norm.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode(0))]
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
@@ -633,7 +633,7 @@ def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, ker
         torch.cuda.set_sync_debug_mode(0)
         for h in hooks:
             h.remove()
-    assert all(p.grad is not None for p in bb.model.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in backbone.model.parameters() if p.requires_grad)
 
 
 def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
@@ -650,21 +650,21 @@ def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
 
     torch._dynamo.reset()  # (graphs and counts of earlier tests out of the way)
     try:
-        bb = _lora_tiny(synth_ds)
-        assert compile_layers(bb, backend="aot_eager", vision=True) == 2 + 2
-        assert bb.base_config.vision_config._attn_implementation == attention.NAME
-        enc = Encoder(bb, synth_ds.items, SpeedConfig(cache_vision=False))
+        backbone = _lora_tiny(synth_ds)
+        assert compile_layers(backbone, backend="aot_eager", vision=True) == 2 + 2
+        assert backbone.base_config.vision_config._attn_implementation == attention.NAME
+        enc = Encoder(backbone, synth_ds.items, SpeedConfig(cache_vision=False))
         rng = np.random.default_rng(0)
 
-        def step(n_users: int, apart=None) -> None:
-            bb.model.train()
+        def step(n_users: int, groups=None) -> None:
+            backbone.model.train()
             lists = [rng.integers(0, len(synth_ds.items), int(k)).tolist() for k in rng.integers(1, 11, n_users)]
             targets = [[int(i)] for i in rng.integers(0, len(synth_ds.items), n_users)]
-            out = enc.embed_sets([("T", lists), ("V", lists), ("T", targets), ("V", targets)], apart=apart)
+            out = enc.embed_sets([("T", lists), ("V", lists), ("T", targets), ("V", targets)], forward_groups=groups)
             sum(o.sum() for o in out).backward()
 
         def embed(n_items: int) -> None:
-            bb.model.eval()
+            backbone.model.eval()
             enc.features.clear()
             with torch.no_grad():
                 for kind in ("T", "V"):
@@ -678,9 +678,9 @@ def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
         for n in (9, 40, 1):
             embed(n)
         assert counters["stats"]["unique_graphs"] == graphs
-        bb = _lora_tiny(synth_ds)  # a second model of the same shape reuses the graphs
-        compile_layers(bb, backend="aot_eager", vision=True)
-        enc = Encoder(bb, synth_ds.items, SpeedConfig(cache_vision=False))
+        backbone = _lora_tiny(synth_ds)  # a second model of the same shape reuses the graphs
+        compile_layers(backbone, backend="aot_eager", vision=True)
+        enc = Encoder(backbone, synth_ds.items, SpeedConfig(cache_vision=False))
         step(3), embed(5)
         assert counters["stats"]["unique_graphs"] == graphs
     finally:

@@ -78,41 +78,41 @@ def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, ti
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    for n, p in bb.model.named_parameters():
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(backbone, TrainConfig(method="vlm-sft").resolved())
+    for n, p in backbone.model.named_parameters():
         if "lora_B" in n:
             nn.init.normal_(p, std=0.05)
-    layers = [m for m in bb.model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in backbone.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and all(fusable(m) for m in layers)
-    norms = [m for m in bb.model.modules() if type(m).__name__.endswith("RMSNorm")]
-    swapped = {id(m) for m, _ in fused_forwards(bb.model)}
+    norms = [m for m in backbone.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    swapped = {id(m) for m, _ in fused_forwards(backbone.model)}
     assert norms and all(id(m) in swapped for m in norms + layers)  # LM and vision norms, every adapter
-    assert id(bb.model.visual.patch_embed) in swapped
-    px, grid = bb.preprocess_images([Encoder(bb, synth_ds.items)._load_image(k) for k in (0, 1)])
+    assert id(backbone.model.visual.patch_embed) in swapped
+    px, grid = backbone.preprocess_images([Encoder(backbone, synth_ds.items)._load_image(k) for k in (0, 1)])
     feats = {}
     for mixed in (False, True):  # the vision tower: HF's Conv3d patch embedding, then the stand-in
-        bb.engine.fused = mixed
-        feats[mixed] = torch.cat(bb.image_features(px, grid))
+        backbone.engine.fused = mixed
+        feats[mixed] = torch.cat(backbone.image_features(px, grid))
     torch.testing.assert_close(feats[True], feats[False], rtol=1e-5, atol=1e-5)
     marker = layers[0].forward  # an instance forward set by someone else (a hook, say) is put back after
     layers[0].forward = marker
-    with bb.engine.compute():
-        with bb.engine.compute():
+    with backbone.engine.compute():
+        with backbone.engine.compute():
             pass
         # bound methods of one function: compiled layers guard on their code, the same for every layer
         assert all(vars(m)["forward"].__func__ is fused_forward for m in layers)
     assert vars(layers[0])["forward"] is marker and not any("forward" in vars(m) for m in layers[1:])
     del layers[0].forward
-    enc = Encoder(bb, synth_ds.items)
+    enc = Encoder(backbone, synth_ds.items)
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
     out = {}
     for mixed in (False, True):
-        bb.engine.fused = mixed
-        bb.model.zero_grad()
+        backbone.engine.fused = mixed
+        backbone.model.zero_grad()
         z = enc.embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in z).backward()
-        out[mixed] = ([o.detach() for o in z], {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad})
+        out[mixed] = ([o.detach() for o in z], {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.requires_grad})
     for a, b in zip(out[True][0], out[False][0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for n, g in out[False][1].items():
@@ -278,12 +278,12 @@ def _adapted_tiny(synth_ds, **train):
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft", **train).resolved())
-    for n, p in bb.model.named_parameters():
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(backbone, TrainConfig(method="vlm-sft", **train).resolved())
+    for n, p in backbone.model.named_parameters():
         if "lora_B" in n:
             nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
-    return bb
+    return backbone
 
 
 def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, tiny_path, monkeypatch):
@@ -294,42 +294,42 @@ def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, 
     from vlm2rec_lab.accel import fused
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _adapted_tiny(synth_ds, lora_dropout=0.2)
+    backbone = _adapted_tiny(synth_ds, lora_dropout=0.2)
     calls = []
     real = fused.merged_forward
     monkeypatch.setattr(fused, "merged_forward", lambda layer, x, *a, **k: calls.append(1) or real(layer, x, *a, **k))
-    bb.model.train()  # dropout drawing masks: nothing merges
-    with bb.engine.merged_adapters() as n:
+    backbone.model.train()  # dropout drawing masks: nothing merges
+    with backbone.engine.merged_adapters() as n:
         assert n == 0
-    bb.model.eval()
-    n_lora = sum(fusable(m) for m in bb.model.modules())
-    with bb.engine.merged_adapters(budget_bytes=10) as n:  # too little memory to spare: nothing merges
+    backbone.model.eval()
+    n_lora = sum(fusable(m) for m in backbone.model.modules())
+    with backbone.engine.merged_adapters(budget_bytes=10) as n:  # too little memory to spare: nothing merges
         assert n == 0
-    weights = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     hist = synth_ds.histories("test")[:9]
     out = {}
     for merge in (False, True, False):
-        enc = Encoder(bb, synth_ds.items, SpeedConfig(merge_adapters=merge), batch_size=8)
+        enc = Encoder(backbone, synth_ds.items, SpeedConfig(merge_adapters=merge), batch_size=8)
         calls.clear()
         out[merge] = [enc.item_embeddings(k, range(20)) for k in ("T", "V")] + [enc.sequence_embeddings(k, hist) for k in ("T", "V")]
         assert bool(calls) == merge
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for k, v in bb.model.state_dict().items():
+    for k, v in backbone.model.state_dict().items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0, msg=k)
-    assert not any(fused.MERGED in vars(m) for m in bb.model.modules())
-    assert all(f.__func__ is fused.fused_forward for m, f in bb.engine.modules().swaps if fusable(m))
-    with bb.engine.merged_adapters() as n:
+    assert not any(fused.MERGED in vars(m) for m in backbone.model.modules())
+    assert all(f.__func__ is fused.fused_forward for m, f in backbone.engine.modules().swaps if fusable(m))
+    with backbone.engine.merged_adapters() as n:
         assert n == n_lora > 0
-    with bb.model.disable_adapter():  # the adapters do change the embeddings
-        bare = Encoder(bb, synth_ds.items, batch_size=8).item_embeddings("T", range(20))
+    with backbone.model.disable_adapter():  # the adapters do change the embeddings
+        bare = Encoder(backbone, synth_ds.items, batch_size=8).item_embeddings("T", range(20))
     assert (bare - out[True][0]).abs().max() > 1e-3
-    for n_, p in bb.model.named_parameters():  # an updated adapter: merged afresh, not a stale weight
+    for n_, p in backbone.model.named_parameters():  # an updated adapter: merged afresh, not a stale weight
         if "lora_B" in n_:
             p.data.mul_(-1)
-    enc = Encoder(bb, synth_ds.items, batch_size=8)
+    enc = Encoder(backbone, synth_ds.items, batch_size=8)
     new = enc.item_embeddings("T", range(20))
-    torch.testing.assert_close(new, Encoder(bb, synth_ds.items, SpeedConfig(merge_adapters=False), batch_size=8).item_embeddings("T", range(20)),
+    torch.testing.assert_close(new, Encoder(backbone, synth_ds.items, SpeedConfig(merge_adapters=False), batch_size=8).item_embeddings("T", range(20)),
                                rtol=1e-5, atol=1e-5)
     assert (new - out[True][0]).abs().max() > 1e-3
 
@@ -344,15 +344,15 @@ def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_pa
     from vlm2rec_lab.accel import fused
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _adapted_tiny(synth_ds)
-    bb.model.eval()
+    backbone = _adapted_tiny(synth_ds)
+    backbone.model.eval()
     hist = synth_ds.histories("test")[:18]
-    want = Encoder(bb, synth_ds.items, SpeedConfig(merge_adapters=False), batch_size=4).sequence_embeddings("V", hist)
-    enc = Encoder(bb, synth_ds.items, batch_size=8)
+    want = Encoder(backbone, synth_ds.items, SpeedConfig(merge_adapters=False), batch_size=4).sequence_embeddings("V", hist)
+    enc = Encoder(backbone, synth_ds.items, batch_size=8)
     real, seen = Encoder.embed_sets, []
 
     def embed_sets(self, requests, *a, **k):
-        merged = any(fused.MERGED in vars(m) for m in bb.model.modules())
+        merged = any(fused.MERGED in vars(m) for m in backbone.model.modules())
         seen.append((merged, len(requests[0][1])))
         if (merged and len(seen) == 2) or len(requests[0][1]) > 3:  # the 2nd merged batch; batches over 3
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -366,7 +366,7 @@ def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_pa
     assert [r.getMessage().split(":")[-1].strip() for r in caplog.records] == ["going on unmerged", "going on in batches of 4",
                                                                                "going on in batches of 2"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not any(fused.MERGED in vars(m) for m in bb.model.modules())
+    assert not any(fused.MERGED in vars(m) for m in backbone.model.modules())
     monkeypatch.setattr(Encoder, "embed_sets", lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(torch.OutOfMemoryError, match="out of device memory with one prompt a batch"):
         enc.sequence_embeddings("V", hist)

@@ -58,7 +58,7 @@ def test_logs_hold_every_term_and_probe(synth_ds, tiny_path, tmp_path, monkeypat
     tr = Trainer(cfg, synth_ds, tmp_path, progress=False)
     real, forwards = packing.forward_packed, []  # the packed forwards of each step
     monkeypatch.setattr(packing, "forward_packed",
-                        lambda bb, seqs, *a, **k: forwards.append((tr.step, len(seqs))) or real(bb, seqs, *a, **k))
+                        lambda backbone, seqs, *a, **k: forwards.append((tr.step, len(seqs))) or real(backbone, seqs, *a, **k))
     tr.train()
     per_step = [[n for s, n in forwards if s == step] for step in range(4)]
     assert per_step[1] == per_step[3] == [32]  # one forward of the four prompt sets (8 prompts each)
@@ -154,10 +154,10 @@ def test_embedding_a_run_with_compiled_layers_gives_the_same_embeddings(synth_ds
     eager = embed_run(run, synth_ds, splits=("test",), progress=False)
     from vlm2rec_lab.runs import load_run_backbone
 
-    bb = load_run_backbone(run, synth_ds)
-    compiled = embed_run(run, synth_ds, splits=("test",), progress=False, backbone=bb, compile="aot_eager")
+    backbone = load_run_backbone(run, synth_ds)
+    compiled = embed_run(run, synth_ds, splits=("test",), progress=False, backbone=backbone, compile="aot_eager")
     assert all(getattr(layer, "_compiled_call_impl", None) is not None
-               for layer in bb.decoder_layers() + list(bb.model.visual.blocks))
+               for layer in backbone.decoder_layers() + list(backbone.model.visual.blocks))
     assert eager.keys() == compiled.keys()
     for k in eager:
         assert np.allclose(eager[k], compiled[k], atol=1e-5), k
@@ -342,11 +342,11 @@ def _oom_on_call(tr, n: int):
     """Make the trainer's ``n``-th micro-batch forward (1-based) raise a device out-of-memory error."""
     real, calls = tr.micro_step, []
 
-    def micro_step(sel, layout=None, **kw):
+    def micro_step(rows, layout=None, **kw):
         calls.append(1)
         if len(calls) == n:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(sel, layout, **kw)
+        return real(rows, layout, **kw)
 
     tr.micro_step = micro_step
 
@@ -361,11 +361,11 @@ def test_a_step_that_runs_out_of_memory_is_redone_with_gradient_checkpointing(sy
     oom = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
     real, calls = oom.micro_step, []
 
-    def micro_step(sel, layout=None, **kw):
+    def micro_step(rows, layout=None, **kw):
         calls.append(1)
         if len(calls) in (4, 7):  # step 2's second micro-batch; step 3's first (after step 2's redo)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(sel, layout, **kw)
+        return real(rows, layout, **kw)
 
     oom.micro_step = micro_step
     with pytest.warns(RuntimeWarning, match="ran out of device memory") as caught:
@@ -439,18 +439,18 @@ def test_compile_auto_compiles_where_it_was_measured_to_pay():
     small = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(10**9 - 1, device="meta"))])
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
 
-    def bb(device=gpu, model=big):
+    def backbone(device=gpu, model=big):
         return SimpleNamespace(device=device, model=model)
 
-    assert compile_backend(None, bb(), 2000) == "inductor"
-    assert compile_backend(None, bb(), 2000, 2) == "inductor"
-    assert compile_backend(None, bb(), 1999) is None
-    assert compile_backend(None, bb(), 10**6, 1) is None
-    assert compile_backend(None, bb(model=small), 10**6) is None
-    assert compile_backend(None, bb(device=cpu), 10**6) is None
-    assert compile_backend(True, bb(device=cpu, model=small), 1) == "inductor"
-    assert compile_backend(False, bb(), 10**6) is None
-    assert compile_backend("aot_eager", bb(device=cpu, model=small), 1) == "aot_eager"
+    assert compile_backend(None, backbone(), 2000) == "inductor"
+    assert compile_backend(None, backbone(), 2000, 2) == "inductor"
+    assert compile_backend(None, backbone(), 1999) is None
+    assert compile_backend(None, backbone(), 10**6, 1) is None
+    assert compile_backend(None, backbone(model=small), 10**6) is None
+    assert compile_backend(None, backbone(device=cpu), 10**6) is None
+    assert compile_backend(True, backbone(device=cpu, model=small), 1) == "inductor"
+    assert compile_backend(False, backbone(), 10**6) is None
+    assert compile_backend("aot_eager", backbone(device=cpu, model=small), 1) == "aot_eager"
     assert [SpeedConfig(compile=w).compile for w in ("auto", "On", "OFF", "aot_eager")] == [None, True, False, "aot_eager"]
     assert SpeedConfig().compile is None
     for bad in ("", 3):
@@ -641,9 +641,9 @@ def test_a_text_only_llm_by_local_path(synth_ds, tiny_path, tmp_path):
     path = tmp_path / "llm"
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    bb = load_backbone(str(path), device="cpu")
-    assert bb.kind == "llm" and bb.image_processor is None and bb.hidden_size == 64
-    assert Encoder(bb, synth_ds.items).item_embeddings("T", [0, 1]).shape == (2, 64)
+    backbone = load_backbone(str(path), device="cpu")
+    assert backbone.kind == "llm" and backbone.image_processor is None and backbone.hidden_size == 64
+    assert Encoder(backbone, synth_ds.items).item_embeddings("T", [0, 1]).shape == (2, 64)
     res = run_method(synth_ds, TrainConfig(method="llm-sft", backbone=str(path), max_steps=2, users_k=16, batch_size=8),
                      tmp_path / "run", progress=False)
     assert set(res["views"]) == {"f2f"}
@@ -672,15 +672,15 @@ def test_the_next_micro_batch_is_laid_out_ahead_and_changes_nothing(synth_ds, ti
         calls.append([lst for kind, lists in requests if kind == "T" for lst in lists])
         return real_layout(self, requests)
 
-    def micro_step(self, sel, layout=None, **kw):
+    def micro_step(self, rows, layout=None, **kw):
         used.append(layout is not None)
         if layout is not None:  # the layout is these examples' own
-            own = self.local_rows(sel)
+            own = self.local_rows(rows)
             fresh = real_layout(self.encoder, self.requests(self.hist[own], self.targets[own]))
             assert (layout.sizes, layout.kinds, layout.counts) == (fresh.sizes, fresh.kinds, fresh.counts)
             assert all(torch.equal(x, y) for x, y in zip(layout.sequences, fresh.sequences))
             assert all(torch.equal(x, y) for x, y in zip(layout.positions, fresh.positions))
-        return real_micro(self, sel, layout, **kw)
+        return real_micro(self, rows, layout, **kw)
 
     monkeypatch.setattr(Encoder, "layout", layout)
     monkeypatch.setattr(Trainer, "micro_step", micro_step)
@@ -701,10 +701,10 @@ def test_a_layout_made_for_other_examples_is_not_used(synth_ds, tiny_path, tmp_p
     own = tr.local_rows(other)
     tr.lookahead = (other, tr.encoder.layout(tr.requests(tr.hist[own], tr.targets[own])))
     seen, real = [], Trainer.micro_step
-    monkeypatch.setattr(Trainer, "micro_step", lambda self, sel, layout=None, **kw: seen.append((sel, layout)) or real(self, sel, layout, **kw))
+    monkeypatch.setattr(Trainer, "micro_step", lambda self, rows, layout=None, **kw: seen.append((rows, layout)) or real(self, rows, layout, **kw))
     tr.train()
-    (sel, layout), = seen
-    assert np.array_equal(sel, first) and layout is None
+    (rows, layout), = seen
+    assert np.array_equal(rows, first) and layout is None
 
 
 def test_divergence_is_reported_before_a_failing_look_ahead(synth_ds, tiny_path, tmp_path, monkeypatch):
@@ -745,8 +745,8 @@ def test_gradient_cosines_reuse_the_steps_backward(synth_ds, tiny_path, tmp_path
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
     tr.backbone.model.train()
-    sel = tr.order(0)[:8]
-    out, emb, labels = tr.micro_step(sel)
+    rows = tr.order(0)[:8]
+    out, emb, labels = tr.micro_step(rows)
     g_mod = modality_gradients(emb, labels, tr.lora, tr.cfg.tau)
     g_sep = torch.autograd.grad(out.total, tr.lora, retain_graph=True, allow_unused=True)
     want = {"cos_total_t": flat_cosine(g_sep, g_mod[0]), "cos_total_v": flat_cosine(g_sep, g_mod[1])}
@@ -756,7 +756,7 @@ def test_gradient_cosines_reuse_the_steps_backward(synth_ds, tiny_path, tmp_path
     assert got == pytest.approx(want, abs=1e-6)
     assert abs(want["cos_total_t"] - want["cos_total_v"]) > 1e-3  # two different directions
     # a probed micro-batch (histories and targets in forwards of their own): the same cosines
-    out, emb, labels = tr.micro_step(sel, probed=True)
+    out, emb, labels = tr.micro_step(rows, probed=True)
     g_mod = modality_gradients(emb, labels, tr.lora, tr.cfg.tau)
     g_sep = torch.autograd.grad(out.total, tr.lora, allow_unused=True)
     assert {"cos_total_t": flat_cosine(g_sep, g_mod[0]), "cos_total_v": flat_cosine(g_sep, g_mod[1])} == pytest.approx(want, abs=1e-5)

@@ -22,10 +22,10 @@ from .losses import info_nce
 PROBE_FORWARDS = ((0,), (1,), (2, 3))
 
 
-def flat_cosine(a: list, b: list) -> float:
+def flat_cosine(grad_a: list, grad_b: list) -> float:
     """Cosine between two gradients given as lists of tensors (None: no gradient, skipped), read
     back from the device once."""
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    pairs = [(x, y) for x, y in zip(grad_a, grad_b) if x is not None and y is not None]
     if not pairs:
         return 0.0
     sums = torch.stack([torch.stack([(x * y).sum(), (x * x).sum(), (y * y).sum()]) for x, y in pairs])

@@ -57,7 +57,7 @@ def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None, devic
     ``q_index`` and ``n_keys`` is n. The indices go to ``device`` (default: ``cu_seqlens``'s)."""
     device = cu_seqlens.device if device is None else device
     bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     tags = list(prefix_of) if prefix_of is not None else [-1] * len(lengths)
     if len(tags) != len(lengths):
         raise ValueError(f"prefix_of names {len(tags)} segments, cu_seqlens delimits {len(lengths)}")
@@ -66,9 +66,9 @@ def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None, devic
     if all(n == lengths[0] for n in lengths) and all(t < 0 for t in tags):
         return [Group(lengths[0], None, len(lengths), lengths[0], None)]
     by_key: dict[tuple[int, int], list[int]] = {}
-    for a, n, tag in zip(bounds[:-1], lengths, tags):
+    for start, n, tag in zip(bounds[:-1], lengths, tags):
         if n > 0:
-            by_key.setdefault((n, tag), []).append(a)
+            by_key.setdefault((n, tag), []).append(start)
     out = []
     for (n, tag), starts in by_key.items():
         own = torch.tensor(starts)[:, None] + torch.arange(n)[None]
