@@ -144,28 +144,33 @@ class Backbone:
         with self.engine.compute():
             return self.model(**kw).last_hidden_state
 
-    def embed(self, prompt_sets: Sequence[Prompts] | None, packed: bool = True, share_prefix: bool | None = None,
-              layout=None, forward_groups: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
+    def embed(self, prompt_sets: Sequence[Prompts] | None, layout=None, share_prefix: bool | None = None,
+              forward_groups: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
         """Prompt sets -> their (B_k, d) float32 embeddings: the final hidden state at each prompt's
-        last token (DESIGN §2.2). With ``packed`` and a backbone that can pack, one forward over all
-        prompts without padding (:mod:`~vlm2rec_lab.accel.packing`; ``share_prefix``, ``forward_groups``:
-        see :func:`~vlm2rec_lab.accel.packing.embed_layout`), given as ``layout`` where it was laid out
-        beforehand (:meth:`layout`); otherwise one padded forward per set. Both give the same
-        embeddings up to float rounding (tested)."""
+        last token (DESIGN §2.2). Given their ``layout`` (:meth:`layout`), one forward over all
+        prompts packed without padding (:mod:`~vlm2rec_lab.accel.packing`; ``share_prefix``,
+        ``forward_groups``: see :func:`~vlm2rec_lab.accel.packing.embed_layout`); otherwise the
+        plain path, one padded forward per set. Both give the same embeddings up to float rounding
+        (tested)."""
         from .accel import packing
 
-        if layout is None:
-            layout = self.layout(prompt_sets, packed)
         if layout is not None:
             return packing.embed_layout(self, layout, share_prefix, forward_groups)
         return [self._embed_padded(p) for p in prompt_sets]
 
-    def layout(self, prompt_sets: Sequence[Prompts], packed: bool = True):
-        """The packed forward's inputs for ``prompt_sets``, laid out on the CPU
-        (:func:`~vlm2rec_lab.accel.packing.layout`), or None where :meth:`embed` does not pack."""
+    @property
+    def can_pack(self) -> bool:
+        """Whether :meth:`layout` works for this model (:func:`~vlm2rec_lab.accel.packing.can_pack`)."""
         from .accel import packing
 
-        return packing.layout(self, prompt_sets) if packed and packing.can_pack(self) else None
+        return packing.can_pack(self)
+
+    def layout(self, prompt_sets: Sequence[Prompts]):
+        """The packed forward's inputs for ``prompt_sets``, laid out on the CPU
+        (:func:`~vlm2rec_lab.accel.packing.layout`)."""
+        from .accel import packing
+
+        return packing.layout(self, prompt_sets)
 
     def _embed_padded(self, p: Prompts) -> Tensor:
         """One padded forward for a prompt set -> (B, d)."""

@@ -167,9 +167,9 @@ class Encoder:
         the CPU (:meth:`Backbone.layout`), or None where :meth:`embed_sets` does not pack. Pure CPU
         work when the vision cache holds the images: a trainer lays out its next micro-batch while
         the device still computes this one."""
-        if not self.speed.packed:
+        if not (self.speed.packed and self.backbone.can_pack):
             return None
-        return self.backbone.layout([self._prompts(kind, lists) for kind, lists in requests], packed=True)
+        return self.backbone.layout([self._prompts(kind, lists) for kind, lists in requests])
 
     def embed_sets(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]], layout=None,
                    forward_groups: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
@@ -177,11 +177,13 @@ class Encoder:
         -> their (B_k, d) embeddings, through :meth:`Backbone.embed` (packed into one forward where
         ``speed.packed`` and the backbone allow, else one padded forward per set; the same
         embeddings up to float rounding, tested). ``layout``: these requests' :meth:`layout`, worked
-        out beforehand. ``forward_groups``: groups of request indices packed into forwards of their own (see
-        :func:`~vlm2rec_lab.accel.packing.embed_layout`; the padded forwards are apart already).
-        Gradients flow when enabled by the caller (training); the vision features never need them."""
+        out beforehand. ``forward_groups``: groups of request indices packed into forwards of their
+        own (see :func:`~vlm2rec_lab.accel.packing.embed_layout`; the padded forwards are apart
+        already). Gradients flow when enabled by the caller (training); the vision features never
+        need them."""
+        layout = layout if layout is not None else self.layout(requests)
         prompt_sets = None if layout is not None else [self._prompts(kind, lists) for kind, lists in requests]
-        return self.backbone.embed(prompt_sets, self.speed.packed, self.speed.share_prefix, layout, forward_groups)
+        return self.backbone.embed(prompt_sets, layout, self.speed.share_prefix, forward_groups)
 
     def _expand_image_tokens(self, texts: list[str], grid: Tensor) -> list[str]:
         pad = self.backbone.image_token
