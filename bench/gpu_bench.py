@@ -364,7 +364,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from vlm2rec_lab.accel.checkpointing import checkpoint_every, enable_checkpointing
+    from vlm2rec_lab.accel.checkpointing import checkpointed_every, enable_checkpointing
     from vlm2rec_lab.accel.compile import compile_layers
     from vlm2rec_lab.backbones import Backbone, lora_target_regex
     from vlm2rec_lab.config import PAPER_DEFAULTS
@@ -583,7 +583,7 @@ def main() -> None:
             continue
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
-             checkpointing=checkpoint_every(backbone), checkpoint_every=every, lora_dropout=dropout, dropout_active=backbone.engine.dropout_active,
+             checkpointing=checkpointed_every(backbone), checkpoint_every=every, lora_dropout=dropout, dropout_active=backbone.engine.dropout_active,
              peak_gib=peak_gib(device), host_queue_s=round(host, 3), host_share=round(host / s, 2), syncs=syncs)
     set_varlen_kernel(default_kernel)
     if not a.train_variants or "project_paper" in a.train_variants.split(","):

@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from vlm2rec_lab.accel import attention, packing
-from vlm2rec_lab.accel.checkpointing import checkpoint_every, enable_checkpointing
+from vlm2rec_lab.accel.checkpointing import checkpointed_every, enable_checkpointing
 from vlm2rec_lab.accel.compile import compile_layers
 from vlm2rec_lab.accel.attention import segment_groups, set_vision_attention, varlen_attention_forward, varlen_sdpa
 from vlm2rec_lab.config import SpeedConfig
@@ -401,7 +401,7 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
     for ckpt in (False, True):
         if ckpt:
             enable_checkpointing(backbone, every)
-        assert checkpoint_every(backbone) == (every if ckpt else 0)
+        assert checkpointed_every(backbone) == (every if ckpt else 0)
         backbone.model.zero_grad()
         torch.manual_seed(0)
         out = enc.embed_sets(requests)
@@ -433,7 +433,7 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
                 torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
     # Hugging Face's own switch afterwards: every layer, and reported so
     backbone.model.get_base_model().activation_checkpointing_enable()
-    assert checkpoint_every(backbone) == 1
+    assert checkpointed_every(backbone) == 1
 
 
 def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path, monkeypatch):

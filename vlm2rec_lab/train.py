@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import probe
 from .accel import distributed as dist
-from .accel.checkpointing import checkpoint_every, enable_checkpointing
+from .accel.checkpointing import checkpointed_every, enable_checkpointing
 from .accel.compile import check_compile_backend
 from .accel.recovery import StepRecovery
 from .accel.transfer import to_device
@@ -256,7 +256,7 @@ class Trainer:
 
     def _log_row(self, sums: dict[str, float], stats: dict[str, list], seconds: float) -> dict:
         """The step's log row: its loss terms, their sum, α, β, per-example statistics (means)."""
-        every = checkpoint_every(self.backbone)
+        every = checkpointed_every(self.backbone)
         row = {"step": self.step, "epoch": self.epoch, **sums, "loss": sum(v for k, v in sums.items() if not k.startswith("cos_")),
                "alpha": self.alpha.item(), "beta": self.beta.item(), "seconds": seconds, "checkpointing": every,
                "compiled": self.recovery.backend is not None and every != 1}  # (a checkpointed layer runs uncompiled)

@@ -27,7 +27,7 @@ def enable_checkpointing(backbone, every: int = 1) -> None:
     backbone.engine.checkpoint_stride = every
 
 
-def checkpoint_every(backbone) -> int:
+def checkpointed_every(backbone) -> int:
     """Every how many decoder layers one is checkpointed (:func:`enable_checkpointing`); 0: off.
     (Read from the layers, should something else have switched their checkpointing.)"""
     flags = [bool(getattr(layer, "gradient_checkpointing", False)) for layer in backbone.decoder_layers()]

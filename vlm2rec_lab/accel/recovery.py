@@ -14,7 +14,7 @@ from typing import Callable, TypeVar
 import torch
 
 from . import distributed as dist
-from .checkpointing import checkpoint_every, enable_checkpointing
+from .checkpointing import checkpointed_every, enable_checkpointing
 from .compile import compile_backend, compile_error, compile_layers, uncompile_layers
 
 T = TypeVar("T")
@@ -42,7 +42,7 @@ class StepRecovery:
     def can_checkpoint_more(self) -> bool:
         """Gradient checkpointing is used only as far as memory requires it: in one process and
         until every layer is checkpointed."""
-        return dist.world_size() == 1 and checkpoint_every(self.backbone) != 1
+        return dist.world_size() == 1 and checkpointed_every(self.backbone) != 1
 
     def can_go_eager(self) -> bool:
         """A step that torch.compile fails on is redone uncompiled, in one process."""
@@ -52,7 +52,7 @@ class StepRecovery:
         """Compile the decoder layers where :func:`~vlm2rec_lab.accel.compile.compile_backend` says
         so for ``setting`` and a run of ``steps`` (decided on the whole run, so that a resumed run
         compiles as it did: compiled graphs draw other dropout masks). Returns the backend."""
-        self.backend = compile_backend(setting, self.backbone, steps, checkpoint_every(self.backbone))
+        self.backend = compile_backend(setting, self.backbone, steps, checkpointed_every(self.backbone))
         if self.backend:
             compile_layers(self.backbone, backend=self.backend, retained_backward=retained_backward)
         return self.backend
@@ -104,7 +104,7 @@ class StepRecovery:
                       f"the model's own, the step redone raises it again): {why}", RuntimeWarning, stacklevel=4)
 
     def _checkpoint_more(self, step: int) -> None:
-        now = checkpoint_every(self.backbone)  # (0: none; never 1 here, see can_checkpoint_more)
+        now = checkpointed_every(self.backbone)  # (0: none; never 1 here, see can_checkpoint_more)
         every = next(r for r in (4, 2, 1) if not now or r < now)
         enable_checkpointing(self.backbone, every)
         which = "every decoder layer" if every == 1 else f"every {every}{'nd' if every == 2 else 'th'} decoder layer"
