@@ -1,5 +1,5 @@
 """Gradient averaging across processes: one all-reduce per LoRA tensor (the plain path) against the
-project's bucketed averaging (``distributed._all_reduce_mean``: the tensors of one dtype flattened
+project's bucketed averaging (``distributed.all_reduce_mean``: the tensors of one dtype flattened
 into buckets, one all-reduce each), side by side in one run, on the LoRA of the Qwen2.5-VL-3B shape
 (r 16 on the language model's projections: 504 tensors, 29.9 M parameters, fp32). Prints one JSON
 line per figure.
@@ -57,7 +57,7 @@ def worker(rank: int, world: int, port: int, shapes: list, reps: int) -> None:
 
     from gpu_bench import median_side_by_side
 
-    from vlm2rec_lab import distributed as dist
+    from vlm2rec_lab.accel import distributed as dist
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -68,7 +68,7 @@ def worker(rank: int, world: int, port: int, shapes: list, reps: int) -> None:
         return lambda: (fn(ts), ts)[1]
 
     secs, results = median_side_by_side({"plain": lambda: averaging(per_tensor),
-                                         "project": lambda: averaging(dist._all_reduce_mean)}, reps, tdist.barrier)
+                                         "project": lambda: averaging(dist.all_reduce_mean)}, reps, tdist.barrier)
     diff = max((a - b).abs().max().item() for a, b in zip(results["plain"], results["project"]))
     if rank == 0:
         n = sum(t.numel() for t in base)
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
     args = ap.parse_args()
     shapes = lora_shapes(args.tiny)
-    from vlm2rec_lab.distributed import free_port
+    from vlm2rec_lab.accel.distributed import free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(worker, args=(args.processes, free_port(), shapes, args.reps), nprocs=args.processes)

@@ -6,8 +6,7 @@ CPU processes (gloo), on the tiny backbone. Prints one JSON line.
     python bench/cache_fill.py                      # a synthetic domain of 1,000 items, 224 px images
     python bench/cache_fill.py --data PREPARED_DIR  # a prepared dataset (its tiny backbone)
 
-On a GPU the vision tower is the larger part of the fill (about 17 s for Beauty's images on an
-H100); here the images' decoding is. Either way the plain path does N times the work.
+On a GPU the vision tower is the larger part of the fill; here the images' decoding is. Either way the plain path does N times the work.
 """
 from __future__ import annotations
 
@@ -27,8 +26,9 @@ from gpu_bench import median_side_by_side  # noqa: E402
 
 
 def worker(rank: int, world: int, port: int, data: str, reps: int) -> None:
-    from vlm2rec_lab import distributed as dist
+    from vlm2rec_lab.accel import distributed as dist
     from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import SpeedConfig
     from vlm2rec_lab.data.dataset import Dataset
     from vlm2rec_lab.encoder import Encoder
 
@@ -37,11 +37,11 @@ def worker(rank: int, world: int, port: int, data: str, reps: int) -> None:
                       MASTER_PORT=str(port))
     dist.init_from_env()
     ds = Dataset.load(data)
-    bb = load_backbone("tiny", dataset=ds, device="cpu")
+    backbone = load_backbone("tiny", dataset=ds, device="cpu")
     images = [i for i, p in enumerate(ds.items["image"].tolist()) if isinstance(p, str) and p]
     def filling(fill):  # a fresh encoder (an empty cache) each run; the run keeps its features
-        enc = Encoder(bb, ds.items, image_workers=1)
-        return lambda: (fill(enc), enc._features)[1]
+        enc = Encoder(backbone, ds.items, SpeedConfig(image_workers=1))
+        return lambda: (fill(enc), enc.features)[1]
 
     secs, held = median_side_by_side({"plain": lambda: filling(lambda enc: enc.vision_features(images)),
                                       "project": lambda: filling(lambda enc: enc.cache_all())}, reps, dist.barrier)
@@ -77,11 +77,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     args = ap.parse_args()
     data = args.data or synthetic(args.items, args.image_size)
-    from vlm2rec_lab.backbones import build_tiny
     from vlm2rec_lab.data.dataset import Dataset
+    from vlm2rec_lab.tiny import build_tiny
 
     build_tiny(Dataset.load(data), progress=False)  # (once, before the processes start)
-    from vlm2rec_lab.distributed import free_port
+    from vlm2rec_lab.accel.distributed import free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(worker, args=(args.processes, free_port(), data, args.reps), nprocs=args.processes)

@@ -9,7 +9,7 @@
 #   pytest.txt         the GPU-only tests (-k on_gpu: flash kernel, bf16 LoRA, no device syncs, the vision rotary, the process
 #                      group's CPU and CUDA collectives), tracebacks included
 #   pipeline.jsonl     pipeline_train.py                 (the Trainer's own steps at its defaults, synthetic domain at
-#                      224 px; pipeline_embed.py, item embedding end to end, was measured on 2026-11-26: 43.9 s)
+#                      224 px; pipeline_embed.py, item embedding end to end, is run apart)
 #   bench.jsonl        gpu_bench.py --profile --compile  (every figure, Beauty shapes, 3B; 1,024 items embedded a path,
 #                      with a LoRA adapter too: in training form and merged; the vision rotary against HF's;
 #                      profiles of a step, eager and compiled, and of an item batch)

@@ -2,7 +2,7 @@
 side in one run — padded batches (the plain path), packed batches, and packed batches whose prompts'
 shared leading tokens (chat template, prompt head) are computed once — with their agreement. Then,
 with a LoRA adapter on (as after training): the adapters as in training against their updates
-merged into the weights (``Encoder(merge_adapters=)``), both packed with shared prefixes.
+merged into the weights (``SpeedConfig.merge_adapters``), both packed with shared prefixes.
 
 Usage: python bench/embed_items.py [--data PREPARED] [--batch 32] [--repeats 3] [--threads N]
 Prints one JSON line per figure (seconds are the best of ``--repeats``).
@@ -33,6 +33,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
 
     from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import SpeedConfig
     from vlm2rec_lab.data.dataset import Dataset
     from vlm2rec_lab.data.synthetic import synthetic_dataset
     from vlm2rec_lab.encoder import Encoder
@@ -42,17 +43,17 @@ def main() -> None:
     else:
         work = Path(tempfile.mkdtemp(prefix="vlm2rec-bench-"))
         ds = synthetic_dataset(work)
-    bb = load_backbone("tiny", dataset=ds, device="cpu")
+    backbone = load_backbone("tiny", dataset=ds, device="cpu")
     paths = {"padded": dict(packed=False), "packed": dict(packed=True, share_prefix=False),
              "packed_shared_prefix": dict(packed=True, share_prefix=True)}
     out, secs = {}, {}
 
     def measure(name: str, **kw) -> None:
-        enc = Encoder(bb, ds.items, batch_size=a.batch, **kw)
+        enc = Encoder(backbone, ds.items, SpeedConfig(**kw), batch_size=a.batch)
         enc.cache_all()  # the vision tower is the same for every path: measured apart
         best = float("inf")
         for _ in range(a.repeats):
-            settle(bb.device)  # (no full garbage collection inside the timed pass)
+            settle(backbone.device)  # (no full garbage collection inside the timed pass)
             t = time.perf_counter()
             emb = {k: enc.item_embeddings(k) for k in ("T", "V")}
             best = min(best, time.perf_counter() - t)
@@ -75,12 +76,12 @@ def main() -> None:
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.train import apply_lora
 
-    apply_lora(bb, TrainConfig(lora_dropout=0.0))
+    apply_lora(backbone, TrainConfig(lora_dropout=0.0))
     gen = torch.Generator().manual_seed(0)
-    for n, p in bb.model.named_parameters():
+    for n, p in backbone.model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02, generator=gen)
-    bb.model.eval()
+    backbone.model.eval()
     for merge in (False, True):
         measure(f"lora_{'merged' if merge else 'unmerged'}", merge_adapters=merge)
     compare("lora_merged", "lora_unmerged", figure="lora_merge_ratio")

@@ -13,7 +13,7 @@ model only (no LM head), vision features computed once per image and reused (the
 window attention batched per window size, larger batches for embedding, prompts packed without
 padding with the leading tokens that prompts of one kind share (chat template, prompt head)
 computed once, for training the four prompt sets of a step in one forward, LoRA in bf16 under
-autocast with its update folded into one addmm and RMSNorm in one kernel (``vlm2rec_lab.fused``), no
+autocast with its update folded into one addmm and RMSNorm in one kernel (``vlm2rec_lab.accel.fused``), no
 checkpointing. The intermediate variants show what each lever gives (``project_unpacked_peft_cast``:
 the cache alone, PEFT's own forward; ``project_unpacked``: + autocast and the fused stand-ins;
 ``project_packed``: + packing; ``project``: + shared prefixes). These have LoRA dropout 0;
@@ -115,9 +115,8 @@ def sync(device):
 def settle(device) -> None:
     """Before a timed region: wait for the device, collect garbage and freeze what is alive, so that
     no full collection lands inside the region. A full collection walks every object the collector
-    tracks: about 0.2 s in a process that has imported transformers (440 k objects), and under
-    ``--tiny`` one that fell inside an item-embedding batch made it 222 ms instead of 2 ms (8x off
-    for the whole figure). What an earlier call froze is unfrozen first, so that nothing stays out
+    tracks, long enough in a process that has imported transformers to throw a figure off when it
+    lands inside a timed batch. What an earlier call froze is unfrozen first, so that nothing stays out
     of the collector's sight beyond the next region (a full collection each call, outside timing)."""
     sync(device)
     gc.unfreeze()
@@ -162,11 +161,11 @@ def plain_hidden(model, shapes: Shapes, b: dict):
     return out.hidden_states[-1][:, -1]
 
 
-def project_hidden(bb, feats: dict, b: dict):
-    from vlm2rec_lab.encoder import last_token_pool
+def project_hidden(backbone, feats: dict, b: dict):
+    from vlm2rec_lab.backbones import last_token_pool
 
     image_features = [feats[i] for i in b["items"]] if "items" in b else None
-    h = bb.forward(b["input_ids"], b["attention_mask"], image_grid_thw=b.get("image_grid_thw"), image_features=image_features)
+    h = backbone.forward(b["input_ids"], b["attention_mask"], image_grid_thw=b.get("image_grid_thw"), image_features=image_features)
     return last_token_pool(h, b["attention_mask"])
 
 
@@ -178,7 +177,7 @@ def embed_items(hidden_fn, n: int, batch: int) -> None:
         hidden_fn("T", items)
 
 
-def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit, path: str = "project",
+def project_embedding(backbone, shapes: Shapes, n_items: int, batch: int, device, emit, path: str = "project",
                       layout: str = "prefixed", warm_items: tuple[int, ...] = (8,)) -> tuple[float, dict]:
     """The project's item embedding: the vision cache (each image once, large batches), then the
     image and text prompts in batches of ``batch``, packed with their shared prefix computed once
@@ -193,14 +192,14 @@ def project_embedding(bb, shapes: Shapes, n_items: int, batch: int, device, emit
         feats = {}
         for s in range(0, n, 256):
             chunk = list(range(s, min(s + 256, n)))
-            out = bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))
+            out = backbone.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))
             feats.update(zip(chunk, out))
         sync(device)
         t_vision = time.perf_counter() - t
         if layout != "padded":
-            embed_items(lambda kind, items: project_packed(bb, feats, shapes, [(kind, items)], layout == "prefixed"), n, batch)
+            embed_items(lambda kind, items: project_packed(backbone, feats, shapes, [(kind, items)], layout == "prefixed"), n, batch)
         else:
-            embed_items(lambda kind, items: project_hidden(bb, feats, shapes.batch(kind, items)), n, batch)
+            embed_items(lambda kind, items: project_hidden(backbone, feats, shapes.batch(kind, items)), n, batch)
         sync(device)
         rate = n / (time.perf_counter() - t)
         if warm:
@@ -218,7 +217,7 @@ BEAUTY_HISTORY_LENGTHS = {4: 7162, 5: 4221, 6: 2680, 7: 1811, 8: 1366, 9: 881, 1
 BEAUTY_MEAN_HISTORY = sum(k * n for k, n in BEAUTY_HISTORY_LENGTHS.items()) / sum(BEAUTY_HISTORY_LENGTHS.values())
 
 
-def history_embedding(model, bb, shapes: Shapes, feats: dict, n_users: int, batch: int, device, emit,
+def history_embedding(model, backbone, shapes: Shapes, feats: dict, n_users: int, batch: int, device, emit,
                       plain_users: int = 32) -> None:
     """Every user's test history embedded, text and image prompt, as ``vlm2rec-lab embed`` and the
     evaluation do: with Beauty's history lengths about 13x the language model's tokens of item
@@ -242,7 +241,7 @@ def history_embedding(model, bb, shapes: Shapes, feats: dict, n_users: int, batc
                 if path == "plain":
                     plain_hidden(model, shapes, shapes.batch(kind, lists))
                 else:
-                    project_packed(bb, feats, shapes, [(kind, lists)])
+                    project_packed(backbone, feats, shapes, [(kind, lists)])
 
     rates = {}
     for path, users, bs in (("plain", hists[:plain_users], 8), ("project", sorted(hists, key=len, reverse=True), batch)):
@@ -258,11 +257,11 @@ def history_embedding(model, bb, shapes: Shapes, feats: dict, n_users: int, batc
     few, d = hists[:4], 0.0
     for k in ("T", "V"):
         ref = plain_hidden(model, shapes, shapes.batch(k, few)).float()
-        d = max(d, ((ref - project_packed(bb, feats, shapes, [(k, few)])[0].float()).abs().max() / ref.abs().max()).item())
+        d = max(d, ((ref - project_packed(backbone, feats, shapes, [(k, few)])[0].float()).abs().max() / ref.abs().max()).item())
     emit(figure="history_embedding_ratio", ratio=round(rates["project"] / rates["plain"], 2), max_rel_diff=round(d, 5))
 
 
-def lora_item_embedding(bb, peft, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
+def lora_item_embedding(backbone, peft, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
     """Item embedding with a LoRA adapter on, as after training (B random instead of PEFT's zeros,
     put back afterwards): the adapters in training form (each adapted projection's base product, its
     product with A and the addmm with B) against their updates merged into the weights
@@ -275,27 +274,27 @@ def lora_item_embedding(bb, peft, shapes: Shapes, a, device, emit, no_adapter_ra
     for p in bs:
         p.data.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     try:
-        _lora_item_embedding(bb, shapes, a, device, emit, no_adapter_rate)
+        _lora_item_embedding(backbone, shapes, a, device, emit, no_adapter_rate)
     finally:
         for p in bs:
             p.data.zero_()
 
 
-def _lora_item_embedding(bb, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
+def _lora_item_embedding(backbone, shapes: Shapes, a, device, emit, no_adapter_rate: float | None) -> None:
     items = [[i] for i in range(4)]
     rate, out = {}, {}
     with torch.inference_mode():
         for merge in (False, True):
             path = "lora_merged" if merge else "lora_unmerged"
-            with bb.merged_adapters() if merge else contextlib.nullcontext(0) as n_merged:
-                rate[path], feats = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path=path)
-                out[path] = [project_packed(bb, feats, shapes, [(k, items)])[0].float() for k in ("T", "V")]
+            with backbone.engine.merged_adapters() if merge else contextlib.nullcontext(0) as n_merged:
+                rate[path], feats = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit, path=path)
+                out[path] = [project_packed(backbone, feats, shapes, [(k, items)])[0].float() for k in ("T", "V")]
                 if merge and a.profile:  # the language model's part of one batch (the features cached)
                     n = min(a.embed_batch, a.project_items)
-                    profile_step(lambda: embed_items(lambda kind, lists: project_packed(bb, feats, shapes, [(kind, lists)]), n, n),
+                    profile_step(lambda: embed_items(lambda kind, lists: project_packed(backbone, feats, shapes, [(kind, lists)]), n, n),
                                  device, emit, figure="profile_item_batch")
         settle(device); t = time.perf_counter()
-        with bb.merged_adapters():
+        with backbone.engine.merged_adapters():
             sync(device)
             merge_s = time.perf_counter() - t
     d = max(((x - y).abs().max() / y.abs().max()).item() for x, y in zip(out["lora_merged"], out["lora_unmerged"]))
@@ -304,19 +303,21 @@ def _lora_item_embedding(bb, shapes: Shapes, a, device, emit, no_adapter_rate: f
          vs_no_adapter=round(rate["lora_merged"] / no_adapter_rate, 3) if no_adapter_rate else None)
 
 
-def project_packed(bb, feats: dict, shapes: Shapes, requests: list, share_prefix: bool = True) -> list:
+def project_packed(backbone, feats: dict, shapes: Shapes, requests: list, share_prefix: bool = True) -> list:
     """The project's training path: a step's prompt sets packed into one forward, no padding, the
     leading tokens that prompts of one kind share computed once (``share_prefix``)."""
+    from vlm2rec_lab.accel.packing import forward_packed, rope_positions
+
     seqs, pos, fl, sizes, kinds = [], [], [], [], []
     for kind, lists in requests:
         b = shapes.batch(kind, lists)
         mask = b["attention_mask"].bool()
         seqs += [ids[m] for ids, m in zip(b["input_ids"], mask)]
-        pos += bb.rope_positions(b["input_ids"], b["attention_mask"], b.get("image_grid_thw"))
+        pos += rope_positions(backbone, b["input_ids"], b["attention_mask"], b.get("image_grid_thw"))
         fl += [feats[i] for i in b.get("items", [])]
         sizes.append(len(lists))
         kinds += [kind] * len(lists)
-    return list(bb.forward_packed(seqs, pos, fl or None, kinds if share_prefix else None).split(sizes))
+    return list(forward_packed(backbone, seqs, pos, fl or None, kinds if share_prefix else None).split(sizes))
 
 
 # the training variants main() measures, in its order (see there)
@@ -363,12 +364,14 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from vlm2rec_lab.accel.checkpointing import checkpointed_every, enable_checkpointing
+    from vlm2rec_lab.accel.compile import compile_layers
     from vlm2rec_lab.backbones import Backbone, lora_target_regex
     from vlm2rec_lab.config import PAPER_DEFAULTS
     from vlm2rec_lab.losses import ObjectiveConfig, objective
-    from vlm2rec_lab.train import PROBE_APART, gradient_cosines, modality_gradients
+    from vlm2rec_lab.probe import PROBE_FORWARDS, modality_gradients, objective_modality_cosines
 
-    assert [r for group in PROBE_APART for r in group] == [0, 1, 2, 3]  # (step() relies on this order)
+    assert [r for group in PROBE_FORWARDS for r in group] == [0, 1, 2, 3]  # (step() relies on this order)
 
     emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
     import importlib.util
@@ -387,14 +390,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     n_items = max(a.plain_items, a.project_items)
     shapes = Shapes(cfg, n_items, 56 if a.tiny else 224, gen, device, vary=a.vary)
-    bb = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
+    backbone = Backbone(name="bench", model=model.model, tokenizer=None, image_processor=None, kind="vlm")
 
     # ---------------------------------------------------------------- item embeddings
-    from vlm2rec_lab import attention
-    from vlm2rec_lab.attention import set_varlen_kernel, set_vision_attention
-    from vlm2rec_lab.fused import vision_attention_forward
+    from vlm2rec_lab.accel.attention import set_varlen_kernel, set_vision_attention, varlen_kernel
+    from vlm2rec_lab.accel.fused import vision_attention_forward
 
-    default_kernel = attention._kernel  # the library's default (VLM2REC_VARLEN_KERNEL)
+    default_kernel = varlen_kernel()  # the library's default (VLM2REC_VARLEN_KERNEL)
 
     if not a.train_only:
         with torch.inference_mode():
@@ -423,11 +425,11 @@ def main() -> None:
                 if mode == "plain":
                     ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
                 elif mode == "device_index":
-                    with bb.compute(autocast=False):
+                    with backbone.engine.compute(autocast=False):
                         ref = list(model.model.get_image_features(px, grids.to(device), return_dict=True).pooler_output)
                 else:
-                    with without_stand_in(bb, vision_attention_forward) if mode == "hf_rotary" else contextlib.nullcontext():
-                        ref = bb.image_features(px, grids)
+                    with backbone.engine.without(vision_attention_forward) if mode == "hf_rotary" else contextlib.nullcontext():
+                        ref = backbone.image_features(px, grids)
                 sync(device)
                 vis[mode] = (len(chunk) / (time.perf_counter() - t), ref)
             set_varlen_kernel(default_kernel)
@@ -447,29 +449,29 @@ def main() -> None:
                  rotary_ratio=round(vis["flash"][0] / vis["hf_rotary"][0], 2),
                  hf_rotary_max_rel_diff=round(agree["hf_rotary"], 5))
             set_vision_attention(model, varlen=True)
-            pad_rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit,
+            pad_rate, _ = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit,
                                             path="project_padded", layout="padded")
-            packed_rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit,
+            packed_rate, _ = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit,
                                                path="project_packed", layout="packed")
-            proj_rate, feats = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit)
+            proj_rate, feats = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit)
             emit(figure="item_embedding_ratio", ratio=round(proj_rate / plain_rate, 2),
                  padded_ratio=round(pad_rate / plain_rate, 2), packed_ratio=round(packed_rate / plain_rate, 2))
             # same numbers from the paths
             items = [[i] for i in range(4)]
-            for path, fn in (("project_padded", lambda k: project_hidden(bb, feats, shapes.batch(k, items))),
-                             ("project_packed", lambda k: project_packed(bb, feats, shapes, [(k, items)], False)[0]),
-                             ("project", lambda k: project_packed(bb, feats, shapes, [(k, items)])[0])):
+            for path, fn in (("project_padded", lambda k: project_hidden(backbone, feats, shapes.batch(k, items))),
+                             ("project_packed", lambda k: project_packed(backbone, feats, shapes, [(k, items)], False)[0]),
+                             ("project", lambda k: project_packed(backbone, feats, shapes, [(k, items)])[0])):
                 d = max((plain_hidden(model, shapes, shapes.batch(k, items)).float() - fn(k).float()).abs().max().item()
                         / plain_hidden(model, shapes, shapes.batch(k, items)).float().abs().max().item() for k in ("T", "V"))
                 emit(figure="item_embedding_agreement", path=path, max_rel_diff=round(d, 5))
-            history_embedding(model, bb, shapes, feats, a.users, a.embed_batch, device, emit)
+            history_embedding(model, backbone, shapes, feats, a.users, a.embed_batch, device, emit)
 
     # ---------------------------------------------------------------- training steps
     # LoRA with the paper's dropout; the variants without dropout set its p to 0 (PEFT makes no dropout
     # layer at all for 0, so that the paper's variants could not have one)
     paper_dropout = PAPER_DEFAULTS["lora_dropout"]
     peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=paper_dropout, target_modules=lora_target_regex("vlm")))
-    bb._fusion_cache = None  # LoRA went into bb.model in place
+    backbone.engine.forget()  # LoRA went into backbone.model in place
     lora_dropouts = [m for n, m in peft.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
     assert lora_dropouts, "no LoRA dropout layers found"
 
@@ -478,7 +480,7 @@ def main() -> None:
             m.p = p
     set_lora_dropout(0.0)
     if not a.train_only:
-        lora_item_embedding(bb, peft, shapes, a, device, emit, proj_rate)
+        lora_item_embedding(backbone, peft, shapes, a, device, emit, proj_rate)
     params = [p for p in peft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the trainer's
     obj = ObjectiveConfig(name="vlm2rec")
@@ -498,7 +500,7 @@ def main() -> None:
         feats = {}
         for s in range(0, len(all_items), 256):
             chunk = all_items[s:s + 256]
-            feats.update(zip(chunk, bb.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))))
+            feats.update(zip(chunk, backbone.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))))
 
     queued: list[float] = []  # per step: host seconds until all its work was queued (before its read-back)
 
@@ -507,7 +509,7 @@ def main() -> None:
         hist, tgt = batch
         requests = [("T", hist), ("V", hist), ("T", tgt), ("V", tgt)]
         if probe:  # as the trainer's probed micro-batch: histories and targets in forwards of their own
-            z_t, z_v, e_t, e_v = [z for group in PROBE_APART for z in sets_fn([requests[r] for r in group])]
+            z_t, z_v, e_t, e_v = [z for group in PROBE_FORWARDS for z in sets_fn([requests[r] for r in group])]
         else:
             z_t, z_v, e_t, e_v = sets_fn(requests)
         emb = {k: v.float() for k, v in {"z_t": z_t, "z_v": z_v, "e_t": e_t, "e_v": e_v}.items()}
@@ -517,15 +519,15 @@ def main() -> None:
             g_mod = modality_gradients(emb, None, params, obj.tau) if probe else None  # the trainer's probe
             loss.backward()
             if probe:
-                gradient_cosines(g_mod, [p.grad for p in params])
+                objective_modality_cosines(g_mod, [p.grad for p in params])
             opt.step()
         queued.append(time.perf_counter() - t0)
         return loss.item()
 
     plain_fn = lambda reqs: [plain_hidden(peft, shapes, shapes.batch(k, lst)) for k, lst in reqs]  # noqa: E731
-    unpacked_fn = lambda reqs: [project_hidden(bb, feats, shapes.batch(k, lst)) for k, lst in reqs]  # noqa: E731
-    proj_fn = lambda reqs: project_packed(bb, feats, shapes, reqs)  # noqa: E731
-    packed_fn = lambda reqs: project_packed(bb, feats, shapes, reqs, share_prefix=False)  # noqa: E731
+    unpacked_fn = lambda reqs: [project_hidden(backbone, feats, shapes.batch(k, lst)) for k, lst in reqs]  # noqa: E731
+    proj_fn = lambda reqs: project_packed(backbone, feats, shapes, reqs)  # noqa: E731
+    packed_fn = lambda reqs: project_packed(backbone, feats, shapes, reqs, share_prefix=False)  # noqa: E731
     with torch.no_grad():
         set_vision_attention(model, varlen=False)
         l_plain = step(plain_fn, batches[0], False)
@@ -557,13 +559,13 @@ def main() -> None:
     for name, fn, every, dropout in variants:
         set_lora_dropout(dropout)
         set_vision_attention(model, varlen=not name.startswith("plain"))
-        bb.mixed_precision = not name.endswith("peft_cast")
+        backbone.engine.fused = not name.endswith("peft_cast")
         set_varlen_kernel("sdpa" if name.endswith("_sdpa") else default_kernel)
         model.model.activation_checkpointing_disable()
         if every and name.startswith("plain"):  # Hugging Face's own checkpointing
             model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif every:
-            bb.enable_checkpointing(every)
+            enable_checkpointing(backbone, every)
         peft.train()
         probe = name.endswith("_probe")
         try:
@@ -581,7 +583,7 @@ def main() -> None:
             continue
         results[name] = s
         emit(figure="train_step", path=name, seconds=round(s, 3), beauty_epoch_min=round(s * BEAUTY_USERS / 8 / 60, 1),
-             checkpointing=bb.checkpoint_every, checkpoint_every=every, lora_dropout=dropout, dropout_active=bb.dropout_active,
+             checkpointing=checkpointed_every(backbone), checkpoint_every=every, lora_dropout=dropout, dropout_active=backbone.engine.dropout_active,
              peak_gib=peak_gib(device), host_queue_s=round(host, 3), host_share=round(host / s, 2), syncs=syncs)
     set_varlen_kernel(default_kernel)
     if not a.train_variants or "project_paper" in a.train_variants.split(","):
@@ -595,7 +597,7 @@ def main() -> None:
         for every in (0, 4, 2, 1):
             model.model.activation_checkpointing_disable()
             if every:
-                bb.enable_checkpointing(every)
+                enable_checkpointing(backbone, every)
             try:
                 reset_peak(device)
                 step(packed_fn, longest)  # (warm-up)
@@ -629,21 +631,21 @@ def main() -> None:
         packed_probe(peft, n_tokens, a.steps, device, dtype, emit)
     if a.compile:  # last: compiling changes the layers in place
         backend = a.compile_backend or ("aot_eager" if a.tiny else "inductor")
-        compiled_step(bb, lambda b, do_step=True: step(proj_fn, b, do_step), batches, a.steps, device, emit, results.get("plain_ckpt"),
+        compiled_step(backbone, lambda b, do_step=True: step(proj_fn, b, do_step), batches, a.steps, device, emit, results.get("plain_ckpt"),
                       backend=backend, eager_s=results.get("project"))
         if not a.train_only:  # item embedding with the vision blocks compiled too, without LoRA's adapters,
             # as the eager item embedding ran (before LoRA was applied; with them on, each adapted
-            # projection adds its rank-16 products: in A this figure had them, 46.1 s against 39.9 s)
-            bb.compile_layers(backend=backend, vision=True)
+            # projection adds its rank-16 products)
+            compile_layers(backbone, backend=backend, vision=True)
             with torch.inference_mode(), peft.disable_adapter():
-                rate, _ = project_embedding(bb, shapes, a.project_items, a.embed_batch, device, emit, path="project_compiled",
+                rate, _ = project_embedding(backbone, shapes, a.project_items, a.embed_batch, device, emit, path="project_compiled",
                                             warm_items=(8, min(a.project_items, 256 + 8)))
             emit(figure="item_embedding_ratio", path="project_compiled", ratio=round(rate / plain_rate, 2))
         # last, as it compiles the layers again (a dropout rate is a constant of the compiled graphs):
         # the trainer's defaults compiled, the paper's LoRA dropout without shared prefixes. Its loss
         # cannot be compared with the eager step's: the compiled graphs draw other dropout masks.
         set_lora_dropout(paper_dropout)
-        compiled_step(bb, lambda b, do_step=True: step(packed_fn, b, do_step), batches, a.steps, device, emit,
+        compiled_step(backbone, lambda b, do_step=True: step(packed_fn, b, do_step), batches, a.steps, device, emit,
                       results.get("plain_ckpt"), backend=backend, path="project_paper_compiled",
                       eager_s=results.get("project_paper"), probe_ratio=(results["project_paper_probe"] / results["project_paper"]
                                                                          if "project_paper_probe" in results else None),
@@ -672,22 +674,7 @@ def count_syncs(run, device) -> int | None:
     return sum("called a synchronizing" in str(w.message) for w in caught)  # (not the mode's own notice)
 
 
-@contextlib.contextmanager
-def without_stand_in(bb, forward):
-    """The backbone's compute path without one of its stand-ins (``forward``, a function of
-    ``vlm2rec_lab.fused``): the modules it stands in for run their own forward inside."""
-    swaps = bb._fusion()[1]
-    kept = list(swaps)
-    swaps[:] = [(m, f) for m, f in kept if getattr(f, "__func__", None) is not forward]
-    bb._fusion_cache[4].clear()
-    try:
-        yield len(kept) - len(swaps)
-    finally:
-        swaps[:] = kept
-        bb._fusion_cache[4].clear()
-
-
-def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,
+def compiled_step(backbone, run_step, batches, steps: int, device, emit, plain_ckpt: float | None, backend: str,
                   path: str = "project_compiled", eager_s: float | None = None, probe_ratio: float | None = None,
                   profile: bool = False, run_probed=None) -> None:
     """The project step with the language model's decoder layers compiled (compiled already: compiled
@@ -699,9 +686,11 @@ def compiled_step(bb, run_step, batches, steps: int, device, emit, plain_ckpt: f
     estimated from it; with ``run_probed`` (a probed step, compiled too: the trainer's default where
     ``--compile auto`` compiles) it is measured, after one untimed probed step. With ``profile``, one
     more step is profiled (``profile_step_compiled``): where the compiled step's time goes."""
+    from vlm2rec_lab.accel.compile import compile_layers
+
     try:
         eager = run_step(batches[0], do_step=False) if path == "project_compiled" else None
-        bb.compile_layers(backend=backend, retained_backward=run_probed is not None)  # (as the trainer does)
+        compile_layers(backbone, backend=backend, retained_backward=run_probed is not None)  # (as the trainer does)
         sync(device); t = time.perf_counter()
         compiled = run_step(batches[0])
         sync(device)

@@ -3,9 +3,8 @@ the 3B model's (36 decoder layers, LoRA r 16 on the seven projections with dropo
 to bf16, the project's fused stand-ins, AdamW) but tiny widths, so that its arithmetic is small: the
 wall time is then mostly what a GPU step also pays on its host (Python, dispatch, autograd). It is
 measured at two token counts (8 prompts of 4 or 8 tokens) and extrapolated to none, which leaves
-the arithmetic out and the host's work per prompt in (the step at the defaults has 32 prompts: count
-about 0.3 ms more for each prompt beyond 8, measured here as 32 prompts of 4 tokens against 8 of
-16). Compare it with a GPU step's time (``gpu_bench.py``'s ``host_share`` measures the share on the
+the arithmetic out and the host's work per prompt in (the step at the defaults has 32 prompts: the
+cost of each prompt beyond 8 is measured here as 32 prompts of 4 tokens against 8 of 16). Compare it with a GPU step's time (``gpu_bench.py``'s ``host_share`` measures the share on the
 GPU itself).
 
 Usage: python bench/host_cost.py [--layers 36] [--threads 1] [--steps 10]
@@ -37,6 +36,7 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    from vlm2rec_lab.accel.packing import forward_packed
     from vlm2rec_lab.backbones import Backbone, lora_target_regex
 
     cfg = model_config(tiny=True)
@@ -45,14 +45,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration._from_config(cfg).model.train().requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.2, target_modules=lora_target_regex("vlm")))
-    bb = Backbone(name="host-cost", model=model, tokenizer=None, image_processor=None, kind="vlm")
+    backbone = Backbone(name="host-cost", model=model, tokenizer=None, image_processor=None, kind="vlm")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)  # as the trainer's
 
     def step(seqs: list, pos: list) -> None:
         opt.zero_grad(set_to_none=True)
         # the GPU path's context (Backbone.compute autocasts on CUDA only): stand-ins, PEFT's casts off, autocast
-        with bb._stand_ins(cast_off=True), torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = bb.forward_packed(seqs, pos)
+        with backbone.engine.stand_ins(skip_input_cast=True), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = forward_packed(backbone, seqs, pos)
         hidden.float().pow(2).mean().backward()
         opt.step()
 

@@ -28,7 +28,7 @@ def write_images(folder: Path, n: int, size: int, workers: int = 0) -> list[str]
     ``workers`` threads (0: in this thread)."""
     from PIL import Image
 
-    from vlm2rec_lab.prefetch import ordered_map
+    from vlm2rec_lab.accel.prefetch import ordered_map
 
     folder.mkdir(parents=True, exist_ok=True)
     base = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
@@ -55,11 +55,12 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
+    from vlm2rec_lab.accel.prefetch import default_workers
     from vlm2rec_lab.backbones import load_backbone
+    from vlm2rec_lab.config import SpeedConfig
     from vlm2rec_lab.data.dataset import Dataset
     from vlm2rec_lab.data.synthetic import synthetic_dataset
     from vlm2rec_lab.encoder import Encoder
-    from vlm2rec_lab.prefetch import default_workers
 
     tmp = tempfile.TemporaryDirectory(prefix="vlm2rec-bench-")
     work = Path(tmp.name)
@@ -67,7 +68,7 @@ def main() -> None:
         ds = Dataset.load(a.data)
     else:
         ds = synthetic_dataset(work)
-    bb = load_backbone("tiny", dataset=ds, device=a.device, max_pixels=a.pixels)
+    backbone = load_backbone("tiny", dataset=ds, device=a.device, max_pixels=a.pixels)
     paths = write_images(work / "jpeg", a.images, a.size)
     items = pd.DataFrame({"item_id": [str(i) for i in range(a.images)], "title": ["x"] * a.images, "image": paths})
     workers = default_workers() if a.workers is None else a.workers
@@ -76,12 +77,12 @@ def main() -> None:
     def fill(n_workers: int) -> tuple[float, list]:
         best, feats = float("inf"), None
         for _ in range(a.repeats):
-            enc = Encoder(bb, items, image_workers=n_workers)
-            if bb.device.type == "cuda":
+            enc = Encoder(backbone, items, SpeedConfig(image_workers=n_workers))
+            if backbone.device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
             feats, _ = enc.vision_features(idx)
-            if bb.device.type == "cuda":
+            if backbone.device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t)
         return best, feats
@@ -90,18 +91,18 @@ def main() -> None:
     threaded, fb = fill(workers)
     # the CPU half alone (reading, decoding, preprocessing; no vision tower), serial and threaded: on a
     # GPU machine this is what runs beside the tower
-    from vlm2rec_lab.prefetch import ordered_map
+    from vlm2rec_lab.accel.prefetch import ordered_map
 
-    enc = Encoder(bb, items, image_workers=0)
+    enc = Encoder(backbone, items, SpeedConfig(image_workers=0))
     cpu = {}
     for n in (0, workers):
         t = time.perf_counter()
-        for _ in ordered_map(enc._pixels_of, idx, n):
+        for _ in ordered_map(enc.pixels_of, idx, n):
             pass
         cpu[n] = time.perf_counter() - t
     diff = max(float((x - y).abs().max()) for x, y in zip(fa, fb))
-    tokens = bb.tokens_per_image(enc._pixels_of(0)[1][0])
-    common = {"images": a.images, "jpeg_px": a.size, "visual_tokens": tokens, "device": str(bb.device),
+    tokens = backbone.tokens_per_image(enc.pixels_of(0)[1][0])
+    common = {"images": a.images, "jpeg_px": a.size, "visual_tokens": tokens, "device": str(backbone.device),
               "cores": default_workers(cap=1 << 10)}
     print(json.dumps({"figure": "image_cache_fill", "path": "plain", "workers": 0, "seconds": round(serial, 3),
                       "ms_per_image": round(1e3 * serial / a.images, 2), **common}), flush=True)

@@ -43,11 +43,12 @@ def random_backbone(titles: list[str], tiny: bool, device: torch.device, min_px:
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vlm2rec_lab.attention import set_vision_attention
-    from vlm2rec_lab.backbones import SPECIAL_TOKENS, Backbone, _train_tokenizer
+    from vlm2rec_lab.accel.attention import set_vision_attention
+    from vlm2rec_lab.backbones import Backbone
+    from vlm2rec_lab.tiny import SPECIAL_TOKENS, train_tokenizer
     from vlm2rec_lab.prompts import prompt_words
 
-    tokenizer = _train_tokenizer(titles + prompt_words() + ["Describe this item."], 4096)
+    tokenizer = train_tokenizer(titles + prompt_words() + ["Describe this item."], 4096)
     processor = Qwen2VLImageProcessorPil(min_pixels=min_px * min_px, max_pixels=224 * 224, patch_size=14, merge_size=2,
                                          temporal_patch_size=2)
     cfg = model_config(tiny)
@@ -76,12 +77,12 @@ def main() -> None:
         a.items, a.plain_items = min(a.items, 48), min(a.plain_items, 16)
     device = torch.device("cpu" if a.tiny or not torch.cuda.is_available() else "cuda")
 
-    from vlm2rec_lab.attention import set_vision_attention
-    from vlm2rec_lab.config import SynthConfig
+    from vlm2rec_lab.accel.attention import set_vision_attention
+    from vlm2rec_lab.config import SpeedConfig, SynthConfig
     from vlm2rec_lab.data.formats import read_amazon2018
     from vlm2rec_lab.data.synthetic import generate
     from vlm2rec_lab.encoder import Encoder
-    from vlm2rec_lab.prefetch import default_workers
+    from vlm2rec_lab.accel.prefetch import default_workers
 
     emit = lambda **kw: print(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **kw}), flush=True)  # noqa: E731
     workers = default_workers() if a.workers is None else a.workers
@@ -91,8 +92,8 @@ def main() -> None:
     meta = read_amazon2018([str(raw)]).meta or {}
     titles = [m["title"] for m in meta.values() if m.get("title")][:a.items]
     titles = (titles * (a.items // len(titles) + 1))[:a.items]
-    bb = random_backbone(titles, a.tiny, device)
-    model = bb.model
+    backbone = random_backbone(titles, a.tiny, device)
+    model = backbone.model
     t = time.perf_counter()
     paths = write_images(work / "jpeg", a.items, a.size, workers)
     emit(figure="jpegs_written", items=a.items, px=a.size, seconds=round(time.perf_counter() - t, 2))
@@ -111,9 +112,9 @@ def main() -> None:
         for path in ("plain", "project"):
             plain = path == "plain"
             set_vision_attention(model, varlen=not plain)
-            bb.mixed_precision = not plain
-            enc = Encoder(bb, items, cache_vision=not plain, packed=not plain, batch_size=32 if plain else 128,
-                          image_workers=0 if plain else workers)
+            backbone.engine.fused = not plain
+            enc = Encoder(backbone, items, SpeedConfig(cache_vision=not plain, packed=not plain, image_workers=0 if plain else workers),
+                          batch_size=32 if plain else 128)
             n = 8 if warm else (a.plain_items if plain else a.items)
             secs, out = embed(enc, n)
             if not warm:

@@ -58,11 +58,11 @@ def main() -> None:
     _, hist, _ = ds.train_examples(None)
     emit(figure="pipeline_train_domain", users=a.users, items=ds.n_items, examples=len(hist),
          history_mean=round(float((hist >= 0).sum(1).mean()), 2), seconds=round(time.perf_counter() - t, 1))
-    bb = random_backbone(ds.items["title"].tolist(), a.tiny, device, min_px=56 if a.tiny else 224)
+    backbone = random_backbone(ds.items["title"].tolist(), a.tiny, device, min_px=56 if a.tiny else 224)
     # the defaults for a real backbone (the name only picks them: the backbone itself is passed)
     cfg = TrainConfig(backbone="random-3b", method="vlm2rec", max_steps=a.steps, seed=0)
     t = time.perf_counter()
-    tr = Trainer(cfg, ds, work / "run", backbone=bb, progress=False)
+    tr = Trainer(cfg, ds, work / "run", backbone=backbone, progress=False)
     sync(device)
     setup = time.perf_counter() - t
     t = time.perf_counter()
@@ -73,8 +73,8 @@ def main() -> None:
     emit(figure="pipeline_train_setup", trainer_s=round(setup, 1), cache_images=n_images, cache_fill_s=round(fill, 2),
          images_per_s=round(n_images / fill, 1), beauty_fill_s=round(BEAUTY_ITEMS * fill / n_images, 1),
          lora_dropout=tr.cfg.lora_dropout, batch_size=tr.cfg.batch_size, grad_cos_every=tr.cfg.grad_cos_every,
-         checkpoint_every=tr.cfg.checkpoint_every, dropout_active=tr.bb.dropout_active)
-    sel = tr._order(0)[:tr.cfg.batch_size]
+         checkpoint_every=tr.cfg.checkpoint_every, dropout_active=tr.backbone.engine.dropout_active)
+    sel = tr.order(0)[:tr.cfg.batch_size]
     layout = tr.encoder.layout(tr.requests(tr.hist[sel], tr.targets[sel]))
     tokens = sum(len(s) for s in layout.sequences) if layout is not None else None
     t = time.perf_counter()

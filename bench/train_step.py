@@ -34,7 +34,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
 
-    from vlm2rec_lab.config import TrainConfig
+    from vlm2rec_lab.config import SpeedConfig, TrainConfig
     from vlm2rec_lab.data.dataset import Dataset
     from vlm2rec_lab.data.synthetic import synthetic_dataset
     from vlm2rec_lab.train import Trainer
@@ -48,7 +48,7 @@ def main() -> None:
 
     per_step = {}
     for cache in (True, False):
-        cfg = TrainConfig(method=a.method, cache_vision=cache, max_steps=a.steps, grad_cos_every=0, checkpoint_every=0)
+        cfg = TrainConfig(method=a.method, speed=SpeedConfig(cache_vision=cache), max_steps=a.steps, grad_cos_every=0, checkpoint_every=0)
         tr = Trainer(cfg, ds, work / f"cache_{cache}", progress=False)
         t0 = time.perf_counter()
         if cache:
@@ -66,15 +66,15 @@ def main() -> None:
     if not a.no_probe:  # median step time: every step probed against none, probed forwards apart or not
         import statistics
 
-        from vlm2rec_lab.train import PROBE_APART
+        from vlm2rec_lab.probe import PROBE_FORWARDS
 
         probed = {}
-        for name, groups in (("apart", PROBE_APART), ("one_forward", None)):
+        for name, groups in (("apart", PROBE_FORWARDS), ("one_forward", None)):
             secs = {}
             for every in (0, 1):
                 cfg = TrainConfig(method=a.method, max_steps=a.steps, grad_cos_every=every, checkpoint_every=0)
                 tr = Trainer(cfg, ds, work / f"probe_{name}_{every}", progress=False)
-                tr.probe_apart = groups
+                tr.probe_forwards = groups
                 settle(torch.device("cpu"))
                 tr.train()
                 secs[every] = statistics.median(r["seconds"] for r in tr.log[1:])

@@ -1,10 +1,8 @@
 """Benchmark: memory traffic of one Qwen2.5-VL-3B vision block in bf16, Hugging Face's modules against
-the compute path's vision attention (``vlm2rec_lab.fused.vision_attention_forward``: the rotary half
+the compute path's vision attention (``vlm2rec_lab.accel.fused.vision_attention_forward``: the rotary half
 by half, no fp32 copies), side by side in one run, on the CPU.
 
-In eager mode the vision tower waits on memory traffic more than on its matrix products (on an H100
-it ran at about 19% of the bf16 peak, its operators moving about 1.7 TB/s on average by this count),
-so the bytes each operator reads and writes say what a stand-in can save there. They are counted at the ATen level under a
+In eager mode the vision tower waits on memory traffic more than on its matrix products, so the bytes each operator reads and writes say what a stand-in can save there. They are counted at the ATen level under a
 dispatch mode: each operator's tensor inputs (broadcast dimensions counted once) and outputs; views
 move nothing. The wall time is the CPU's (bf16 on a CPU, for the record, not a GPU projection).
 
@@ -64,8 +62,8 @@ def main() -> None:
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLVisionBlock,
                                                                     Qwen2_5_VLVisionRotaryEmbedding)
 
-    from vlm2rec_lab.attention import NAME, register_varlen
-    from vlm2rec_lab.fused import fused_forwards
+    from vlm2rec_lab.accel.attention import NAME, register_varlen
+    from vlm2rec_lab.accel.fused import fused_forwards
 
     cfg = model_config(a.tiny).vision_config
     register_varlen()

@@ -66,7 +66,7 @@ def beauty(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_path(synth_ds):
-    from vlm2rec_lab.backbones import build_tiny
+    from vlm2rec_lab.tiny import build_tiny
 
     return build_tiny(synth_ds, seed=0, progress=False)
 

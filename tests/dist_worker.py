@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from vlm2rec_lab import distributed as dist
+from vlm2rec_lab.accel import distributed as dist
 from vlm2rec_lab.config import TrainConfig
 from vlm2rec_lab.data.dataset import Dataset
 from vlm2rec_lab.runs import create_run, embed_run
@@ -24,7 +24,7 @@ def main(mode: str, data: str, out: str) -> None:
         mine = rank_tensors(dist.rank())
         calls, real = [], dist.dist.all_reduce
         dist.dist.all_reduce = lambda t, **k: calls.append(t.numel()) or real(t, **k)
-        dist._all_reduce_mean(mine, bucket_elements=10)
+        dist.all_reduce_mean(mine, bucket_elements=10)
         dist.dist.all_reduce = real
         missing = dist.average_tensors([None, mine[0]], like=[torch.ones(2, 3), None])
         if dist.rank() == 0:
@@ -53,10 +53,10 @@ def main(mode: str, data: str, out: str) -> None:
     elif mode == "init":
         import time
 
-        from vlm2rec_lab import backbones
+        from vlm2rec_lab import tiny
         from vlm2rec_lab import train as train_module
 
-        order, real_build, real_load = [], backbones.build_tiny, train_module.load_backbone
+        order, real_build, real_load = [], tiny.build_tiny, train_module.load_backbone
 
         def build(*a, **k):  # rank 0 takes its time; rank 1 must come after it
             if dist.rank() == 0:
@@ -68,12 +68,12 @@ def main(mode: str, data: str, out: str) -> None:
             return real_build(*a, **k)
 
         def load(*a, **k):  # rank 1's random stream moves on before its adapter is made
-            bb = real_load(*a, **k)
+            backbone = real_load(*a, **k)
             if dist.rank() == 1:
                 torch.rand(7)
-            return bb
+            return backbone
 
-        backbones.build_tiny, train_module.load_backbone = build, load
+        tiny.build_tiny, train_module.load_backbone = build, load
         cfg = TrainConfig(method="vlm2rec", batch_size=8, users_k=32, alpha=0.7, checkpoint_every=0)
         tr = Trainer(cfg, ds, out / "init", progress=False)
         mine = torch.cat([p.detach().reshape(-1) for p in tr.lora] + [tr.alpha.detach().reshape(1), tr.beta.detach().reshape(1)])
@@ -86,15 +86,15 @@ def main(mode: str, data: str, out: str) -> None:
         from vlm2rec_lab.backbones import load_backbone
         from vlm2rec_lab.encoder import Encoder
 
-        bb = load_backbone("tiny", dataset=ds, device="cpu")
-        encoded, real = [], bb.image_features
-        bb.image_features = lambda px, grid: encoded.append(len(grid)) or real(px, grid)
-        enc = Encoder(bb, ds.items)
+        backbone = load_backbone("tiny", dataset=ds, device="cpu")
+        encoded, real = [], backbone.image_features
+        backbone.image_features = lambda px, grid: encoded.append(len(grid)) or real(px, grid)
+        enc = Encoder(backbone, ds.items)
         enc.vision_features([3, 5])  # some images already cached on one rank only
         if dist.rank() == 1:
             enc.vision_features([7])
         enc.cache_all()
-        held = dist.gather_objects({i: (f.clone(), g.clone()) for i, (f, g) in enc._features.items()})
+        held = dist.gather_objects({i: (f.clone(), g.clone()) for i, (f, g) in enc.features.items()})
         counts = dist.gather_objects(sum(encoded))
         if dist.rank() == 0:
             torch.save({"held": held, "encoded": counts}, out / f"cache_{dist.world_size()}.pt")

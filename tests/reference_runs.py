@@ -43,6 +43,6 @@ def item_embeddings(tr) -> np.ndarray:
     """The fused item embeddings (T + V) of a trained run's model, dropout off."""
     import torch
 
-    tr.bb.model.eval()
+    tr.backbone.model.eval()
     with torch.no_grad():
         return (tr.encoder.item_embeddings("T") + tr.encoder.item_embeddings("V")).numpy()

@@ -8,8 +8,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vlm2rec_lab import attention
-from vlm2rec_lab.attention import segment_groups, set_vision_attention, varlen_attention_forward, varlen_sdpa
+from vlm2rec_lab.accel import attention, packing
+from vlm2rec_lab.accel.checkpointing import checkpointed_every, enable_checkpointing
+from vlm2rec_lab.accel.compile import compile_layers
+from vlm2rec_lab.accel.attention import segment_groups, set_vision_attention, varlen_attention_forward, varlen_sdpa
+from vlm2rec_lab.config import SpeedConfig
 
 
 def _per_segment(q, k, v, lengths, scale):
@@ -77,7 +80,7 @@ def test_flash_layout_lists_each_segments_prefix_then_own_keys():
     mask give the grouped SDPA's output."""
     from torch.nn.attention.bias import causal_lower_right
 
-    from vlm2rec_lab.attention import _flash_layout, _plan
+    from vlm2rec_lab.accel.attention import _flash_layout, _plan
 
     g = torch.Generator().manual_seed(5)
     lengths, prefix_of = [3, 4, 0, 2, 4, 3], [-1, 0, -1, -1, 0, 3]
@@ -96,7 +99,7 @@ def test_flash_layout_lists_each_segments_prefix_then_own_keys():
 
 
 def test_shared_prefixes_split_prompts_that_begin_alike():
-    from vlm2rec_lab.attention import shared_prefixes
+    from vlm2rec_lab.accel.attention import shared_prefixes
 
     def pos(n, start=0):
         return torch.arange(start, start + n).expand(3, -1)
@@ -168,9 +171,10 @@ def test_vision_index_inputs_joined_per_grid_equal_the_towers_functions(tiny):
     edge, a grid of two frames; and again from remembered pieces."""
     import sys
 
-    from vlm2rec_lab.backbones import _unwrap, vision_index_inputs
+    from vlm2rec_lab.accel.vision_index import vision_index_inputs
+    from vlm2rec_lab.backbones import unwrap
 
-    visual = _unwrap(tiny.model).visual
+    visual = unwrap(tiny.model).visual
     mod = sys.modules[type(visual).__module__]
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4], [1, 6, 10], [1, 2, 2], [2, 4, 6], [1, 4, 8]])
     m = visual.spatial_merge_size
@@ -197,14 +201,15 @@ def test_vision_index_inputs_from_the_cpu_are_the_towers_own(tiny, monkeypatch, 
     grid's pieces are worked out once."""
     import sys
 
-    from vlm2rec_lab.backbones import _unwrap, takes_vision_index_inputs
+    from vlm2rec_lab.accel.vision_index import takes_vision_index_inputs
+    from vlm2rec_lab.backbones import unwrap
 
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4]])
     px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
-    base = _unwrap(tiny.model)
+    base = unwrap(tiny.model)
     assert takes_vision_index_inputs(base.visual) and not takes_vision_index_inputs(torch.nn.Linear(2, 2))
     set_vision_attention(tiny.model, varlen=varlen)
-    with torch.no_grad(), tiny.compute(autocast=False):
+    with torch.no_grad(), tiny.engine.compute(autocast=False):
         own = base.get_image_features(px, grids, return_dict=True).pooler_output
     mod = sys.modules[type(base.visual).__module__]
     found = []
@@ -232,13 +237,13 @@ def test_vision_index_inputs_from_the_cpu_are_the_towers_own(tiny, monkeypatch, 
     assert [f for _, f in found].count(False) == 3 * 3 and len(found) == 3 * 3 + 2 * 3
     assert all(f for _, f in found[9:])
     assert block_kwargs and all(k <= {"cu_seqlens", "max_seqlen", "position_embeddings"} for k in block_kwargs)
-    assert len(ours) == len(own) == 4 and set(tiny._vision_memo) == {(1, 8, 8), (1, 4, 8), (1, 4, 4)}
+    assert len(ours) == len(own) == 4 and set(tiny.vision_index.pieces) == {(1, 8, 8), (1, 4, 8), (1, 4, 4)}
     for a, b, c in zip(ours, again, own):
         assert torch.equal(a, c) and torch.equal(b, c)
 
 
 def test_mixed_precision_context_is_a_no_op_on_the_cpu(tiny):
-    with tiny.compute():
+    with tiny.engine.compute():
         assert not torch.is_autocast_enabled("cuda")
 
 
@@ -252,17 +257,17 @@ def test_mixed_precision_lora_matches_peft_casting_on_gpu(synth_ds, tiny_path):
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
-    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    enc = Encoder(bb, synth_ds.items)
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cuda")
+    apply_lora(backbone, TrainConfig(method="vlm-sft").resolved())
+    enc = Encoder(backbone, synth_ds.items, SpeedConfig(packed=False))
     lists = [[0, 1, 2], [3, 4]]
     out = {}
     for mixed in (False, True):
-        bb.mixed_precision = mixed
-        bb.model.zero_grad()
-        z = enc.embed("T", lists)
+        backbone.engine.fused = mixed
+        backbone.model.zero_grad()
+        z = enc.embed_sets([("T", lists)])[0]
         z.pow(2).sum().backward()
-        grads = [p.grad for p in bb.model.parameters() if p.requires_grad]
+        grads = [p.grad for p in backbone.model.parameters() if p.requires_grad]
         assert all(gr is not None and gr.dtype == torch.float32 for gr in grads)
         out[mixed] = z.detach()
     torch.testing.assert_close(out[True], out[False], rtol=2e-2, atol=2e-2)
@@ -273,12 +278,12 @@ def _lora_tiny(synth_ds):
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    for n, p in bb.model.named_parameters():  # LoRA B starts at zero: make the adapters do something
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(backbone, TrainConfig(method="vlm-sft").resolved())
+    for n, p in backbone.model.named_parameters():  # LoRA B starts at zero: make the adapters do something
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
-    return bb
+    return backbone
 
 
 def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny_path, monkeypatch):
@@ -287,24 +292,24 @@ def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny
     as four padded forwards. The prefixes are really shared (one per prompt kind). In a packed
     forward the last layer's MLP runs on the 20 prompts' last tokens only (the padded forwards: on
     every token)."""
-    from vlm2rec_lab import attention
+    from vlm2rec_lab.accel import attention
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _lora_tiny(synth_ds)
+    backbone = _lora_tiny(synth_ds)
     lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], [[11], [12], [13], [14]]
     requests = [("T", lists), ("V", lists), ("T", items), ("V", items), ("I", lists)]
     seen, last_mlp_rows = [], []
     real = attention.shared_prefixes
     monkeypatch.setattr(attention, "shared_prefixes", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
-    bb.decoder_layers()[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[:-1]))
+    backbone.decoder_layers()[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[:-1]))
     results = {}
     for packed, share in ((False, False), (True, False), (True, True)):
-        enc = Encoder(bb, synth_ds.items, packed=packed, share_prefix=share)
-        bb.model.zero_grad()
+        enc = Encoder(backbone, synth_ds.items, SpeedConfig(packed=packed, share_prefix=share))
+        backbone.model.zero_grad()
         last_mlp_rows.clear()
         out = enc.embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
-        grads = {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.requires_grad}
         results[packed, share] = ([o.detach() for o in out], grads)
         if packed:
             assert last_mlp_rows == [(1, 20)]
@@ -324,31 +329,31 @@ def test_packed_forward_gives_the_padded_embeddings_and_gradients(synth_ds, tiny
 
 
 def test_requests_packed_apart_keep_their_graphs_apart(synth_ds, tiny_path, monkeypatch):
-    """``embed_sets(apart=)``, as a probed training micro-batch uses it: text histories, image
+    """``embed_sets(forward_groups=)``, as a probed training micro-batch uses it: text histories, image
     histories and targets in forwards of their own give the embeddings of one packed forward, from a
     layout worked out beforehand too; a gradient of the text histories' embeddings runs backward
     through their forward alone (the others' outputs see no gradient), where with one forward it
     runs through all prompts. A grouping that misses or repeats a request is an error."""
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _lora_tiny(synth_ds)
+    backbone = _lora_tiny(synth_ds)
     lists, items = [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9], [10]], [[11], [12], [13], [14]]
     requests = [("T", lists), ("V", lists[:3]), ("T", items), ("V", items)]  # 4, 3 and 8 prompts
-    enc = Encoder(bb, synth_ds.items, packed=True, share_prefix=True)
-    real, reached = bb.forward_packed, []
+    enc = Encoder(backbone, synth_ds.items, SpeedConfig(packed=True, share_prefix=True))
+    real, reached = packing.forward_packed, []
 
-    def forward_packed(seqs, *a, **k):  # note which forwards a backward reaches (by their prompt count)
-        out = real(seqs, *a, **k)
+    def forward_packed(backbone, seqs, *a, **k):  # note which forwards a backward reaches (by their prompt count)
+        out = real(backbone, seqs, *a, **k)
         out.register_hook(lambda g, n=len(seqs): reached.append(n))
         return out
 
-    monkeypatch.setattr(bb, "forward_packed", forward_packed)
+    monkeypatch.setattr(packing, "forward_packed", forward_packed)
     whole = enc.embed_sets(requests)
-    apart = enc.embed_sets(requests, enc.layout(requests), apart=((0,), (1,), (2, 3)))
+    apart = enc.embed_sets(requests, enc.layout(requests), forward_groups=((0,), (1,), (2, 3)))
     for a, b in zip(whole, apart):
         assert a.shape == b.shape
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    lora = [p for p in bb.model.parameters() if p.requires_grad]
+    lora = [p for p in backbone.model.parameters() if p.requires_grad]
     g_apart = torch.autograd.grad(apart[0].sum(), lora, allow_unused=True)
     assert reached == [4]  # the text histories' forward only: 4 prompts (shared prefixes are their own segments)
     g_whole = torch.autograd.grad(whole[0].sum(), lora, allow_unused=True)
@@ -357,7 +362,7 @@ def test_requests_packed_apart_keep_their_graphs_apart(synth_ds, tiny_path, monk
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
     for bad in (((0,), (1,), (2,)), ((0, 1), (1,), (2, 3))):
         with pytest.raises(ValueError, match="exactly one group"):
-            enc.embed_sets(requests, apart=bad)
+            enc.embed_sets(requests, forward_groups=bad)
 
 
 @pytest.mark.parametrize("every", [1, 2])
@@ -367,17 +372,17 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
     recomputations run the packed attention (with the prefixes) and the fused LoRA stand-ins again,
     once per checkpointed layer, draw the same dropout masks, and leave nothing swapped in. The last
     layer's recomputed MLP, like its forward, runs on the prompts' last tokens only."""
-    from vlm2rec_lab import attention, fused
+    from vlm2rec_lab.accel import attention, fused
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _lora_tiny(synth_ds)
-    for m in bb.model.modules():
+    backbone = _lora_tiny(synth_ds)
+    for m in backbone.model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.3
-    bb.model.train()
-    layers = bb.decoder_layers()
+    backbone.model.train()
+    layers = backbone.decoder_layers()
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
-    enc = Encoder(bb, synth_ds.items, share_prefix=True)
+    enc = Encoder(backbone, synth_ds.items, SpeedConfig(share_prefix=True))
     calls = {"attention": 0, "lora": 0}
     real_sdpa, real_lora = attention.varlen_sdpa, fused.fused_forward
 
@@ -389,34 +394,34 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
 
     monkeypatch.setattr(attention, "varlen_sdpa", count("attention", real_sdpa))
     monkeypatch.setattr(fused, "fused_forward", count("lora", real_lora))
-    bb._fusion_cache = None  # (the stand-ins are bound from fused.fused_forward when first found)
+    backbone.engine.forget()  # (the stand-ins are bound from fused.fused_forward when first found)
     last_mlp_rows = []
     layers[-1].mlp.up_proj.register_forward_pre_hook(lambda m, args: last_mlp_rows.append(args[0].shape[1]))
     results = {}
     for ckpt in (False, True):
         if ckpt:
-            bb.enable_checkpointing(every)
-        assert bb.checkpoint_every == (every if ckpt else 0)
-        bb.model.zero_grad()
+            enable_checkpointing(backbone, every)
+        assert checkpointed_every(backbone) == (every if ckpt else 0)
+        backbone.model.zero_grad()
         torch.manual_seed(0)
         out = enc.embed_sets(requests)
         forward = dict(calls)
-        params = [p for p in bb.model.parameters() if p.requires_grad]
+        params = [p for p in backbone.model.parameters() if p.requires_grad]
         loss = sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out)
         # as in a probed training step: two gradient passes that keep the graph, then the backward
         probes = [torch.autograd.grad(part, params, retain_graph=True, allow_unused=True) for part in (out[0].sum(), out[1].sum())]
         loss.backward()
         recomputed = {k: calls[k] - forward[k] for k in calls}
         calls.update(attention=0, lora=0)
-        results[ckpt] = ([o.detach() for o in out], {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad},
+        results[ckpt] = ([o.detach() for o in out], {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.requires_grad},
                          probes)
         n_ckpt = 3 * len(range(0, len(layers), every)) if ckpt else 0  # (three backward passes)
         assert recomputed == {"attention": n_ckpt, "lora": n_ckpt * forward["lora"] // len(layers)}
         last_recomputed = ckpt and (len(layers) - 1) % every == 0
         assert last_mlp_rows == [8] * (1 + 3 * last_recomputed)  # 8 prompts, in the forward and each recomputation
         last_mlp_rows.clear()
-    assert not bb._computing and attention.packed_state() is None
-    assert not any("forward" in vars(m) for m in bb.model.modules() if hasattr(m, "lora_A"))
+    assert not backbone.engine.computing and attention.packed_state() is None
+    assert not any("forward" in vars(m) for m in backbone.model.modules() if hasattr(m, "lora_A"))
     for a, b in zip(*(results[k][0] for k in (False, True))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for n, g in results[False][1].items():
@@ -427,30 +432,30 @@ def test_checkpointed_packed_forwards_recompute_in_their_own_state(synth_ds, tin
             if x is not None:
                 torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-7)
     # Hugging Face's own switch afterwards: every layer, and reported so
-    bb.model.get_base_model().activation_checkpointing_enable()
-    assert bb.checkpoint_every == 1
+    backbone.model.get_base_model().activation_checkpointing_enable()
+    assert checkpointed_every(backbone) == 1
 
 
 def test_prefixes_are_shared_only_where_that_changes_nothing(synth_ds, tiny_path, monkeypatch):
     """With LoRA dropout drawing masks (training), prompts would share the prefix's mask: the default
     keeps their prefixes apart; in evaluation, or when asked (share_prefix=True), they are shared."""
-    from vlm2rec_lab import attention
+    from vlm2rec_lab.accel import attention
     from vlm2rec_lab.backbones import load_backbone
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft", lora_dropout=0.2).resolved())
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(backbone, TrainConfig(method="vlm-sft", lora_dropout=0.2).resolved())
     calls = []
     real = attention.shared_prefixes
     monkeypatch.setattr(attention, "shared_prefixes", lambda *a, **k: calls.append(1) or real(*a, **k))
     requests = [("T", [[0, 1], [2, 3]])]
     for share, training, expect in ((None, True, 0), (None, False, 1), (True, True, 1), (False, False, 0)):
         calls.clear()
-        bb.model.train(training)
-        assert bb.dropout_active == training
-        Encoder(bb, synth_ds.items, share_prefix=share).embed_sets(requests)
+        backbone.model.train(training)
+        assert backbone.engine.dropout_active == training
+        Encoder(backbone, synth_ds.items, SpeedConfig(share_prefix=share)).embed_sets(requests)
         assert len(calls) == expect, (share, training)
 
 
@@ -467,18 +472,18 @@ def test_compiled_layers_give_the_same_packed_step(synth_ds, tiny_path, checkpoi
     results = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        bb = _lora_tiny(synth_ds)
-        bb.model.train()
-        keys = set(bb.model.state_dict())
+        backbone = _lora_tiny(synth_ds)
+        backbone.model.train()
+        keys = set(backbone.model.state_dict())
         if compiled:
             if checkpointed:
-                bb.enable_checkpointing(2)
-            assert bb.compile_layers(backend="aot_eager") == 2
-            assert set(bb.model.state_dict()) == keys
-        out = Encoder(bb, synth_ds.items).embed_sets(requests)
+                enable_checkpointing(backbone, 2)
+            assert compile_layers(backbone, backend="aot_eager") == 2
+            assert set(backbone.model.state_dict()) == keys
+        out = Encoder(backbone, synth_ds.items).embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in out).backward()
         results[compiled] = ([o.detach() for o in out],
-                             {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad})
+                             {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.requires_grad})
     for a, b in zip(results[False][0], results[True][0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for n, g in results[False][1].items():
@@ -492,11 +497,11 @@ def test_the_varlen_kernel_setting(monkeypatch):
     import subprocess
     import sys
 
-    from vlm2rec_lab.attention import flash_usable, set_varlen_kernel
+    from vlm2rec_lab.accel.attention import flash_usable, set_varlen_kernel
 
     env = {k: v for k, v in os.environ.items() if k != "VLM2REC_VARLEN_KERNEL"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    probe = "from vlm2rec_lab import attention; print(attention._kernel)"
+    probe = "from vlm2rec_lab.accel import attention; print(attention._kernel)"
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "flash"
     with pytest.raises(ValueError, match="one of"):
         set_varlen_kernel("fast")
@@ -531,7 +536,7 @@ def test_flash_varlen_kernel_matches_grouped_sdpa_on_gpu(causal, monkeypatch):
     """PyTorch's variable-length flash kernel against the grouped SDPA, bf16, grouped-query heads:
     outputs and input gradients within bf16 tolerance; also with shared prefixes (the flash call's
     causal mask aligned at the end of each segment's [prefix, own] keys)."""
-    from vlm2rec_lab.attention import set_varlen_kernel
+    from vlm2rec_lab.accel.attention import set_varlen_kernel
 
     g = torch.Generator(device="cuda").manual_seed(0)
     lengths = [64, 17, 64, 33, 5]
@@ -561,7 +566,7 @@ def test_compiled_vision_blocks_give_the_same_features(tiny):
     px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         eager = tiny.image_features(px, grids)
-        assert tiny.compile_layers(backend="aot_eager", vision=True) == 2 + 2  # decoder layers + vision blocks
+        assert compile_layers(tiny, backend="aot_eager", vision=True) == 2 + 2  # decoder layers + vision blocks
         compiled = tiny.image_features(px, grids)
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -578,17 +583,17 @@ def test_vision_tower_never_waits_for_the_device_on_gpu(synth_ds, tiny_path, ker
     from vlm2rec_lab.backbones import load_backbone
 
     monkeypatch.setattr(attention, "_kernel", kernel)
-    bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
-    assert bb.model.visual.config._attn_implementation == attention.NAME  # (load_backbone's setting)
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cuda")
+    assert backbone.model.visual.config._attn_implementation == attention.NAME  # (load_backbone's setting)
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 8, 8], [1, 4, 4]])
-    px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda", dtype=bb.dtype)
+    px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda", dtype=backbone.dtype)
     with torch.no_grad():
-        bb.image_features(px, grids)
+        backbone.image_features(px, grids)
         torch.cuda.synchronize()
         try:
             torch.cuda.set_sync_debug_mode("error")
-            seen = bb.image_features(px, grids)
-            new = bb.image_features(px[:64].repeat(3, 1), grids[[0, 0, 0]])
+            seen = backbone.image_features(px, grids)
+            new = backbone.image_features(px[:64].repeat(3, 1), grids[[0, 0, 0]])
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert len(seen) == 4 and len(new) == 3
@@ -604,19 +609,19 @@ def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, ker
     layers compare boundaries by identity, so the CPU can queue layer after layer ahead of the GPU.
     Training mode with LoRA, prompts with images and shared prefixes (twice, each step's forward
     followed by its backward, which runs outside the check)."""
-    from vlm2rec_lab import attention
-    from vlm2rec_lab.backbones import _unwrap, load_backbone
+    from vlm2rec_lab.accel import attention
+    from vlm2rec_lab.backbones import load_backbone, unwrap
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.train import apply_lora
 
     monkeypatch.setattr(attention, "_kernel", kernel)
-    bb = load_backbone("tiny", dataset=synth_ds, device="cuda")
-    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    bb.model.train()
-    enc = Encoder(bb, synth_ds.items, share_prefix=True)
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cuda")
+    apply_lora(backbone, TrainConfig(method="vlm-sft").resolved())
+    backbone.model.train()
+    enc = Encoder(backbone, synth_ds.items, SpeedConfig(share_prefix=True))
     enc.cache_all()
-    lm = _unwrap(bb.model).language_model
+    lm = unwrap(backbone.model).language_model
     hooks = [lm.layers[0].register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error")),
              lm.norm.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode(0))]
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
@@ -628,7 +633,7 @@ def test_packed_layers_never_wait_for_the_device_on_gpu(synth_ds, tiny_path, ker
         torch.cuda.set_sync_debug_mode(0)
         for h in hooks:
             h.remove()
-    assert all(p.grad is not None for p in bb.model.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in backbone.model.parameters() if p.requires_grad)
 
 
 def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
@@ -641,41 +646,41 @@ def test_compiled_layers_compile_once_for_every_length(synth_ds, tiny_path):
     from torch._dynamo.utils import counters
 
     from vlm2rec_lab.encoder import Encoder
-    from vlm2rec_lab.train import PROBE_APART
+    from vlm2rec_lab.probe import PROBE_FORWARDS
 
     torch._dynamo.reset()  # (graphs and counts of earlier tests out of the way)
     try:
-        bb = _lora_tiny(synth_ds)
-        assert bb.compile_layers(backend="aot_eager", vision=True) == 2 + 2
-        assert bb.base_config.vision_config._attn_implementation == attention.NAME
-        enc = Encoder(bb, synth_ds.items, cache_vision=False)
+        backbone = _lora_tiny(synth_ds)
+        assert compile_layers(backbone, backend="aot_eager", vision=True) == 2 + 2
+        assert backbone.base_config.vision_config._attn_implementation == attention.NAME
+        enc = Encoder(backbone, synth_ds.items, SpeedConfig(cache_vision=False))
         rng = np.random.default_rng(0)
 
-        def step(n_users: int, apart=None) -> None:
-            bb.model.train()
+        def step(n_users: int, groups=None) -> None:
+            backbone.model.train()
             lists = [rng.integers(0, len(synth_ds.items), int(k)).tolist() for k in rng.integers(1, 11, n_users)]
             targets = [[int(i)] for i in rng.integers(0, len(synth_ds.items), n_users)]
-            out = enc.embed_sets([("T", lists), ("V", lists), ("T", targets), ("V", targets)], apart=apart)
+            out = enc.embed_sets([("T", lists), ("V", lists), ("T", targets), ("V", targets)], forward_groups=groups)
             sum(o.sum() for o in out).backward()
 
         def embed(n_items: int) -> None:
-            bb.model.eval()
-            enc._features.clear()
+            backbone.model.eval()
+            enc.features.clear()
             with torch.no_grad():
                 for kind in ("T", "V"):
                     enc.item_embeddings(kind, rng.choice(len(synth_ds.items), n_items, replace=False), batch_size=16)
 
-        step(4), step(4, PROBE_APART), embed(24)
+        step(4), step(4, PROBE_FORWARDS), embed(24)
         graphs = counters["stats"]["unique_graphs"]
         for n in (2, 7, 3):
             step(n)
-        step(5, PROBE_APART)
+        step(5, PROBE_FORWARDS)
         for n in (9, 40, 1):
             embed(n)
         assert counters["stats"]["unique_graphs"] == graphs
-        bb = _lora_tiny(synth_ds)  # a second model of the same shape reuses the graphs
-        bb.compile_layers(backend="aot_eager", vision=True)
-        enc = Encoder(bb, synth_ds.items, cache_vision=False)
+        backbone = _lora_tiny(synth_ds)  # a second model of the same shape reuses the graphs
+        compile_layers(backbone, backend="aot_eager", vision=True)
+        enc = Encoder(backbone, synth_ds.items, SpeedConfig(cache_vision=False))
         step(3), embed(5)
         assert counters["stats"]["unique_graphs"] == graphs
     finally:

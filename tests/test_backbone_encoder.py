@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from vlm2rec_lab.backbones import TinyConfig, build_tiny, lora_target_regex
-from vlm2rec_lab.config import TrainConfig
-from vlm2rec_lab.encoder import Encoder, last_token_pool
+from vlm2rec_lab.backbones import last_token_pool, lora_target_regex
+from vlm2rec_lab.config import SpeedConfig, TrainConfig
+from vlm2rec_lab.encoder import Encoder
 from vlm2rec_lab.prompts import sequence_prompt
+from vlm2rec_lab.tiny import TinyConfig, build_tiny
 from vlm2rec_lab.train import apply_lora
 
 
@@ -56,8 +57,8 @@ def test_lora_goes_on_the_language_model_only(tiny):
 
 def test_cached_and_uncached_vision_give_the_same_embeddings(tiny, synth_ds):
     hist = synth_ds.histories("test")[:6]
-    cached = Encoder(tiny, synth_ds.items, cache_vision=True)
-    plain = Encoder(tiny, synth_ds.items, cache_vision=False)
+    cached = Encoder(tiny, synth_ds.items, SpeedConfig(cache_vision=True))
+    plain = Encoder(tiny, synth_ds.items, SpeedConfig(cache_vision=False))
     for kind in ("V", "I"):
         a = cached.sequence_embeddings(kind, hist, batch_size=4)
         b = plain.sequence_embeddings(kind, hist, batch_size=3)
@@ -100,7 +101,7 @@ def test_missing_images_are_a_clear_error(tiny, synth_ds):
 def test_text_only_llm_backbone_refuses_image_prompts(tiny, synth_ds, cache_vision):
     tiny.kind, tiny.image_processor = "llm", None  # as a real text-only model loads
     with pytest.raises(ValueError, match="text-only"):
-        Encoder(tiny, synth_ds.items, cache_vision=cache_vision).item_embeddings("V", [0, 1])
+        Encoder(tiny, synth_ds.items, SpeedConfig(cache_vision=cache_vision)).item_embeddings("V", [0, 1])
 
 
 def test_a_processor_that_ignores_max_pixels_is_an_error(monkeypatch, tiny_path):

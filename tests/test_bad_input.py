@@ -234,7 +234,7 @@ def test_the_checkpoint_is_rebuilt_from_tensors_and_plain_values_only(synth_ds, 
 def test_a_resumed_run_restores_every_random_state(tmp_path):
     import random
 
-    from vlm2rec_lab.train import _rng_state, _set_rng_state
+    from vlm2rec_lab.checkpoint import rng_state as _rng_state, set_rng_state as _set_rng_state
 
     random.seed(1)
     np.random.seed(2)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vlm2rec_lab.distributed import free_port
+from vlm2rec_lab.accel.distributed import free_port
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,9 +90,10 @@ def test_each_process_draws_its_own_dropout_masks_and_resumes_its_own_stream(syn
     assert abs(two["whole"][1] - one["whole"][1]) > 1e-6  # (other masks for rank 1's rows, an equal distribution)
 
     # the 2-process checkpoint resumed by one process (and as rank 2 of 3)
-    from vlm2rec_lab import distributed as dist
+    from vlm2rec_lab.accel import distributed as dist
     from vlm2rec_lab.config import TrainConfig
-    from vlm2rec_lab.train import Trainer, rank_seed
+    from vlm2rec_lab.checkpoint import rank_seed
+    from vlm2rec_lab.train import Trainer
 
     state = torch.load(tmp_path / "part2" / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 3 and len(state["rng_ranks"]) == 2
@@ -132,7 +133,7 @@ def test_the_gpu_process_group_gathers_cpu_and_cuda_tensors_on_gpu(tmp_path):
     collectives), and the gather's backward too. One process, so that a one-GPU machine checks it."""
     import torch.distributed as tdist
 
-    from vlm2rec_lab.distributed import backend
+    from vlm2rec_lab.accel.distributed import backend
 
     tdist.init_process_group(backend(True), store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
@@ -247,7 +248,7 @@ def test_the_command_line_under_a_launcher_trains_and_embeds_as_one_process(laun
 
 
 def test_accelerate_settings_the_project_does_not_read_are_named():
-    from vlm2rec_lab.distributed import launcher_warnings
+    from vlm2rec_lab.accel.distributed import launcher_warnings
 
     assert launcher_warnings({}) == []
     assert launcher_warnings({"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO"}) == []
@@ -261,7 +262,7 @@ def test_each_process_computes_on_the_gpu_of_its_local_rank(monkeypatch):
     """A bare cuda is the process's current GPU (torchrun's local rank, set when it joins). Another
     GPU named under a launcher (by --device, or by a run's config from a one-GPU run) becomes the
     local rank's, with a warning; a process beyond the machine's GPUs is refused one."""
-    from vlm2rec_lab import distributed as dist
+    from vlm2rec_lab.accel import distributed as dist
     from vlm2rec_lab.backbones import backbone_device
 
     assert backbone_device("cpu") == torch.device("cpu")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from vlm2rec_lab.fused import fusable, fused_forward, fused_forwards, is_plain_rms_norm, rms_norm_forward
+from vlm2rec_lab.accel.fused import fusable, fused_forward, fused_forwards, is_plain_rms_norm, rms_norm_forward
+from vlm2rec_lab.config import SpeedConfig
 
 
 def _lora_layer(**kw):
@@ -68,7 +69,7 @@ def test_only_plain_lora_layers_are_fused():
 
 def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, tiny_path):
     """The tiny backbone with LoRA: embeddings and LoRA gradients through the fused path equal PEFT's
-    own path (``mixed_precision=False``); inside ``compute()`` the LoRA layers run the fused forward,
+    own path (``engine.fused = False``); inside ``engine.compute()`` the LoRA layers run the fused forward,
     outside it (and nested inside it) PEFT's is restored."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -77,41 +78,41 @@ def test_the_backbones_compute_path_uses_it_and_gives_pefts_numbers(synth_ds, ti
     from vlm2rec_lab.encoder import Encoder
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft").resolved())
-    for n, p in bb.model.named_parameters():
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(backbone, TrainConfig(method="vlm-sft").resolved())
+    for n, p in backbone.model.named_parameters():
         if "lora_B" in n:
             nn.init.normal_(p, std=0.05)
-    layers = [m for m in bb.model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in backbone.model.modules() if isinstance(m, BaseTunerLayer)]
     assert layers and all(fusable(m) for m in layers)
-    norms = [m for m in bb.model.modules() if type(m).__name__.endswith("RMSNorm")]
-    swapped = {id(m) for m, _ in fused_forwards(bb.model)}
+    norms = [m for m in backbone.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    swapped = {id(m) for m, _ in fused_forwards(backbone.model)}
     assert norms and all(id(m) in swapped for m in norms + layers)  # LM and vision norms, every adapter
-    assert id(bb.model.visual.patch_embed) in swapped
-    px, grid = bb.preprocess_images([Encoder(bb, synth_ds.items)._load_image(k) for k in (0, 1)])
+    assert id(backbone.model.visual.patch_embed) in swapped
+    px, grid = backbone.preprocess_images([Encoder(backbone, synth_ds.items)._load_image(k) for k in (0, 1)])
     feats = {}
     for mixed in (False, True):  # the vision tower: HF's Conv3d patch embedding, then the stand-in
-        bb.mixed_precision = mixed
-        feats[mixed] = torch.cat(bb.image_features(px, grid))
+        backbone.engine.fused = mixed
+        feats[mixed] = torch.cat(backbone.image_features(px, grid))
     torch.testing.assert_close(feats[True], feats[False], rtol=1e-5, atol=1e-5)
     marker = layers[0].forward  # an instance forward set by someone else (a hook, say) is put back after
     layers[0].forward = marker
-    with bb.compute():
-        with bb.compute():
+    with backbone.engine.compute():
+        with backbone.engine.compute():
             pass
         # bound methods of one function: compiled layers guard on their code, the same for every layer
         assert all(vars(m)["forward"].__func__ is fused_forward for m in layers)
     assert vars(layers[0])["forward"] is marker and not any("forward" in vars(m) for m in layers[1:])
     del layers[0].forward
-    enc = Encoder(bb, synth_ds.items)
+    enc = Encoder(backbone, synth_ds.items)
     requests = [("T", [[0, 1, 2], [3, 4]]), ("V", [[0, 1, 2], [3, 4]]), ("T", [[5], [6]]), ("V", [[5], [6]])]
     out = {}
     for mixed in (False, True):
-        bb.mixed_precision = mixed
-        bb.model.zero_grad()
+        backbone.engine.fused = mixed
+        backbone.model.zero_grad()
         z = enc.embed_sets(requests)
         sum((o * torch.linspace(-1, 1, o.shape[1])).sum() for o in z).backward()
-        out[mixed] = ([o.detach() for o in z], {n: p.grad.clone() for n, p in bb.model.named_parameters() if p.requires_grad})
+        out[mixed] = ([o.detach() for o in z], {n: p.grad.clone() for n, p in backbone.model.named_parameters() if p.requires_grad})
     for a, b in zip(out[True][0], out[False][0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for n, g in out[False][1].items():
@@ -157,7 +158,7 @@ def test_patch_embed_stand_in_is_the_conv3d(dtype):
     numbers (fp32 to float rounding, bf16 to bf16 rounding), gradients included."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
 
-    from vlm2rec_lab.fused import is_plain_patch_embed, patch_embed_forward
+    from vlm2rec_lab.accel.fused import is_plain_patch_embed, patch_embed_forward
 
     torch.manual_seed(0)
     embed = Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=40).to(dtype)
@@ -174,7 +175,7 @@ def test_patch_embed_stand_in_is_the_conv3d(dtype):
 
 
 def test_overlapping_or_strided_convolutions_are_not_patch_embeddings():
-    from vlm2rec_lab.fused import is_plain_patch_embed
+    from vlm2rec_lab.accel.fused import is_plain_patch_embed
 
     class OverlapPatchEmbed(nn.Module):  # stride smaller than the kernel: a real convolution
         def __init__(self):
@@ -192,7 +193,7 @@ def test_overlapping_or_strided_convolutions_are_not_patch_embeddings():
 def test_merged_forward_is_the_adapted_layer_without_gradients(shape):
     """x·(W + s·BA)ᵀ + bias equals the fused (and so PEFT's) forward in evaluation mode; where a
     gradient is wanted or the dropout draws masks, the merged forward is the fused forward."""
-    from vlm2rec_lab.fused import MERGED, mergeable, merged_forward, merged_weight
+    from vlm2rec_lab.accel.fused import MERGED, mergeable, merged_forward, merged_weight
 
     layer = _lora_layer(lora_dropout=0.3).eval()
     w0 = layer.base_layer.weight.clone()
@@ -230,7 +231,7 @@ def test_a_merged_weight_serves_only_the_adapter_and_scaling_it_was_made_for():
     the adapter's own forward again, never the stale merged weight."""
     from peft import LoraConfig, get_peft_model
 
-    from vlm2rec_lab.fused import MERGED, merged_forward, merged_weight
+    from vlm2rec_lab.accel.fused import MERGED, merged_forward, merged_weight
 
     torch.manual_seed(0)
     peft = get_peft_model(nn.Sequential(nn.Linear(12, 20)), LoraConfig(r=4, lora_alpha=12, target_modules=["0"]))
@@ -255,7 +256,7 @@ def test_a_merged_weight_serves_only_the_adapter_and_scaling_it_was_made_for():
 
 
 def test_merged_forward_in_bf16_agrees_with_pefts_forward_within_bf16():
-    from vlm2rec_lab.fused import MERGED, merged_forward, merged_weight
+    from vlm2rec_lab.accel.fused import MERGED, merged_forward, merged_weight
 
     layer = _lora_layer().eval()
     layer.base_layer.to(torch.bfloat16)
@@ -277,12 +278,12 @@ def _adapted_tiny(synth_ds, **train):
     from vlm2rec_lab.config import TrainConfig
     from vlm2rec_lab.train import apply_lora
 
-    bb = load_backbone("tiny", dataset=synth_ds, device="cpu")
-    apply_lora(bb, TrainConfig(method="vlm-sft", **train).resolved())
-    for n, p in bb.model.named_parameters():
+    backbone = load_backbone("tiny", dataset=synth_ds, device="cpu")
+    apply_lora(backbone, TrainConfig(method="vlm-sft", **train).resolved())
+    for n, p in backbone.model.named_parameters():
         if "lora_B" in n:
             nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
-    return bb
+    return backbone
 
 
 def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, tiny_path, monkeypatch):
@@ -290,45 +291,45 @@ def test_embedding_merges_the_adapters_and_leaves_the_model_as_it_was(synth_ds, 
     history embeddings as the adapters in training form (fp32), through the merged forward; afterwards
     the weights, the swapped forwards and the memory are as before, and a changed adapter is merged
     afresh. No merging where dropout draws masks, or where the budget is too small."""
-    from vlm2rec_lab import fused
+    from vlm2rec_lab.accel import fused
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _adapted_tiny(synth_ds, lora_dropout=0.2)
+    backbone = _adapted_tiny(synth_ds, lora_dropout=0.2)
     calls = []
     real = fused.merged_forward
     monkeypatch.setattr(fused, "merged_forward", lambda layer, x, *a, **k: calls.append(1) or real(layer, x, *a, **k))
-    bb.model.train()  # dropout drawing masks: nothing merges
-    with bb.merged_adapters() as n:
+    backbone.model.train()  # dropout drawing masks: nothing merges
+    with backbone.engine.merged_adapters() as n:
         assert n == 0
-    bb.model.eval()
-    n_lora = sum(fusable(m) for m in bb.model.modules())
-    with bb.merged_adapters(budget_bytes=10) as n:  # too little memory to spare: nothing merges
+    backbone.model.eval()
+    n_lora = sum(fusable(m) for m in backbone.model.modules())
+    with backbone.engine.merged_adapters(budget_bytes=10) as n:  # too little memory to spare: nothing merges
         assert n == 0
-    weights = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    weights = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     hist = synth_ds.histories("test")[:9]
     out = {}
     for merge in (False, True, False):
-        enc = Encoder(bb, synth_ds.items, batch_size=8, merge_adapters=merge)
+        enc = Encoder(backbone, synth_ds.items, SpeedConfig(merge_adapters=merge), batch_size=8)
         calls.clear()
         out[merge] = [enc.item_embeddings(k, range(20)) for k in ("T", "V")] + [enc.sequence_embeddings(k, hist) for k in ("T", "V")]
         assert bool(calls) == merge
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for k, v in bb.model.state_dict().items():
+    for k, v in backbone.model.state_dict().items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=0, msg=k)
-    assert not any(fused.MERGED in vars(m) for m in bb.model.modules())
-    assert all(f.__func__ is fused.fused_forward for m, f in bb._fusion_cache[2] if fusable(m))
-    with bb.merged_adapters() as n:
+    assert not any(fused.MERGED in vars(m) for m in backbone.model.modules())
+    assert all(f.__func__ is fused.fused_forward for m, f in backbone.engine.modules().swaps if fusable(m))
+    with backbone.engine.merged_adapters() as n:
         assert n == n_lora > 0
-    with bb.model.disable_adapter():  # the adapters do change the embeddings
-        bare = Encoder(bb, synth_ds.items, batch_size=8).item_embeddings("T", range(20))
+    with backbone.model.disable_adapter():  # the adapters do change the embeddings
+        bare = Encoder(backbone, synth_ds.items, batch_size=8).item_embeddings("T", range(20))
     assert (bare - out[True][0]).abs().max() > 1e-3
-    for n_, p in bb.model.named_parameters():  # an updated adapter: merged afresh, not a stale weight
+    for n_, p in backbone.model.named_parameters():  # an updated adapter: merged afresh, not a stale weight
         if "lora_B" in n_:
             p.data.mul_(-1)
-    enc = Encoder(bb, synth_ds.items, batch_size=8)
+    enc = Encoder(backbone, synth_ds.items, batch_size=8)
     new = enc.item_embeddings("T", range(20))
-    torch.testing.assert_close(new, Encoder(bb, synth_ds.items, batch_size=8, merge_adapters=False).item_embeddings("T", range(20)),
+    torch.testing.assert_close(new, Encoder(backbone, synth_ds.items, SpeedConfig(merge_adapters=False), batch_size=8).item_embeddings("T", range(20)),
                                rtol=1e-5, atol=1e-5)
     assert (new - out[True][0]).abs().max() > 1e-3
 
@@ -340,18 +341,18 @@ def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_pa
     that says so; other errors pass through untouched."""
     import logging
 
-    from vlm2rec_lab import fused
+    from vlm2rec_lab.accel import fused
     from vlm2rec_lab.encoder import Encoder
 
-    bb = _adapted_tiny(synth_ds)
-    bb.model.eval()
+    backbone = _adapted_tiny(synth_ds)
+    backbone.model.eval()
     hist = synth_ds.histories("test")[:18]
-    want = Encoder(bb, synth_ds.items, batch_size=4, merge_adapters=False).sequence_embeddings("V", hist)
-    enc = Encoder(bb, synth_ds.items, batch_size=8)
+    want = Encoder(backbone, synth_ds.items, SpeedConfig(merge_adapters=False), batch_size=4).sequence_embeddings("V", hist)
+    enc = Encoder(backbone, synth_ds.items, batch_size=8)
     real, seen = Encoder.embed_sets, []
 
     def embed_sets(self, requests, *a, **k):
-        merged = any(fused.MERGED in vars(m) for m in bb.model.modules())
+        merged = any(fused.MERGED in vars(m) for m in backbone.model.modules())
         seen.append((merged, len(requests[0][1])))
         if (merged and len(seen) == 2) or len(requests[0][1]) > 3:  # the 2nd merged batch; batches over 3
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -365,7 +366,7 @@ def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_pa
     assert [r.getMessage().split(":")[-1].strip() for r in caplog.records] == ["going on unmerged", "going on in batches of 4",
                                                                                "going on in batches of 2"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not any(fused.MERGED in vars(m) for m in bb.model.modules())
+    assert not any(fused.MERGED in vars(m) for m in backbone.model.modules())
     monkeypatch.setattr(Encoder, "embed_sets", lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(torch.OutOfMemoryError, match="out of device memory with one prompt a batch"):
         enc.sequence_embeddings("V", hist)
@@ -386,7 +387,7 @@ def _vision_attention(dtype=torch.float32, heads=4, width=32):
 
 def _count_rotary(monkeypatch) -> list:
     """Calls of ``fused.rotary`` from now on (one per tensor rotated), as a list that grows."""
-    from vlm2rec_lab import fused
+    from vlm2rec_lab.accel import fused
 
     calls, real = [], fused.rotary
     monkeypatch.setattr(fused, "rotary", lambda *a: calls.append(1) or real(*a))
@@ -407,7 +408,7 @@ def test_rotary_is_hugging_faces_vision_rotary(dtype):
     that broadcast ``x`` to a larger shape (a leading batch) give HF's larger result too."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-    from vlm2rec_lab.fused import rotary
+    from vlm2rec_lab.accel.fused import rotary
 
     qkv = (torch.randn(50, 3, 4, 16, generator=torch.Generator().manual_seed(0)) * 2).to(dtype)
     q, k, _ = qkv.unbind(1)
@@ -434,8 +435,8 @@ def test_vision_attention_stand_in_is_the_modules_forward(dtype):
     """The vision attention with ``rotary``, attending through the varlen function, against the
     module's own forward through the same function: two images' windows of several lengths. The
     probe puts the attention setting back and keeps the attention plans a forward has primed."""
-    from vlm2rec_lab.attention import NAME, _plan, prime_plan, register_varlen
-    from vlm2rec_lab.fused import is_plain_vision_attention, vision_attention_forward
+    from vlm2rec_lab.accel.attention import NAME, _plan, prime_plan, register_varlen
+    from vlm2rec_lab.accel.fused import is_plain_vision_attention, vision_attention_forward
 
     attn = _vision_attention(dtype)
     primed = [torch.tensor([0, 3, 3 + k], dtype=torch.int32) for k in range(1, 5)]  # four plans a forward primed
@@ -464,8 +465,8 @@ def test_vision_attention_stand_in_falls_back_where_it_does_not_apply(monkeypatc
     the probe."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionAttention
 
-    from vlm2rec_lab import fused
-    from vlm2rec_lab.attention import NAME, register_varlen
+    from vlm2rec_lab.accel import fused
+    from vlm2rec_lab.accel.attention import NAME, register_varlen
 
     attn = _vision_attention()
     calls = _count_rotary(monkeypatch)
@@ -510,10 +511,10 @@ def test_tiny_vision_tower_with_the_rotary_stand_in_is_the_towers_own(tiny, monk
     """The tiny backbone's vision tower on the compute path (stand-ins in, varlen attention) against
     Hugging Face's own modules with the same attention: images of several sizes, the stand-in in
     every block."""
-    from vlm2rec_lab.attention import set_vision_attention
-    from vlm2rec_lab.backbones import _unwrap
+    from vlm2rec_lab.accel.attention import set_vision_attention
+    from vlm2rec_lab.backbones import unwrap
 
-    base = _unwrap(tiny.model)
+    base = unwrap(tiny.model)
     set_vision_attention(tiny.model, varlen=True)
     grids = torch.tensor([[1, 8, 8], [1, 4, 8], [1, 4, 4]])
     px = torch.randn(int(grids.prod(-1).sum()), 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
@@ -534,8 +535,8 @@ def test_vision_attention_stand_in_on_gpu():
     """On a GPU in bf16, at the 3B tower's width: the probe accepts the module (mixed-dtype kernels
     writing into bf16 halves work there), and the stand-in's output through the flash path is the
     module's own within bf16, for 4 images of 224 px in windows of 64 patches."""
-    from vlm2rec_lab.attention import NAME, register_varlen
-    from vlm2rec_lab.fused import is_plain_vision_attention, vision_attention_forward
+    from vlm2rec_lab.accel.attention import NAME, register_varlen
+    from vlm2rec_lab.accel.fused import is_plain_vision_attention, vision_attention_forward
 
     attn = _vision_attention(torch.bfloat16, heads=16, width=1280).cuda()
     assert is_plain_vision_attention(attn)

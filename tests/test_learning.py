@@ -11,11 +11,11 @@ from vlm2rec_lab.train import Trainer
 def _train_ranks(tr: Trainer) -> np.ndarray:
     """Rank (0 = first) of each training example's target among all items, by the cosine of the
     fused history embedding (T + V) with the fused item embeddings, dropout off."""
-    tr.bb.model.eval()
+    tr.backbone.model.eval()
     with torch.no_grad():
         items = tr.encoder.item_embeddings("T") + tr.encoder.item_embeddings("V")
         z = tr.encoder.sequence_embeddings("T", tr.hist) + tr.encoder.sequence_embeddings("V", tr.hist)
-    tr.bb.model.train()
+    tr.backbone.model.train()
     s = F.normalize(z, dim=-1) @ F.normalize(items, dim=-1).T
     t = torch.as_tensor(tr.targets)
     return (s > s[torch.arange(len(t)), t][:, None]).sum(1).numpy()

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from vlm2rec_lab.config import TrainConfig
+from vlm2rec_lab.config import SpeedConfig, TrainConfig
 from vlm2rec_lab.losses import ObjectiveConfig, objective, wpcl
 from vlm2rec_lab.train import Trainer
 
@@ -215,7 +215,7 @@ def test_with_the_stop_gradient_the_weight_sends_nothing_to_the_strong_modality(
 
 # --------------------------------------------------------------------------- the trainer, one micro-step
 # Small runs: batches of 4, no vision cache (the cache would encode all 200 images first).
-SMALL = dict(batch_size=4, grad_cos_every=0, checkpoint_every=0, cache_vision=False)
+SMALL = dict(batch_size=4, grad_cos_every=0, checkpoint_every=0, speed=SpeedConfig(cache_vision=False))
 
 
 def _batch_with_one_shared_target(targets: np.ndarray, size: int = 4) -> np.ndarray:

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch._functorch.config as functorch_config
 
+from vlm2rec_lab.accel import packing
 from vlm2rec_lab.cli import main
-from vlm2rec_lab.config import TrainConfig
+from vlm2rec_lab.config import SpeedConfig, TrainConfig
 from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.losses import ObjectiveOutput
 from vlm2rec_lab.runs import (EmbeddingScorer, create_run, embed_run, load_embeddings, load_manifest,
@@ -21,7 +22,7 @@ class Killed(Exception):
 
 
 def lora_state(tr):
-    return {n: p.detach().clone() for n, p in tr.bb.model.named_parameters() if p.requires_grad}
+    return {n: p.detach().clone() for n, p in tr.backbone.model.named_parameters() if p.requires_grad}
 
 
 def test_killed_and_resumed_run_equals_uninterrupted(synth_ds, tiny_path, tmp_path):
@@ -52,15 +53,16 @@ def test_killed_and_resumed_run_equals_uninterrupted(synth_ds, tiny_path, tmp_pa
     assert np.allclose(la["loss"], lc["loss"], atol=1e-6) and len(lc) == 7
 
 
-def test_logs_hold_every_term_and_probe(synth_ds, tiny_path, tmp_path):
+def test_logs_hold_every_term_and_probe(synth_ds, tiny_path, tmp_path, monkeypatch):
     cfg = TrainConfig(method="vlm2rec", users_k=32, batch_size=8, max_steps=4, grad_cos_every=2, checkpoint_every=0)
     tr = Trainer(cfg, synth_ds, tmp_path, progress=False)
-    real, forwards = tr.bb.forward_packed, []  # the packed forwards of each step
-    tr.bb.forward_packed = lambda seqs, *a, **k: forwards.append((tr.step, len(seqs))) or real(seqs, *a, **k)
+    real, forwards = packing.forward_packed, []  # the packed forwards of each step
+    monkeypatch.setattr(packing, "forward_packed",
+                        lambda backbone, seqs, *a, **k: forwards.append((tr.step, len(seqs))) or real(backbone, seqs, *a, **k))
     tr.train()
     per_step = [[n for s, n in forwards if s == step] for step in range(4)]
     assert per_step[1] == per_step[3] == [32]  # one forward of the four prompt sets (8 prompts each)
-    assert per_step[0] == per_step[2] == [8, 8, 16]  # probed: histories and targets apart (PROBE_APART)
+    assert per_step[0] == per_step[2] == [8, 8, 16]  # probed: histories and targets apart (probe.PROBE_FORWARDS)
     log = pd.read_csv(tmp_path / "logs" / "train_log.csv")
     for col in ("wpcl", "crtr", "loss", "alpha", "beta", "w_mean", "margin_t_mean", "margin_v_mean", "gap_mean",
                 "image_weak_share", "cos_total_t", "cos_total_v"):
@@ -152,10 +154,10 @@ def test_embedding_a_run_with_compiled_layers_gives_the_same_embeddings(synth_ds
     eager = embed_run(run, synth_ds, splits=("test",), progress=False)
     from vlm2rec_lab.runs import load_run_backbone
 
-    bb = load_run_backbone(run, synth_ds)
-    compiled = embed_run(run, synth_ds, splits=("test",), progress=False, backbone=bb, compile="aot_eager")
+    backbone = load_run_backbone(run, synth_ds)
+    compiled = embed_run(run, synth_ds, splits=("test",), progress=False, backbone=backbone, compile="aot_eager")
     assert all(getattr(layer, "_compiled_call_impl", None) is not None
-               for layer in bb.decoder_layers() + list(bb.model.visual.blocks))
+               for layer in backbone.decoder_layers() + list(backbone.model.visual.blocks))
     assert eager.keys() == compiled.keys()
     for k in eager:
         assert np.allclose(eager[k], compiled[k], atol=1e-5), k
@@ -183,7 +185,7 @@ def test_resume_refuses_a_different_config(synth_ds, tmp_path):
     with pytest.raises(ValueError, match=r"different config: \{'lr': \(0.001, 0.5\)\}$"):
         create_run(tmp_path / "d", TrainConfig(method="vlm-sft", device="cpu", lr=0.5), synth_ds, resume=True)
     # nor whether it is compiled (the step log's "compiled" column says which steps were)
-    create_run(tmp_path / "d", TrainConfig(method="vlm-sft", compile="on"), synth_ds, resume=True)
+    create_run(tmp_path / "d", TrainConfig(method="vlm-sft", speed=SpeedConfig(compile="on")), synth_ds, resume=True)
 
 
 def test_train_seeds_makes_one_training_run_per_seed_and_compare_pairs_them_by_seed(synth_ds, tiny_path, tmp_path, capsys):
@@ -270,8 +272,8 @@ def test_cli_train_embed_evaluate(synth_ds, tiny_path, tmp_path, capsys):
                  "--batch-size", "4", "--users-k", "8", "--share-prefix", "on", "--max-pixels", "100352"]) == 0
     out = capsys.readouterr().out
     assert "trained vlm-sft (seed 0) for 2 steps" in out and "v2f (seed 0's negatives):" in out
-    assert load_run_config(run).share_prefix is True and load_run_config(run).max_pixels == 100352
-    assert load_run_config(run).compile is None  # auto: this CPU run was not compiled
+    assert load_run_config(run).speed.share_prefix is True and load_run_config(run).max_pixels == 100352
+    assert load_run_config(run).speed.compile is None  # auto: this CPU run was not compiled
     assert pd.read_csv(run / "logs" / "train_log.csv")["compiled"].tolist() == [False, False]
     from vlm2rec_lab.cli import _parser
 
@@ -296,10 +298,10 @@ def test_gradient_checkpointing_changes_memory_not_numbers(synth_ds, tiny_path, 
     """Padded and packed forwards, LoRA dropout on (the recomputation draws the same masks) and the
     gradient-cosine probe at every step (its gradient passes recompute the checkpointed layers too)."""
     kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=2, grad_cos_every=1, checkpoint_every=0,
-              packed=packed, lora_dropout=0.1)
-    plain = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
+              lora_dropout=0.1)
+    plain = Trainer(TrainConfig(speed=SpeedConfig(packed=packed), **kw), synth_ds, tmp_path / "a", progress=False)
     plain.train()
-    ckpt = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
+    ckpt = Trainer(TrainConfig(speed=SpeedConfig(packed=packed, gradient_checkpointing=True), **kw), synth_ds, tmp_path / "b", progress=False)
     ckpt.train()
     assert [r["checkpointing"] for r in ckpt.log] == [1, 1] and [r["checkpointing"] for r in plain.log] == [0, 0]
     for k in ("loss", "cos_total_t", "cos_total_v"):
@@ -318,18 +320,18 @@ def test_gradient_checkpointing_setting_is_every_n_th_layer(synth_ds, tiny_path,
         return _parser().parse_args(["train", "--data", "d", "--method", "vlm-sft", "--out", "o", *a]).gradient_checkpointing
 
     assert (parse(), parse("--gradient-checkpointing"), parse("--gradient-checkpointing", "3")) == (0, 1, 3)
-    assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing == 1 and TrainConfig().gradient_checkpointing == 0
+    assert SpeedConfig(gradient_checkpointing=True).gradient_checkpointing == 1 and SpeedConfig().gradient_checkpointing == 0
     with pytest.raises(ValueError, match="gradient_checkpointing"):
-        TrainConfig(gradient_checkpointing=-1)
+        SpeedConfig(gradient_checkpointing=-1)
     tr = Trainer(TrainConfig(method="vlm-sft", users_k=8, batch_size=4, max_steps=1, grad_cos_every=0, checkpoint_every=0,
-                             gradient_checkpointing=2), synth_ds, tmp_path, progress=False)
+                             speed=SpeedConfig(gradient_checkpointing=2)), synth_ds, tmp_path, progress=False)
     tr.train()
-    layers = tr.bb.decoder_layers()
+    layers = tr.backbone.decoder_layers()
     assert len(layers) == 2 and [layer.gradient_checkpointing for layer in layers] == [True, False]
     assert pd.read_csv(tmp_path / "logs" / "train_log.csv")["checkpointing"].tolist() == [2]
     # running out of memory from every 3rd layer: the next rung below, every 2nd
     tr = Trainer(TrainConfig(method="vlm-sft", users_k=8, batch_size=4, max_steps=1, grad_cos_every=0, checkpoint_every=0,
-                             gradient_checkpointing=3), synth_ds, tmp_path / "b", progress=False)
+                             speed=SpeedConfig(gradient_checkpointing=3)), synth_ds, tmp_path / "b", progress=False)
     _oom_on_call(tr, 1)
     with pytest.warns(RuntimeWarning, match="every 2nd decoder layer .* --gradient-checkpointing 2 starts there"):
         tr.train()
@@ -340,11 +342,11 @@ def _oom_on_call(tr, n: int):
     """Make the trainer's ``n``-th micro-batch forward (1-based) raise a device out-of-memory error."""
     real, calls = tr.micro_step, []
 
-    def micro_step(sel, layout=None, **kw):
+    def micro_step(rows, layout=None, **kw):
         calls.append(1)
         if len(calls) == n:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(sel, layout, **kw)
+        return real(rows, layout, **kw)
 
     tr.micro_step = micro_step
 
@@ -359,11 +361,11 @@ def test_a_step_that_runs_out_of_memory_is_redone_with_gradient_checkpointing(sy
     oom = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
     real, calls = oom.micro_step, []
 
-    def micro_step(sel, layout=None, **kw):
+    def micro_step(rows, layout=None, **kw):
         calls.append(1)
         if len(calls) in (4, 7):  # step 2's second micro-batch; step 3's first (after step 2's redo)
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(sel, layout, **kw)
+        return real(rows, layout, **kw)
 
     oom.micro_step = micro_step
     with pytest.warns(RuntimeWarning, match="ran out of device memory") as caught:
@@ -371,8 +373,8 @@ def test_a_step_that_runs_out_of_memory_is_redone_with_gradient_checkpointing(sy
     said = [str(w.message) for w in caught if "device memory" in str(w.message)]
     assert len(said) == 2 and said[0].startswith("step 2 ") and said[1].startswith("step 3 ")
     assert "every 4th decoder layer" in said[0] and "every 2nd decoder layer" in said[1]
-    assert [r["checkpointing"] for r in oom.log] == [0, 4, 2] and oom.bb.can_pack
-    ref = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
+    assert [r["checkpointing"] for r in oom.log] == [0, 4, 2] and packing.can_pack(oom.backbone)
+    ref = Trainer(TrainConfig(speed=SpeedConfig(gradient_checkpointing=True), **kw), synth_ds, tmp_path / "b", progress=False)
     ref.train()
     assert [r["loss"] for r in oom.log] == pytest.approx([r["loss"] for r in ref.log], abs=1e-6)
     assert oom.weak == ref.weak and len(oom.weak) == 3 * 2 * 4
@@ -384,11 +386,11 @@ def test_out_of_memory_inside_a_packed_forward_unwinds_and_redoes_the_step(synth
     """The error raised deep inside the second step's packed forward (a LoRA layer's base product,
     within the compute path and the packed attention): every context is left as it was, the step is
     redone, packed, with checkpointing, and the run matches one checkpointed from the start."""
-    from vlm2rec_lab import attention
+    from vlm2rec_lab.accel import attention
 
     kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=0, checkpoint_every=0)
     oom = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "a", progress=False)
-    tuner = [m for m in oom.bb.model.modules() if hasattr(m, "lora_A")]
+    tuner = [m for m in oom.backbone.model.modules() if hasattr(m, "lora_A")]
     base = tuner[3].base_layer
     calls = []
 
@@ -402,9 +404,9 @@ def test_out_of_memory_inside_a_packed_forward_unwinds_and_redoes_the_step(synth
     with pytest.warns(RuntimeWarning, match="step 2 ran out of device memory"):
         oom.train()
     assert [r["checkpointing"] for r in oom.log] == [0, 4, 4]
-    assert not any("forward" in vars(m) for m in tuner) and not oom.bb._computing
+    assert not any("forward" in vars(m) for m in tuner) and not oom.backbone.engine.computing
     assert attention._prefix_of.get() is None and attention.packed_state() is None
-    ref = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "b", progress=False)
+    ref = Trainer(TrainConfig(speed=SpeedConfig(gradient_checkpointing=True), **kw), synth_ds, tmp_path / "b", progress=False)
     ref.train()
     assert [r["loss"] for r in oom.log] == pytest.approx([r["loss"] for r in ref.log], rel=1e-4)
     a, b = lora_state(oom), lora_state(ref)
@@ -413,16 +415,16 @@ def test_out_of_memory_inside_a_packed_forward_unwinds_and_redoes_the_step(synth
 
 def test_out_of_memory_is_not_retried_where_it_cannot_be(synth_ds, tiny_path, tmp_path, monkeypatch):
     """Already checkpointing, or several processes (whose collectives cannot agree on a retry): raised."""
-    from vlm2rec_lab import distributed
+    from vlm2rec_lab.accel import distributed
 
     kw = dict(method="vlm-sft", users_k=16, batch_size=4, max_steps=2, grad_cos_every=0, checkpoint_every=0)
-    tr = Trainer(TrainConfig(gradient_checkpointing=True, **kw), synth_ds, tmp_path / "a", progress=False)
+    tr = Trainer(TrainConfig(speed=SpeedConfig(gradient_checkpointing=True), **kw), synth_ds, tmp_path / "a", progress=False)
     _oom_on_call(tr, 1)
     with pytest.raises(torch.OutOfMemoryError):
         tr.train()
     tr = Trainer(TrainConfig(**kw), synth_ds, tmp_path / "b", progress=False)
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    assert not tr._can_fall_back()
+    assert not tr.recovery.can_checkpoint_more()
 
 
 def test_compile_auto_compiles_where_it_was_measured_to_pay():
@@ -431,29 +433,29 @@ def test_compile_auto_compiles_where_it_was_measured_to_pay():
     backend's name as said; the words in any case; an unknown backend refused up front."""
     from types import SimpleNamespace
 
-    from vlm2rec_lab.train import check_compile_backend, compile_backend
+    from vlm2rec_lab.accel.compile import check_compile_backend, compile_backend
 
     big = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(10**9, device="meta"))])  # (no memory)
     small = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(10**9 - 1, device="meta"))])
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
 
-    def bb(device=gpu, model=big, checkpoint_every=0):
-        return SimpleNamespace(device=device, model=model, checkpoint_every=checkpoint_every)
+    def backbone(device=gpu, model=big):
+        return SimpleNamespace(device=device, model=model)
 
-    assert compile_backend(None, bb(), 2000) == "inductor"
-    assert compile_backend(None, bb(checkpoint_every=2), 2000) == "inductor"
-    assert compile_backend(None, bb(), 1999) is None
-    assert compile_backend(None, bb(checkpoint_every=1), 10**6) is None
-    assert compile_backend(None, bb(model=small), 10**6) is None
-    assert compile_backend(None, bb(device=cpu), 10**6) is None
-    assert compile_backend(True, bb(device=cpu, model=small), 1) == "inductor"
-    assert compile_backend(False, bb(), 10**6) is None
-    assert compile_backend("aot_eager", bb(device=cpu, model=small), 1) == "aot_eager"
-    assert [TrainConfig(compile=w).compile for w in ("auto", "On", "OFF", "aot_eager")] == [None, True, False, "aot_eager"]
-    assert TrainConfig().compile is None
+    assert compile_backend(None, backbone(), 2000) == "inductor"
+    assert compile_backend(None, backbone(), 2000, 2) == "inductor"
+    assert compile_backend(None, backbone(), 1999) is None
+    assert compile_backend(None, backbone(), 10**6, 1) is None
+    assert compile_backend(None, backbone(model=small), 10**6) is None
+    assert compile_backend(None, backbone(device=cpu), 10**6) is None
+    assert compile_backend(True, backbone(device=cpu, model=small), 1) == "inductor"
+    assert compile_backend(False, backbone(), 10**6) is None
+    assert compile_backend("aot_eager", backbone(device=cpu, model=small), 1) == "aot_eager"
+    assert [SpeedConfig(compile=w).compile for w in ("auto", "On", "OFF", "aot_eager")] == [None, True, False, "aot_eager"]
+    assert SpeedConfig().compile is None
     for bad in ("", 3):
         with pytest.raises(ValueError, match="compile: auto, on, off"):
-            TrainConfig(compile=bad)
+            SpeedConfig(compile=bad)
     check_compile_backend("aot_eager")
     with pytest.raises(ValueError, match="'inductr' is not auto, on, off or a torch.compile backend"):
         check_compile_backend("inductr")
@@ -463,7 +465,7 @@ def test_compile_error_tells_the_compilers_errors_from_others():
     """An error of a backend, or one AOTAutograd's runtime raises through ``torch._check`` (its
     donated buffers met a backward that retains the graph), is torch.compile's; an operator's error in eager code,
     or out of memory, is not."""
-    from vlm2rec_lab.train import compile_error
+    from vlm2rec_lab.accel.compile import compile_error
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -502,14 +504,14 @@ def test_compiled_layers_train_like_uncompiled_ones(synth_ds, tiny_path, tmp_pat
     (embedding afterwards is eager unless asked)."""
     kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=2, checkpoint_every=0)
     seen = []
-    tr = Trainer(TrainConfig(compile="aot_eager", **kw), synth_ds, tmp_path / "a", progress=False,
-                 on_step=lambda step: seen.append((tr.compiled, [layer._compiled_call_impl is not None
-                                                                 for layer in tr.bb.decoder_layers()])))
+    tr = Trainer(TrainConfig(speed=SpeedConfig(compile="aot_eager"), **kw), synth_ds, tmp_path / "a", progress=False,
+                 on_step=lambda step: seen.append((tr.recovery.backend, [layer._compiled_call_impl is not None
+                                                                 for layer in tr.backbone.decoder_layers()])))
     with functorch_config.patch(donated_buffer=True):  # (restored afterwards: compile_layers turns it off)
         tr.train()
     assert seen == [("aot_eager", [True, True])] * 3
-    assert tr.compiled is None and not any(layer._compiled_call_impl for layer in tr.bb.decoder_layers())
-    ref = Trainer(TrainConfig(compile="off", **kw), synth_ds, tmp_path / "b", progress=False)
+    assert tr.recovery.backend is None and not any(layer._compiled_call_impl for layer in tr.backbone.decoder_layers())
+    ref = Trainer(TrainConfig(speed=SpeedConfig(compile="off"), **kw), synth_ds, tmp_path / "b", progress=False)
     ref.train()
     assert [r["compiled"] for r in tr.log] == [True] * 3 and [r["compiled"] for r in ref.log] == [False] * 3
     assert [r["loss"] for r in tr.log] == pytest.approx([r["loss"] for r in ref.log], abs=1e-5)
@@ -560,15 +562,15 @@ def test_a_step_torch_compile_fails_on_is_redone_uncompiled(synth_ds, tiny_path,
     processes) the error is raised, with a note on how to train without compiling."""
     kw = dict(method="vlm2rec", users_k=16, batch_size=4, grad_accum=2, max_steps=3, grad_cos_every=2,
               checkpoint_every=0, lora_dropout=0.1)
-    tr = Trainer(TrainConfig(compile=_late_failing_backend(), **kw), synth_ds, tmp_path / "a", progress=False)
+    tr = Trainer(TrainConfig(speed=SpeedConfig(compile=_late_failing_backend()), **kw), synth_ds, tmp_path / "a", progress=False)
     LATE.update(trainer=tr, weak_rows_then=None)
     with pytest.warns(RuntimeWarning, match=r"step 1: torch.compile \(vlm2rec_test_fails_late\) raised an error, so "
                                             r"the 2 compiled decoder layers run uncompiled .*no working C\+\+ compiler"):
         tr.train()
     LATE["trainer"] = None
     assert LATE["weak_rows_then"] == 4  # the first micro-batch's rows were in the log when it failed
-    assert tr.compiled is None and all(layer._compiled_call_impl is None for layer in tr.bb.decoder_layers())
-    ref = Trainer(TrainConfig(compile=False, **kw), synth_ds, tmp_path / "b", progress=False)
+    assert tr.recovery.backend is None and all(layer._compiled_call_impl is None for layer in tr.backbone.decoder_layers())
+    ref = Trainer(TrainConfig(speed=SpeedConfig(compile=False), **kw), synth_ds, tmp_path / "b", progress=False)
     ref.train()
     assert [r["compiled"] for r in tr.log] == [False] * 3
     assert [r["loss"] for r in tr.log] == pytest.approx([r["loss"] for r in ref.log], abs=1e-6)
@@ -579,11 +581,11 @@ def test_a_step_torch_compile_fails_on_is_redone_uncompiled(synth_ds, tiny_path,
     import torch._dynamo
 
     torch._dynamo.reset()  # (else the layers' code would find the graphs compiled above)
-    tr = Trainer(TrainConfig(compile=_broken_backend(), **kw), synth_ds, tmp_path / "c", progress=False)
-    tr._can_fall_back_to_eager = lambda: False  # (as with several processes)
+    tr = Trainer(TrainConfig(speed=SpeedConfig(compile=_broken_backend()), **kw), synth_ds, tmp_path / "c", progress=False)
+    tr.recovery.can_go_eager = lambda: False  # (as with several processes)
     with pytest.raises(RuntimeError, match="working triton") as raised:
         tr.train()
-    assert tr.compiled is None and all(layer._compiled_call_impl is None for layer in tr.bb.decoder_layers())
+    assert tr.recovery.backend is None and all(layer._compiled_call_impl is None for layer in tr.backbone.decoder_layers())
     if sys.version_info >= (3, 11):
         assert "--compile off trains without it" in "".join(raised.value.__notes__)
 
@@ -592,13 +594,30 @@ def test_packed_steps_train_like_padded_ones(synth_ds, tiny_path, tmp_path):
     """The four prompt sets of a step packed into one forward: the same losses and LoRA weights as
     padded forwards, up to float rounding, over a few optimizer steps."""
     kw = dict(method="vlm2rec", users_k=16, batch_size=8, max_steps=3, grad_cos_every=0, checkpoint_every=0)
+    plain = SpeedConfig(packed=False, share_prefix=False, cache_vision=False, fused=False, merge_adapters=False,
+                        compile=False, image_workers=0)  # every speed switch off: the plain Hugging Face forward
     runs = {}
-    for packed in (False, True):
-        runs[packed] = Trainer(TrainConfig(packed=packed, **kw), synth_ds, tmp_path / str(packed), progress=False)
-        runs[packed].train()
-    assert [r["loss"] for r in runs[True].log] == pytest.approx([r["loss"] for r in runs[False].log], rel=1e-4)
-    a, b = lora_state(runs[False]), lora_state(runs[True])
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-3
+    for name, speed in (("padded", SpeedConfig(packed=False)), ("packed", SpeedConfig()), ("plain", plain)):
+        runs[name] = Trainer(TrainConfig(speed=speed, **kw), synth_ds, tmp_path / name, progress=False)
+        runs[name].train()
+    for name in ("padded", "plain"):
+        assert [r["loss"] for r in runs[name].log] == pytest.approx([r["loss"] for r in runs["packed"].log], rel=1e-4)
+        a, b = lora_state(runs[name]), lora_state(runs["packed"])
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-3
+
+
+def test_a_config_with_the_speed_switches_at_the_top_level_still_loads(tmp_path):
+    """Run folders written before ``TrainConfig.speed`` hold the switches at the top level of
+    config.yaml: they load into the speed section; a config saved now round-trips."""
+    from vlm2rec_lab.config import load_yaml, save_yaml
+
+    old = tmp_path / "config.yaml"
+    old.write_text("method: vlm-sft\npacked: false\ncompile: 'off'\ngradient_checkpointing: true\nshare_prefix: null\n"
+                   "cache_vision: true\nlr: 0.5\n")
+    cfg = load_yaml(TrainConfig, old)
+    assert cfg.speed == SpeedConfig(packed=False, compile=False, gradient_checkpointing=1) and cfg.lr == 0.5
+    save_yaml(cfg, tmp_path / "new.yaml")
+    assert load_yaml(TrainConfig, tmp_path / "new.yaml") == cfg
 
 
 def test_gradient_accumulation_counts_optimizer_steps(synth_ds, tiny_path, tmp_path):
@@ -622,9 +641,9 @@ def test_a_text_only_llm_by_local_path(synth_ds, tiny_path, tmp_path):
     path = tmp_path / "llm"
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    bb = load_backbone(str(path), device="cpu")
-    assert bb.kind == "llm" and bb.image_processor is None and bb.hidden_size == 64
-    assert Encoder(bb, synth_ds.items).item_embeddings("T", [0, 1]).shape == (2, 64)
+    backbone = load_backbone(str(path), device="cpu")
+    assert backbone.kind == "llm" and backbone.image_processor is None and backbone.hidden_size == 64
+    assert Encoder(backbone, synth_ds.items).item_embeddings("T", [0, 1]).shape == (2, 64)
     res = run_method(synth_ds, TrainConfig(method="llm-sft", backbone=str(path), max_steps=2, users_k=16, batch_size=8),
                      tmp_path / "run", progress=False)
     assert set(res["views"]) == {"f2f"}
@@ -653,15 +672,15 @@ def test_the_next_micro_batch_is_laid_out_ahead_and_changes_nothing(synth_ds, ti
         calls.append([lst for kind, lists in requests if kind == "T" for lst in lists])
         return real_layout(self, requests)
 
-    def micro_step(self, sel, layout=None, **kw):
+    def micro_step(self, rows, layout=None, **kw):
         used.append(layout is not None)
         if layout is not None:  # the layout is these examples' own
-            mine = self._mine(sel)
-            fresh = real_layout(self.encoder, self.requests(self.hist[mine], self.targets[mine]))
+            own = self.local_rows(rows)
+            fresh = real_layout(self.encoder, self.requests(self.hist[own], self.targets[own]))
             assert (layout.sizes, layout.kinds, layout.counts) == (fresh.sizes, fresh.kinds, fresh.counts)
             assert all(torch.equal(x, y) for x, y in zip(layout.sequences, fresh.sequences))
             assert all(torch.equal(x, y) for x, y in zip(layout.positions, fresh.positions))
-        return real_micro(self, sel, layout, **kw)
+        return real_micro(self, rows, layout, **kw)
 
     monkeypatch.setattr(Encoder, "layout", layout)
     monkeypatch.setattr(Trainer, "micro_step", micro_step)
@@ -677,15 +696,15 @@ def test_the_next_micro_batch_is_laid_out_ahead_and_changes_nothing(synth_ds, ti
 def test_a_layout_made_for_other_examples_is_not_used(synth_ds, tiny_path, tmp_path, monkeypatch):
     tr = Trainer(TrainConfig(method="vlm2rec", users_k=16, batch_size=8, max_steps=1, grad_cos_every=0, checkpoint_every=0),
                  synth_ds, tmp_path, progress=False)
-    first = tr._order(0)[:8]
-    other = tr._order(0)[8:16]
-    mine = tr._mine(other)
-    tr._ahead = (other, tr.encoder.layout(tr.requests(tr.hist[mine], tr.targets[mine])))
+    first = tr.order(0)[:8]
+    other = tr.order(0)[8:16]
+    own = tr.local_rows(other)
+    tr.lookahead = (other, tr.encoder.layout(tr.requests(tr.hist[own], tr.targets[own])))
     seen, real = [], Trainer.micro_step
-    monkeypatch.setattr(Trainer, "micro_step", lambda self, sel, layout=None, **kw: seen.append((sel, layout)) or real(self, sel, layout, **kw))
+    monkeypatch.setattr(Trainer, "micro_step", lambda self, rows, layout=None, **kw: seen.append((rows, layout)) or real(self, rows, layout, **kw))
     tr.train()
-    (sel, layout), = seen
-    assert np.array_equal(sel, first) and layout is None
+    (rows, layout), = seen
+    assert np.array_equal(rows, first) and layout is None
 
 
 def test_divergence_is_reported_before_a_failing_look_ahead(synth_ds, tiny_path, tmp_path, monkeypatch):
@@ -711,39 +730,39 @@ def test_divergence_is_reported_before_a_failing_look_ahead(synth_ds, tiny_path,
     monkeypatch.setattr(train_mod, "objective", bad)
     with pytest.raises(TrainingDiverged, match=r"step 1: loss term 'wpcl' is nan"):
         tr.train()
-    assert len(calls) == 2 and tr._ahead is None
+    assert len(calls) == 2 and tr.lookahead is None
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_gradient_cosines_reuse_the_steps_backward(synth_ds, tiny_path, tmp_path, grad_accum):
     """cos(g_total, g_T) and cos(g_total, g_V) with g_total read from the step's own backward (scaled
     by 1 / grad_accum) equal the cosines with g_total from a separate gradient pass of the objective."""
-    from vlm2rec_lab.train import _flat_cos, gradient_cosines, modality_gradients
+    from vlm2rec_lab.probe import flat_cosine, modality_gradients, objective_modality_cosines
 
     tr = Trainer(TrainConfig(method="vlm2rec", users_k=16, batch_size=8, grad_accum=grad_accum, max_steps=1,
                              grad_cos_every=1, lora_dropout=0.0), synth_ds, tmp_path, progress=False)
-    for n, p in tr.bb.model.named_parameters():  # LoRA B starts at zero: give the gradients some spread
+    for n, p in tr.backbone.model.named_parameters():  # LoRA B starts at zero: give the gradients some spread
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
-    tr.bb.model.train()
-    sel = tr._order(0)[:8]
-    out, emb, labels = tr.micro_step(sel)
+    tr.backbone.model.train()
+    rows = tr.order(0)[:8]
+    out, emb, labels = tr.micro_step(rows)
     g_mod = modality_gradients(emb, labels, tr.lora, tr.cfg.tau)
     g_sep = torch.autograd.grad(out.total, tr.lora, retain_graph=True, allow_unused=True)
-    want = {"cos_total_t": _flat_cos(g_sep, g_mod[0]), "cos_total_v": _flat_cos(g_sep, g_mod[1])}
+    want = {"cos_total_t": flat_cosine(g_sep, g_mod[0]), "cos_total_v": flat_cosine(g_sep, g_mod[1])}
     tr.opt.zero_grad(set_to_none=True)
     (out.total / grad_accum).backward()
-    got = gradient_cosines(g_mod, [p.grad for p in tr.lora])
+    got = objective_modality_cosines(g_mod, [p.grad for p in tr.lora])
     assert got == pytest.approx(want, abs=1e-6)
     assert abs(want["cos_total_t"] - want["cos_total_v"]) > 1e-3  # two different directions
     # a probed micro-batch (histories and targets in forwards of their own): the same cosines
-    out, emb, labels = tr.micro_step(sel, probed=True)
+    out, emb, labels = tr.micro_step(rows, probed=True)
     g_mod = modality_gradients(emb, labels, tr.lora, tr.cfg.tau)
     g_sep = torch.autograd.grad(out.total, tr.lora, allow_unused=True)
-    assert {"cos_total_t": _flat_cos(g_sep, g_mod[0]), "cos_total_v": _flat_cos(g_sep, g_mod[1])} == pytest.approx(want, abs=1e-5)
+    assert {"cos_total_t": flat_cosine(g_sep, g_mod[0]), "cos_total_v": flat_cosine(g_sep, g_mod[1])} == pytest.approx(want, abs=1e-5)
     a, b = [torch.randn(5), None, torch.randn(3)], [torch.randn(5), torch.randn(2), torch.randn(3)]
     flat = lambda v: torch.cat([v[0], v[2]])  # noqa: E731
-    assert _flat_cos(a, b) == pytest.approx(float(torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0)), abs=1e-6)
+    assert flat_cosine(a, b) == pytest.approx(float(torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0)), abs=1e-6)
 
 
 def test_checkpoints_are_written_in_the_background_from_a_snapshot(synth_ds, tiny_path, tmp_path, monkeypatch):
@@ -761,7 +780,7 @@ def test_checkpoints_are_written_in_the_background_from_a_snapshot(synth_ds, tin
     gate, real_save = threading.Event(), torch.save
     monkeypatch.setattr(train_mod.torch, "save", lambda *a, **kw: (gate.wait(10), real_save(*a, **kw)))
     tr.save_checkpoint()  # returns while the write waits on the gate
-    assert not tr._written.done()
+    assert not tr.checkpoints.pending.done()
     with torch.no_grad():  # training goes on: the weights change in place
         for p in tr.lora:
             p.add_(1.0)
@@ -769,7 +788,7 @@ def test_checkpoints_are_written_in_the_background_from_a_snapshot(synth_ds, tin
         for v in tr.opt.state[tr.lora[0]].values():
             v.add_(1.0)
     gate.set()
-    tr.wait_for_checkpoint()
+    tr.checkpoints.wait()
     state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)
     assert all(torch.equal(state["lora"][k], before[k]) for k in before) and state["alpha"].item() == alpha
     saved = state["optimizer"]["state"][0]
@@ -781,7 +800,7 @@ def test_checkpoints_are_written_in_the_background_from_a_snapshot(synth_ds, tin
     monkeypatch.setattr(train_mod.torch, "save", broken)
     tr.save_checkpoint()
     with pytest.raises(OSError, match="No space left"):
-        tr.wait_for_checkpoint()
+        tr.checkpoints.wait()
     assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 1  # the last good one stays
 
 
@@ -814,20 +833,21 @@ def test_the_logged_gradient_cosines_are_those_of_a_separate_gradient_pass(synth
     logged cosines equal those computed with g_total from its own gradient pass of the objective on
     the step's first micro-batch."""
     import vlm2rec_lab.train as train_mod
-    from vlm2rec_lab.train import _flat_cos
+    from vlm2rec_lab import probe
+    from vlm2rec_lab.probe import flat_cosine
 
     tr = Trainer(TrainConfig(method="vlm2rec", users_k=32, batch_size=8, grad_accum=2, max_steps=2, grad_cos_every=1,
                              checkpoint_every=0, lora_dropout=0.2), synth_ds, tmp_path, progress=False)
-    want, real = [], train_mod.modality_gradients
+    want, real = [], probe.modality_gradients
 
     def modality_gradients(emb, labels, params, tau):
         total = train_mod.objective(tr.obj, emb, tr.alpha, tr.beta, labels=labels).total
         g_total = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
         g_t, g_v = real(emb, labels, params, tau)
-        want.append({"cos_total_t": _flat_cos(g_total, g_t), "cos_total_v": _flat_cos(g_total, g_v)})
+        want.append({"cos_total_t": flat_cosine(g_total, g_t), "cos_total_v": flat_cosine(g_total, g_v)})
         return g_t, g_v
 
-    monkeypatch.setattr(train_mod, "modality_gradients", modality_gradients)
+    monkeypatch.setattr(probe, "modality_gradients", modality_gradients)
     tr.train()
     got = [{k: r[k] for k in ("cos_total_t", "cos_total_v")} for r in tr.log]
     assert len(want) == 2 and got == [pytest.approx(w, abs=1e-6) for w in want]

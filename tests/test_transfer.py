@@ -1,8 +1,8 @@
-"""Host-to-device copies through pinned memory (vlm2rec_lab.transfer)."""
+"""Host-to-device copies through pinned memory (vlm2rec_lab.accel.transfer)."""
 import pytest
 import torch
 
-from vlm2rec_lab.transfer import to_device
+from vlm2rec_lab.accel.transfer import to_device
 
 
 def test_to_device_on_the_cpu_is_a_plain_to():

@@ -294,7 +294,7 @@ def cmd_stats(a) -> int:
 
 def _launcher_warnings() -> None:
     """Rank 0 names the launcher settings this project does not read (once for all processes)."""
-    from . import distributed as dist
+    from .accel import distributed as dist
 
     if dist.rank() == 0:
         for note in dist.launcher_warnings():
@@ -302,7 +302,7 @@ def _launcher_warnings() -> None:
 
 
 def _train_config(a):
-    from .config import AUTO_ON_OFF, TrainConfig, load_yaml
+    from .config import AUTO_ON_OFF, SpeedConfig, TrainConfig, load_yaml
 
     if a.config:
         return load_yaml(TrainConfig, a.config)
@@ -310,9 +310,8 @@ def _train_config(a):
                        batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed or 0, users_k=a.users_k, tau=a.tau,
                        tau_crtr=a.tau_crtr, lam=a.lam, alpha=a.alpha, beta=a.beta,
                        learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
-                       gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
-                       packed=not a.no_packing, compile=a.compile,
-                       share_prefix=AUTO_ON_OFF[a.share_prefix],
+                       speed=SpeedConfig(gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
+                                         packed=not a.no_packing, compile=a.compile, share_prefix=AUTO_ON_OFF[a.share_prefix]),
                        checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device,
                        max_pixels=a.max_pixels)
 
@@ -324,7 +323,7 @@ def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None, fresh
     resume starts from step 1 (``--fresh``)."""
     import shutil
 
-    from . import distributed as dist
+    from .accel import distributed as dist
     from .methods import get_method
     from .runs import create_run, embed_run, evaluate_run
     from .train import Trainer
@@ -343,7 +342,7 @@ def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None, fresh
         if dist.rank() == 0:
             print(f"trained {cfg.method} (seed {cfg.seed}) for {t.step} steps -> {run}; last step: " +
                   ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
-        bb = t.bb
+        bb = t.backbone
     if a.no_embed:
         return None
     embed_run(run, ds, backbone=bb)
@@ -358,12 +357,12 @@ def _train_one(a, cfg, ds, run: Path, embeddings_from: Path | None = None, fresh
 def cmd_train(a) -> int:
     import dataclasses
 
-    from . import distributed as dist
+    from .accel import distributed as dist
     from .data.dataset import Dataset
     from .evaluate import METRIC_NAMES
     from .methods import get_method
     from .runs import VIEWS, check_seed, is_finished, seed_dir
-    from .train import ResumeError
+    from .checkpoint import ResumeError
 
     dist.init_from_env()
     _launcher_warnings()
@@ -483,7 +482,7 @@ def cmd_compare(a) -> int:
 
 
 def cmd_embed(a) -> int:
-    from . import distributed as dist
+    from .accel import distributed as dist
     from .runs import embed_run
 
     dist.init_from_env()
@@ -590,7 +589,7 @@ def cmd_downstream(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import distributed
+    from .accel import distributed
     from .data.images import ImagesOfflineError
     from .io import DataFormatError
     from .train import TrainingDiverged

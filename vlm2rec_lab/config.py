@@ -137,7 +137,14 @@ def to_dict(cfg) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """``cls`` from a mapping of its fields; a config written before the speed switches had a
+    section of their own (``TrainConfig.speed``) has them at the top level: moved there."""
     names = {f.name for f in dataclasses.fields(cls)}
+    if "speed" in names and any(k in data for k in SPEED_KEYS):
+        data = dict(data)
+        speed = dict(data.pop("speed", None) or {})
+        speed.update({k: data.pop(k) for k in SPEED_KEYS if k in data})
+        data["speed"] = speed
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
@@ -164,6 +171,34 @@ AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # the words of three-way
 # CPU backbone in minutes, the embedded default uses these (ours; measured on the synthetic domain).
 PAPER_DEFAULTS = {"lr": 1e-5, "batch_size": 8, "epochs": 3, "lora_dropout": 0.2}
 TINY_DEFAULTS = {"lr": 1e-3, "batch_size": 16, "epochs": 8, "lora_dropout": 0.0}
+
+
+@dataclass
+class SpeedConfig:
+    """How fast a run computes, never what it computes: the switches of :mod:`vlm2rec_lab.accel`.
+    With every switch off the plain Hugging Face forward runs; on, the same embeddings and losses
+    up to float rounding (tested)."""
+
+    packed: bool = True  # a step's prompt sets in one forward without padding, where the backbone can
+    share_prefix: bool | None = None  # packed prompts' common leading tokens once; None: not under LoRA dropout
+    cache_vision: bool = True  # each image through the (frozen) vision tower once
+    fused: bool = True  # fused stand-ins (LoRA, RMSNorm, patch embedding) and autocast on a GPU
+    merge_adapters: bool = True  # embedding without gradients: LoRA updates merged into their weights
+    compile: bool | str | None = None  # torch.compile the decoder layers: None auto, True on, False off, or a backend
+    gradient_checkpointing: int = 0  # checkpoint every n-th decoder layer from the start; 0: once memory runs out
+    image_workers: int | None = None  # threads reading images ahead; None: the usable cores, at most 8; 0: none
+
+    def __post_init__(self):
+        self.gradient_checkpointing = int(self.gradient_checkpointing)  # (True / False from older configs: 1 / 0)
+        if self.gradient_checkpointing < 0:
+            raise ValueError(f"gradient_checkpointing: every n-th layer, n >= 1 (0: off), not {self.gradient_checkpointing}")
+        if isinstance(self.compile, str):  # auto / on / off (any case), else a backend's name
+            self.compile = AUTO_ON_OFF.get(self.compile.strip().lower(), self.compile)
+        if not (self.compile is None or isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
+            raise ValueError(f"compile: auto, on, off or a torch.compile backend's name, not {self.compile!r}")
+
+
+SPEED_KEYS = tuple(f.name for f in dataclasses.fields(SpeedConfig))
 
 
 @dataclass
@@ -195,20 +230,13 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float | None = None
-    gradient_checkpointing: int = 0  # checkpoint every n-th decoder layer from the first step (True: every one);
-    #                                  0: only as far as memory requires, once a step runs out of device memory
-    cache_vision: bool = True
-    packed: bool = True  # a step's prompt sets in one forward without padding, where the backbone can
-    share_prefix: bool | None = None  # packed prompts' common leading tokens once; None: not under LoRA dropout
-    compile: bool | str | None = None  # torch.compile the language model's decoder layers: None ("auto"):
-    #                                    where it pays (train.compile_backend); True ("on"): inductor; a
-    #                                    backend's name: that backend; False ("off"): never
     checkpoint_every: int = 50
     grad_cos_every: int = 10  # gradient-cosine probe every M steps (0: never)
     device: str | None = None
     chat_template: bool = True
     max_pixels: int | None = None  # largest image the processor keeps, in pixels (224 * 224 = 64 visual tokens
     #                                in Qwen2.5-VL); None: the backbone's own policy (Qwen's: up to 12.8 MP)
+    speed: SpeedConfig = dataclasses.field(default_factory=SpeedConfig)  # how fast (accel), never what
 
     def __post_init__(self):
         from .methods import get_method
@@ -219,13 +247,8 @@ class TrainConfig:
             raise ValueError("epochs >= 1, batch_size >= 2 (in-batch negatives) and grad_accum >= 1 are needed")
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"alpha and beta must be >= 0 (a negative alpha flips the penalty), got {self.alpha}, {self.beta}")
-        self.gradient_checkpointing = int(self.gradient_checkpointing)  # (True / False from older configs: 1 / 0)
-        if self.gradient_checkpointing < 0:
-            raise ValueError(f"gradient_checkpointing: every n-th layer, n >= 1 (0: off), not {self.gradient_checkpointing}")
-        if isinstance(self.compile, str):  # auto / on / off (any case), else a backend's name
-            self.compile = AUTO_ON_OFF.get(self.compile.strip().lower(), self.compile)
-        if not (self.compile is None or isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
-            raise ValueError(f"compile: auto, on, off or a torch.compile backend's name, not {self.compile!r}")
+        if isinstance(self.speed, dict):  # (from YAML)
+            self.speed = from_dict(SpeedConfig, self.speed)
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive number of pixels, not {self.max_pixels}")
         if self.train_examples is not None and self.train_examples not in TRAIN_EXAMPLES:

@@ -9,44 +9,19 @@ from __future__ import annotations
 
 import logging
 from contextlib import closing, nullcontext
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .backbones import Backbone
+from .accel.prefetch import default_workers, ordered_map
+from .backbones import Backbone, Prompts
+from .config import SpeedConfig
 from .data.images import ImageStore
-from .prefetch import default_workers, ordered_map
 from .prompts import sequence_prompt
 
 log = logging.getLogger(__name__)
-
-
-def last_token_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B, L, d), (B, L) -> (B, d): the hidden state at each row's last non-padding token,
-    correct for left and right padding alike."""
-    L = attention_mask.shape[1]
-    last = L - 1 - attention_mask.flip(1).long().argmax(1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-class Layout(NamedTuple):
-    """A packed forward's inputs laid out on the CPU (:meth:`Encoder.layout`)."""
-
-    sequences: list[Tensor]  # token ids per prompt
-    positions: list[Tensor]  # (3, length) rotary positions per prompt
-    features: list[Tensor]  # the images' features, in the order their tokens appear
-    sizes: list[int]  # prompts per request
-    kinds: list[str]  # prompt kind per prompt (the shared-prefix groups)
-    counts: list[int]  # image features per request
-
-    def select(self, requests: Sequence[int]) -> "Layout":
-        """The layout of some of its requests (in the order given), for a forward of their own."""
-        prompts, feats = np.cumsum([0, *self.sizes]), np.cumsum([0, *self.counts])
-        take = lambda x, bounds: [v for r in requests for v in x[bounds[r]:bounds[r + 1]]]  # noqa: E731
-        return Layout(take(self.sequences, prompts), take(self.positions, prompts), take(self.features, feats),
-                      [self.sizes[r] for r in requests], take(self.kinds, prompts), [self.counts[r] for r in requests])
 
 
 class Encoder:
@@ -55,31 +30,22 @@ class Encoder:
     Args:
         backbone: a loaded :class:`~vlm2rec_lab.backbones.Backbone`.
         items: the dataset's items table (``title``, ``image``, ``item_id`` by ``item_idx``).
+        speed: the speed switches it embeds with (:class:`~vlm2rec_lab.config.SpeedConfig`):
+            ``cache_vision`` reuses per-image vision features (valid while the vision tower is
+            frozen); ``packed`` and ``share_prefix`` go to :meth:`Backbone.embed`;
+            ``image_workers`` threads read, decode and preprocess images ahead of the vision tower
+            (:mod:`~vlm2rec_lab.accel.prefetch`); ``merge_adapters``: :meth:`embed_many` computes
+            with each LoRA update merged into its weight (no gradients there, no dropout in
+            evaluation mode).
         images: image store (size policy); default one with the backbone's processor doing the sizing.
-        cache_vision: reuse per-image vision features (valid while the vision tower is frozen).
         batch_size: prompts per forward when embedding without gradients.
-        packed: :meth:`embed_sets` and :meth:`embed_many` pack their prompts into one forward
-            where the backbone can, the leading tokens that prompts of a kind share computed once.
-        share_prefix: with ``packed``, compute those shared leading tokens once (else per prompt).
-            None (default): where that changes nothing, i.e. not while a dropout is drawing masks
-            (LoRA dropout in training), where the prompts would share one dropout mask over the
-            prefix instead of drawing one each; True: there too (faster, correlated prefix noise).
-        image_workers: threads that read, decode and preprocess images ahead of the vision tower
-            (:mod:`~vlm2rec_lab.prefetch`); None: the usable cores, at most 8; 0: in the calling
-            thread, one image after another.
-        merge_adapters: :meth:`embed_many` computes with each LoRA update merged into its weight
-            (:meth:`Backbone.merged_adapters`: no gradients there, no dropout in evaluation mode),
-            one product per adapted projection instead of three. False: the adapters as in training.
     """
 
-    def __init__(self, backbone: Backbone, items, images: ImageStore | None = None, cache_vision: bool = True,
-                 batch_size: int = 128, packed: bool = True, share_prefix: bool | None = None,
-                 image_workers: int | None = None, merge_adapters: bool = True):
-        self.bb = backbone
-        self.merge_adapters = merge_adapters
-        self.image_workers = default_workers() if image_workers is None else image_workers
-        self.packed = packed
-        self.share_prefix = share_prefix
+    def __init__(self, backbone: Backbone, items, speed: SpeedConfig | None = None, images: ImageStore | None = None,
+                 batch_size: int = 128):
+        self.backbone = backbone
+        self.speed = speed = speed or SpeedConfig()
+        self.image_workers = default_workers() if speed.image_workers is None else speed.image_workers
         titles = items["title"].tolist()
         ids = items["item_id"].astype(str).tolist()
         # items without a title (text-less data) are named by their id in text prompts (ours)
@@ -87,9 +53,8 @@ class Encoder:
         paths = items["image"].tolist() if "image" in items else [None] * len(ids)
         self.image_paths = [p if isinstance(p, str) and p else None for p in paths]
         self.store = images or ImageStore(max_pixels=10**9)
-        self.cache_vision = cache_vision
         self.batch_size = batch_size
-        self._features: dict[int, tuple[Tensor, Tensor]] = {}
+        self.features: dict[int, tuple[Tensor, Tensor]] = {}  # the vision cache: item_idx -> (features, grid)
 
     @property
     def n_items(self) -> int:
@@ -104,8 +69,8 @@ class Encoder:
             raise ValueError(f"{path}: the image of item_idx {i} cannot be read ({type(e).__name__}: {e})") from e
 
     def _check_images(self, idx: Sequence[int]) -> None:
-        if self.bb.kind != "vlm":
-            raise ValueError(f"{self.bb.name} is a text-only model: no image prompts")
+        if self.backbone.kind != "vlm":
+            raise ValueError(f"{self.backbone.name} is a text-only model: no image prompts")
         missing = [i for i in idx if not self.image_paths[i]]
         if missing:
             raise ValueError(f"{len(missing)} item(s) have no image (e.g. item_idx {missing[:5]}); "
@@ -114,153 +79,115 @@ class Encoder:
     def _load_images(self, idx: Sequence[int]) -> list:
         """The images of ``idx``, read by ``image_workers`` threads."""
         self._check_images(idx)
-        return list(ordered_map(self._load_image, idx, self.image_workers if len(idx) > 1 else 0, ahead=len(idx)))
+        return list(ordered_map(self._load_image, idx, self.image_workers if len(idx) > 1 else 0, max_pending=len(idx)))
 
-    def _pixels_of(self, i: int) -> tuple[Tensor, Tensor]:
+    def pixels_of(self, i: int) -> tuple[Tensor, Tensor]:
         """One image's pixels (in the model's dtype) and grid, on the CPU: runs in a worker thread."""
-        return self.bb.prepare_pixels([self._load_image(i)])
+        return self.backbone.prepare_pixels([self._load_image(i)])
 
     def vision_features(self, idx: Sequence[int], chunk: int = 64, progress: bool = False) -> tuple[list[Tensor], Tensor]:
         """Features and grids for items ``idx`` (repeats allowed), through the cache. Images not yet
         cached go through the vision tower ``chunk`` at a time, while ``image_workers`` threads read
         and preprocess the images of the next chunk (at most two chunks' pixels held at once)."""
-        if not self.cache_vision:
+        if not self.speed.cache_vision:
             raise RuntimeError("vision cache is disabled")
         from tqdm.auto import tqdm
 
-        todo = sorted({int(i) for i in idx} - self._features.keys())
+        todo = sorted({int(i) for i in idx} - self.features.keys())
         self._check_images(todo)
         bar = tqdm(total=len(todo), desc="vision features", unit="img", disable=not progress or None, leave=False)
-        with closing(ordered_map(self._pixels_of, todo, self.image_workers, ahead=2 * chunk)) as stream:
-            for a in range(0, len(todo), chunk):
-                part = todo[a:a + chunk]
+        with closing(ordered_map(self.pixels_of, todo, self.image_workers, max_pending=2 * chunk)) as stream:
+            for start in range(0, len(todo), chunk):
+                part = todo[start:start + chunk]
                 got = [next(stream) for _ in part]
                 px, grid = torch.cat([p for p, _ in got]), torch.cat([g for _, g in got])
                 # ordinary (not inference-mode) tensors, even under embed_many: training forwards reuse the cache
                 with torch.inference_mode(False), torch.no_grad():
-                    feats = self.bb.image_features(px.to(self.bb.device, self.bb.dtype), grid)  # (grids stay on the CPU)
+                    feats = self.backbone.image_features(px.to(self.backbone.device, self.backbone.dtype), grid)  # (grids stay on the CPU)
                     for i, f, g in zip(part, feats, grid):
-                        self._features[i] = (f.detach().clone(), g.clone())
+                        self.features[i] = (f.detach().clone(), g.clone())
                 bar.update(len(part))
         bar.close()
-        feats = [self._features[int(i)][0] for i in idx]
-        grid = torch.stack([self._features[int(i)][1] for i in idx]) if len(idx) else None
+        feats = [self.features[int(i)][0] for i in idx]
+        grid = torch.stack([self.features[int(i)][1] for i in idx]) if len(idx) else None
         return feats, grid
 
     def cache_all(self, progress: bool = False) -> None:
         """Compute the vision features of every item with an image (e.g. before training). Under a
         launcher each process reads and runs through the vision tower its share of the images
-        (:func:`~vlm2rec_lab.distributed.shard`) and the features are gathered, so that every
+        (:func:`~vlm2rec_lab.accel.distributed.shard`) and the features are gathered, so that every
         process holds them all: N processes read, decode and encode each image once, not N times."""
-        from . import distributed as dist
+        from .accel import distributed as dist
 
-        todo = [i for i in range(self.n_items) if self.image_paths[i] and i not in self._features]
+        todo = [i for i in range(self.n_items) if self.image_paths[i] and i not in self.features]
         if not dist.is_distributed():
             self.vision_features(todo, progress=progress)
             return
         todo = sorted(set().union(*dist.gather_objects(todo)))  # missing anywhere (the ranks' caches may differ)
         if todo:  # (the same on every rank)
-            mine = [todo[j] for j in dist.shard(len(todo))]
-            self._gather_features(mine, *self.vision_features(mine, progress=progress))
+            share = [todo[j] for j in dist.shard(len(todo))]  # this process's images
+            self._gather_features(share, *self.vision_features(share, progress=progress))
 
-    def _gather_features(self, mine: list[int], feats: list[Tensor], grid: Tensor | None) -> None:
-        """Every rank's share of the cache (items ``mine``, their features and grids) into every
+    def _gather_features(self, share: list[int], feats: list[Tensor], grid: Tensor | None) -> None:
+        """Every rank's share of the cache (items ``share``, their features and grids) into every
         rank's cache: which items with how many rows and which grids, then the rows themselves."""
-        from . import distributed as dist
+        from .accel import distributed as dist
 
-        flat = torch.cat(feats) if feats else torch.zeros(0, self.bb.hidden_size, device=self.bb.device, dtype=self.bb.dtype)
-        theirs = dist.gather_objects([(i, len(f), g) for i, f, g in zip(mine, feats, [] if grid is None else grid.tolist())])
+        flat = torch.cat(feats) if feats else torch.zeros(0, self.backbone.hidden_size, device=self.backbone.device, dtype=self.backbone.dtype)
+        theirs = dist.gather_objects([(i, len(f), g) for i, f, g in zip(share, feats, [] if grid is None else grid.tolist())])
         rows = dist.gather_varying(flat, [sum(n for _, n, _ in part) for part in theirs])
         for part, block in zip(theirs, rows):
             for (i, _, g), f in zip(part, block.split([n for _, n, _ in part])):
-                self._features[i] = (f, torch.tensor(g))
+                self.features[i] = (f, torch.tensor(g))
 
     # ---------------------------------------------------------------- prompts
     def prompts(self, kind: str, item_lists: Sequence[Sequence[int]]) -> list[str]:
         return [sequence_prompt(kind, [self.titles[i] for i in lst]) for lst in item_lists]
 
-    def _inputs(self, kind: str, item_lists: Sequence[Sequence[int]], on_device: bool = True) -> dict:
-        """Tokenized (left-padded) prompts of one kind with their images' features or pixels; the
-        token ids on the backbone's device, or with ``on_device=False`` left on the CPU (and the
-        image grid brought there): the packed path works out its layout there and copies once."""
-        if kind in ("V", "I") and self.bb.kind != "vlm":
-            raise ValueError(f"{self.bb.name} is a text-only model: no {kind!r} prompts")
-        texts = [self.bb.render(p) for p in self.prompts(kind, item_lists)]
+    def _prompts(self, kind: str, item_lists: Sequence[Sequence[int]]) -> Prompts:
+        """Tokenized (left-padded) prompts of one kind on the CPU, with their images' cached
+        features, or their pixels (on the device) where the vision cache is off."""
+        if kind in ("V", "I") and self.backbone.kind != "vlm":
+            raise ValueError(f"{self.backbone.name} is a text-only model: no {kind!r} prompts")
+        texts = [self.backbone.render(p) for p in self.prompts(kind, item_lists)]
         grid = pixel_values = feats = None
         if kind in ("V", "I"):
             flat = [int(i) for lst in item_lists for i in lst]
-            if self.cache_vision:
+            if self.speed.cache_vision:
                 feats, grid = self.vision_features(flat)
             else:
-                pixel_values, grid = self.bb.preprocess_images(self._load_images(flat))
+                pixel_values, grid = self.backbone.preprocess_images(self._load_images(flat))
             texts = self._expand_image_tokens(texts, grid)
-        tok = self.bb.tokenizer(texts, return_tensors="pt", padding=True)
-        dev = self.bb.device if on_device else torch.device("cpu")
-        return {"input_ids": tok["input_ids"].to(dev), "attention_mask": tok["attention_mask"].to(dev),
-                "image_grid_thw": None if grid is None else grid.to(dev), "pixel_values": pixel_values,
-                "image_features": feats}
+        tok = self.backbone.tokenizer(texts, return_tensors="pt", padding=True)
+        return Prompts(kind, tok["input_ids"], tok["attention_mask"], None if grid is None else grid.cpu(),
+                       pixel_values, feats)
 
-    def embed(self, kind: str, item_lists: Sequence[Sequence[int]]) -> Tensor:
-        """One forward for a batch of item lists (a history, or one item) -> (B, d) embeddings.
-        Gradients flow when enabled by the caller (training); the vision features never need them."""
-        x = self._inputs(kind, item_lists)
-        hidden = self.bb.forward(**x)
-        return last_token_pool(hidden, x["attention_mask"]).float()
-
-    def layout(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]]) -> Layout | None:
-        """The packed forward's inputs for ``requests``, worked out on the CPU (tokens, rotary
-        positions, the images' cached features), or None where :meth:`embed_sets` will not pack.
-        Pure CPU work when the vision cache holds the images: a trainer lays out its next
-        micro-batch while the device still computes this one."""
-        if not (self.packed and self.bb.can_pack):
+    def layout(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]]):
+        """The packed forward's inputs for ``requests`` (``(kind, item lists)`` pairs), worked out on
+        the CPU (:meth:`Backbone.layout`), or None where :meth:`embed_sets` does not pack. Pure CPU
+        work when the vision cache holds the images: a trainer lays out its next micro-batch while
+        the device still computes this one."""
+        if not (self.speed.packed and self.backbone.can_pack):
             return None
-        seqs, pos, feats, sizes, kinds, counts = [], [], [], [], [], []
-        for kind, lists in requests:
-            x = self._inputs(kind, lists, on_device=False)  # token layout on the CPU: no device syncs
-            if x["pixel_values"] is not None:
-                with torch.no_grad():
-                    x["image_features"] = self.bb.image_features(x["pixel_values"], x["image_grid_thw"])
-            mask = x["attention_mask"].bool()
-            seqs += [ids[m] for ids, m in zip(x["input_ids"], mask)]
-            pos += self.bb.rope_positions(x["input_ids"], x["attention_mask"], x["image_grid_thw"])
-            feats += list(x["image_features"] or [])
-            sizes.append(len(lists))
-            kinds += [kind] * len(lists)
-            counts.append(len(x["image_features"] or []))
-        return Layout(seqs, pos, feats, sizes, kinds, counts)
+        return self.backbone.layout([self._prompts(kind, lists) for kind, lists in requests])
 
-    def embed_sets(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]],
-                   layout: Layout | None = None, apart: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
-        """Several batches of prompts (e.g. a training step's text and image histories and targets)
-        -> their (B_k, d) embeddings. With ``packed`` and a backbone that can pack, one forward over
-        all prompts packed without padding (:meth:`Backbone.forward_packed`), prompts of one kind
-        sharing their common leading tokens (see ``share_prefix``); otherwise one padded forward per
-        request. All give the same embeddings up to float rounding (tested). ``layout``: these
-        requests' :meth:`layout`, worked out beforehand. ``apart``: groups of request indices
-        (covering all) packed into forwards of their own, so that their autograd graphs stay apart:
-        a gradient of one group's embeddings then costs a backward over that group's tokens only (the
-        padded path's forwards, one per request, are apart already)."""
-        if not (self.packed and self.bb.can_pack):
-            return [self.embed(kind, lists) for kind, lists in requests]
-        x = layout or self.layout(requests)
-        if apart is None:
-            return self._forward_layout(x)
-        if sorted(r for g in apart for r in g) != list(range(len(requests))):
-            raise ValueError(f"apart={apart!r}: each of the {len(requests)} requests in exactly one group")
-        out: list = [None] * len(requests)
-        for group in apart:
-            for r, z in zip(group, self._forward_layout(x.select(group))):
-                out[r] = z
-        return out
-
-    def _forward_layout(self, x: Layout) -> list[Tensor]:
-        share = self.share_prefix if self.share_prefix is not None else not self.bb.dropout_active
-        out = self.bb.forward_packed(x.sequences, x.positions, x.features or None, x.kinds if share else None).float()
-        return list(out.split(x.sizes))
+    def embed_sets(self, requests: Sequence[tuple[str, Sequence[Sequence[int]]]], layout=None,
+                   forward_groups: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
+        """Several sets of prompts (e.g. a training step's text and image histories and targets)
+        -> their (B_k, d) embeddings, through :meth:`Backbone.embed` (packed into one forward where
+        ``speed.packed`` and the backbone allow, else one padded forward per set; the same
+        embeddings up to float rounding, tested). ``layout``: these requests' :meth:`layout`, worked
+        out beforehand. ``forward_groups``: groups of request indices packed into forwards of their
+        own (see :func:`~vlm2rec_lab.accel.packing.embed_layout`; the padded forwards are apart
+        already). Gradients flow when enabled by the caller (training); the vision features never
+        need them."""
+        layout = layout if layout is not None else self.layout(requests)
+        prompt_sets = None if layout is not None else [self._prompts(kind, lists) for kind, lists in requests]
+        return self.backbone.embed(prompt_sets, layout, self.speed.share_prefix, forward_groups)
 
     def _expand_image_tokens(self, texts: list[str], grid: Tensor) -> list[str]:
-        pad = self.bb.image_token
-        counts = iter(self.bb.tokens_per_image(g) for g in grid.tolist())
+        pad = self.backbone.image_token
+        counts = iter(self.backbone.tokens_per_image(g) for g in grid.tolist())
         out = []
         for t in texts:
             parts = t.split(pad)
@@ -275,25 +202,25 @@ class Encoder:
         prompts first fill the vision cache for all their images (read ahead by worker threads);
         the results stay on the device until the end, so the CPU lays out the next batch while the
         device computes this one. LoRA updates are merged into their weights meanwhile (see
-        ``merge_adapters``). Where a batch runs out of device memory it is redone, and the rest
+        ``speed.merge_adapters``). Where a batch runs out of device memory it is redone, and the rest
         embedded, first without the merged weights, then in batches half as large, down to one
         prompt (a warning says so; a prompt's embedding does not depend on its batch)."""
         from tqdm.auto import tqdm
 
-        from .backbones import out_of_memory
+        from .accel.recovery import out_of_memory
 
-        if kind in ("V", "I") and self.cache_vision:
+        if kind in ("V", "I") and self.speed.cache_vision:
             self.vision_features(sorted({int(i) for lst in item_lists for i in lst}), progress=progress)
         bs = batch_size or self.batch_size
         order = np.argsort([-len(x) for x in item_lists], kind="stable")
         parts: list[Tensor] = []
-        done, merge = 0, self.merge_adapters
+        done, merge = 0, self.speed.merge_adapters
         with tqdm(total=len(order), desc=desc or f"embed {kind}", unit="prompt", disable=not progress or None,
                   leave=False) as bar:
             while done < len(order):
                 failed = None
                 try:
-                    with self.bb.merged_adapters() if merge else nullcontext():
+                    with self.backbone.engine.merged_adapters() if merge else nullcontext():
                         while done < len(order):
                             rows = order[done:done + bs]
                             parts.append(self.embed_sets([(kind, [item_lists[k] for k in rows])])[0])
@@ -320,7 +247,7 @@ class Encoder:
                 else:
                     bs = max(1, bs // 2)
                     log.warning("embedding %s prompts ran out of memory (%s): going on in batches of %d", kind, failed, bs)
-        out = torch.empty(len(item_lists), self.bb.hidden_size)
+        out = torch.empty(len(item_lists), self.backbone.hidden_size)
         if parts:
             out[torch.as_tensor(order)] = torch.cat(parts).cpu()  # one copy back, at the end
         return out

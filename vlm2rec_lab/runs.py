@@ -26,8 +26,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import distributed as dist
-from .config import TrainConfig, load_yaml, save_yaml
+from .accel import distributed as dist
+from .config import SpeedConfig, TrainConfig, load_yaml, save_yaml
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .methods import get_method
 
@@ -77,11 +77,11 @@ def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = Fa
     """Make (or, with ``resume``, reopen) a run folder: config.yaml and manifest.json. The manifest
     records how many processes made the run (torchrun's or accelerate's world size, 1 without) and,
     for each resume, how many continued it (``resumed_with_processes``). ``resume`` where no run is
-    raises :class:`~vlm2rec_lab.train.ResumeError` unless ``fresh`` (then it makes one)."""
+    raises :class:`~vlm2rec_lab.checkpoint.ResumeError` unless ``fresh`` (then it makes one)."""
     run = Path(run_dir)
     cfg = cfg.resolved()
     if resume and not fresh and not (run / "config.yaml").exists():
-        from .train import ResumeError
+        from .checkpoint import ResumeError
 
         raise ResumeError(f"{run}: --resume, but no run is here (no config.yaml): check --out, or add --fresh to start it")
     if (run / "config.yaml").exists():
@@ -89,7 +89,7 @@ def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = Fa
             raise FileExistsError(f"{run}: a run already exists here (pass --resume to continue it, or another --out)")
         old = load_run_config(run)
         # where and whether compiled it computes is not what the run is (the step log's "compiled" says which)
-        same_place = dataclasses.replace(cfg, device=old.device, compile=old.compile)
+        same_place = dataclasses.replace(cfg, device=old.device, speed=dataclasses.replace(cfg.speed, compile=old.speed.compile))
         if old != same_place:
             diff = config_diff(old, same_place)
             raise ValueError(f"{run}: --resume with a different config: {diff}")
@@ -101,7 +101,7 @@ def create_run(run_dir: str | Path, cfg: TrainConfig, dataset, resume: bool = Fa
     save_yaml(cfg, run / "config.yaml")
     backbone_path = None
     if cfg.backbone == "tiny":  # built for this dataset: other datasets (cross-domain) must reuse it
-        from .backbones import build_tiny
+        from .tiny import build_tiny
 
         backbone_path = str(build_tiny(dataset))
     atomic_write_json(run / "manifest.json", {
@@ -156,12 +156,12 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
 
 
 def check_adapter(adapter: Path) -> None:
-    """Raise :class:`~vlm2rec_lab.train.CheckpointError` naming the file unless ``adapter`` holds a
+    """Raise :class:`~vlm2rec_lab.checkpoint.CheckpointError` naming the file unless ``adapter`` holds a
     readable PEFT config and a whole weights file (safetensors checks at open that its header's
     tensors cover the file: a truncated file is refused there, before PEFT reads the weights)."""
     from safetensors import safe_open
 
-    from .train import CheckpointError
+    from .checkpoint import CheckpointError
 
     try:
         json.loads((adapter / "adapter_config.json").read_text())
@@ -191,6 +191,7 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     ``device``: where to embed (default: the run's config, else the GPU when there is one). Under a
     launcher only rank 0 shows progress."""
     from .data.dataset import Dataset
+    from .accel.compile import compile_layers
     from .encoder import Encoder
 
     run = Path(run_dir)
@@ -208,8 +209,8 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     check_fusion(method, bb)
     bb.model.eval()
     if compile:
-        bb.compile_layers(backend="inductor" if compile is True else compile, vision=bb.kind == "vlm")
-    enc = Encoder(bb, ds.items, cache_vision=cfg.cache_vision, batch_size=batch_size)
+        compile_layers(bb, backend="inductor" if compile is True else compile, vision=bb.kind == "vlm")
+    enc = Encoder(bb, ds.items, SpeedConfig(cache_vision=cfg.speed.cache_vision), batch_size=batch_size)
     kinds = {"external": ("T", "V"), "item-mean": ("T", "V"), "internal": ("I",), "text": ("T",)}[method.fusion]
     out: dict[str, np.ndarray] = {}
 
@@ -356,7 +357,7 @@ def run_method(dataset, cfg: TrainConfig, run_dir: str | Path, resume: bool = Fa
     if get_method(cfg.method).trains:
         tr = Trainer(cfg, dataset, run, backbone=backbone, progress=progress)
         tr.train(resume=resume, fresh=fresh)
-        bb = tr.bb
+        bb = tr.backbone
         bb.model.eval()
     embed_run(run, dataset, backbone=bb, progress=progress)
     return evaluate_run(run, dataset) if evaluate else {}
@@ -437,7 +438,7 @@ def find_runs(path: str | Path) -> dict[int, Path]:
             raise ValueError(f"{path}: two runs with training seed {cfg.seed}: {runs[cfg.seed]} and {f}")
         runs[int(cfg.seed)] = f
         # where and whether compiled it ran is not what the run is; everything else must agree
-        same = dataclasses.replace(cfg, seed=0, device=None, compile=None)
+        same = dataclasses.replace(cfg, seed=0, device=None, speed=dataclasses.replace(cfg.speed, compile=None))
         if first is None:
             first = (f, same)
         elif same != first[1]:

@@ -163,7 +163,7 @@ def average_tensors(tensors, like=None) -> list:
     if any(t is None for t in tensors):
         raise ValueError("average_tensors: a None entry needs `like` across processes")
     out = [t.detach().clone() for t in tensors]
-    _all_reduce_mean(out)
+    all_reduce_mean(out)
     return out
 
 
@@ -175,7 +175,7 @@ def average_gradients(params) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    _all_reduce_mean([p.grad for p in params])
+    all_reduce_mean([p.grad for p in params])
 
 
 def broadcast_from_first(tensors) -> None:
@@ -189,7 +189,7 @@ def broadcast_from_first(tensors) -> None:
         _in_buckets(list(tensors), lambda flat: dist.broadcast(flat, src=0))
 
 
-def _all_reduce_mean(tensors: list, bucket_elements: int = 1 << 26) -> None:
+def all_reduce_mean(tensors: list, bucket_elements: int = 1 << 26) -> None:
     """Average ``tensors`` over ranks in place, as few collectives as possible: the tensors of one
     dtype and device are flattened into buckets of at most ``bucket_elements`` (256 MB of fp32) and
     each bucket is reduced in one call. The LoRA of a 3B model is about 500 tensors; one call each

@@ -1,4 +1,4 @@
-"""Fewer passes over memory and faster kernels on the project's compute path (``Backbone.compute``):
+"""Fewer passes over memory and faster kernels on the project's compute path (``SpeedEngine.compute``):
 module forwards swapped in for the duration of a forward, each the same function as the one it
 stands in for.
 
@@ -7,7 +7,7 @@ full-size output for ``B``'s product, one pass to scale it and one to add it, an
 scales the full-size gradient once more. Here ``y = addmm(base(x), A(dropout(x)), Bᵀ, alpha=s)``: the
 scaling rides on the small product and the addition happens in the matrix product's epilogue, so
 the only full-size tensor written is ``y``. The same function of ``x`` and the weights (tested
-against PEFT's forward, values and gradients); on an H100 it removes several memory passes over the
+against PEFT's forward, values and gradients); it removes several memory passes over the
 (tokens x out_features) activations of each adapted projection, forward and backward.
 
 **Merged adapters, without gradients.** When nothing needs a gradient and no dropout draws masks
@@ -15,7 +15,7 @@ against PEFT's forward, values and gradients); on an H100 it removes several mem
 ``W' = W + s·B·A`` (fp32 arithmetic, the base weight's dtype; :func:`merged_weight`), and each
 forward is one product with ``W'`` (:func:`merged_forward`): no rank-r products, no second pass
 over the (tokens x out_features) output and no casts of the adapter's fp32 weights, per projection
-and per forward. ``Backbone.merged_adapters`` makes the merged weights for the duration of an
+and per forward. ``SpeedEngine.merged_adapters`` makes the merged weights for the duration of an
 embedding run beside the originals (which stay untouched), as PEFT's ``merge_adapter`` would
 without its rounding back on ``unmerge``. In fp32 the same numbers up to rounding; in bf16 ``W'``
 is rounded once to the weight's precision, as any merged checkpoint is.
@@ -32,27 +32,24 @@ is swapped only after a probe shows it computes exactly that (variants such as G
 **Patch embedding.** Qwen's vision towers cut an image into patches and project each with a
 ``Conv3d`` whose stride equals its kernel: no overlap, so the convolution is one matrix product of
 the flattened patches with the flattened kernel. cuDNN runs such a convolution through a generic
-(im2col) algorithm that is many times slower than the GEMM for some GPU, dtype and version
+(im2col) algorithm that is slower than the GEMM for some GPU, dtype and version
 combinations (transformers issue #45750, sglang PR #21014); ``F.linear`` always takes the GEMM.
 
 **Vision rotary.** Qwen's vision attention rotates queries and keys with Hugging Face's
 ``apply_rotary_pos_emb_vision``: both copied to fp32, ``rotate_half`` (a negation and a
-concatenation), two products, a sum and a cast back — counted per (tokens x width) bf16 tensor,
-about 26 passes over memory for q and as many for k. :func:`rotary` computes the same
+concatenation), two products, a sum and a cast back. :func:`rotary` computes the same
 ``x·cos + rotate_half(x)·sin`` half by half into one output of x's dtype: a product and a
-multiply-add per half, the arithmetic in fp32 inside each kernel (5 passes). In fp32 the same
+multiply-add per half, the arithmetic in fp32 inside each kernel. In fp32 the same
 numbers; in bf16 the half's product is rounded once before the multiply-add (HF rounds once at the
-end), an error of at most a few units in bf16's last place. Counted per operator, a 3B vision
-block moves 94.3 MB an image in bf16 with Hugging Face's attention and 68.1 MB with this one
-(``bench/vision_traffic.py``). :func:`vision_attention_forward` is that attention with this
+end), an error of at most a few units in bf16's last place (``bench/vision_traffic.py`` counts
+the memory traffic). :func:`vision_attention_forward` is that attention with this
 rotary, swapped in only where the tower attends through the project's varlen function and after a
 probe shows it computes the module's own function.
 
 **The last layer's MLP on the rows read.** A packed forward reads one final hidden state per
-prompt, its last token's (``Backbone.forward_packed``); the last decoder layer's MLP output of
+prompt, its last token's (:func:`~vlm2rec_lab.accel.packing.forward_packed`); the last decoder layer's MLP output of
 every other token flows only into hidden states nobody reads. :func:`read_rows_forward` computes
-that MLP on the rows read and zero elsewhere: the same numbers where they are read, for about 2.4%
-of a 3B language model's matrix work.
+that MLP on the rows read and zero elsewhere: the same numbers where they are read.
 """
 from __future__ import annotations
 
@@ -206,7 +203,7 @@ def vision_attention_forward(attn: nn.Module, hidden_states: Tensor, cu_seqlens:
     """Qwen2/2.5-VL's vision attention (fused qkv, rotary, attention within ``cu_seqlens``'s
     segments, output projection) with :func:`rotary`, attending through the project's varlen
     function. Falls back to the module's own forward where the tower attends otherwise (SDPA per
-    window, flash-attn: checked each call, as :func:`~vlm2rec_lab.attention.set_vision_attention`
+    window, flash-attn: checked each call, as :func:`~vlm2rec_lab.accel.attention.set_vision_attention`
     switches it), without position embeddings, or with attention dropout in training."""
     from .attention import NAME, varlen_attention_forward
 
@@ -263,10 +260,10 @@ def is_plain_vision_attention(attn: nn.Module) -> bool:
 @torch.compiler.disable  # (eager: the row count, which varies, never enters a compiled graph)
 def read_rows_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     """The last decoder layer's MLP inside a packed forward: computed on the rows whose final
-    hidden states are read (:func:`~vlm2rec_lab.attention.packed_rows`, each prompt's last token)
+    hidden states are read (:func:`~vlm2rec_lab.accel.attention.packed_rows`, each prompt's last token)
     and zero on the others, whose final hidden states nobody reads (the residual stream passes them
-    on unchanged). The rows read get exactly the MLP's output; a 3B model's last MLP is about 2.4%
-    of its matrix work, skipped for all tokens but a few. Outside a packed forward (``x`` not one
+    on unchanged). The rows read get exactly the MLP's output; the MLP's matrix work is skipped for
+    all tokens but a few. Outside a packed forward (``x`` not one
     packed row, or no rows given) the module's own forward. In a compiled layer it runs eagerly, in
     a graph break: a few rows' products gain nothing from compiling, and a graph would specialise
     on their count."""

@@ -1,10 +1,9 @@
 """CPU work ahead of the accelerator: an ordered map over a thread pool with bounded lookahead.
 
-Decoding, resizing and patchifying an image costs a few milliseconds of one CPU core (measured in
-``bench/image_cache.py``: about 5 ms for a 500 px JPEG at Qwen2.5-VL's 224 px), which over a
-catalogue of 10,000 items is longer than a GPU needs for the vision tower itself. PIL and NumPy
-release the GIL in that work, so threads scale it over the cores, and while they prepare the next
-images the calling thread keeps the GPU busy with the current ones.
+Decoding, resizing and patchifying images can take longer than a GPU needs for the vision tower
+itself (``bench/image_cache.py`` measures it). PIL and NumPy release the GIL in that work, so
+threads scale it over the cores, and while they prepare the next images the calling thread keeps
+the GPU busy with the current ones.
 """
 from __future__ import annotations
 
@@ -31,10 +30,10 @@ def default_workers(cap: int = 8) -> int:
     return max(1, min(cap, n // local))
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int | None = None) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, max_pending: int | None = None) -> Iterator[R]:
     """``fn(x)`` for each ``x`` of ``items``, yielded in order.
 
-    With ``workers`` ≥ 1, computed by that many threads at most ``ahead`` items (default twice the
+    With ``workers`` ≥ 1, computed by that many threads at most ``max_pending`` items (default twice the
     workers) ahead of the consumer, so memory stays bounded; with 0, in the calling thread as it
     asks (the plain serial path). An exception in ``fn`` is raised to the consumer when it reaches
     that item; work not yet started is cancelled when the consumer stops early.
@@ -42,14 +41,14 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: i
     if workers <= 0:
         yield from map(fn, items)
         return
-    ahead = max(1, ahead or 2 * workers)
+    max_pending = max(1, max_pending or 2 * workers)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlm2rec-prefetch")
     pending: deque = deque()
     source = iter(items)
     try:
         for x in source:
             pending.append(pool.submit(fn, x))
-            if len(pending) >= ahead:
+            if len(pending) >= max_pending:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

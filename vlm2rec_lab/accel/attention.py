@@ -3,16 +3,14 @@ call per segment, for the vision tower's windows and for packed language-model p
 
 Qwen2.5-VL's vision tower attends within windows (and, in a few layers, within whole images), each
 a segment of the flattened patch sequence given by ``cu_seqlens``. Without flash-attn, Hugging Face
-calls SDPA once per segment: for a batch of 256 images of 224 px that is 1,024 window calls per layer,
-and the vision tower runs at a few percent of the GPU's peak. Segments of equal length (all windows of
+calls SDPA once per segment: a call per window per layer. Segments of equal length (all windows of
 same-size images) stack into one batch; :func:`varlen_sdpa` does that, grouping by length, so the
 result is the same attention, computed in one kernel per distinct length. The same function, causal,
 serves prompts packed into one sequence (:func:`packed_language_model`,
-``Backbone.forward_packed``). On a GPU in bf16/fp16 both go to PyTorch's own variable-length
+:func:`~vlm2rec_lab.accel.packing.forward_packed`). On a GPU in bf16/fp16 both go to PyTorch's own variable-length
 flash kernel by default, one call for all segments (:func:`set_varlen_kernel`): with lengths that
-vary, as real titles and histories do, the grouped SDPA makes one call per distinct length, and a
-training step at the trainer's defaults took 2.49 s that way on an H100 against 0.353 s with the
-flash kernel. Packed prompts that begin alike can share their common
+vary, as real titles and histories do, the grouped SDPA makes one call per distinct length.
+Packed prompts that begin alike can share their common
 leading tokens, computed once as a segment of their own (:func:`shared_prefixes`): the segments
 that continue it attend to its keys and then their own, causally.
 
@@ -59,7 +57,7 @@ def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None, devic
     ``q_index`` and ``n_keys`` is n. The indices go to ``device`` (default: ``cu_seqlens``'s)."""
     device = cu_seqlens.device if device is None else device
     bounds = cu_seqlens.tolist()
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     tags = list(prefix_of) if prefix_of is not None else [-1] * len(lengths)
     if len(tags) != len(lengths):
         raise ValueError(f"prefix_of names {len(tags)} segments, cu_seqlens delimits {len(lengths)}")
@@ -68,9 +66,9 @@ def segment_groups(cu_seqlens: Tensor, prefix_of: list[int] | None = None, devic
     if all(n == lengths[0] for n in lengths) and all(t < 0 for t in tags):
         return [Group(lengths[0], None, len(lengths), lengths[0], None)]
     by_key: dict[tuple[int, int], list[int]] = {}
-    for a, n, tag in zip(bounds[:-1], lengths, tags):
+    for start, n, tag in zip(bounds[:-1], lengths, tags):
         if n > 0:
-            by_key.setdefault((n, tag), []).append(a)
+            by_key.setdefault((n, tag), []).append(start)
     out = []
     for (n, tag), starts in by_key.items():
         own = torch.tensor(starts)[:, None] + torch.arange(n)[None]
@@ -185,6 +183,11 @@ def set_varlen_kernel(name: str) -> str:
         raise ValueError(f"varlen kernel {name!r}: one of {KERNELS}")
     before, _kernel = _kernel, name
     return before
+
+
+def varlen_kernel() -> str:
+    """The variable-length kernel set now (:func:`set_varlen_kernel`)."""
+    return _kernel
 
 
 @functools.cache
