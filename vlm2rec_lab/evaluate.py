@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 METRIC_NAMES = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+COLD_START_EDGES = (0, 5, 10, 20, 50, float("inf"))  # Fig. 3: buckets of the target's training frequency
 Scorer = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
@@ -320,7 +321,6 @@ def bucket_metrics(
         raise ValueError(f"ranks and values differ in shape: {r.shape} vs {v.shape}")
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (v >= lo) & (v < hi)
-        name = f"[{lo:g}, {hi:g})"
-        rows.append({label: name, "users": int(sel.sum()), **metrics_from_ranks(r[sel], ks)})
+        in_bucket = (v >= lo) & (v < hi)
+        rows.append({label: f"[{lo:g}, {hi:g})", "users": int(in_bucket.sum()), **metrics_from_ranks(r[in_bucket], ks)})
     return pd.DataFrame(rows).set_index(label)
