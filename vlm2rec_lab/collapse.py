@@ -120,13 +120,15 @@ def collapse_check(vanilla: Mapping[int, str | Path], sft: Mapping[int, str | Pa
                          metric, image_oracle, chance)
 
 
-def compare_line(name: str, a: pd.DataFrame, b: pd.DataFrame, views=("f2f", "t2f", "v2f")) -> str:
-    """``name`` against ``b`` per view: mean Δ, how many seeds went up, paired p."""
+def compare_line(name: str, per_seed: pd.DataFrame, reference: pd.DataFrame, views=("f2f", "t2f", "v2f")) -> str:
+    """``name`` (its ``per_seed`` metric by view) against ``reference`` per view: mean Δ, how many
+    seeds went up, paired p."""
     parts = []
     for v in views:
-        common = a.index.intersection(b.index)
-        d = a.loc[common, v] - b.loc[common, v]
-        parts.append(f"{v} {d.mean():+.3f} (up in {int((d > 0).sum())}/{len(common)}, {_fmt_p(_ttest_p(a[v], b[v]))})")
+        common = per_seed.index.intersection(reference.index)
+        delta = per_seed.loc[common, v] - reference.loc[common, v]
+        p = _fmt_p(_ttest_p(per_seed[v], reference[v]))
+        parts.append(f"{v} {delta.mean():+.3f} (up in {int((delta > 0).sum())}/{len(common)}, {p})")
     return f"{name}: " + ", ".join(parts)
 
 

@@ -148,25 +148,25 @@ def evaluate(
     bar = tqdm(total=len(seeds) * n * (2 if full_ranking else 1), desc=f"evaluate {name or ''}".strip(),
                unit="user", disable=not progress or None, leave=False)
     for seed in seeds:
-        sc = scorer.with_seed(seed) if hasattr(scorer, "with_seed") else scorer
+        seeded = scorer.with_seed(seed) if hasattr(scorer, "with_seed") else scorer
         neg = dataset.negatives(seed)
         ranks = np.empty(n)
-        for a in range(0, n, batch_size):
-            b = min(a + batch_size, n)
-            cand = np.concatenate([targets[a:b, None], neg[a:b]], axis=1)
-            s = np.asarray(sc(hist[a:b], cand))
-            ranks[a:b] = ranks_from_scores(s[:, 0], s[:, 1:])
-            bar.update(b - a)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            cand = np.concatenate([targets[start:stop, None], neg[start:stop]], axis=1)
+            s = np.asarray(seeded(hist[start:stop], cand))
+            ranks[start:stop] = ranks_from_scores(s[:, 0], s[:, 1:])
+            bar.update(stop - start)
         all_ranks[seed] = ranks
         rows_s.append({"seed": seed, **metrics_from_ranks(ranks, ks)})
         if full_ranking:
             franks = np.empty(n)
-            for a in range(0, n, batch_size):
-                b = min(a + batch_size, n)
-                s = np.asarray(sc(hist[a:b], None))
-                lo, hi = seen_off[a], seen_off[b]
-                franks[a:b] = full_ranks(s, targets[a:b], seen_off[a:b + 1] - lo, seen_items[lo:hi])
-                bar.update(b - a)
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                s = np.asarray(seeded(hist[start:stop], None))
+                lo, hi = seen_off[start], seen_off[stop]
+                franks[start:stop] = full_ranks(s, targets[start:stop], seen_off[start:stop + 1] - lo, seen_items[lo:hi])
+                bar.update(stop - start)
             rows_f.append({"seed": seed, **metrics_from_ranks(franks, ks)})
     bar.close()
     sampled = pd.DataFrame(rows_s).set_index("seed")

@@ -186,7 +186,7 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     F is T + V for external fusion (and item-mean), the interleaved prompt for internal fusion, T
     for text-only methods. ``item-mean`` takes the zero-shot fused item embeddings and mean-pools
     them over each history. ``compile``: ``torch.compile`` the decoder layers and, for VLMs, the
-    vision blocks first (True: inductor; or a backend's name); minutes of compiling on a GPU.
+    vision blocks first (True: inductor; or a backend's name).
     ``device``: where to embed (default: the run's config, else the GPU when there is one). Under a
     launcher only rank 0 shows progress."""
     from .data.dataset import Dataset

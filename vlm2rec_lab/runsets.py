@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
+from . import distributed as dist
 from .config import TrainConfig
 from .methods import get_method
 from .runs import (VIEWS, MissingViewError, check_seed, config_diff, ensure_run, evaluate_run, is_finished,
@@ -49,7 +50,6 @@ def train_run_set(dataset, cfg: TrainConfig, run_set: str | Path, seeds, resume:
     negatives are checked before anything trains. With ``resume``, finished runs are kept, started
     ones resume from their checkpoints and the others start (none started: an error unless
     ``fresh``). A zero-shot method is embedded once; the other seeds copy its embeddings."""
-    from . import distributed as dist
     from .train import ResumeError
 
     seeds = [int(s) for s in seeds]
