@@ -93,6 +93,7 @@ class ModelScorer:
         self.model.train(was_training)
         return scores
 
+
 # --------------------------------------------------------------------------- training
 
 
