@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from vlm2rec_lab.data.dataset import Dataset
-from vlm2rec_lab.downstream import DownstreamConfig, left_align, train, validate
+from vlm2rec_lab.task2.config import DownstreamConfig
+from vlm2rec_lab.task2.train import left_align, train, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = ROOT.parent / "shared" / "data" / "real" / "amazon2014_beauty" / "user_sequence.txt"

@@ -20,7 +20,7 @@ MUTANTS = [
     ),
     Mutant(
         name="task2_windows_reach_the_valid_target",
-        module="vlm2rec_lab.downstream",
+        module="vlm2rec_lab.task2.train",
         old="n_targets = np.maximum(dataset.offsets[1:] - 2 - starts - 1, 0)",
         new="n_targets = np.maximum(dataset.offsets[1:] - 1 - starts - 1, 0)",
         why="Task 2's SASRec/GRU4Rec training windows predict the validation target too (training on the "
@@ -51,10 +51,10 @@ MUTANTS = [
     ),
     Mutant(
         name="task2_early_stopping_reads_test",
-        module="vlm2rec_lab.downstream",
+        module="vlm2rec_lab.task2.train",
         old='split="valid"',
         new='split="test"',
-        why="Task 2's early stopping (downstream.validate) selects the epoch on the test split",
+        why="Task 2's early stopping (task2.train.validate) selects the epoch on the test split",
         caught_by=(f"{PINS}::test_validate_is_valid_ndcg_by_hand",
                    f"{PINS}::test_task2_best_valid_ndcg_is_the_restored_models_valid_ndcg"),
     ),

@@ -22,7 +22,8 @@ import torch
 
 from vlm2rec_lab.data.dataset import Dataset
 from vlm2rec_lab.diagnostics import cold_start
-from vlm2rec_lab.downstream import DownstreamConfig, ModelScorer, run, train, training_windows, validate
+from vlm2rec_lab.task2.config import DownstreamConfig
+from vlm2rec_lab.task2.train import ModelScorer, run, train, training_windows, validate
 from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.scorers import CooccurrenceScorer, PopularityScorer
 

@@ -5,10 +5,11 @@ import pytest
 
 from vlm2rec_lab.config import PrepareConfig, SynthConfig, TrainConfig
 from vlm2rec_lab.diagnostics import (
-    alignment, cold_start, geometry, geometry_table, gradient_cosines, modality_dropout_table, run_embeddings, sweep,
+    alignment, cold_start, geometry, geometry_table, gradient_cosines, modality_dropout_table, run_embeddings,
     uniformity,
     weak_modality,
 )
+from vlm2rec_lab.runsets import sweep
 
 
 def test_identical_embeddings_have_zero_alignment_and_targets_give_zero_a_pos():
@@ -109,7 +110,7 @@ def test_tables_over_training_seeds_are_mean_and_std_of_each_seeds_run(synth_ds,
     assert t.loc[("VLM2Rec", "V"), "S_std"] == pytest.approx(np.std(by_hand, ddof=1))
     assert t.loc[("VLM2Rec", "V"), "seeds"] == 2
     from vlm2rec_lab.evaluate import evaluate
-    from vlm2rec_lab.runs import EmbeddingScorer
+    from vlm2rec_lab.scorers import EmbeddingScorer
 
     sc = EmbeddingScorer(np.load(trained["VLM2Rec"] / "embeddings" / "seq_test_histories.npy"),
                          np.load(trained["VLM2Rec"] / "embeddings" / "seq_test_V.npy"),

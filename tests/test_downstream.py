@@ -14,10 +14,10 @@ import torch
 
 from vlm2rec_lab.cli import main
 from vlm2rec_lab.data.synthetic import load_latents
-from vlm2rec_lab.downstream import (
-    DownstreamConfig, ItemEmbeddings, ItemTable, ModelScorer, SeqRec, left_align, load_item_embeddings,
-    prepare_init_table, rows, run, train, training_windows,
-)
+from vlm2rec_lab.task2.config import DownstreamConfig
+from vlm2rec_lab.task2.items import ItemEmbeddings, load_item_embeddings
+from vlm2rec_lab.task2.models import GRU4Rec, ItemTable, SASRec, build_model, gather_rows, prepare_init_table
+from vlm2rec_lab.task2.train import ModelScorer, left_align, run, train, training_windows
 from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.scorers import PopularityScorer
 
@@ -94,7 +94,8 @@ def test_training_windows_predict_every_training_item_once(synth_ds):
 def test_interface_shapes_and_loss(model, loss):
     torch.manual_seed(0)
     cfg = DownstreamConfig(model=model, loss=loss, hidden=16, heads=2)
-    m = SeqRec(cfg, n_items=30, max_len=6).eval()
+    m = build_model(cfg, n_items=30, max_len=6).eval()
+    assert isinstance(m, {"sasrec": SASRec, "gru4rec": GRU4Rec}[model])
     seq = torch.tensor([[3, 4, 5, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
     lens = torch.tensor([3, 6])
     assert m(seq, lens).shape == (2, 16)
@@ -115,7 +116,7 @@ def test_interface_shapes_and_loss(model, loss):
 def test_causal_and_padding_do_not_leak(model):
     """The state at position t ignores later items, padding content and the padded width."""
     torch.manual_seed(0)
-    m = SeqRec(DownstreamConfig(model=model, hidden=16, heads=2, dropout=0.0), n_items=40, max_len=8).eval()
+    m = build_model(DownstreamConfig(model=model, hidden=16, heads=2, dropout=0.0), n_items=40, max_len=8).eval()
     seq = torch.tensor([[5, 9, 2, 7, 0, 0, 0, 0]])
     lens = torch.tensor([4])
     ref = m(seq, lens)
@@ -131,7 +132,7 @@ def test_causal_and_padding_do_not_leak(model):
 
 def test_item_gather_backward_is_reproducible_with_two_threads():
     """Advanced indexing's backward on CPU can accumulate repeated rows (the padding row above all)
-    in a thread-dependent order; ``rows`` (index_select) must give bit-identical gradients."""
+    in a thread-dependent order; ``gather_rows`` (index_select) must give bit-identical gradients."""
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(5000, 128, generator=g, requires_grad=True)
@@ -141,15 +142,15 @@ def test_item_gather_backward_is_reproducible_with_two_threads():
     grads = []
     for _ in range(10):
         w.grad = None
-        (rows(w, idx) * up).sum().backward()
+        (gather_rows(w, idx) * up).sum().backward()
         grads.append(w.grad.clone())
     assert all(torch.equal(grads[0], x) for x in grads[1:])
-    torch.testing.assert_close(rows(w, idx), w[idx])
+    torch.testing.assert_close(gather_rows(w, idx), w[idx])
 
 
 def test_scorer_matches_dataset_layout(synth_ds):
     torch.manual_seed(0)
-    m = SeqRec(DownstreamConfig(hidden=16, heads=2), synth_ds.n_items, max_len=10).eval()
+    m = SASRec(DownstreamConfig(hidden=16, heads=2), synth_ds.n_items, max_len=10).eval()
     hist = synth_ds.histories("test")[:5]
     cand = synth_ds.negatives(0)[:5]
     sc = ModelScorer(m, 10)(hist, cand)
@@ -184,16 +185,16 @@ def test_item_table_from_embeddings_is_a_trainable_projection_of_frozen_vectors(
 
 
 def test_per_seed_tables_initialise_the_downstream_model_of_their_seed(synth_ds, monkeypatch):
-    import vlm2rec_lab.downstream as downstream
+    import vlm2rec_lab.task2.train as task2_train
 
     seen = {}
-    real_train = downstream.train
+    real_train = task2_train.train
 
     def recording_train(dataset, cfg, seed=0, embeddings=None, log=None):
         seen[seed] = None if embeddings is None else float(embeddings[0, 0])
         return real_train(dataset, cfg, seed, embeddings, log)
 
-    monkeypatch.setattr(downstream, "train", recording_train)
+    monkeypatch.setattr(task2_train, "train", recording_train)
     rng = np.random.default_rng(0)
     tables = {s: ItemEmbeddings(np.full((synth_ds.n_items, 4), float(s)) + rng.normal(size=(synth_ds.n_items, 4)) * 1e-3, f"s{s}")
               for s in (0, 1)}

@@ -332,11 +332,11 @@ def test_the_notebooks_record_what_the_library_computes_for_their_runs(batch, sy
     library's own calls (reference scorers, Task 2 retrained with the notebook's config)."""
     from scipy import stats
 
-    from vlm2rec_lab import downstream
+    from vlm2rec_lab.task2 import config as task2_config, train as task2_train
     from vlm2rec_lab.batch import QUICK_SEEDS
     from vlm2rec_lab.config import parse_seeds
     from vlm2rec_lab.evaluate import evaluate
-    from vlm2rec_lab.runs import find_runs
+    from vlm2rec_lab.runsets import find_runs
     from vlm2rec_lab.scorers import SCORERS, make_scorer
 
     out, results = batch
@@ -372,6 +372,6 @@ def test_the_notebooks_record_what_the_library_computes_for_their_runs(batch, sy
             assert t6[f"{m}_{view}_NDCG@10"] == pytest.approx(per_seed(m, view).mean(), abs=1e-6), (m, view)
     # 05: Task 2 with ID embeddings, trained again here with the notebook's quick config
     t5 = recs["05_task2"]
-    again = downstream.run(synth_ds, downstream.DownstreamConfig(model=t5["model"], epochs=2), seeds)
+    again = task2_train.run(synth_ds, task2_config.DownstreamConfig(model=t5["model"], epochs=2), seeds)
     for k in ("HR@10", "NDCG@10"):
         assert t5[f"ID_{k}"] == pytest.approx(again.test.sampled[k].mean(), abs=1e-6), k

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from vlm2rec_lab.config import REGIMES, PrepareConfig, SynthConfig, TrainConfig
-from vlm2rec_lab.downstream import DownstreamConfig, ItemEmbeddings, load_run_set_embeddings, run
+from vlm2rec_lab.task2.config import DownstreamConfig
+from vlm2rec_lab.task2.items import ItemEmbeddings, load_run_set_embeddings
+from vlm2rec_lab.task2.train import run
 from vlm2rec_lab.evaluate import evaluate
-from vlm2rec_lab.runs import ensure_runs
+from vlm2rec_lab.runsets import ensure_runs
 from vlm2rec_lab.scorers import PopularityScorer
 
 pytestmark = pytest.mark.slow  # three full tiny trainings and 15 downstream ones: about 90 s on 2 cores

@@ -12,8 +12,8 @@ from vlm2rec_lab.cli import main
 from vlm2rec_lab.config import SpeedConfig, TrainConfig
 from vlm2rec_lab.evaluate import evaluate
 from vlm2rec_lab.losses import ObjectiveOutput
-from vlm2rec_lab.runs import (EmbeddingScorer, create_run, embed_run, load_embeddings, load_manifest,
-                              load_run_config, run_method)
+from vlm2rec_lab.runs import create_run, embed_run, load_embeddings, load_manifest, load_run_config, run_method
+from vlm2rec_lab.scorers import EmbeddingScorer
 from vlm2rec_lab.train import Trainer, TrainingDiverged
 
 
@@ -191,7 +191,7 @@ def test_resume_refuses_a_different_config(synth_ds, tmp_path):
 def test_train_seeds_makes_one_training_run_per_seed_and_compare_pairs_them_by_seed(synth_ds, tiny_path, tmp_path, capsys):
     from scipy.stats import ttest_rel
 
-    from vlm2rec_lab.runs import find_runs, seed_metrics
+    from vlm2rec_lab.runsets import find_runs, seed_metrics
 
     common = ["--data", str(synth_ds.path), "--max-steps", "3", "--batch-size", "8", "--users-k", "16",
               "--grad-cos-every", "0", "--checkpoint-every", "0"]

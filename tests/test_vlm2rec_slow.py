@@ -63,7 +63,7 @@ def test_sft_collapses_the_image_side_on_the_default_domain(tmp_path_factory, tm
     image oracle >= chance + 0.1; on the default domain and on the demo profile's smaller one."""
     from vlm2rec_lab.batch import DEMO_DOMAIN
     from vlm2rec_lab.collapse import collapse_check, oracle_table
-    from vlm2rec_lab.runs import ensure_runs
+    from vlm2rec_lab.runsets import ensure_runs
 
     ds = _domain(tmp_path_factory, size, **({} if size == "default" else DEMO_DOMAIN))
     runs = {m: ensure_runs(ds, TrainConfig(method=m), tmp_path / m, [0, 1, 2]) for m in ("vlm-vanilla", "vlm-sft")}

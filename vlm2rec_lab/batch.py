@@ -246,9 +246,9 @@ def _headlines(results: list[NotebookResult], datasets: list[str], out: Path) ->
     """Per dataset: its verdicts as prominent lines, then a table of its ``headline:`` records."""
     parts = []
     for d in datasets:
-        mine = [r for r in results if r.dataset == d]
-        verdicts = [(r, r.records["verdict"]) for r in mine if "verdict" in r.records]
-        heads = [(r, k, v) for r in mine for k, v in r.records.items() if k.startswith("headline:")]
+        of_dataset = [r for r in results if r.dataset == d]
+        verdicts = [(r, r.records["verdict"]) for r in of_dataset if "verdict" in r.records]
+        heads = [(r, k, v) for r in of_dataset for k, v in r.records.items() if k.startswith("headline:")]
         if not verdicts and not heads:
             continue
         parts.append(f"<section class='headlines'><h2>headlines: {html.escape(d)}</h2>")
@@ -355,7 +355,7 @@ def _train_one(job: tuple[str, str, str, int]) -> tuple[str, int, float]:
 
     from .data.dataset import Dataset
     from .notebook import train_config
-    from .runs import ensure_runs
+    from .runsets import ensure_runs
 
     data, runs_dir, method, seed = job
     torch.set_num_threads(1)

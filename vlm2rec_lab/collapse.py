@@ -108,7 +108,7 @@ class CollapseCheck:
 def view_frame(run_set: Mapping[int, str | Path], views=("f2f", "t2f", "v2f"), metric: str = "HR@10",
                split: str = "test") -> pd.DataFrame:
     """One metric per training seed (rows) and view (columns) of a run set ``{seed: run folder}``."""
-    from .runs import seed_metrics
+    from .runsets import seed_metrics
 
     return pd.DataFrame({v: seed_metrics(dict(run_set), v, split)[metric] for v in views})
 
@@ -120,13 +120,15 @@ def collapse_check(vanilla: Mapping[int, str | Path], sft: Mapping[int, str | Pa
                          metric, image_oracle, chance)
 
 
-def compare_line(name: str, a: pd.DataFrame, b: pd.DataFrame, views=("f2f", "t2f", "v2f")) -> str:
-    """``name`` against ``b`` per view: mean Δ, how many seeds went up, paired p."""
+def compare_line(name: str, per_seed: pd.DataFrame, reference: pd.DataFrame, views=("f2f", "t2f", "v2f")) -> str:
+    """``name`` (its ``per_seed`` metric by view) against ``reference`` per view: mean Δ, how many
+    seeds went up, paired p."""
     parts = []
     for v in views:
-        common = a.index.intersection(b.index)
-        d = a.loc[common, v] - b.loc[common, v]
-        parts.append(f"{v} {d.mean():+.3f} (up in {int((d > 0).sum())}/{len(common)}, {_fmt_p(_ttest_p(a[v], b[v]))})")
+        common = per_seed.index.intersection(reference.index)
+        delta = per_seed.loc[common, v] - reference.loc[common, v]
+        p = _fmt_p(_ttest_p(per_seed[v], reference[v]))
+        parts.append(f"{v} {delta.mean():+.3f} (up in {int((delta > 0).sum())}/{len(common)}, {p})")
     return f"{name}: " + ", ".join(parts)
 
 
@@ -170,6 +172,23 @@ def oracle_table(dataset, seeds=(0,), latents: str | Path | None = None) -> pd.D
                                     progress=False).sampled.mean() for m in OracleScorer.MODALITIES}
     rows["chance"] = pd.Series(chance_metrics(dataset.manifest["config"]["num_negatives"]))
     return pd.DataFrame(rows).T
+
+
+def oracle_report(raw_dir: str | Path) -> pd.DataFrame | None:
+    """:func:`oracle_table` of a synthetic domain's raw folder, through the default preparation,
+    over every prepared seed."""
+    import tempfile
+
+    from .config import PrepareConfig
+    from .data.dataset import prepare, save
+
+    raw_dir = Path(raw_dir)
+    cfg = PrepareConfig(format="amazon2018", inputs=[str(p) for p in sorted(raw_dir.glob("*.json.gz"))],
+                        images=str(raw_dir / "images"))
+    ds = prepare(cfg, None, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(ds, Path(tmp) / "ds")
+        return oracle_table(ds, seeds=None, latents=raw_dir)
 
 
 def mean_std_cell(values: pd.Series) -> str:

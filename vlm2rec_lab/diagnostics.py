@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-MODALITIES = ("F", "T", "V")
+from .evaluate import COLD_START_EDGES, bucket_metrics
+from .methods import MODALITIES
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -114,8 +115,9 @@ def geometry_table(runs: RunSets, dataset, split: str = "test", modalities: Sequ
 def modality_dropout_per_seed(runs: RunSets, split: str = "test",
                               metrics: Sequence[str] = ("HR@10", "NDCG@10")) -> pd.DataFrame:
     """Fig. 1a per training seed: rows (state, view, seed) with f2f / t2f / v2f Task 1 metrics, run s
-    on negative set s (:func:`vlm2rec_lab.runs.seed_metrics`)."""
-    from .runs import VIEWS, MissingViewError, seed_metrics
+    on negative set s (:func:`vlm2rec_lab.runsets.seed_metrics`)."""
+    from .runs import VIEWS, MissingViewError
+    from .runsets import seed_metrics
 
     frames = []
     for state, by_seed in _by_seed(runs).items():
@@ -144,55 +146,40 @@ def gradient_cosines(run_dir: str | Path) -> pd.DataFrame:
 
 
 def cold_start(ranks: np.ndarray, dataset, split: str = "test",
-               edges: Sequence[float] = (0, 5, 10, 20, 50, np.inf)) -> pd.DataFrame:
+               edges: Sequence[float] = COLD_START_EDGES) -> pd.DataFrame:
     """Fig. 3: metrics bucketed by the target item's training frequency."""
-    from .evaluate import bucket_metrics
 
     freq = dataset.train_item_counts()[dataset.targets(split)]
     return bucket_metrics(ranks, freq, edges, label="target train frequency")
+
+
+def last_weak_modality(weak_log: pd.DataFrame, dataset) -> pd.DataFrame:
+    """Each user's last recorded weak modality (rows of a run's ``logs/weak_modality.csv``: step,
+    user, weak) and their last training item (the item before the validation target), in column
+    ``last_item``. Index: user."""
+    last = weak_log.sort_values("step").groupby("user").tail(1).set_index("user")
+    return last.assign(last_item=dataset.seq[dataset.offsets[1:][last.index.to_numpy()] - 3])
 
 
 def weak_modality(run_dir: str | Path, dataset, length_edges: Sequence[float] = (0, 5, 8, 12, 20, np.inf)) -> dict[str, pd.DataFrame]:
     """Per-user weak modality (DESIGN §5): ``over_training`` (share of image-weak users per step),
     ``by_length`` and ``by_category`` (each user's last recorded weak modality against the length of
     their sequence and the category of their last training item)."""
-    w = pd.read_csv(Path(run_dir) / "logs" / "weak_modality.csv")
-    if w.empty:
+    weak_log = pd.read_csv(Path(run_dir) / "logs" / "weak_modality.csv")
+    if weak_log.empty:
         raise ValueError(f"{run_dir}: no per-user weak modality was logged (external fusion methods only)")
-    over = w.assign(image_weak=w["weak"].eq("V")).groupby("step")["image_weak"].mean().rename("image_weak_share").reset_index()
-    last = w.sort_values("step").groupby("user").tail(1).set_index("user")
+    over = (weak_log.assign(image_weak=weak_log["weak"].eq("V")).groupby("step")["image_weak"].mean()
+            .rename("image_weak_share").reset_index())
+    last = last_weak_modality(weak_log, dataset)
     users = last.index.to_numpy()
     lengths = dataset.lengths[users]
-    last_item = dataset.seq[dataset.offsets[1:][users] - 3]
-    cat = dataset.items["category"].to_numpy()[last_item] if "category" in dataset.items else np.full(len(users), None)
-    df = pd.DataFrame({"image_weak": last["weak"].eq("V").to_numpy(), "length": lengths, "category": cat})
-    df["length_bucket"] = pd.cut(df["length"], bins=list(length_edges), right=False)
-    by_len = df.groupby("length_bucket", observed=True)["image_weak"].agg(["mean", "size"]).rename(columns={"mean": "image_weak_share", "size": "users"})
-    by_cat = df.groupby("category", dropna=False)["image_weak"].agg(["mean", "size"]).rename(columns={"mean": "image_weak_share", "size": "users"})
+    last_item = last["last_item"].to_numpy()
+    category = (dataset.items["category"].to_numpy()[last_item] if "category" in dataset.items
+                else np.full(len(users), None))
+    per_user = pd.DataFrame({"image_weak": last["weak"].eq("V").to_numpy(), "length": lengths, "category": category})
+    per_user["length_bucket"] = pd.cut(per_user["length"], bins=list(length_edges), right=False)
+    share = {"mean": "image_weak_share", "size": "users"}
+    by_len = per_user.groupby("length_bucket", observed=True)["image_weak"].agg(["mean", "size"]).rename(columns=share)
+    by_cat = per_user.groupby("category", dropna=False)["image_weak"].agg(["mean", "size"]).rename(columns=share)
     return {"over_training": over, "by_length": by_len, "by_category": by_cat,
-            "final_image_weak_share": pd.DataFrame({"share": [df["image_weak"].mean()], "users": [len(df)]})}
-
-
-# --------------------------------------------------------------------------- drivers (Table 6, 7; Fig. 5)
-
-
-def sweep(dataset, base, out_root: str | Path, grid: Mapping[str, Sequence], progress: bool = False) -> pd.DataFrame:
-    """Train and evaluate one run per value of each parameter in ``grid`` (one at a time, the others
-    at ``base``): hyperparameter sensitivity (Fig. 5: tau, tau_crtr, lam) and the few-shot curve
-    (Table 7: ``{"users_k": [...]}``). One training seed (``base.seed``), each run ranked against
-    that seed's negative set. Returns a tidy frame: param, value, view, metrics."""
-    import dataclasses
-
-    from .runs import run_method
-
-    rows = []
-    for param, values in grid.items():
-        for v in values:
-            cfg = dataclasses.replace(base, **{param: v})
-            res = run_method(dataset, cfg, Path(out_root) / f"{param}={v}", progress=progress)
-            for view, r in res["views"].items():
-                rows.append({"param": param, "value": v, "view": view, **r["sampled"]["mean"]})
-    return pd.DataFrame(rows)
-
-
-PAPER_GRID = {"tau": [0.05, 0.1, 0.5, 1.0], "tau_crtr": [0.001, 0.01, 0.1, 1.0], "lam": [0.1, 0.5, 1.0]}
+            "final_image_weak_share": pd.DataFrame({"share": [per_user["image_weak"].mean()], "users": [len(per_user)]})}

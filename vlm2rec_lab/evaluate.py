@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 METRIC_NAMES = ("HR@10", "NDCG@10", "HR@20", "NDCG@20")
+COLD_START_EDGES = (0, 5, 10, 20, 50, float("inf"))  # Fig. 3: buckets of the target's training frequency
 Scorer = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
@@ -147,25 +148,25 @@ def evaluate(
     bar = tqdm(total=len(seeds) * n * (2 if full_ranking else 1), desc=f"evaluate {name or ''}".strip(),
                unit="user", disable=not progress or None, leave=False)
     for seed in seeds:
-        sc = scorer.with_seed(seed) if hasattr(scorer, "with_seed") else scorer
+        seeded = scorer.with_seed(seed) if hasattr(scorer, "with_seed") else scorer
         neg = dataset.negatives(seed)
         ranks = np.empty(n)
-        for a in range(0, n, batch_size):
-            b = min(a + batch_size, n)
-            cand = np.concatenate([targets[a:b, None], neg[a:b]], axis=1)
-            s = np.asarray(sc(hist[a:b], cand))
-            ranks[a:b] = ranks_from_scores(s[:, 0], s[:, 1:])
-            bar.update(b - a)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            cand = np.concatenate([targets[start:stop, None], neg[start:stop]], axis=1)
+            s = np.asarray(seeded(hist[start:stop], cand))
+            ranks[start:stop] = ranks_from_scores(s[:, 0], s[:, 1:])
+            bar.update(stop - start)
         all_ranks[seed] = ranks
         rows_s.append({"seed": seed, **metrics_from_ranks(ranks, ks)})
         if full_ranking:
             franks = np.empty(n)
-            for a in range(0, n, batch_size):
-                b = min(a + batch_size, n)
-                s = np.asarray(sc(hist[a:b], None))
-                lo, hi = seen_off[a], seen_off[b]
-                franks[a:b] = full_ranks(s, targets[a:b], seen_off[a:b + 1] - lo, seen_items[lo:hi])
-                bar.update(b - a)
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                s = np.asarray(seeded(hist[start:stop], None))
+                lo, hi = seen_off[start], seen_off[stop]
+                franks[start:stop] = full_ranks(s, targets[start:stop], seen_off[start:stop + 1] - lo, seen_items[lo:hi])
+                bar.update(stop - start)
             rows_f.append({"seed": seed, **metrics_from_ranks(franks, ks)})
     bar.close()
     sampled = pd.DataFrame(rows_s).set_index("seed")
@@ -320,7 +321,6 @@ def bucket_metrics(
         raise ValueError(f"ranks and values differ in shape: {r.shape} vs {v.shape}")
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (v >= lo) & (v < hi)
-        name = f"[{lo:g}, {hi:g})"
-        rows.append({label: name, "users": int(sel.sum()), **metrics_from_ranks(r[sel], ks)})
+        in_bucket = (v >= lo) & (v < hi)
+        rows.append({label: f"[{lo:g}, {hi:g})", "users": int(in_bucket.sum()), **metrics_from_ranks(r[in_bucket], ks)})
     return pd.DataFrame(rows).set_index(label)

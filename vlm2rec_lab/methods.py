@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MODALITIES = ("F", "T", "V")  # the embeddings of a run: fused (F), text (T), image (V)
+
 
 @dataclass(frozen=True)
 class Method:

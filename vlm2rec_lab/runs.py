@@ -7,10 +7,9 @@
     RUN/embeddings/                 item_{T,V,F}.npy + item_ids.txt; seq_{split}_{T,V,F}.npy + seq_{split}_histories.npy
     RUN/metrics/                    task1_{split}.json, task1_{split}_per_seed.csv (tidy)
 
-A *run set* is one method trained once per training seed: ``SET/seed{s}/`` holds the run trained
-with seed s (LoRA init, data order, dropout), evaluated on negative set s (DESIGN §4: a seed is a
-training run). Tables over seeds report mean ± std over these runs, and paired t-tests pair two
-sets by training seed.
+A run is trained with one training seed (LoRA init, data order, dropout) and evaluated on that
+seed's negative set (DESIGN §4: a seed is a training run); :mod:`vlm2rec_lab.runsets` holds one run
+per training seed.
 """
 from __future__ import annotations
 
@@ -20,10 +19,10 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 import torch.nn.functional as F
 
 from .accel import distributed as dist
@@ -187,7 +186,7 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     F is T + V for external fusion (and item-mean), the interleaved prompt for internal fusion, T
     for text-only methods. ``item-mean`` takes the zero-shot fused item embeddings and mean-pools
     them over each history. ``compile``: ``torch.compile`` the decoder layers and, for VLMs, the
-    vision blocks first (True: inductor; or a backend's name); minutes of compiling on a GPU.
+    vision blocks first (True: inductor; or a backend's name).
     ``device``: where to embed (default: the run's config, else the GPU when there is one). Under a
     launcher only rank 0 shows progress."""
     from .data.dataset import Dataset
@@ -276,27 +275,6 @@ def load_embeddings(run_dir: str | Path, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------- scoring and evaluation
 
 
-class EmbeddingScorer:
-    """Cosine scorer over precomputed embeddings: each history (a row of the split's histories) is
-    looked up to its sequence embedding, candidates to item embeddings."""
-
-    def __init__(self, histories: np.ndarray, seq_emb: np.ndarray, item_emb: np.ndarray, name: str = "embedding"):
-        self.lookup = {row.tobytes(): k for k, row in enumerate(np.ascontiguousarray(histories, dtype=np.int64))}
-        self.seq = F.normalize(torch.as_tensor(seq_emb, dtype=torch.float32), dim=-1).numpy()
-        self.items = F.normalize(torch.as_tensor(item_emb, dtype=torch.float32), dim=-1).numpy()
-        self.name = name
-
-    def __call__(self, histories: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
-        try:
-            rows = [self.lookup[r.tobytes()] for r in np.ascontiguousarray(histories, dtype=np.int64)]
-        except KeyError:
-            raise KeyError("a history has no precomputed embedding (embeddings from another split or dataset?)") from None
-        z = self.seq[rows]
-        if candidates is None:
-            return z @ self.items.T
-        return np.einsum("nd,nmd->nm", z, self.items[candidates])
-
-
 def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=None, full_ranking: bool = False,
                  progress: bool = False, root: str | Path | None = None) -> dict:
     """Task 1 metrics of a run: f2f (the method's own scores) and the modality-dropout views t2f,
@@ -306,6 +284,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=N
     on negative set s, DESIGN §4). Other negative sets measure only the sampling of negatives."""
     from .data.dataset import Dataset
     from .evaluate import evaluate
+    from .scorers import EmbeddingScorer
 
     run = Path(run_dir)
     manifest = load_manifest(run)
@@ -321,8 +300,8 @@ def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=N
         f = run / "embeddings" / f"seq_{split}_{m}.npy"
         if not f.exists():
             continue
-        sc = EmbeddingScorer(hist, np.load(f), item_f, name=view)
-        ev = evaluate(ds, sc, split=split, seeds=seeds, full_ranking=full_ranking, name=view, progress=progress)
+        scorer = EmbeddingScorer(hist, np.load(f), item_f, name=view)
+        ev = evaluate(ds, scorer, split=split, seeds=seeds, full_ranking=full_ranking, name=view, progress=progress)
         results[view] = ev.to_dict()
         for which in ("sampled", "full"):
             df = getattr(ev, which)
@@ -339,29 +318,49 @@ def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=N
 
 
 def run_method(dataset, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-               backbone=None, evaluate: bool = True, embeddings_from: str | Path | None = None, fresh: bool = False) -> dict:
+               backbone=None, train_only: bool = False, embeddings_from: str | Path | None = None,
+               fresh: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Train (when the method trains), embed and evaluate one run: one training seed of a Task 1 row,
-    ranked against that seed's negative set. ``embeddings_from``: a zero-shot method's run of
-    another seed whose embeddings are the same model's, copied instead of embedding again."""
+    ranked against that seed's negative set. Returns its Task 1 results (``{}`` with ``train_only``,
+    which neither embeds nor evaluates). Under a launcher every process trains and embeds its share
+    and rank 0 makes the folder and evaluates (the others return ``{}``).
+
+    ``embeddings_from``: a zero-shot method's run of another seed whose embeddings are the same
+    model's, copied instead of embedding again. ``resume``, ``fresh``: see :func:`create_run`.
+    ``log`` (rank 0 only) receives a line after training and one per evaluated view."""
     import shutil
 
     from .train import Trainer
 
-    if evaluate:
+    method = get_method(cfg.method)
+    if not train_only:
         check_seed(dataset, cfg.seed, f"{run_dir}, a run")
-    run = create_run(run_dir, cfg, dataset, resume=resume, fresh=fresh)
-    if embeddings_from is not None and not get_method(cfg.method).trains:
-        shutil.copytree(Path(embeddings_from) / "embeddings", run / "embeddings", dirs_exist_ok=True)
-        return evaluate_run(run, dataset) if evaluate else {}
-    bb = backbone
-    if get_method(cfg.method).trains:
-        tr = Trainer(cfg, dataset, run, backbone=backbone, progress=progress)
-        tr.train(resume=resume, fresh=fresh)
-        bb = tr.backbone
-        bb.model.eval()
-    embed_run(run, dataset, backbone=bb, progress=progress)
-    return evaluate_run(run, dataset) if evaluate else {}
-
+    run = Path(run_dir)
+    say = log if log is not None and dist.rank() == 0 else (lambda line: None)
+    copied = embeddings_from is not None and not method.trains
+    if dist.rank() == 0:
+        create_run(run, cfg, dataset, resume=resume, fresh=fresh)
+        if copied:
+            shutil.copytree(Path(embeddings_from) / "embeddings", run / "embeddings", dirs_exist_ok=True)
+    dist.barrier()
+    if method.trains:
+        trainer = Trainer(cfg, dataset, run, backbone=backbone, progress=progress)
+        last = trainer.train(resume=resume, fresh=fresh)
+        say(f"trained {cfg.method} (seed {cfg.seed}) for {trainer.step} steps -> {run}; last step: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
+        backbone = trainer.backbone
+        backbone.model.eval()
+    if train_only:
+        return {}
+    if not copied:
+        embed_run(run, dataset, backbone=backbone, progress=progress)
+    if dist.rank() != 0:
+        return {}
+    results = evaluate_run(run, dataset)
+    for view, res in results["views"].items():
+        say(f"{view} (seed {cfg.seed}'s negatives): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in res["sampled"]["mean"].items()))
+    return results
 
 
 def is_finished(run_dir: str | Path, cfg: TrainConfig, dataset) -> bool:
@@ -391,77 +390,3 @@ def _run_fingerprint(run: Path) -> str | None:
         return load_manifest(run)["data"]["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-# --------------------------------------------------------------------------- run sets: one run per training seed
-
-
-def seed_dir(run_set: str | Path, seed: int) -> Path:
-    """Where a run set keeps the run trained with ``seed``."""
-    return Path(run_set) / f"seed{int(seed)}"
-
-
-def ensure_runs(dataset, cfg: TrainConfig, run_set: str | Path, seeds, progress: bool = False) -> dict[int, Path]:
-    """One run of ``cfg`` per training seed, ``run_set/seed{s}`` trained with seed s (each reused
-    when finished with the same config and data, see :func:`ensure_run`). Returns {seed: run}."""
-    seeds = [int(s) for s in seeds]
-    for s in seeds:
-        check_seed(dataset, s, f"{run_set}: the run")
-    runs: dict[int, Path] = {}
-    for s in seeds:
-        # a zero-shot method's runs hold the same model: embedded once, ranked against each seed's negatives
-        first = next(iter(runs.values()), None) if not get_method(cfg.method).trains else None
-        runs[s] = seed_dir(run_set, s)
-        ensure_run(dataset, dataclasses.replace(cfg, seed=s), runs[s], progress=progress, embeddings_from=first)
-    return runs
-
-
-def find_runs(path: str | Path) -> dict[int, Path]:
-    """The runs of a run set by training seed: ``path`` itself when it is a run folder, else the run
-    folders directly inside it (each one's seed read from its config). Two runs of one seed, runs
-    that differ in more than the seed (device and compiling aside), or no run at all are errors."""
-    path = Path(path)
-    if (path / "manifest.json").exists():
-        folders = [path]
-    else:
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such run folder or run set")
-        folders = sorted(p for p in path.iterdir() if (p / "manifest.json").exists())
-        if not folders:
-            raise FileNotFoundError(f"{path}: neither a run folder nor a folder of runs (no manifest.json in it "
-                                    f"or in its subfolders; `vlm2rec-lab train --seeds 0-4 --out {path}` makes one)")
-    runs: dict[int, Path] = {}
-    first = None
-    for f in folders:
-        cfg = load_run_config(f)
-        if cfg.seed in runs:
-            raise ValueError(f"{path}: two runs with training seed {cfg.seed}: {runs[cfg.seed]} and {f}")
-        runs[int(cfg.seed)] = f
-        # where and whether compiled it ran is not what the run is; everything else must agree
-        same = dataclasses.replace(cfg, seed=0, device=None, speed=dataclasses.replace(cfg.speed, compile=None))
-        if first is None:
-            first = (f, same)
-        elif same != first[1]:
-            diff = config_diff(first[1], same)
-            raise ValueError(f"{path}: its runs differ in more than the seed ({first[0].name} against {f.name}: {diff}); "
-                             f"a run set is one config trained once per seed")
-    return dict(sorted(runs.items()))
-
-
-def seed_metrics(runs: dict[int, Path], view: str = "f2f", split: str = "test", protocol: str = "sampled",
-                 dataset=None) -> pd.DataFrame:
-    """Task 1 metrics of a run set, one row per training seed: run s on negative set s (evaluated
-    now where its stored metrics lack that seed). Index: the training seed. A view the runs have
-    no embeddings for raises :class:`MissingViewError`."""
-    rows = {}
-    for seed, run in runs.items():
-        if not (Path(run) / "embeddings" / f"seq_{split}_{VIEWS[view]}.npy").exists():
-            raise MissingViewError(f"{run}: no {view} view (no embeddings/seq_{split}_{VIEWS[view]}.npy; "
-                                   f"only external fusion has t2f and v2f; `vlm2rec-lab embed` a run first)")
-        f = Path(run) / "metrics" / f"task1_{split}.json"
-        res = json.loads(f.read_text()) if f.exists() else None
-        have = res is not None and str(seed) in res["views"].get(view, {}).get(protocol, {}).get("per_seed", {})
-        if not have:
-            res = evaluate_run(run, dataset, split=split, seeds=[seed], full_ranking=protocol == "full")
-        rows[seed] = res["views"][view][protocol]["per_seed"][str(seed)]
-    return pd.DataFrame(rows).T.rename_axis("seed").astype(float)

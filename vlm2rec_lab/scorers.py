@@ -1,6 +1,8 @@
-"""Reference scorers, so the evaluation protocol runs before any model exists (DESIGN §4).
+"""Scorers (DESIGN §4): reference scorers, so the evaluation protocol runs before any model exists,
+and :class:`EmbeddingScorer`, a run's precomputed embeddings as a scorer.
 
-All are fitted on the training part of the sequences only (no valid/test target leaks in).
+The reference scorers are fitted on the training part of the sequences only (no valid/test target
+leaks in).
 """
 from __future__ import annotations
 
@@ -64,10 +66,42 @@ class CooccurrenceScorer:
         return vals + self.backoff[cand]
 
 
+class EmbeddingScorer:
+    """Cosine scorer over precomputed embeddings: each history (a row of the split's histories) is
+    looked up to its sequence embedding, candidates to item embeddings."""
+
+    def __init__(self, histories: np.ndarray, seq_emb: np.ndarray, item_emb: np.ndarray, name: str = "embedding"):
+        import torch
+        import torch.nn.functional as F
+
+        self.lookup = {row.tobytes(): k for k, row in enumerate(np.ascontiguousarray(histories, dtype=np.int64))}
+        self.seq = F.normalize(torch.as_tensor(seq_emb, dtype=torch.float32), dim=-1).numpy()
+        self.items = F.normalize(torch.as_tensor(item_emb, dtype=torch.float32), dim=-1).numpy()
+        self.name = name
+
+    def __call__(self, histories: np.ndarray, candidates: np.ndarray | None = None) -> np.ndarray:
+        try:
+            rows = [self.lookup[h.tobytes()] for h in np.ascontiguousarray(histories, dtype=np.int64)]
+        except KeyError:
+            raise KeyError("a history has no precomputed embedding (embeddings from another split or dataset?)") from None
+        z = self.seq[rows]  # (n, d)
+        if candidates is None:
+            return z @ self.items.T
+        return np.einsum("nd,nmd->nm", z, self.items[candidates])
+
+
 SCORERS = ("random", "popularity", "cooccurrence")
 
 
-def make_scorer(name: str, dataset, seed: int = 0):
+def make_scorer(name: str, dataset, seed: int = 0, latents: str | None = None):
+    """A reference scorer by name (:data:`SCORERS`), or ``oracle-{text,image,both,latent}`` on a
+    synthetic dataset, whose latents (the domain's raw folder or its ``oracle/latents.json``) it needs."""
+    if name.startswith("oracle-"):
+        from .data.synthetic import OracleScorer
+
+        if not latents:
+            raise ValueError(f"--scorer {name} needs --latents (the synthetic domain's raw folder)")
+        return OracleScorer(latents, dataset.items["item_id"], name.split("-", 1)[1])
     if name == "random":
         return RandomScorer(dataset.n_items, seed)
     if name == "popularity":

@@ -8,6 +8,9 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from .diagnostics import last_weak_modality
+from .methods import MODALITIES
+
 
 def _plt():
     import matplotlib
@@ -144,7 +147,7 @@ def training_curves(log: pd.DataFrame):
 
 
 def sweep_plot(df: pd.DataFrame, metric: str = "NDCG@10", view: str = "f2f"):
-    """Fig. 5 / Table 7: a metric against each swept parameter's values (from diagnostics.sweep)."""
+    """Fig. 5 / Table 7: a metric against each swept parameter's values (from runsets.sweep)."""
     plt = _plt()
     params = list(dict.fromkeys(df["param"]))
     fig, axes = plt.subplots(1, len(params), figsize=(3.2 * len(params), 2.8), squeeze=False)
@@ -196,7 +199,7 @@ class EmbeddingExplorer:
         self.points = pd.DataFrame()
         self.selection: dict = {}
         self.run_w = w.Dropdown(options=list(self.runs), description="run")
-        self.modality_w = w.ToggleButtons(options=["F", "T", "V"], description="modality")
+        self.modality_w = w.ToggleButtons(options=list(MODALITIES), description="modality")
         self.colour_w = w.Dropdown(options=list(self.COLOURS), description="colour by")
         self.sample_w = w.IntSlider(value=min(sample_size, dataset.n_items), min=min(20, dataset.n_items),
                                     max=dataset.n_items, step=10, description="sample")
@@ -232,12 +235,11 @@ class EmbeddingExplorer:
             test, valid = set(self.ds.targets("test").tolist()), set(self.ds.targets("valid").tolist())
             return pd.Series(["test target" if i in test else "valid target" if i in valid else "train only" for i in idx])
         # weak modality: the last recorded weak modality of users whose training target is the item
-        f = self.runs[self.run_w.value] / "logs" / "weak_modality.csv"
-        if not f.exists():
+        weak_log = self.runs[self.run_w.value] / "logs" / "weak_modality.csv"
+        if not weak_log.exists():
             return pd.Series(["n/a (not trained)"] * len(idx))
-        wk = pd.read_csv(f).sort_values("step").groupby("user").tail(1)
-        tgt = self.ds.seq[self.ds.offsets[1:][wk["user"].to_numpy()] - 3]
-        share = pd.Series(wk["weak"].eq("V").to_numpy(), index=tgt).groupby(level=0).mean()
+        last = last_weak_modality(pd.read_csv(weak_log), self.ds)
+        share = pd.Series(last["weak"].eq("V").to_numpy(), index=last["last_item"].to_numpy()).groupby(level=0).mean()
         return pd.Series(["image weak" if share.get(i, np.nan) >= 0.5 else "text weak" if i in share.index else "no user"
                           for i in idx])
 
@@ -276,8 +278,8 @@ class EmbeddingExplorer:
             for k, (name, grp) in enumerate(self.points.groupby("colour")):
                 ax.scatter(grp["x"], grp["y"], s=8, color=f"C{k % 10}", label=str(name)[:20])
             ax.legend(fontsize=6, markerscale=2, loc="best")
-        sel = self.points[self.points["item_idx"] == self.selection.get("item_idx")]
-        ax.scatter(sel["x"], sel["y"], s=80, facecolors="none", edgecolors="black")
+        selected = self.points[self.points["item_idx"] == self.selection.get("item_idx")]
+        ax.scatter(selected["x"], selected["y"], s=80, facecolors="none", edgecolors="black")
         title = f"{self.run_w.value} · {self.modality_w.value} · {len(self.points)} items · by {self.colour_w.value}"
         ax.set(title=title, xticks=[], yticks=[])
         buf = io.BytesIO()
