@@ -5,20 +5,22 @@ A mutant is a one-place edit of the library's source: ``old`` (found exactly onc
 source) becomes ``new``. Applying it recompiles the function or method that holds ``old`` with the
 edit and puts it where the original was (the module attribute, or the class attribute for a
 method), and every module of the package that imported the original by name gets the mutant.
-Mutants live in ``tests/mutants_<area>.py`` files, each a list ``MUTANTS``; ``tools/mutation_check.py``
+Mutants are data: ``tests/mutants_<area>.yaml`` files, each a list of the fields of :class:`Mutant`; ``tools/mutation_check.py``
 runs each mutant's ``caught_by`` tests under it (``VLM2REC_MUTANT=<name>``, read by conftest.py)
 and reports which fail: every mutant must make at least one of them fail.
 """
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
-import importlib.util
 import inspect
 import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 PACKAGE = "vlm2rec_lab"
@@ -35,13 +37,15 @@ class Mutant:
 
 
 def all_mutants() -> dict[str, Mutant]:
-    """Every mutant of every ``tests/mutants_*.py``, by name (names are unique)."""
+    """Every mutant of every ``tests/mutants_*.yaml``, by name (names are unique)."""
     found: dict[str, Mutant] = {}
-    for path in sorted(HERE.glob("mutants_*.py")):
-        spec = importlib.util.spec_from_file_location(f"_vlm2rec_{path.stem}", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        for m in mod.MUTANTS:
+    for path in sorted(HERE.glob("mutants_*.yaml")):
+        for i, entry in enumerate(yaml.safe_load(path.read_text()) or []):
+            fields = {f.name for f in dataclasses.fields(Mutant)}
+            if not isinstance(entry, dict) or set(entry) != fields:
+                got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+                raise ValueError(f"{path}: entry {i + 1} must have exactly the fields {sorted(fields)}, got {got}")
+            m = Mutant(**{**entry, "caught_by": tuple(entry["caught_by"])})
             if m.name in found:
                 raise ValueError(f"{path}: mutant {m.name!r} is defined twice")
             found[m.name] = m

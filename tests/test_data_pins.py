@@ -9,7 +9,7 @@ Per user: test target = last item, validation target = second to last, training 
   items only.
 * Task 2's early stopping reads the validation split, never the test split.
 
-Each pin is proven by a mutant in tests/mutants_data.py (``python tools/mutation_check.py``).
+Each pin is proven by a mutant in tests/mutants_data.yaml (``python tools/mutation_check.py``).
 """
 from __future__ import annotations
 

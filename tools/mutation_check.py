@@ -1,4 +1,4 @@
-"""Run each mutant of the method's core (tests/mutants_*.py) against the tests meant to catch it.
+"""Run each mutant of the method's core (tests/mutants_*.yaml) against the tests meant to catch it.
 
     python tools/mutation_check.py [NAME ...]      # every mutant, or the named ones
 
