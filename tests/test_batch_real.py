@@ -13,7 +13,7 @@ from vlm2rec_lab.cli import main
 
 ALL = {nb.stem for nb in list_notebooks()}
 NEEDS_IMAGES = {"02_modality_collapse", "03_training", "06_ablation_sensitivity", "07_embedding_explorer"}
-# the exact notebooks each dataset runs (the README's notebook x kind table); the rest are skipped
+# the exact notebooks each dataset runs (docs/notebooks.md's notebook x kind table); the rest are skipped
 RUNS = {"data": ALL, "sci": ALL - NEEDS_IMAGES, "beauty": ALL - NEEDS_IMAGES}
 CHANCE_HR10 = 10 / 101  # a random ranking of 1 target among 101 candidates
 MARGIN = 0.05  # the bar: at least this far above the measured random scorer

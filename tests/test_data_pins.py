@@ -1,4 +1,4 @@
-"""Pins of the leave-one-out split as the method uses it (DESIGN §1, §4, §5), each on a tiny dataset
+"""Pins of the leave-one-out split as the method uses it (docs/data.md; docs/method.md §3-§5), each on a tiny dataset
 written by hand in this file, with the expected values listed or counted by hand (or by a plain loop
 written here), never read back from the code under test.
 

@@ -207,7 +207,7 @@ def test_two_process_embedding_writes_the_same_item_embeddings(synth_ds, tiny_pa
         assert a.shape == b.shape and np.allclose(a, b, atol=1e-5), name
 
 
-# The README's commands themselves: the command line's `train` under torchrun and under accelerate
+# docs/multi_gpu.md's commands themselves: the command line's `train` under torchrun and under accelerate
 # launch, two processes against one, two optimizer steps with the gradient-cosine probe.
 CLI = ["-m", "vlm2rec_lab.cli"]
 TRAIN = ["train", "--backbone", "tiny", "--method", "vlm2rec", "--batch-size", "8", "--max-steps", "2",

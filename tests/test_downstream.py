@@ -1,4 +1,4 @@
-"""Task 2 (DESIGN §4): SASRec / GRU4Rec with ID or embedding-initialised items.
+"""Task 2 (docs/method.md §4): SASRec / GRU4Rec with ID or embedding-initialised items.
 
 Unit: layouts, causality and padding, loading embeddings. Integration: training on the synthetic
 domain beats popularity, is deterministic, and initialisation uses each item's own vector. Acceptance (slow):
@@ -376,7 +376,7 @@ def _report(r, capsys) -> None:
 def test_beauty_sasrec_matches_the_pytorch_port(beauty, capsys):
     """Bar: pmixer/SASRec.pytorch on this file, maxlen 10, 100 negatives: HR@10 0.48-0.49, NDCG@10
     0.31-0.32 after ~3 minutes on 2 cores. Full-softmax CE SASRec should match or beat it.
-    Runs on one thread (the autouse fixture): the numbers equal the README's OMP_NUM_THREADS=1 table."""
+    Runs on one thread (the autouse fixture): the numbers equal docs/task2.md's OMP_NUM_THREADS=1 table."""
     r = run(beauty, DownstreamConfig(model="sasrec", max_len=10), BEAUTY_SEEDS)
     _report(r, capsys)
     mean = r.test.mean()

@@ -129,7 +129,7 @@ def test_objective_variants_name_their_terms():
 
 # --------------------------------------------------------------------------- Table 5, pinned
 # An independent definition of each row, written row by row in float64 from the paper's equations
-# (Eq. 3, 6-14), with the false-negative mask of DESIGN §3. Nothing here calls the library's losses.
+# (Eq. 3, 6-14), with the false-negative mask of docs/method.md §2. Nothing here calls the library's losses.
 
 def _cos(a, b):
     return (a @ b) / (a.norm() * b.norm())
@@ -223,5 +223,5 @@ def test_learnable_alpha_beta_receive_gradients():
     alpha, beta = torch.tensor(1.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)
     out = objective(ObjectiveConfig(name="vlm2rec"), emb, alpha, beta)
     ga, gb = torch.autograd.grad(out.total, (alpha, beta))
-    assert gb > 0  # a larger weight only raises the loss (DESIGN §3): descent pushes beta down
+    assert gb > 0  # a larger weight only raises the loss (docs/method.md §2): descent pushes beta down
     assert ga >= 0

@@ -1,4 +1,4 @@
-"""Pins of the method (DESIGN §3), each proven by a mutant in tests/mutants_method.yaml that fails it.
+"""Pins of the method (docs/method.md §2), each proven by a mutant in tests/mutants_method.yaml that fails it.
 
 Every expected value here is computed independently of the library: from closed forms, from
 hand-made 2-D cases whose cosines are cosines of angle differences, or from the plain reference

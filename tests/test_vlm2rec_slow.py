@@ -52,7 +52,7 @@ def test_sft_and_vlm2rec_beat_vanilla_and_popularity(independent_domain, tmp_pat
 # below vanilla in 5/5 seeds, mean drop 0.023) and at none of the smaller sizes tried, where SFT still
 # learns the image within its fewer steps: 400x200 (demo, seeds 0-2: v2f 0.118 -> 0.207), 600x300 (seed 0:
 # 0.123 -> 0.114), 400x400, 800x400 (seeds 0-1: 0.134 -> 0.157 / 0.184). Strict: when the demo's size
-# starts to collapse, this xfail fails and the README and the demo's docs must be updated.
+# starts to collapse, this xfail fails and docs/results.md and the demo's docs must be updated.
 _DEMO_SIZE_GAP = pytest.mark.xfail(strict=True, reason="no collapse at the demo's size: SFT still learns the image")
 
 

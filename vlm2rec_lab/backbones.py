@@ -1,5 +1,5 @@
 """Backbones: any Hugging Face VLM (or text-only LLM) by hub id or local path, or the embedded
-default ``tiny`` (:mod:`~vlm2rec_lab.tiny`), loaded through ``from_pretrained`` either way (DESIGN §2).
+default ``tiny`` (:mod:`~vlm2rec_lab.tiny`), loaded through ``from_pretrained`` either way (docs/method.md §1).
 :meth:`Backbone.embed` turns tokenized prompts into last-token embeddings; how fast (packing,
 fused stand-ins, compiling) is the business of :mod:`~vlm2rec_lab.accel`, switched by
 :class:`~vlm2rec_lab.config.SpeedConfig`.
@@ -49,7 +49,7 @@ class Backbone:
 
     ``forward`` returns the final layer's hidden states (after the final norm) for token ids, with
     image features either computed from ``pixel_values`` or given precomputed (the vision cache);
-    ``embed`` the hidden state at each prompt's last token (DESIGN §2.2).
+    ``embed`` the hidden state at each prompt's last token (docs/method.md §1).
     """
 
     name: str
@@ -93,7 +93,7 @@ class Backbone:
 
     def render(self, prompt: str) -> str:
         """Prompt string -> model input string: images as vision markup, the user turn of the chat
-        template with the generation prompt appended (DESIGN §2, ours), unless ``chat_template`` is off."""
+        template with the generation prompt appended (docs/method.md §1, ours), unless ``chat_template`` is off."""
         text = prompt.replace(IMAGE, self.image_markup)
         if not self.chat_template or getattr(self.tokenizer, "chat_template", None) is None:
             return text
@@ -147,7 +147,7 @@ class Backbone:
     def embed(self, prompt_sets: Sequence[Prompts] | None, layout=None, share_prefix: bool | None = None,
               forward_groups: Sequence[Sequence[int]] | None = None) -> list[Tensor]:
         """Prompt sets -> their (B_k, d) float32 embeddings: the final hidden state at each prompt's
-        last token (DESIGN §2.2). Given their ``layout`` (:meth:`layout`), one forward over all
+        last token (docs/method.md §1). Given their ``layout`` (:meth:`layout`), one forward over all
         prompts packed without padding (:mod:`~vlm2rec_lab.accel.packing`; ``share_prefix``,
         ``forward_groups``: see :func:`~vlm2rec_lab.accel.packing.embed_layout`); otherwise the
         plain path, one padded forward per set. Both give the same embeddings up to float rounding
@@ -198,7 +198,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def lora_target_regex(kind: str) -> str:
     """LoRA targets: the language model's projections only. In Qwen2.5-VL the bare names also match
-    the vision tower's MLPs, hence the ``language_model`` anchor for VLMs (DESIGN §2)."""
+    the vision tower's MLPs, hence the ``language_model`` anchor for VLMs (docs/method.md §1)."""
     names = "|".join(LORA_PROJECTIONS)
     return rf".*language_model.*\.({names})$" if kind == "vlm" else rf".*\.({names})$"
 

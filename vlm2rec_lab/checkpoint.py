@@ -1,4 +1,4 @@
-"""Random state, checkpoints and resume (DESIGN §3).
+"""Random state, checkpoints and resume (docs/method.md §2).
 
 A run killed at any step and resumed ends with the same adapter weights as an uninterrupted one:
 the data order is a pure function of (seed, epoch), and a checkpoint holds the adapter, the

@@ -1,4 +1,4 @@
-"""Modality collapse, operationally, and the verdict line that reports it (DESIGN §5).
+"""Modality collapse, operationally, and the verdict line that reports it (docs/method.md §5).
 
 Collapse (ours, from the paper's §3 and Table 1: "v2f performance degrades below even its Vanilla
 baseline"), over a set of training seeds, each run ranked against its own seed's negatives:

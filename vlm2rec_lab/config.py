@@ -22,7 +22,7 @@ def require_positive(cfg, names: tuple[str, ...]) -> None:
 
 @dataclass
 class PrepareConfig:
-    """How raw interaction files become a processed dataset (DESIGN §1)."""
+    """How raw interaction files become a processed dataset (docs/data.md)."""
 
     format: str
     inputs: list[str]
@@ -57,7 +57,7 @@ class PrepareConfig:
 
 @dataclass
 class SynthConfig:
-    """The planted-modality synthetic domain (DESIGN §1). The defaults plant modality collapse
+    """The planted-modality synthetic domain (docs/data.md). The defaults plant modality collapse
     (``data/synthetic.py`` explains the mechanism); ``REGIMES["independent"]`` gives the earlier
     domain of two independent latents, where SFT leaves the image weak but does not collapse it."""
 
@@ -203,7 +203,7 @@ SPEED_KEYS = tuple(f.name for f in dataclasses.fields(SpeedConfig))
 
 @dataclass
 class TrainConfig:
-    """One training (or zero-shot) run of a named method (DESIGN §3).
+    """One training (or zero-shot) run of a named method (docs/method.md §2).
 
     ``None`` for lr, batch_size, epochs and lora_dropout means the paper's defaults for a real
     backbone and :data:`TINY_DEFAULTS` for ``tiny``; :meth:`resolved` fills them in.

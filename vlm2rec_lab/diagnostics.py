@@ -1,4 +1,4 @@
-"""Modality-collapse diagnostics (DESIGN §5; paper §3, Table 1, Fig. 1, Fig. 3).
+"""Modality-collapse diagnostics (docs/method.md §5; paper §3, Table 1, Fig. 1, Fig. 3).
 
 Geometry per modality after Wang & Isola (2020), "Understanding Contrastive Representation Learning
 through Alignment and Uniformity on the Hypersphere" (github.com/SsnL/align_uniform), with φ the L2
@@ -162,7 +162,7 @@ def last_weak_modality(weak_log: pd.DataFrame, dataset) -> pd.DataFrame:
 
 
 def weak_modality(run_dir: str | Path, dataset, length_edges: Sequence[float] = (0, 5, 8, 12, 20, np.inf)) -> dict[str, pd.DataFrame]:
-    """Per-user weak modality (DESIGN §5): ``over_training`` (share of image-weak users per step),
+    """Per-user weak modality (docs/method.md §5): ``over_training`` (share of image-weak users per step),
     ``by_length`` and ``by_category`` (each user's last recorded weak modality against the length of
     their sequence and the category of their last training item)."""
     weak_log = pd.read_csv(Path(run_dir) / "logs" / "weak_modality.csv")

@@ -1,4 +1,4 @@
-"""Embeddings from a backbone (DESIGN §2.2): prompts -> last-token final-layer hidden state.
+"""Embeddings from a backbone (docs/method.md §1): prompts -> last-token final-layer hidden state.
 
 External fusion: z = z^T + z^V, e = e^T + e^V (Eq. 2); internal fusion embeds one interleaved
 prompt. With the vision tower frozen (always: LoRA goes on the language model only), each image's

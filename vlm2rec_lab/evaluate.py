@@ -1,4 +1,4 @@
-"""Evaluation protocol (DESIGN §4): ranking metrics, sampled and full ranking, seeds, significance,
+"""Evaluation protocol (docs/method.md §3): ranking metrics, sampled and full ranking, seeds, significance,
 and result tables.
 
 A *scorer* is any callable ``scorer(histories, candidates) -> scores``: ``histories`` is an (n, L)

@@ -1,7 +1,7 @@
 """Atomic file and folder writes, and the readers' line iterator with precise error locations.
 
 Every file a run or a prepared dataset trusts is written to a temporary name first and renamed into
-place, so a killed process never leaves a half-written file behind (DESIGN §6).
+place, so a killed process never leaves a half-written file behind.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""VLM2Rec objectives as pure functions of embeddings (DESIGN §3; paper §2.4, §4.2).
+"""VLM2Rec objectives as pure functions of embeddings (docs/method.md §2; paper §2.4, §4.2).
 
-Conventions (DESIGN §3): similarity s(·,·) is cosine; in-batch negatives — row b's positive is
+Conventions (docs/method.md §2): similarity s(·,·) is cosine; in-batch negatives — row b's positive is
 ``e[b]``, its negatives the other rows' targets, masking rows whose target item equals b's
 (false-negative mask, ours); losses are means over the batch (ours: the paper writes sums).
 """
@@ -114,7 +114,7 @@ OBJECTIVES = ("sft", "vlm2rec", "no_stopgrad", "no_penalty", "no_crtr", "crtr_on
 
 @dataclass
 class ObjectiveConfig:
-    """Hyperparameters of the objectives (DESIGN §3 defaults, ours where the paper is silent)."""
+    """Hyperparameters of the objectives (defaults of docs/method.md §2, ours where the paper is silent)."""
 
     name: str = "vlm2rec"
     tau: float = 0.1  # τ_WPCL (and τ of InfoNCE)

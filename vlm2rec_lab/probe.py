@@ -1,4 +1,4 @@
-"""The gradient-cosine probe (DESIGN §5): how the objective's gradient on the LoRA weights θ lines
+"""The gradient-cosine probe (docs/method.md §5): how the objective's gradient on the LoRA weights θ lines
 up with each modality's InfoNCE gradient, cos(g_total, g_T) and cos(g_total, g_V), where
 g_m = ∇θ InfoNCE(z^m, e^F), computed while training (:func:`vlm2rec_lab.diagnostics.gradient_cosines`
 reads them back from a run's step log).
@@ -34,7 +34,7 @@ def flat_cosine(grad_a: list, grad_b: list) -> float:
 
 
 def modality_gradients(emb: dict[str, Tensor], labels: Tensor, params: list, tau: float) -> tuple[list, list]:
-    """g_T and g_V of DESIGN §5: g_m = ∇θ InfoNCE(z^m, e^F) over ``params`` (θ = LoRA), averaged over
+    """g_T and g_V of docs/method.md §5: g_m = ∇θ InfoNCE(z^m, e^F) over ``params`` (θ = LoRA), averaged over
     processes; the graph is kept for the step's own backward."""
     e_f = emb["e_t"] + emb["e_v"]
     grad = lambda loss: torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)  # noqa: E731
@@ -43,7 +43,7 @@ def modality_gradients(emb: dict[str, Tensor], labels: Tensor, params: list, tau
 
 
 def objective_modality_cosines(g_mod: tuple[list, list], g_total: list) -> dict[str, float]:
-    """DESIGN §5: cos(g_total, g_T) and cos(g_total, g_V). ``g_total`` is the objective's gradient as
+    """docs/method.md §5: cos(g_total, g_T) and cos(g_total, g_V). ``g_total`` is the objective's gradient as
     the step's backward leaves it in ``.grad`` (scaled by 1 / grad_accum, which no cosine sees)
     rather than a third gradient pass of its own; averaged over processes here."""
     g_total = dist.average_tensors(g_total, like=g_mod[0])  # (a weight without gradient: zeros)

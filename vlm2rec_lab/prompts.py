@@ -1,4 +1,4 @@
-"""Prompts of §2.2.1 (DESIGN §2). ``IMAGE`` marks where an image goes; the backbone replaces it with
+"""Prompts of §2.2.1 (docs/method.md §1). ``IMAGE`` marks where an image goes; the backbone replaces it with
 its own vision tokens (for Qwen2.5-VL ``<|vision_start|><|image_pad|><|vision_end|>``)."""
 from __future__ import annotations
 

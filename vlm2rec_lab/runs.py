@@ -1,4 +1,4 @@
-"""Run folders (DESIGN §6): config, manifest, adapter, embeddings per modality, metrics.
+"""Run folders (docs/training.md): config, manifest, adapter, embeddings per modality, metrics.
 
     RUN/config.yaml                 the TrainConfig
     RUN/manifest.json               versions, seeds, git revision, data path and fingerprint
@@ -8,7 +8,7 @@
     RUN/metrics/                    task1_{split}.json, task1_{split}_per_seed.csv (tidy)
 
 A run is trained with one training seed (LoRA init, data order, dropout) and evaluated on that
-seed's negative set (DESIGN §4: a seed is a training run); :mod:`vlm2rec_lab.runsets` holds one run
+seed's negative set (docs/method.md §3: a seed is a training run); :mod:`vlm2rec_lab.runsets` holds one run
 per training seed.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .config import SpeedConfig, TrainConfig, load_yaml, save_yaml
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .methods import get_method
 
-VIEWS = {"f2f": "F", "t2f": "T", "v2f": "V"}  # modality dropout (DESIGN §5): history view vs fused items
+VIEWS = {"f2f": "F", "t2f": "T", "v2f": "V"}  # modality dropout (docs/method.md §5): history view vs fused items
 
 
 class MissingViewError(ValueError):
@@ -281,7 +281,7 @@ def evaluate_run(run_dir: str | Path, dataset=None, split: str = "test", seeds=N
     v2f where the method has separate text and image embeddings. Writes RUN/metrics/.
 
     ``seeds``: the negative sets to rank against; by default the run's own training seed's (run s
-    on negative set s, DESIGN §4). Other negative sets measure only the sampling of negatives."""
+    on negative set s, docs/method.md §3). Other negative sets measure only the sampling of negatives."""
     from .data.dataset import Dataset
     from .evaluate import evaluate
     from .scorers import EmbeddingScorer

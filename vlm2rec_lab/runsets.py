@@ -1,4 +1,4 @@
-"""Run sets (DESIGN §4): one method trained once per training seed, ``SET/seed{s}/`` holding the run
+"""Run sets (docs/method.md §3): one method trained once per training seed, ``SET/seed{s}/`` holding the run
 (:mod:`vlm2rec_lab.runs`) trained with seed s and evaluated on negative set s. Tables over seeds
 report mean ± std over these runs, and paired t-tests pair two sets by training seed.
 

@@ -1,4 +1,4 @@
-"""Scorers (DESIGN §4): reference scorers, so the evaluation protocol runs before any model exists,
+"""Scorers (docs/method.md §3): reference scorers, so the evaluation protocol runs before any model exists,
 and :class:`EmbeddingScorer`, a run's precomputed embeddings as a scorer.
 
 The reference scorers are fitted on the training part of the sequences only (no valid/test target

@@ -1,6 +1,6 @@
 """The embedded default backbone ``tiny``: a Qwen2.5-VL-architecture model built locally for a
 dataset (tokenizer, vision calibration, a short generic pretraining), saved, and loaded back through
-the very same ``from_pretrained`` path as a real one (DESIGN §2)."""
+the very same ``from_pretrained`` path as a real one (docs/method.md §1)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""The training loop (DESIGN §3, §5): LoRA on the language model, learnable α and β (β ≥ 0),
+"""The training loop (docs/method.md §2, §5): LoRA on the language model, learnable α and β (β ≥ 0),
 gradient accumulation, checkpoints with exact resume (:mod:`~vlm2rec_lab.checkpoint`), NaN/inf
 guard, per-step logs, and the gradient-cosine probe (:mod:`~vlm2rec_lab.probe`). How fast a step
 runs (packing, compiling, out-of-memory recovery) is :mod:`~vlm2rec_lab.accel`'s.
@@ -41,7 +41,7 @@ def check_fusion(method, backbone: Backbone) -> None:
 
 
 def apply_lora(backbone: Backbone, cfg: TrainConfig) -> None:
-    """LoRA (r, alpha, dropout) on the language model's projections only (DESIGN §2), in place."""
+    """LoRA (r, alpha, dropout) on the language model's projections only (docs/method.md §1), in place."""
     from peft import LoraConfig, get_peft_model
 
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -120,7 +120,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- one batch
     def requests(self, hist: np.ndarray, targets: np.ndarray) -> list[tuple[str, list]]:
-        """The prompt sets the objective needs for a batch, by fusion (DESIGN §2): text and image
+        """The prompt sets the objective needs for a batch, by fusion (docs/method.md §1): text and image
         histories and targets (external), or interleaved / text-only histories and targets."""
         lists = [row[row >= 0].tolist() for row in hist]
         items = [[int(t)] for t in targets]
@@ -227,7 +227,7 @@ class Trainer:
                 sums, stats = self.recovery.run(lambda: self._accumulate(order), lambda: self._undo(n_weak), self.step)
                 dist.average_gradients(self.lora + ([self.alpha, self.beta] if self.alpha.requires_grad else []))
                 self.opt.step()
-                with torch.no_grad():  # projected onto α ≥ 0, β ≥ 0 (DESIGN §3): below 0, α flips the penalty
+                with torch.no_grad():  # projected onto α ≥ 0, β ≥ 0 (docs/method.md §2): below 0, α flips the penalty
                     self.alpha.clamp_(min=0.0)
                     self.beta.clamp_(min=0.0)
                 self.step += 1

@@ -1,4 +1,4 @@
-"""What ``data prepare`` keeps of the raw data (DESIGN §1): cleaned titles, items with a title and
+"""What ``data prepare`` keeps of the raw data (docs/data.md): cleaned titles, items with a title and
 an image where required, rows that are not duplicates, the iterated k-core, users long enough for
 leave-one-out; and dense ids in order of first appearance. :func:`~.dataset.build` runs these steps.
 """

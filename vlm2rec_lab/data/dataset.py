@@ -1,4 +1,4 @@
-"""Processed datasets (DESIGN §1): cleaning, iterated k-core, chronological sequences, the
+"""Processed datasets (docs/data.md): cleaning, iterated k-core, chronological sequences, the
 leave-one-out split, frozen negatives per seed, statistics; saved as parquet + a JSON manifest.
 
 Folder layout::

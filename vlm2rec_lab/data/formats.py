@@ -1,4 +1,4 @@
-"""Readers for the raw formats of DESIGN §1; each returns a :class:`~.raw_data.RawData`.
+"""Readers for the raw formats of docs/data.md; each returns a :class:`~.raw_data.RawData`.
 
 Readers only parse: cleaning and filtering happen in :mod:`.cleaning`, splitting in :mod:`.dataset`.
 This module holds the line-per-record formats (Amazon 2018 and 2014 reviews, ratings CSV, P5

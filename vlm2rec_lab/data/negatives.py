@@ -1,4 +1,4 @@
-"""Frozen negatives (DESIGN §1): for each user and seed, items the user never interacted with,
+"""Frozen negatives (docs/data.md): for each user and seed, items the user never interacted with,
 drawn once at prepare time and saved with the dataset."""
 from __future__ import annotations
 

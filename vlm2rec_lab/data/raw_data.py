@@ -157,7 +157,7 @@ def parse_json(text: str):
 
 
 def parse_literal(text: str):
-    return ast.literal_eval(text)  # never eval(): DESIGN §1
+    return ast.literal_eval(text)  # never eval() on data
 
 
 def parse_json_or_literal(text: str):

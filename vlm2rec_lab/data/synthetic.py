@@ -1,4 +1,4 @@
-"""The synthetic planted-modality domain: the embedded default dataset (DESIGN §1).
+"""The synthetic planted-modality domain: the embedded default dataset (docs/data.md).
 
 Every item has two latents: a *category*, shown by words in its title, and a *style*, shown by its
 image (a shape in a colour). Users move from item to item by Markov chains on the latents: a latent
@@ -20,7 +20,7 @@ The knobs (:class:`~vlm2rec_lab.config.SynthConfig`), each an instrument setting
   text shortcut: the title shows it, the image cannot.
 
 **The default regime plants modality collapse** (ours; chosen from oracle, vanilla and SFT runs
-only, see the README): ρ = 1, ``stay`` 0.8, ``text_signal`` 1, ``image_signal`` 0.7. The title
+only, see docs/results.md): ρ = 1, ``stay`` 0.8, ``text_signal`` 1, ``image_signal`` 0.7. The title
 shows the one latent cleanly and the image shows it for 70% of items, so the image is a weaker,
 redundant view: its oracle is well above chance (a signal that generalises), but once the text has
 learned the latent, the mis-shown images are only noise to the fused objective. Plain contrastive

@@ -1,4 +1,4 @@
-"""The config of one Task 2 run (DESIGN §4), and the names its fields take. Importing it needs no torch."""
+"""The config of one Task 2 run (docs/method.md §4), and the names its fields take. Importing it needs no torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ MATMUL = ("auto", "float32", "bfloat16")
 
 @dataclass
 class DownstreamConfig:
-    """One Task 2 run (DESIGN §4). ``None`` fields take the defaults listed in the comments."""
+    """One Task 2 run (docs/method.md §4). ``None`` fields take the defaults listed in the comments."""
 
     model: str = "sasrec"
     hidden: int = 128  # the paper's hidden size

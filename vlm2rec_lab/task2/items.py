@@ -1,4 +1,4 @@
-"""Frozen item embeddings for Task 2 (DESIGN §4), aligned to a dataset's items.
+"""Frozen item embeddings for Task 2 (docs/method.md §4), aligned to a dataset's items.
 
 From a run folder (``RUN/embeddings/item_{F,T,V}.npy`` whose rows follow
 ``RUN/embeddings/item_ids.txt``), from a ``.npy`` plus an id file (:func:`load_item_embeddings`), or

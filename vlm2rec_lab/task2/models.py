@@ -1,4 +1,4 @@
-"""Task 2's sequence models (DESIGN §4; the paper's Table 4): SASRec and GRU4Rec over an item table.
+"""Task 2's sequence models (docs/method.md §4; the paper's Table 4): SASRec and GRU4Rec over an item table.
 
 * Item representation (:class:`ItemTable`): a learnable ID table, or a trainable
   ``Linear(d -> hidden)`` over frozen item embeddings (:mod:`vlm2rec_lab.task2.items`), transformed
@@ -130,7 +130,7 @@ class ItemTable(nn.Module):
     """Item vectors ``(n_items + 1, hidden)``, row 0 the (zero) padding row.
 
     ID: a learnable table (normal init, std 0.02). Init: ``Linear(d -> hidden)`` (trainable) over
-    the frozen embeddings (DESIGN §4), after :func:`prepare_init_table` (``transform``, ours).
+    the frozen embeddings (docs/method.md §4), after :func:`prepare_init_table` (``transform``, ours).
     """
 
     def __init__(self, n_items: int, hidden: int, embeddings: np.ndarray | None = None,

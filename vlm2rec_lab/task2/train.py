@@ -1,4 +1,4 @@
-"""Task 2 training and evaluation (DESIGN §4; the paper's Table 4 and Fig. 3): one
+"""Task 2 training and evaluation (docs/method.md §4; the paper's Table 4 and Fig. 3): one
 :mod:`~vlm2rec_lab.task2.models` model per seed, over ID or VLM-initialised item tables.
 
 * Training (:func:`train`): SASRec-style sequence-to-sequence targets (one forward per window
@@ -75,7 +75,7 @@ def training_windows(dataset, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     return inputs, targets
 
 class ModelScorer:
-    """A :class:`SeqRec` as an evaluation scorer ``(histories, candidates) -> scores`` (DESIGN §4)."""
+    """A :class:`SeqRec` as an evaluation scorer ``(histories, candidates) -> scores`` (docs/method.md §4)."""
 
     def __init__(self, model: SeqRec, max_len: int, device: str = "cpu", name: str = "model"):
         self.model, self.max_len, self.device, self.name = model, max_len, device, name
@@ -250,7 +250,7 @@ def run(dataset, cfg: DownstreamConfig, seeds=(0, 1, 2, 3, 4),
     full ranking; valid: sampled), and bucket the test ranks by the target's training frequency.
 
     ``embeddings``: one frozen table for every seed, or {seed: table} so that the embedder's run of
-    training seed s initialises the downstream model of seed s (DESIGN §4: a seed is a training run)."""
+    training seed s initialises the downstream model of seed s (docs/method.md §4: a seed is a training run)."""
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("at least one seed is needed")
