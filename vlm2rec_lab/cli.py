@@ -252,19 +252,19 @@ def _launcher_warnings() -> None:
             print(f"warning: {note}", file=sys.stderr)
 
 
-def _train_config(a):
+def _train_config(args):
     from .config import AUTO_ON_OFF, SpeedConfig, TrainConfig, load_yaml
 
-    if a.config:
-        return load_yaml(TrainConfig, a.config)
-    return TrainConfig(method=a.method, backbone=a.backbone, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr,
-                       batch_size=a.batch_size, grad_accum=a.grad_accum, seed=a.seed or 0, users_k=a.users_k, tau=a.tau,
-                       tau_crtr=a.tau_crtr, lam=a.lam, alpha=a.alpha, beta=a.beta,
-                       learn_alpha_beta=not a.fixed_alpha_beta, penalty_offset=a.penalty_offset,
-                       speed=SpeedConfig(gradient_checkpointing=a.gradient_checkpointing, cache_vision=not a.no_vision_cache,
-                                         packed=not a.no_packing, compile=a.compile, share_prefix=AUTO_ON_OFF[a.share_prefix]),
-                       checkpoint_every=a.checkpoint_every, grad_cos_every=a.grad_cos_every, device=a.device,
-                       max_pixels=a.max_pixels)
+    if args.config:
+        return load_yaml(TrainConfig, args.config)
+    speed = SpeedConfig(gradient_checkpointing=args.gradient_checkpointing, cache_vision=not args.no_vision_cache,
+                        packed=not args.no_packing, compile=args.compile, share_prefix=AUTO_ON_OFF[args.share_prefix])
+    return TrainConfig(method=args.method, backbone=args.backbone, epochs=args.epochs, max_steps=args.max_steps,
+                       lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed or 0,
+                       users_k=args.users_k, tau=args.tau, tau_crtr=args.tau_crtr, lam=args.lam, alpha=args.alpha,
+                       beta=args.beta, learn_alpha_beta=not args.fixed_alpha_beta, penalty_offset=args.penalty_offset,
+                       speed=speed, checkpoint_every=args.checkpoint_every, grad_cos_every=args.grad_cos_every,
+                       device=args.device, max_pixels=args.max_pixels)
 
 
 def cmd_train(args) -> int:
