@@ -29,7 +29,8 @@ from ..config import to_dict
 from ..evaluate import COLD_START_EDGES, Evaluation, bucket_metrics, evaluate
 from .config import DownstreamConfig
 from .items import ItemEmbeddings
-from .models import SeqRec, build_model, matmul_dtype
+from ..accel.softmax_ce import matmul_dtype
+from .models import SeqRec, build_model
 
 EVAL_BATCH = 512  # users per scoring call: the (B, 101, H) candidate gather stays small
 
