@@ -39,9 +39,9 @@ class Mutant:
 def all_mutants() -> dict[str, Mutant]:
     """Every mutant of every ``tests/mutants_*.yaml``, by name (names are unique)."""
     found: dict[str, Mutant] = {}
+    fields = {f.name for f in dataclasses.fields(Mutant)}
     for path in sorted(HERE.glob("mutants_*.yaml")):
         for i, entry in enumerate(yaml.safe_load(path.read_text()) or []):
-            fields = {f.name for f in dataclasses.fields(Mutant)}
             if not isinstance(entry, dict) or set(entry) != fields:
                 got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
                 raise ValueError(f"{path}: entry {i + 1} must have exactly the fields {sorted(fields)}, got {got}")
