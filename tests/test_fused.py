@@ -359,7 +359,7 @@ def test_embedding_steps_down_where_a_batch_runs_out_of_memory(synth_ds, tiny_pa
         return real(self, requests, *a, **k)
 
     monkeypatch.setattr(Encoder, "embed_sets", embed_sets)
-    with caplog.at_level(logging.WARNING, logger="vlm2rec_lab.encoder"):
+    with caplog.at_level(logging.WARNING, logger="vlm2rec_lab.accel.recovery"):
         got = enc.sequence_embeddings("V", hist)
     # 8 merged (out of memory), 8 unmerged (out), 4 (out), then batches of 2 for all 18 rows
     assert seen == [(True, 8), (False, 8), (False, 4)] + [(False, 2)] * 9

@@ -7,8 +7,7 @@ path gives the same embeddings as the uncached one (tested).
 """
 from __future__ import annotations
 
-import logging
-from contextlib import closing, nullcontext
+from contextlib import closing
 from typing import Sequence
 
 import numpy as np
@@ -21,7 +20,6 @@ from .config import SpeedConfig
 from .data.images import ImageStore
 from .prompts import sequence_prompt
 
-log = logging.getLogger(__name__)
 
 
 class Encoder:
@@ -202,51 +200,22 @@ class Encoder:
         prompts first fill the vision cache for all their images (read ahead by worker threads);
         the results stay on the device until the end, so the CPU lays out the next batch while the
         device computes this one. LoRA updates are merged into their weights meanwhile (see
-        ``speed.merge_adapters``). Where a batch runs out of device memory it is redone, and the rest
-        embedded, first without the merged weights, then in batches half as large, down to one
-        prompt (a warning says so; a prompt's embedding does not depend on its batch)."""
+        ``speed.merge_adapters``); where a batch runs out of device memory, the batches step down
+        (:func:`~vlm2rec_lab.accel.recovery.embed_in_batches`; a prompt's embedding does not depend
+        on its batch)."""
         from tqdm.auto import tqdm
 
-        from .accel.recovery import out_of_memory
+        from .accel.recovery import embed_in_batches
 
         if kind in ("V", "I") and self.speed.cache_vision:
             self.vision_features(sorted({int(i) for lst in item_lists for i in lst}), progress=progress)
-        bs = batch_size or self.batch_size
         order = np.argsort([-len(x) for x in item_lists], kind="stable")
-        parts: list[Tensor] = []
-        done, merge = 0, self.speed.merge_adapters
         with tqdm(total=len(order), desc=desc or f"embed {kind}", unit="prompt", disable=not progress or None,
                   leave=False) as bar:
-            while done < len(order):
-                failed = None
-                try:
-                    with self.backbone.engine.merged_adapters() if merge else nullcontext():
-                        while done < len(order):
-                            rows = order[done:done + bs]
-                            parts.append(self.embed_sets([(kind, [item_lists[k] for k in rows])])[0])
-                            done += len(rows)
-                            bar.update(len(rows))
-                except RuntimeError as e:  # torch.OutOfMemoryError is one
-                    if not out_of_memory(e):
-                        raise
-                    if not merge and bs == 1:
-                        raise torch.OutOfMemoryError(
-                            f"embedding {kind} prompts: out of device memory with one prompt a batch (a list of "
-                            f"{len(item_lists[order[done]])} items): use a device with more memory, or smaller images "
-                            f"(fewer visual tokens)") from e
-                    failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                if failed is None:
-                    break
-                # out of memory: outside the handler, which held the failed batch's tensors
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if merge:
-                    merge = False
-                    log.warning("embedding %s prompts ran out of memory with the adapters merged (%s): going on "
-                                "unmerged", kind, failed)
-                else:
-                    bs = max(1, bs // 2)
-                    log.warning("embedding %s prompts ran out of memory (%s): going on in batches of %d", kind, failed, bs)
+            parts = embed_in_batches(
+                self.backbone, lambda rows: self.embed_sets([(kind, [item_lists[k] for k in rows])])[0], order,
+                batch_size or self.batch_size, self.speed.merge_adapters, bar.update, f"{kind} prompts",
+                lambda row: f"a list of {len(item_lists[row])} items")
         out = torch.empty(len(item_lists), self.backbone.hidden_size)
         if parts:
             out[torch.as_tensor(order)] = torch.cat(parts).cpu()  # one copy back, at the end

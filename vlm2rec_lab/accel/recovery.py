@@ -1,23 +1,29 @@
-"""Fallback ladders for a training step. A step that runs out of device memory is redone with more
-gradient checkpointing (none -> every 4th -> every 2nd -> every decoder layer); one that fails
-inside torch.compile is redone with the layers uncompiled. Each is redone from the step's start with
-the random state rewound, so the run equals one that had the final setting from the start; both
-only in one process (ranks cannot agree on a retry midway through their collectives).
+"""Fallback ladders. A training step that runs out of device memory is redone with more gradient
+checkpointing (none -> every 4th -> every 2nd -> every decoder layer); one that fails inside
+torch.compile is redone with the layers uncompiled. Each is redone from the step's start with the
+random state rewound, so the run equals one that had the final setting from the start; both only
+in one process (ranks cannot agree on a retry midway through their collectives). Embedding without
+gradients (:func:`embed_in_batches`) steps down from merged adapters to unmerged ones, then to
+smaller batches.
 """
 from __future__ import annotations
 
 import gc
+import logging
 import warnings
+from contextlib import nullcontext
 from functools import partial
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
+from torch import Tensor
 
 from . import distributed as dist
 from .checkpointing import checkpointed_every, enable_checkpointing
 from .compile import compile_backend, compile_error, compile_layers, uncompile_layers
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -111,3 +117,46 @@ class StepRecovery:
         warnings.warn(f"step {step + 1} ran out of device memory: gradient checkpointing is now on for {which} "
                       f"for the rest of this run (slower, less memory); --gradient-checkpointing {every} starts "
                       f"there", RuntimeWarning, stacklevel=4)
+
+
+def embed_in_batches(backbone, embed: Callable[[Sequence[int]], Tensor], order: Sequence[int], batch_size: int,
+                     merge: bool, on_rows: Callable[[int], None] = lambda n: None,
+                     what: str = "prompts", too_large: Callable[[int], str] = lambda row: "") -> list[Tensor]:
+    """``embed(rows)`` over ``order`` in batches of ``batch_size`` -> the batches' outputs in order;
+    with each LoRA update of ``backbone`` merged into its weight meanwhile where ``merge``
+    (:meth:`~vlm2rec_lab.accel.engine.SpeedEngine.merged_adapters`). Where a batch runs out of
+    device memory it is redone, and the rest embedded, first without the merged weights (their
+    copies take memory), then in batches half as large, down to one row (a warning says so; a row's
+    output must not depend on its batch). Out of memory with one row a batch is an error naming
+    ``too_large(row)``; other errors pass through. ``on_rows(n)`` follows progress."""
+    parts: list[Tensor] = []
+    done, bs = 0, batch_size
+    while done < len(order):
+        failed = None
+        try:
+            with backbone.engine.merged_adapters() if merge else nullcontext():
+                while done < len(order):
+                    rows = order[done:done + bs]
+                    parts.append(embed(rows))
+                    done += len(rows)
+                    on_rows(len(rows))
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not out_of_memory(e):
+                raise
+            if not merge and bs == 1:
+                raise torch.OutOfMemoryError(
+                    f"embedding {what}: out of device memory with one prompt a batch ({too_large(order[done])}): use a "
+                    f"device with more memory, or smaller images (fewer visual tokens)") from e
+            failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if failed is None:
+            break
+        # out of memory: outside the handler, which held the failed batch's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if merge:
+            merge = False
+            log.warning("embedding %s ran out of memory with the adapters merged (%s): going on unmerged", what, failed)
+        else:
+            bs = max(1, bs // 2)
+            log.warning("embedding %s ran out of memory (%s): going on in batches of %d", what, failed, bs)
+    return parts
