@@ -29,7 +29,7 @@ def lora_shapes(tiny: bool) -> list[tuple[int, ...]]:
     """The trainable shapes PEFT gives the benchmark model (built on the meta device: no memory)."""
     import warnings
 
-    from gpu_bench import model_config
+    from common import model_config
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2_5_VLModel
 
@@ -55,7 +55,7 @@ def per_tensor(tensors: list) -> None:
 def worker(rank: int, world: int, port: int, shapes: list, reps: int) -> None:
     import torch.distributed as tdist
 
-    from gpu_bench import median_side_by_side
+    from common import median_side_by_side
 
     from vlm2rec_lab.accel import distributed as dist
 

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import median_side_by_side  # noqa: E402
+from common import median_side_by_side  # noqa: E402
 
 
 def worker(rank: int, world: int, port: int, data: str, reps: int) -> None:

@@ -6,8 +6,8 @@ batched scoring) and a deliberately plain reference loop in the style of the wid
 port (per user: Python rejection sampling of 100 negatives, one forward, a Python rank) — and the
 ratio, plus what the whole training would have cost with the plain loop as its validation.
 
-Usage: python bench/downstream.py [--data DIR] [--seed 0] [--threads N] [--epochs 200]
-(without --data, Beauty is prepared from ../shared/data/real/amazon2014_beauty into a temp folder).
+Usage: python bench/downstream.py (--data DIR | --p5 FILE) [--seed 0] [--threads N] [--epochs 200]
+(--p5: a P5-format ``user_sequence.txt``, e.g. Amazon 2014 Beauty's, prepared into a temp folder).
 """
 from __future__ import annotations
 
@@ -24,9 +24,6 @@ import torch
 from vlm2rec_lab.data.dataset import Dataset
 from vlm2rec_lab.task2.config import DownstreamConfig
 from vlm2rec_lab.task2.train import left_align, train, validate
-
-ROOT = Path(__file__).resolve().parents[1]
-BEAUTY = ROOT.parent / "shared" / "data" / "real" / "amazon2014_beauty" / "user_sequence.txt"
 
 
 def plain_validation(model, ds, max_len: int, seed: int = 0, num: int = 100) -> tuple[float, float]:
@@ -56,7 +53,9 @@ def plain_validation(model, ds, max_len: int, seed: int = 0, num: int = 100) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", help="a prepared dataset folder (default: Beauty, prepared here)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a prepared dataset folder")
+    source.add_argument("--p5", help="a P5-format user_sequence.txt, prepared here (text-less, no images)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--epochs", type=int, default=200)
@@ -70,7 +69,7 @@ def main() -> None:
             from vlm2rec_lab.config import PrepareConfig
             from vlm2rec_lab.data.dataset import prepare
 
-            prepare(PrepareConfig(format="p5", inputs=[str(BEAUTY)], require_images=False), Path(tmp) / "beauty",
+            prepare(PrepareConfig(format="p5", inputs=[a.p5], require_images=False), Path(tmp) / "beauty",
                     progress=False)
             ds = Dataset.load(Path(tmp) / "beauty")
         cfg = DownstreamConfig(model="sasrec", epochs=a.epochs, device="cpu")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import model_config  # noqa: E402
+from common import model_config  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from vlm2rec_lab.accel.packing import forward_packed
     from vlm2rec_lab.backbones import Backbone, lora_target_regex
@@ -43,7 +43,7 @@ def main() -> None:
     cfg.text_config.num_hidden_layers = a.layers
     cfg.text_config.layer_types = ["full_attention"] * a.layers
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg).model.train().requires_grad_(False)
+    model = AutoModelForImageTextToText.from_config(cfg).model.train().requires_grad_(False)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.2, target_modules=lora_target_regex("vlm")))
     backbone = Backbone(name="host-cost", model=model, tokenizer=None, image_processor=None, kind="vlm")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)  # as the trainer's

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import BEAUTY_ITEMS, model_config, settle, sync  # noqa: E402
+from common import BEAUTY_ITEMS, model_config, settle, sync  # noqa: E402
 from image_cache import write_images  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def random_backbone(titles: list[str], tiny: bool, device: torch.device, min_px:
     weights (``tiny``: the tiny config), a byte-level BPE tokenizer trained on ``titles`` (no
     download) and Qwen's image processor capped at 224 x 224 px (64 visual tokens; at least
     ``min_px`` a side), as a library ``Backbone``."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from vlm2rec_lab.accel.attention import set_vision_attention
@@ -57,7 +57,7 @@ def random_backbone(titles: list[str], tiny: bool, device: torch.device, min_px:
     cfg.vision_start_token_id, cfg.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
+        model = AutoModelForImageTextToText.from_config(
             cfg, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).model
     model.eval().requires_grad_(False)
     if device.type == "cuda":  # as load_backbone does on a GPU

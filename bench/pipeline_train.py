@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import BEAUTY_ITEMS, BEAUTY_USERS, sync  # noqa: E402
+from common import BEAUTY_ITEMS, BEAUTY_USERS, sync  # noqa: E402
 from pipeline_embed import random_backbone  # noqa: E402
 
 
@@ -74,8 +74,8 @@ def main() -> None:
          images_per_s=round(n_images / fill, 1), beauty_fill_s=round(BEAUTY_ITEMS * fill / n_images, 1),
          lora_dropout=tr.cfg.lora_dropout, batch_size=tr.cfg.batch_size, grad_cos_every=tr.cfg.grad_cos_every,
          checkpoint_every=tr.cfg.checkpoint_every, dropout_active=tr.backbone.engine.dropout_active)
-    sel = tr.order(0)[:tr.cfg.batch_size]
-    layout = tr.encoder.layout(tr.requests(tr.hist[sel], tr.targets[sel]))
+    first_batch = tr.order(0)[:tr.cfg.batch_size]
+    layout = tr.encoder.layout(tr.requests(tr.hist[first_batch], tr.targets[first_batch]))
     tokens = sum(len(s) for s in layout.sequences) if layout is not None else None
     t = time.perf_counter()
     tr.train()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import BEAUTY_ITEMS, BEAUTY_USERS  # noqa: E402
+from common import BEAUTY_ITEMS, BEAUTY_USERS  # noqa: E402
 
 ITEMS_S, EPOCH_MIN, ITEMS_RATIO, EPOCH_RATIO, LOSS_REL = 10.0, 10.0, 6.0, 15.0, 1e-2
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import settle  # noqa: E402  (no full garbage collection inside a timed run)
+from common import settle  # noqa: E402  (no full garbage collection inside a timed run)
 
 
 def main() -> None:

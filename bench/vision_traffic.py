@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import model_config  # noqa: E402
+from common import model_config  # noqa: E402
 
 
 def moved_bytes(t: torch.Tensor) -> int:

@@ -143,15 +143,15 @@ def load_run_backbone(run_dir: str | Path, dataset, device=None):
 
     cfg = load_run_config(run_dir)
     name = load_manifest(run_dir).get("backbone_path") or cfg.backbone
-    bb = load_backbone(name, device=device or cfg.device, dataset=dataset, chat_template=cfg.chat_template,
-                       max_pixels=cfg.max_pixels)
+    backbone = load_backbone(name, device=device or cfg.device, dataset=dataset, chat_template=cfg.chat_template,
+                             max_pixels=cfg.max_pixels)
     adapter = Path(run_dir) / "adapter"
     if get_method(cfg.method).trains:
         if not (adapter / "adapter_config.json").exists():
             raise FileNotFoundError(f"{run_dir}: method {cfg.method} trains, but no adapter was saved (train it first)")
         check_adapter(adapter)
-        bb.model = PeftModel.from_pretrained(bb.model, adapter).eval()
-    return bb
+        backbone.model = PeftModel.from_pretrained(backbone.model, adapter).eval()
+    return backbone
 
 
 def check_adapter(adapter: Path) -> None:
@@ -201,15 +201,15 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     if ds.fingerprint != manifest["data"]["fingerprint"] and root is None:
         raise ValueError(f"{run}: dataset fingerprint differs from the one the run was made with "
                          f"(for another domain use cross_domain())")
-    bb = backbone or load_run_backbone(run, ds, device=device)
+    backbone = backbone or load_run_backbone(run, ds, device=device)
     progress = progress and dist.rank() == 0
     from .train import check_fusion
 
-    check_fusion(method, bb)
-    bb.model.eval()
+    check_fusion(method, backbone)
+    backbone.model.eval()
     if compile:
-        compile_layers(bb, backend="inductor" if compile is True else compile, vision=bb.kind == "vlm")
-    enc = Encoder(bb, ds.items, SpeedConfig(cache_vision=cfg.speed.cache_vision), batch_size=batch_size)
+        compile_layers(backbone, backend="inductor" if compile is True else compile, vision=backbone.kind == "vlm")
+    enc = Encoder(backbone, ds.items, SpeedConfig(cache_vision=cfg.speed.cache_vision), batch_size=batch_size)
     kinds = {"external": ("T", "V"), "item-mean": ("T", "V"), "internal": ("I",), "text": ("T",)}[method.fusion]
     out: dict[str, np.ndarray] = {}
 
