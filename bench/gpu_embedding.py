@@ -287,7 +287,7 @@ def lora_item_embedding(backbone, peft, shapes: Shapes, a, device, emit, no_adap
     """Item embedding with a LoRA adapter on, as after training (B random instead of PEFT's zeros,
     put back afterwards): the adapters in training form (each adapted projection's base product, its
     product with A and the addmm with B) against their updates merged into the weights
-    (``Backbone.merged_adapters``, what ``Encoder.embed_many`` does), both packed with shared
+    (``SpeedEngine.merged_adapters``, what ``Encoder.embed_many`` does), both packed with shared
     prefixes; their agreement, the time the merge takes, and the merged path against the model
     without an adapter (``no_adapter_rate``). With ``--profile``, where the language model's part of
     one batch of the merged path spends its time."""

@@ -50,7 +50,7 @@ def main() -> None:
 
     def step(seqs: list, pos: list) -> None:
         opt.zero_grad(set_to_none=True)
-        # the GPU path's context (Backbone.compute autocasts on CUDA only): stand-ins, PEFT's casts off, autocast
+        # the GPU path's context (SpeedEngine.compute autocasts on CUDA only): stand-ins, PEFT's casts off, autocast
         with backbone.engine.stand_ins(skip_input_cast=True), torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = forward_packed(backbone, seqs, pos)
         hidden.float().pow(2).mean().backward()

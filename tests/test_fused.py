@@ -48,7 +48,7 @@ def test_fused_forward_is_pefts_forward(shape, dropout):
 
 def test_fused_forward_under_autocast_matches_pefts_within_bf16():
     """The GPU's compute path in miniature (CPU autocast to bf16, PEFT's input casting off, as
-    ``Backbone.compute`` sets it): fused and PEFT's forward agree within bf16 rounding."""
+    ``SpeedEngine.compute`` sets it): fused and PEFT's forward agree within bf16 rounding."""
     layer = _lora_layer().eval()
     x = torch.randn(6, 12)
     layer.cast_input_dtype_enabled = False

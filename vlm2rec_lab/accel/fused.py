@@ -98,7 +98,7 @@ def mergeable(layer: nn.Module) -> bool:
     return isinstance(drop, nn.Identity) or not drop.training or getattr(drop, "p", 1.0) == 0
 
 
-MERGED = "_vlm2rec_merged"  # where Backbone.merged_adapters keeps a layer's (adapter, scaling, merged weight)
+MERGED = "_vlm2rec_merged"  # where SpeedEngine.merged_adapters keeps a layer's (adapter, scaling, merged weight)
 
 
 @torch.no_grad()
@@ -113,7 +113,7 @@ def merged_weight(layer: nn.Module) -> tuple[str, float, Tensor]:
 
 
 def merged_forward(layer: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
-    """``x·W'ᵀ + bias`` with the merged weight ``Backbone.merged_adapters`` made for ``layer``. Falls
+    """``x·W'ᵀ + bias`` with the merged weight ``SpeedEngine.merged_adapters`` made for ``layer``. Falls
     back to :func:`fused_forward` where a gradient is wanted, where the layer no longer merges
     (dropout drawing masks, adapters disabled), where the active adapter or its scaling is no longer
     the one merged (checked each call), or where there is no merged weight. The adapter's weights
