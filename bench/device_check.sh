@@ -31,7 +31,7 @@ fi
 export VLM2REC_CACHE=/tmp/vlm2rec_cache PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 if python3 -c "import pytest, pandas, pyarrow, PIL, tokenizers" 2>/dev/null; then
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_transfer.py tests/test_distributed.py tests/test_fused.py -k on_gpu -rs --tb=short \
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_transfer.py tests/test_distributed.py tests/test_fused.py -m gpu -k on_gpu -rs --tb=short \
         >"$OUT/pytest.txt" 2>&1
     tail -4 "$OUT/pytest.txt"
     timeout 55 python3 bench/pipeline_train.py 2>"$OUT/pipeline.err" | tee "$OUT/pipeline.jsonl"

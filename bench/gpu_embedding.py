@@ -57,6 +57,15 @@ class Shapes:
         return out
 
 
+def vision_features(backbone, shapes: Shapes, items: list[int]) -> dict:
+    """Item -> its image's vision features (the project's vision cache), 256 images a call."""
+    feats = {}
+    for s in range(0, len(items), 256):
+        chunk = items[s:s + 256]
+        feats.update(zip(chunk, backbone.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))))
+    return feats
+
+
 def plain_hidden(model, shapes: Shapes, b: dict):
     kw = {k: b[k] for k in ("input_ids", "attention_mask")}
     if "items" in b:
@@ -94,11 +103,7 @@ def project_embedding(backbone, shapes: Shapes, n_items: int, batch: int, device
     for k, n in enumerate((*warm_items, n_items)):
         warm = k < len(warm_items)
         settle(device); reset_peak(device); t = time.perf_counter()
-        feats = {}
-        for s in range(0, n, 256):
-            chunk = list(range(s, min(s + 256, n)))
-            out = backbone.image_features(shapes.pixels[chunk].flatten(0, 1), shapes.grid.repeat(len(chunk), 1))
-            feats.update(zip(chunk, out))
+        feats = vision_features(backbone, shapes, list(range(n)))
         sync(device)
         t_vision = time.perf_counter() - t
         if layout != "padded":
@@ -205,8 +210,8 @@ def embedding_agreement(model, backbone, shapes: Shapes, feats: dict, emit) -> N
     for path, fn in (("project_padded", lambda k: project_hidden(backbone, feats, shapes.batch(k, items))),
                      ("project_packed", lambda k: project_packed(backbone, feats, shapes, [(k, items)], False)[0]),
                      ("project", lambda k: project_packed(backbone, feats, shapes, [(k, items)])[0])):
-        d = max((plain_hidden(model, shapes, shapes.batch(k, items)).float() - fn(k).float()).abs().max().item()
-                / plain_hidden(model, shapes, shapes.batch(k, items)).float().abs().max().item() for k in ("T", "V"))
+        refs = {k: plain_hidden(model, shapes, shapes.batch(k, items)).float() for k in ("T", "V")}
+        d = max((refs[k] - fn(k).float()).abs().max().item() / refs[k].abs().max().item() for k in ("T", "V"))
         emit(figure="item_embedding_agreement", path=path, max_rel_diff=round(d, 5))
 
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 from common import BEAUTY_USERS, count_syncs, peak_gib, profile_step, reset_peak, settle, sync
-from gpu_embedding import Shapes, plain_hidden, project_embedding, project_hidden, project_packed
+from gpu_embedding import Shapes, plain_hidden, project_embedding, project_hidden, project_packed, vision_features
 
 # (name, embedding path, checkpoint every n-th decoder layer (0: none), LoRA dropout: "paper" for the
 # paper's), in the order they run
@@ -87,11 +87,7 @@ class TrainingBench:
         self.n_tokens = sum(shapes.batch(k, lst)["attention_mask"].sum().item() for k in ("T", "V") for lst in self.batches[0])
         with torch.no_grad():
             self.all_items = sorted({i for h, t in self.batches for lst in h + t for i in lst})
-            self.feats = {}
-            for s in range(0, len(self.all_items), 256):
-                chunk = self.all_items[s:s + 256]
-                self.feats.update(zip(chunk, backbone.image_features(shapes.pixels[chunk].flatten(0, 1),
-                                                                     shapes.grid.repeat(len(chunk), 1))))
+            self.feats = vision_features(backbone, shapes, self.all_items)
         self.queued: list[float] = []  # per step: host seconds until all its work was queued (before its read-back)
         feats = self.feats
         self.paths = {  # a step's four prompt sets -> their embeddings

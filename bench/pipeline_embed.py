@@ -112,8 +112,8 @@ def main() -> None:
         for path in ("plain", "project"):
             plain = path == "plain"
             set_vision_attention(model, varlen=not plain)
-            backbone.engine.fused = not plain
-            enc = Encoder(backbone, items, SpeedConfig(cache_vision=not plain, packed=not plain, image_workers=0 if plain else workers),
+            enc = Encoder(backbone, items, SpeedConfig(cache_vision=not plain, packed=not plain, fused=not plain,
+                                                       image_workers=0 if plain else workers),
                           batch_size=32 if plain else 128)
             n = 8 if warm else (a.plain_items if plain else a.items)
             secs, out = embed(enc, n)

@@ -1,7 +1,7 @@
 """Benchmark: one training step on the tiny backbone with the vision-feature cache on and off,
 measured side by side in one run; a step with the gradient-cosine probe against one without, with
 the probed micro-batch's histories and targets in forwards of their own (the trainer's way,
-``Trainer.probe_apart``) and in one packed forward (before); and the wall time of one epoch of the
+``Trainer.probe_forwards``) and in one packed forward (before); and the wall time of one epoch of the
 default demo domain.
 
 Usage: python bench/train_step.py [--steps 12] [--method vlm2rec] [--no-probe] [--no-epoch] [--threads N]

@@ -30,7 +30,7 @@ def test_gpu_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     paper = next(x for x in rows if x["figure"] == "train_step" and x.get("path") == "project_paper_compiled")
     # the figures' arithmetic, not their timing (a busy machine can time a probed step below a plain one)
     assert "error" not in paper and paper["beauty_epoch_min_with_probe_est"] > 0 and paper["probe_seconds"] > 0
-    per_min = 19_757 / 8 / 60  # gpu_bench.BEAUTY_USERS, batch 8, minutes
+    per_min = 19_757 / 8 / 60  # common.BEAUTY_USERS, batch 8, minutes
     assert paper["beauty_epoch_min"] == pytest.approx(paper["seconds"] * per_min, abs=0.1 + 0.001 * per_min)
     assert paper["beauty_epoch_min_with_probe"] == pytest.approx(
         (9 * paper["seconds"] + paper["probe_seconds"]) / 10 * per_min, abs=0.1 + 0.001 * per_min)

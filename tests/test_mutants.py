@@ -9,11 +9,12 @@ import pytest
 from mutants import all_mutants, locate
 
 ROOT = Path(__file__).resolve().parents[1]
+MUTANTS = all_mutants()
 
 
-@pytest.mark.parametrize("name", sorted(all_mutants()))
+@pytest.mark.parametrize("name", sorted(MUTANTS))
 def test_each_mutant_applies_and_names_existing_tests(name):
-    m = all_mutants()[name]
+    m = MUTANTS[name]
     locate(m)  # raises where the snippet is not found exactly once inside a function or method
     assert m.caught_by
     for node in m.caught_by:

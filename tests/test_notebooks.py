@@ -104,10 +104,16 @@ def template_problems(nb: dict) -> list[str]:
         problems.append("2. the parameters cell is not under a `## Parameters` heading")
     src = _source(cells[params])
     problems += [f"2. {p}" for p in parameter_problems(src)]
-    injected = {"DATA_DIR", "OUT_DIR", "RUNS_DIR"} | {k for p in PROFILES.values() for k in p}
-    named = {n.target.id for n in ast.parse(src).body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
-    if injected - named:
-        problems.append(f"2. parameters the batch passes are missing: {sorted(injected - named)}")
+    # what the batch passes, by the type of the value it passes
+    injected = {"DATA_DIR": "str", "OUT_DIR": "str", "RUNS_DIR": "str"} | {
+        k: type(v).__name__ for p in PROFILES.values() for k, v in p.items()}
+    named = {n.target.id: ast.unparse(n.annotation) for n in ast.parse(src).body
+             if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    if injected.keys() - named.keys():
+        problems.append(f"2. parameters the batch passes are missing: {sorted(injected.keys() - named.keys())}")
+    mistyped = sorted(f"{k}: {t}" for k, t in injected.items() if k in named and named[k] != t)
+    if mistyped:
+        problems.append(f"2. parameters typed otherwise than the batch passes them (want {mistyped})")
     if not under(setup, "## Set-up"):
         problems.append("3. the second code cell is not under a `## Set-up` heading")
     if "resolve(DATA_DIR)" not in _source(cells[setup]).replace(" ", ""):
@@ -172,6 +178,7 @@ BREAKAGES = {
     "type list": lambda c, nb: _set(c, 2, _source(c[2]) + "\nLIST: list = []  # no"),
     "with a comment": lambda c, nb: _set(c, 2, _source(c[2]).split("  # ")[0] + "\n" + "\n".join(_source(c[2]).splitlines()[1:])),
     "not a typed assignment": lambda c, nb: _set(c, 2, _source(c[2]) + "\nimport os"),
+    "(want ['QUICK: bool'])": lambda c, nb: _set(c, 2, _source(c[2]).replace("QUICK: bool = False", 'QUICK: str = "no"')),
     "missing: ['QUICK']": lambda c, nb: _set(c, 2, "\n".join(l for l in _source(c[2]).splitlines() if not l.startswith("QUICK"))),
     "3. the set-up cell": lambda c, nb: _set(c, 4, _source(c[4]).replace("resolve(DATA_DIR)", "DATA_DIR")),
     "a `../` path": lambda c, nb: _set(c, 6, "stats = ds.stats('../../x')"),

@@ -439,13 +439,16 @@ def test_compile_auto_compiles_where_it_was_measured_to_pay():
     small = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(10**9 - 1, device="meta"))])
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
 
-    def backbone(device=gpu, model=big):
-        return SimpleNamespace(device=device, model=model)
+    def backbone(device=gpu, model=big, checkpoint_every=0):  # 4 decoder layers, every n-th checkpointed
+        layers = [SimpleNamespace(gradient_checkpointing=bool(checkpoint_every) and i % checkpoint_every == 0)
+                  for i in range(4)]
+        return SimpleNamespace(device=device, model=model, decoder_layers=lambda: layers,
+                               engine=SimpleNamespace(checkpoint_stride=checkpoint_every or 1))
 
     assert compile_backend(None, backbone(), 2000) == "inductor"
-    assert compile_backend(None, backbone(), 2000, 2) == "inductor"
+    assert compile_backend(None, backbone(checkpoint_every=2), 2000) == "inductor"
     assert compile_backend(None, backbone(), 1999) is None
-    assert compile_backend(None, backbone(), 10**6, 1) is None
+    assert compile_backend(None, backbone(checkpoint_every=1), 10**6) is None
     assert compile_backend(None, backbone(model=small), 10**6) is None
     assert compile_backend(None, backbone(device=cpu), 10**6) is None
     assert compile_backend(True, backbone(device=cpu, model=small), 1) == "inductor"
@@ -618,6 +621,10 @@ def test_a_config_with_the_speed_switches_at_the_top_level_still_loads(tmp_path)
     assert cfg.speed == SpeedConfig(packed=False, compile=False, gradient_checkpointing=1) and cfg.lr == 0.5
     save_yaml(cfg, tmp_path / "new.yaml")
     assert load_yaml(TrainConfig, tmp_path / "new.yaml") == cfg
+    both = tmp_path / "both.yaml"
+    both.write_text("method: vlm-sft\npacked: false\nspeed: {packed: true}\n")
+    with pytest.raises(ValueError, match=r"\['packed'\] given both at the top level and under speed"):
+        load_yaml(TrainConfig, both)
 
 
 def test_gradient_accumulation_counts_optimizer_steps(synth_ds, tiny_path, tmp_path):

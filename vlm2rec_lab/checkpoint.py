@@ -1,4 +1,4 @@
-"""Random state, checkpoints and resume (docs/method.md §2).
+"""Random state, checkpoints and resume (docs/training.md, "α and β, checkpoints and resume, logs").
 
 A run killed at any step and resumed ends with the same adapter weights as an uninterrupted one:
 the data order is a pure function of (seed, epoch), and a checkpoint holds the adapter, the
@@ -141,6 +141,11 @@ class CheckpointWriter:
         if pending is not None:
             pending.result()
 
+    def poll(self) -> None:
+        """Where the write in progress has finished, take it off (raising its error); never blocks."""
+        if self.pending is not None and self.pending.done():
+            self.wait()
+
     def settle(self) -> None:
         """Finish the write in progress on the way out of a failed run: its own failure is a
         warning, so that it does not replace the error that stopped the run."""
@@ -150,8 +155,8 @@ class CheckpointWriter:
             warnings.warn(f"the checkpoint being written when training stopped was not saved: "
                           f"{type(w).__name__}: {w}", RuntimeWarning, stacklevel=3)
 
-    def load(self, run_dir: Path) -> dict | None:
-        """The checkpoint's state (None where there is none), loaded with ``weights_only=True``: a
+    def load(self) -> dict | None:
+        """The checkpoint's state (None where there is none; the folder sits in its run's folder), loaded with ``weights_only=True``: a
         file holding anything but tensors and plain values is refused (:class:`CheckpointError`),
         as is one that cannot be read."""
         import pickle
@@ -168,5 +173,5 @@ class CheckpointWriter:
                                   f"{' '.join(str(e).split())[:200]})") from None
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             raise CheckpointError(f"{f}: unreadable (truncated or corrupt: {' '.join(str(e).split())[:200]}); move "
-                                  f"{self.folder} away and add --fresh to train {run_dir} from step 1") from None
+                                  f"{self.folder} away and add --fresh to train {self.folder.parent} from step 1") from None
 

@@ -137,13 +137,16 @@ def to_dict(cfg) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """``cls`` from a mapping of its fields; a config written before the speed switches had a
+    """``cls`` from a mapping of its fields; a TrainConfig written before the speed switches had a
     section of their own (``TrainConfig.speed``) has them at the top level: moved there."""
     names = {f.name for f in dataclasses.fields(cls)}
-    if "speed" in names and any(k in data for k in SPEED_KEYS):
+    if cls is TrainConfig and any(k in data for k in LEGACY_SPEED_KEYS):
         data = dict(data)
         speed = dict(data.pop("speed", None) or {})
-        speed.update({k: data.pop(k) for k in SPEED_KEYS if k in data})
+        both = sorted(k for k in LEGACY_SPEED_KEYS if k in data and k in speed)
+        if both:
+            raise ValueError(f"TrainConfig: {both} given both at the top level and under speed: keep one")
+        speed.update({k: data.pop(k) for k in LEGACY_SPEED_KEYS if k in data})
         data["speed"] = speed
     unknown = sorted(set(data) - names)
     if unknown:
@@ -198,7 +201,8 @@ class SpeedConfig:
             raise ValueError(f"compile: auto, on, off or a torch.compile backend's name, not {self.compile!r}")
 
 
-SPEED_KEYS = tuple(f.name for f in dataclasses.fields(SpeedConfig))
+# TrainConfig's fields before the speed switches had a section of their own (SpeedConfig)
+LEGACY_SPEED_KEYS = ("gradient_checkpointing", "cache_vision", "packed", "share_prefix", "compile")
 
 
 @dataclass

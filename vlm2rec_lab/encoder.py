@@ -30,7 +30,9 @@ class Encoder:
         items: the dataset's items table (``title``, ``image``, ``item_id`` by ``item_idx``).
         speed: the speed switches it embeds with (:class:`~vlm2rec_lab.config.SpeedConfig`):
             ``cache_vision`` reuses per-image vision features (valid while the vision tower is
-            frozen); ``packed`` and ``share_prefix`` go to :meth:`Backbone.embed`;
+            frozen); ``packed``: :meth:`layout` packs the prompts of a forward, ``share_prefix``
+            goes with them to :meth:`Backbone.embed`; ``fused`` is set on the backbone's engine
+            (:class:`~vlm2rec_lab.accel.engine.SpeedEngine`: stand-ins, autocast, merged adapters);
             ``image_workers`` threads read, decode and preprocess images ahead of the vision tower
             (:mod:`~vlm2rec_lab.accel.prefetch`); ``merge_adapters``: :meth:`embed_many` computes
             with each LoRA update merged into its weight (no gradients there, no dropout in
@@ -43,6 +45,7 @@ class Encoder:
                  batch_size: int = 128):
         self.backbone = backbone
         self.speed = speed = speed or SpeedConfig()
+        backbone.engine.fused = speed.fused
         self.image_workers = default_workers() if speed.image_workers is None else speed.image_workers
         titles = items["title"].tolist()
         ids = items["item_id"].astype(str).tolist()
@@ -154,7 +157,8 @@ class Encoder:
             if self.speed.cache_vision:
                 feats, grid = self.vision_features(flat)
             else:
-                pixel_values, grid = self.backbone.preprocess_images(self._load_images(flat))
+                pixels, grid = self.backbone.prepare_pixels(self._load_images(flat))  # (the grid stays on the CPU)
+                pixel_values = pixels.to(self.backbone.device)
             texts = self._expand_image_tokens(texts, grid)
         tok = self.backbone.tokenizer(texts, return_tensors="pt", padding=True)
         return Prompts(kind, tok["input_ids"], tok["attention_mask"], None if grid is None else grid.cpu(),

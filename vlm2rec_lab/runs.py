@@ -209,7 +209,7 @@ def embed_run(run_dir: str | Path, dataset=None, splits=("test",), backbone=None
     backbone.model.eval()
     if compile:
         compile_layers(backbone, backend="inductor" if compile is True else compile, vision=backbone.kind == "vlm")
-    enc = Encoder(backbone, ds.items, SpeedConfig(cache_vision=cfg.speed.cache_vision), batch_size=batch_size)
+    enc = Encoder(backbone, ds.items, SpeedConfig(cache_vision=cfg.speed.cache_vision, fused=cfg.speed.fused), batch_size=batch_size)
     kinds = {"external": ("T", "V"), "item-mean": ("T", "V"), "internal": ("I",), "text": ("T",)}[method.fusion]
     out: dict[str, np.ndarray] = {}
 

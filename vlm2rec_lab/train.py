@@ -75,7 +75,6 @@ class Trainer:
         seed_everything(cfg.seed)
         self.backbone = backbone or load_backbone(cfg.backbone, device=cfg.device, dataset=dataset,
                                                   chat_template=cfg.chat_template, max_pixels=cfg.max_pixels)
-        self.backbone.engine.fused = cfg.speed.fused
         check_fusion(self.method, self.backbone)
         apply_lora(self.backbone, cfg)
         self.encoder = Encoder(self.backbone, dataset.items, cfg.speed)
@@ -185,7 +184,7 @@ class Trainer:
 
     def load_checkpoint(self) -> bool:
         """Restore the run's checkpoint (False where there is none)."""
-        state = self.checkpoints.load(self.run_dir)
+        state = self.checkpoints.load()
         if state is None:
             return False
         named = dict(self.backbone.model.named_parameters())
@@ -223,8 +222,10 @@ class Trainer:
             # step's backward more than once
             self.recovery.compile(cfg.speed.compile, self.total_steps, retained_backward=self.probes)
             while self.step < self.total_steps:
-                order, t0, n_weak = self.order(self.epoch), time.perf_counter(), len(self.weak)
-                sums, stats = self.recovery.run(lambda: self._accumulate(order), lambda: self._undo(n_weak), self.step)
+                order, n_weak = self.order(self.epoch), len(self.weak)
+                # (a step that is redone is timed from its last start)
+                t0, (sums, stats) = self.recovery.run(lambda: (time.perf_counter(), self._accumulate(order)),
+                                                      lambda: self._undo(n_weak), self.step)
                 dist.average_gradients(self.lora + ([self.alpha, self.beta] if self.alpha.requires_grad else []))
                 self.opt.step()
                 with torch.no_grad():  # projected onto α ≥ 0, β ≥ 0 (docs/method.md §2): below 0, α flips the penalty
@@ -235,8 +236,7 @@ class Trainer:
                 self.log.append(self._log_row(sums, stats, time.perf_counter() - t0))
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if not k.startswith("cos_")})
-                if self.checkpoints.pending is not None and self.checkpoints.pending.done():
-                    self.checkpoints.wait()  # a failed write is raised at the first step after it
+                self.checkpoints.poll()  # a failed write is raised at the first step after it
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self.on_step is not None:

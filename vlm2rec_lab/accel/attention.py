@@ -198,7 +198,7 @@ def flash_usable(device: torch.device) -> bool:
 
 
 @functools.cache
-def _varlen_kernel():
+def _flash_varlen_function():
     """PyTorch's variable-length flash function and its parameter names (looked up once), or (None, ())."""
     import inspect
 
@@ -216,7 +216,7 @@ def _flash_varlen(query: Tensor, key: Tensor, value: Tensor, cu_q: Tensor, cu_k:
     dim); with ``cu_k`` != ``cu_q`` the causal mask aligns each segment's queries with the *end* of
     its keys (flash-attn's convention), which is what a shared prefix needs. Its signature changed
     across torch releases: both spellings are handled."""
-    varlen_attn, params = _varlen_kernel()
+    varlen_attn, params = _flash_varlen_function()
     if varlen_attn is None:
         return None
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # (total, heads, dim)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import traceback
 
+from .checkpointing import checkpointed_every
+
 # the bounds of `--compile auto` (compile_backend): where compiling the first step pays for itself
 COMPILE_AUTO_MIN_STEPS = 2000
 COMPILE_AUTO_MIN_PARAMS = 10**9
@@ -52,15 +54,16 @@ def uncompile_layers(backbone) -> int:
     return len(compiled)
 
 
-def compile_backend(setting: bool | str | None, backbone, steps: int, checkpointed_every: int = 0) -> str | None:
+def compile_backend(setting: bool | str | None, backbone, steps: int) -> str | None:
     """The ``torch.compile`` backend for a run's decoder layers, or None. ``setting`` is
     ``SpeedConfig.compile``: True is inductor, False none, a string that backend, and None ("auto")
     inductor on a CUDA device, for a model of at least :data:`COMPILE_AUTO_MIN_PARAMS` parameters
     and a run of at least :data:`COMPILE_AUTO_MIN_STEPS` optimizer steps (``steps``), unless every
-    decoder layer is checkpointed (``checkpointed_every`` 1: a checkpointed layer runs uncompiled)."""
+    decoder layer is checkpointed (a checkpointed layer runs uncompiled)."""
     if setting is None:
         big = sum(p.numel() for p in backbone.model.parameters()) >= COMPILE_AUTO_MIN_PARAMS
-        pays = backbone.device.type == "cuda" and big and steps >= COMPILE_AUTO_MIN_STEPS and checkpointed_every != 1
+        every_layer = checkpointed_every(backbone) == 1
+        pays = backbone.device.type == "cuda" and big and steps >= COMPILE_AUTO_MIN_STEPS and not every_layer
         return "inductor" if pays else None
     if isinstance(setting, bool):
         return "inductor" if setting else None

@@ -33,12 +33,14 @@ class SpeedEngine:
 
     Args:
         backbone: the backbone whose model it swaps stand-ins into.
-        fused: stand-ins, autocast and merged adapters on (False: the plain path).
+
+    ``fused``: stand-ins, autocast and merged adapters on (False: the plain path); the
+    :class:`~vlm2rec_lab.encoder.Encoder` sets it from ``SpeedConfig.fused``.
     """
 
-    def __init__(self, backbone, fused: bool = True):
+    def __init__(self, backbone):
         self.backbone = backbone
-        self.fused = fused
+        self.fused = True
         self.computing = False  # inside compute()
         self.skip_input_cast = False  # PEFT's input casting off in the current compute()
         self.checkpoint_stride = 1  # see accel.checkpointing.enable_checkpointing

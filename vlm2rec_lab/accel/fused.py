@@ -279,7 +279,7 @@ def fused_forwards(model: nn.Module) -> list[tuple[nn.Module, MethodType]]:
     """(module, forward) for every module of ``model`` that has a fused stand-in: plain LoRA layers
     (:func:`fused_forward`), plain RMSNorms (:func:`rms_norm_forward`), non-overlapping patch
     embeddings (:func:`patch_embed_forward`) and Qwen's vision attention
-    (:func:`vision_attention_forward`); ``Backbone`` adds the last layer's MLP
+    (:func:`vision_attention_forward`); ``SpeedEngine.modules`` adds the last layer's MLP
     (:func:`read_rows_forward`). Each forward is bound once as a method: compiled graphs guard on a
     module's ``forward`` by its code, the same for every layer, so the swap costs no recompilation."""
     out = []

@@ -1,8 +1,9 @@
 """Packed forwards: many prompts in one row without padding, attention kept within each prompt
 (:mod:`~vlm2rec_lab.accel.attention`), the leading tokens that prompts of a kind share computed
 once. The same embeddings as padded batches up to float rounding (tested), with one launch per
-operator instead of one per batch. ``Backbone.embed`` packs where ``SpeedConfig.packed`` asks for
-it and the backbone can (:func:`can_pack`).
+operator instead of one per batch. ``Encoder.layout`` lays prompts out for it where
+``SpeedConfig.packed`` asks and the backbone can (:func:`can_pack`); ``Backbone.embed`` then runs
+the packed forward.
 """
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ class StepRecovery:
         """Compile the decoder layers where :func:`~vlm2rec_lab.accel.compile.compile_backend` says
         so for ``setting`` and a run of ``steps`` (decided on the whole run, so that a resumed run
         compiles as it did: compiled graphs draw other dropout masks). Returns the backend."""
-        self.backend = compile_backend(setting, self.backbone, steps, checkpointed_every(self.backbone))
+        self.backend = compile_backend(setting, self.backbone, steps)
         if self.backend:
             compile_layers(self.backbone, backend=self.backend, retained_backward=retained_backward)
         return self.backend
@@ -107,7 +107,7 @@ class StepRecovery:
         backend, self.backend = self.backend, None
         warnings.warn(f"step {step + 1}: torch.compile ({backend}) raised an error, so the {n} compiled decoder "
                       f"layers run uncompiled for the rest of this run (slower; --compile off starts that way; were it "
-                      f"the model's own, the step redone raises it again): {why}", RuntimeWarning, stacklevel=4)
+                      f"the model's own, the step redone raises it again): {why}", RuntimeWarning, stacklevel=3)
 
     def _checkpoint_more(self, step: int) -> None:
         now = checkpointed_every(self.backbone)  # (0: none; never 1 here, see can_checkpoint_more)
@@ -116,7 +116,7 @@ class StepRecovery:
         which = "every decoder layer" if every == 1 else f"every {every}{'nd' if every == 2 else 'th'} decoder layer"
         warnings.warn(f"step {step + 1} ran out of device memory: gradient checkpointing is now on for {which} "
                       f"for the rest of this run (slower, less memory); --gradient-checkpointing {every} starts "
-                      f"there", RuntimeWarning, stacklevel=4)
+                      f"there", RuntimeWarning, stacklevel=3)
 
 
 def embed_in_batches(backbone, embed: Callable[[Sequence[int]], Tensor], order: Sequence[int], batch_size: int,

@@ -115,19 +115,22 @@ def _drop_hint(drops: dict[str, int], n_items: int) -> str:
     return ""
 
 
-def filter_rows(raw: RawData, keep_item: np.ndarray, k_core: int, drops: dict[str, int]) -> tuple[np.ndarray, int]:
-    """The raw rows (indices, in file order) a dataset keeps, and the k-core's rounds.
+def filter_rows(raw: RawData, keep_item: np.ndarray, k_core: int,
+                item_drops: dict[str, int]) -> tuple[np.ndarray, int, dict[str, int]]:
+    """The raw rows (indices, in file order) a dataset keeps, the k-core's rounds and the rows
+    dropped per reason.
 
     Drops rows of items not kept, then duplicate (user, item, time) rows (the first kept), then rows
     outside the iterated ``k_core`` and rows of users left with fewer than 3 (too short for
-    leave-one-out; only possible with ``k_core`` < 3). Counts each reason into ``drops``."""
+    leave-one-out; only possible with ``k_core`` < 3). ``item_drops`` (the items dropped per
+    reason) only explains an empty result."""
     rows = np.flatnonzero(keep_item[raw.item])
     if rows.size == 0:
-        raise DataFormatError(", ".join(raw.sources), f"no interactions left after dropping items ({drops})"
-                              + _drop_hint(drops, len(raw.item_ids)))
+        raise DataFormatError(", ".join(raw.sources), f"no interactions left after dropping items ({item_drops})"
+                              + _drop_hint(item_drops, len(raw.item_ids)))
     triples = pd.DataFrame({"user": raw.user[rows], "item": raw.item[rows], "timestamp": raw.timestamp[rows]})
     repeated = triples.duplicated(keep="first").to_numpy()
-    drops["duplicate_rows"] = int(repeated.sum())
+    drops = {"duplicate_rows": int(repeated.sum())}
     rows = rows[~repeated]
 
     user, item = raw.user[rows], raw.item[rows]
@@ -139,7 +142,7 @@ def filter_rows(raw: RawData, keep_item: np.ndarray, k_core: int, drops: dict[st
     rows = rows[in_core & ~short]
     if rows.size == 0:
         raise DataFormatError(", ".join(raw.sources), f"no interactions survive the {k_core}-core: lower --k-core")
-    return rows, rounds
+    return rows, rounds, drops
 
 
 def first_appearance_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

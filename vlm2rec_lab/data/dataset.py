@@ -230,8 +230,8 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
     start_time = time.perf_counter()
     # 1. items: titles and images; 2-3. duplicate rows, the iterated k-core, users too short
     items_found = filter_items(raw, cfg, images, progress)
-    drops = items_found.drops
-    rows, kcore_rounds = filter_rows(raw, items_found.keep, cfg.k_core, drops)
+    rows, kcore_rounds, row_drops = filter_rows(raw, items_found.keep, cfg.k_core, items_found.drops)
+    drops = {**items_found.drops, **row_drops}
 
     # 4. dense ids in order of first appearance in the file; chronological order, stable ties
     timestamps = raw.timestamp[rows]
@@ -270,7 +270,7 @@ def build(raw: RawData, cfg: PrepareConfig, images: ImageStore | None = None, pr
 
     # 5. frozen negatives per seed
     ds._negatives = sample_negatives(offsets, ds.seq, ds.n_items, cfg.num_negatives, seeds=cfg.seeds)
-    manifest["fingerprint"] = fingerprint(ds)
+    manifest["fingerprint"] = fingerprint(ds, ds._negatives)
     manifest["build_seconds"] = round(time.perf_counter() - start_time, 3)
     return ds
 

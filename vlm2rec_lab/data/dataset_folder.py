@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .dataset import Dataset
 
 FORMAT_VERSION = 1
-DATA_FILES = ("items.parquet", "interactions.parquet", "users.parquet")  # read by Dataset.load
+DATA_FILES = ("items.parquet", "interactions.parquet", "users.parquet")  # read by read_dataset_folder
 DATASET_MARKS = ("manifest.json", *DATA_FILES)  # what makes a folder a prepared dataset (--overwrite replaces it)
 
 
@@ -52,16 +52,17 @@ def check_file(folder: Path, name: str, manifest: dict) -> None:
                                     f"another prepare or was changed since; prepare the folder again")
 
 
-def fingerprint(ds: Dataset) -> str:
-    """SHA-256 of the dataset's content: sequences, ids, titles, categories and frozen negatives."""
+def fingerprint(ds: Dataset, negatives: dict[int, np.ndarray]) -> str:
+    """SHA-256 of the dataset's content: sequences, ids, titles, categories and its frozen
+    ``negatives`` (by seed)."""
     digest = hashlib.sha256()
     for array in (ds.offsets, ds.seq, ds.timestamps):
         digest.update(np.ascontiguousarray(array).tobytes())
     digest.update("\x1f".join(map(str, ds.user_ids)).encode())
     for column in ("item_id", "title", "category"):
         digest.update("\x1f".join("" if v is None else str(v) for v in ds.items[column]).encode())
-    for seed in sorted(ds._negatives or {}):
-        digest.update(ds._negatives[seed].tobytes())
+    for seed in sorted(negatives):
+        digest.update(negatives[seed].tobytes())
     return digest.hexdigest()
 
 

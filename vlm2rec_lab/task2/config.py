@@ -44,7 +44,7 @@ class DownstreamConfig:
         if self.max_len is not None and self.max_len < 1:
             raise ValueError(f"max_len: {self.max_len} must be >= 1")
         if self.matmul not in MATMUL:
-            raise ValueError(f"matmul: {self.matmul!r} is not auto, float32 or bfloat16")
+            raise ValueError(f"matmul: {self.matmul!r} is not one of {', '.join(MATMUL)}")
         if self.init_transform not in INIT_TRANSFORMS:
             raise ValueError(f"init_transform: {self.init_transform!r} is not one of {', '.join(INIT_TRANSFORMS)}")
         if self.init_eps <= 0:

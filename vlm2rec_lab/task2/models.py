@@ -153,8 +153,9 @@ def gather_rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class SeqRec(nn.Module):
-    """A sequence model over an :class:`ItemTable`, with RecBole's interface; :class:`SASRec` and
-    :class:`GRU4Rec` add their encoder (``self.encoder``: item vectors (B, T, H) -> states (B, T, H)).
+    """A sequence model over an :class:`ItemTable`, with RecBole's interface; not built on its own:
+    :class:`SASRec` and :class:`GRU4Rec` (:func:`build_model`) add their encoder (``self.encoder``:
+    item vectors (B, T, H) -> states (B, T, H)).
 
     Batches are dicts of tensors in the model layout (ids + 1, left-aligned, 0 = padding):
     ``item_seq`` (B, T), ``seq_len`` (B,); for training ``targets`` (B, T) (0 = no target) and, for
